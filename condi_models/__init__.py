@@ -1,0 +1,1 @@
+"""CondI learning method: data, models, local training, metrics, simulation. No networking."""

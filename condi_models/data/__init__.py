@@ -1,0 +1,1 @@
+"""Clinical data sources, missingness simulation and partitioning, all in one sample format."""

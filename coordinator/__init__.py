@@ -1,0 +1,1 @@
+"""Operator-side coordinator: config, round state machine, aggregation, checkpoints, reports."""

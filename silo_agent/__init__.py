@@ -1,0 +1,1 @@
+"""Hospital-side silo agent: site config, data source, local training, gRPC client."""
