@@ -1,0 +1,37 @@
+"""Per-channel standardization fitted on observed training entries only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ChannelNormalizer:
+    """Per-channel mean and standard deviation, shape (F,)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray, observed: np.ndarray, min_std: float = 1e-6) -> ChannelNormalizer:
+        """Statistics of the observed entries of (N, F, L) training arrays; unseen channels get 0 / 1."""
+        count = observed.sum(axis=(0, 2)).astype(np.float64)
+        total = np.where(observed, x, 0.0).sum(axis=(0, 2), dtype=np.float64)
+        safe = np.maximum(count, 1.0)
+        mean = total / safe
+        sq = np.where(observed, (x - mean[None, :, None]) ** 2, 0.0).sum(axis=(0, 2), dtype=np.float64)
+        std = np.sqrt(sq / safe)
+        mean = np.where(count > 0, mean, 0.0)
+        std = np.where((count > 1) & (std > min_std), std, 1.0)
+        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32))
+
+    def apply(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        """Standardize observed entries; unobserved ones stay 0.0."""
+        z = (x - self.mean[None, :, None]) / self.std[None, :, None]
+        return np.where(observed, z, np.float32(0.0)).astype(np.float32)
+
+    def invert(self, z: np.ndarray) -> np.ndarray:
+        """Back to source units (every entry, imputed ones included)."""
+        return (z * self.std[None, :, None] + self.mean[None, :, None]).astype(np.float32)
