@@ -26,30 +26,40 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _format_location(loc: tuple) -> str:
+def _key_path(loc: tuple, data: object) -> str:
+    """The error location as the file's key path, e.g. ``data.path`` or ``silos[2]``.
+
+    Tagged unions add their tag value (``synthetic_ecg``) as a location element that names no
+    key of the file; walking the parsed input tells those apart and drops them.
+    """
     parts: list[str] = []
-    for item in loc:
+    node = data
+    for i, item in enumerate(loc):
+        is_last = i == len(loc) - 1
+        if isinstance(node, dict) and isinstance(item, str) and item not in node and not is_last:
+            continue
         if isinstance(item, int):
             parts.append(f"[{item}]")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
         else:
-            parts.append(("." if parts else "") + str(item))
+            parts.append(("." if parts else "") + item)
+            node = node.get(item) if isinstance(node, dict) else None
     return "".join(parts) or "(top level)"
 
 
-def describe_validation_error(source: str, err: ValidationError) -> str:
+_PLAIN_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "unexpected_keyword_argument": "unknown key",
+    "missing": "required key is missing",
+    "missing_argument": "required key is missing",
+}
+
+
+def describe_validation_error(source: str, err: ValidationError, data: object = None) -> str:
     """One line per problem: ``FILE: key.path: what was expected``."""
-    lines = []
-    for e in err.errors():
-        loc = e["loc"]
-        # Discriminated unions add the tag value as a path element; it names no key of the file.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p.endswith("]")))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"{source}: {_format_location(loc)}: {msg}")
-    return "\n".join(lines)
+    return "\n".join(
+        f"{source}: {_key_path(e['loc'], data)}: {_PLAIN_MESSAGES.get(e['type'], e['msg'])}" for e in err.errors()
+    )
 
 
 def parse_config(data: object, model: type[M], source: str) -> M:
@@ -61,7 +71,7 @@ def parse_config(data: object, model: type[M], source: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(source, err)) from None
+        raise ConfigError(describe_validation_error(source, err, data)) from None
 
 
 def load_config(path: str | Path, model: type[M]) -> M:

@@ -47,9 +47,7 @@ class DatasetInfo:
     @cached_property
     def channel_modality(self) -> np.ndarray:
         """Modality index of each of the F channels, shape (F,), int64."""
-        return np.concatenate(
-            [np.full(len(m.channels), i, dtype=np.int64) for i, m in enumerate(self.modalities)]
-        )
+        return np.concatenate([np.full(len(m.channels), i, dtype=np.int64) for i, m in enumerate(self.modalities)])
 
 
 @dataclass(frozen=True)
@@ -95,8 +93,7 @@ class ClinicalDataset:
             raise ValueError("observed must be a bool array shaped like x")
         if f != self.info.n_features or length != self.info.length:
             raise ValueError(
-                f"x has {f} channels x {length} steps; info says "
-                f"{self.info.n_features} x {self.info.length}"
+                f"x has {f} channels x {length} steps; info says {self.info.n_features} x {self.info.length}"
             )
         if self.y.shape != (n,) or len(self.sample_ids) != n or len(self.patient_ids) != n:
             raise ValueError("y, sample_ids and patient_ids must each have one entry per sample")

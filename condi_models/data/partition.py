@@ -34,9 +34,7 @@ def _patient_groups(patient_ids: Sequence[str]) -> tuple[list[str], dict[str, np
     return order, {p: np.asarray(idx, dtype=np.int64) for p, idx in members.items()}
 
 
-def split_by_patient(
-    patient_ids: Sequence[str], fractions: tuple[float, float, float], seed: int
-) -> Split:
+def split_by_patient(patient_ids: Sequence[str], fractions: tuple[float, float, float], seed: int) -> Split:
     """Shuffle patients with ``seed`` and cut them into train/val/test by ``fractions``."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
@@ -54,9 +52,7 @@ def split_by_patient(
     return Split(*idx)
 
 
-def split_by_folds(
-    folds: np.ndarray, train: Sequence[int], val: Sequence[int], test: Sequence[int]
-) -> Split:
+def split_by_folds(folds: np.ndarray, train: Sequence[int], val: Sequence[int], test: Sequence[int]) -> Split:
     """Split by a source-defined fold number (PTB-XL's strat_fold is patient-disjoint by design)."""
     sets = [set(train), set(val), set(test)]
     if sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]:
@@ -108,9 +104,7 @@ def partition_silos(
         assign[rng.permutation(len(order))] = np.arange(len(order)) % n_silos
         return collect(assign)
 
-    patient_label = np.array(
-        [np.bincount(labels[members[p]]).argmax() for p in order], dtype=np.int64
-    )
+    patient_label = np.array([np.bincount(labels[members[p]]).argmax() for p in order], dtype=np.int64)
     for _ in range(max_attempts):
         assign = np.empty(len(order), dtype=np.int64)
         for c in np.unique(patient_label):

@@ -80,5 +80,7 @@ def summarize(dataset: ClinicalDataset, view: MissingView | None = None) -> Data
         simulated_affected_fraction=None if view is None else float(np.mean(view.affected)) if len(dataset) else 0.0,
         simulated_hidden_fraction=None
         if view is None
-        else float(view.hidden.sum() / natural_total) if natural_total else 0.0,
+        else float(view.hidden.sum() / natural_total)
+        if natural_total
+        else 0.0,
     )

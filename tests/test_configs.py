@@ -1,0 +1,100 @@
+"""Config files: bad input gets one clear line naming the file and the key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from condi_models.configfile import ConfigError
+from coordinator.config import load_federation_config
+from silo_agent.cli import main as silo_main
+from silo_agent.config import load_site_config
+from tests.helpers import REPO
+
+GOOD_SITE = """\
+silo_id: hospital-a
+data:
+  source: synthetic_ecg
+  n_records: 40
+simulated_missingness:
+  ps: 0.5
+  pw: 0.5
+"""
+
+
+def _write(tmp_path, text, name="site.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_good_site_config_parses(tmp_path):
+    cfg = load_site_config(_write(tmp_path, GOOD_SITE))
+    assert cfg.silo_id == "hospital-a"
+    assert cfg.data.n_records == 40
+    assert cfg.simulated_missingness.pw == 0.5
+    assert cfg.device == "auto"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD_SITE + "colour: blue\n", "colour: unknown key"),
+        (GOOD_SITE.replace("n_records: 40", "n_records: many"), "data.n_records"),
+        (GOOD_SITE.replace("n_records: 40", "n_recs: 40"), "data.n_recs: unknown key"),
+        (GOOD_SITE.replace("pw: 0.5", "pw: 1.5"), "simulated_missingness"),
+        (GOOD_SITE.replace("pw: 0.5", "pw: 0.5\n  shape: round"), "simulated_missingness.shape: unknown key"),
+        (GOOD_SITE.replace("silo_id: hospital-a\n", ""), "silo_id: required key is missing"),
+        (GOOD_SITE.replace("hospital-a", "Hospital A"), "silo_id"),
+        (GOOD_SITE.replace("synthetic_ecg", "floppy_disk"), "data"),
+        ("silo_id: [unclosed\n", "not valid YAML at line"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_site_config_names_file_and_key(tmp_path, text, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_site_config(tmp_path / "nope.yaml")
+
+
+def test_missing_data_folder_is_reported_by_check(tmp_path, capsys):
+    path = _write(tmp_path, "silo_id: a\ndata:\n  source: ptbxl\n  path: /nonexistent/ptbxl\n")
+    assert silo_main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "data.path" in err and "/nonexistent/ptbxl" in err
+
+
+def test_federation_config_checks_consistency(tmp_path):
+    ok = _write(tmp_path, "name: f\nsilos: [s-1, s-2, s-3]\nsilos_per_round: 2\nmin_silos: 2\n", "fed.yaml")
+    assert load_federation_config(ok).rounds == 70
+    bad = _write(tmp_path, "name: f\nsilos: [s-1, s-2]\nsilos_per_round: 3\n", "bad.yaml")
+    with pytest.raises(ConfigError, match="silos_per_round"):
+        load_federation_config(bad)
+    dup = _write(tmp_path, "name: f\nsilos: [s-1, s-1]\nsilos_per_round: 1\nmin_silos: 1\n", "dup.yaml")
+    with pytest.raises(ConfigError, match="twice"):
+        load_federation_config(dup)
+
+
+def test_shipped_federation_example_is_valid():
+    cfg = load_federation_config(REPO / "examples" / "federation.yaml")
+    assert (cfg.rounds, cfg.silos_per_round, len(cfg.silos)) == (70, 3, 6)
+
+
+def test_console_scripts_installed():
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "check", "--config", str(REPO / "examples" / "federation.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["name"] == "condi-demo"
