@@ -1,0 +1,113 @@
+"""Training-ready arrays and the batches drawn from them.
+
+A :class:`PreparedSplit` is one split of a dataset after normalization and simulated
+missingness: what the model may read (``x``, ``observed``, ``y``) and, kept apart, what only
+imputation metrics may read (``truth``, ``hidden``). Long records are cut into windows: a random
+crop per sample and epoch when training, a fixed centre crop when evaluating, so evaluation is
+deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from condi_models.data.dataset import ClinicalDataset, DatasetInfo
+from condi_models.data.missingness import MissingnessSpec, simulate_missingness
+from condi_models.data.normalize import ChannelNormalizer
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    """One split, standardized, with simulated missingness applied."""
+
+    info: DatasetInfo
+    x: np.ndarray  # (N, F, L) float32 standardized, 0.0 where not observed
+    observed: np.ndarray  # (N, F, L) bool, what the model may see
+    y: np.ndarray  # (N,) int64
+    truth: np.ndarray  # (N, F, L) float32 standardized source values; read only by metrics
+    hidden: np.ndarray  # (N, F, L) bool, observed in the source and hidden by the simulation
+    sample_ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def modality_counts(self) -> np.ndarray:
+        """Samples in which each modality has any observed entry, shape (M,)."""
+        chan_mod = self.info.channel_modality
+        per_mod = np.stack([self.observed[:, chan_mod == m, :].any(axis=(1, 2)) for m in range(self.info.n_modalities)])
+        return per_mod.sum(axis=1).astype(np.int64)
+
+
+def prepare_split(
+    dataset: ClinicalDataset, normalizer: ChannelNormalizer, missingness: MissingnessSpec | None
+) -> PreparedSplit:
+    """Hide data as ``missingness`` says (none when None), then standardize with ``normalizer``."""
+    if missingness is None:
+        observed, hidden = dataset.observed, np.zeros_like(dataset.observed)
+    else:
+        view = simulate_missingness(dataset, missingness)
+        observed, hidden = view.data.observed, view.hidden
+    return PreparedSplit(
+        info=dataset.info,
+        x=normalizer.apply(dataset.x, observed),
+        observed=observed,
+        y=dataset.y,
+        truth=normalizer.apply(dataset.x, dataset.observed),
+        hidden=hidden,
+        sample_ids=dataset.sample_ids,
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Model inputs for one batch, as tensors on the target device."""
+
+    x: torch.Tensor  # (B, F, W) float32
+    observed: torch.Tensor  # (B, F, W) bool
+    y: torch.Tensor  # (B,) int64
+    index: np.ndarray  # (B,) row indices into the split
+    start: np.ndarray  # (B,) window start of each row
+
+
+def window_starts(n: int, length: int, window: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Random crop starts when ``rng`` is given (training), else the centre crop (evaluation)."""
+    if window > length:
+        raise ValueError(f"window of {window} steps is longer than the records ({length} steps)")
+    if rng is None:
+        return np.full(n, (length - window) // 2, dtype=np.int64)
+    return rng.integers(0, length - window + 1, size=n)
+
+
+def crop(arr: np.ndarray, index: np.ndarray, start: np.ndarray, window: int) -> np.ndarray:
+    """Rows ``index`` of a (N, F, L) array, each cut to ``window`` steps from its ``start``."""
+    steps = start[:, None] + np.arange(window)[None, :]
+    return arr[index[:, None], :, steps].transpose(0, 2, 1)
+
+
+def iterate_batches(
+    split: PreparedSplit,
+    batch_size: int,
+    *,
+    window: int | None,
+    rng: np.random.Generator | None,
+    device: torch.device,
+) -> Iterator[Batch]:
+    """Batches over the split: shuffled with random crops when ``rng`` is given, else in order."""
+    n, _, length = split.x.shape
+    w = length if window is None else window
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    starts = window_starts(n, length, w, rng)
+    for lo in range(0, n, batch_size):
+        idx = order[lo : lo + batch_size]
+        st = starts[idx]
+        yield Batch(
+            x=torch.from_numpy(crop(split.x, idx, st, w)).to(device),
+            observed=torch.from_numpy(crop(split.observed, idx, st, w)).to(device),
+            y=torch.from_numpy(split.y[idx]).to(device),
+            index=idx,
+            start=st,
+        )
