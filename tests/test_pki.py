@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import stat
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation import pki
+from federation import certs_cli, pki
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -444,3 +445,23 @@ def test_cli_operator_and_hospital_workflow(tmp_path: Path) -> None:
     assert denied.stderr.count("\n") == 1
     missing = _cli("sign", "--csr", "nowhere.csr", cwd=tmp_path)
     assert missing.returncode == 2 and "nowhere.csr: certificate request not found" in missing.stderr
+
+
+def test_stale_crl_is_used_but_logged(ca_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    later = datetime.now(UTC) + timedelta(days=200)
+    with caplog.at_level("WARNING", logger="federation.pki"):
+        assert pki.load_revoked_serials(ca_dir / "crl.pem", _ca_cert(ca_dir), now=later) == set()
+    assert "is stale" in caplog.text
+
+
+def test_certs_commands_mount_on_an_umbrella_parser(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="condi")
+    certs_parser = certs_cli.add_certs_parser(parser.add_subparsers(dest="command", required=True))
+    assert certs_parser.prog == "condi certs"
+    args = parser.parse_args(["certs", "dev", "--silo-id", "alpha", "--silo-id", "beta", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    assert "2 silos (alpha, beta)" in capsys.readouterr().out
+    assert (tmp_path / "silos/beta/beta.crt").is_file()
+    args = parser.parse_args(["certs", "revoke", "--ca-dir", str(tmp_path / "nowhere"), "--cert", "x.crt"])
+    assert args.func(args) == 2
+    assert "ca.crt: certificate not found" in capsys.readouterr().err
