@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from condi_models.configfile import ConfigError
+from federation.certs_cli import add_certs_parser
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("-n", type=int, default=20, help="stays (icu) or nights (psg)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(handler=_synth)
+    synth.set_defaults(func=_synth)
+    add_certs_parser(sub)
     return parser
 
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(args.handler(args))
+        return int(args.func(args))
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"condi: error: {err}", file=sys.stderr)
         return 2
