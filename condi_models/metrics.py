@@ -1,0 +1,292 @@
+"""Evaluation metrics: classification quality from class probabilities, imputation quality from estimates.
+
+Everything here is plain numpy (scipy for ranking) so the coordinator's reports, the silo's local
+evaluation and the benchmarks compute the same numbers the same way, without sklearn.
+
+Conventions, chosen to match what the field reports:
+
+- AUROC is the Mann-Whitney statistic with average ranks, so tied scores count one half.
+- AUPRC is average precision: the sum over distinct score thresholds of (recall gain) x precision,
+  with tied scores entering together (no interpolation), as scikit-learn computes it.
+- A class absent from ``y_true`` (or the only class present) has no AUROC/AUPRC; it is skipped in
+  the macro averages and named in ``skipped_auroc_classes``.
+- Precision, recall and F1 with a zero denominator are 0. Macro-F1 averages over the classes that
+  occur in ``y_true`` or in the predictions; a class neither present nor predicted has nothing to
+  score and would only drag the average to 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+# The quantile levels of CSDI's CRPS approximation: 0.05, 0.10, ..., 0.95.
+CRPS_QUANTILES = np.arange(1, 20) / 20.0
+
+
+def auroc(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean labels ``is_positive``.
+
+    Computed as the probability that a random positive outranks a random negative, ties counting
+    one half. Raises ValueError when either class is empty (the area is undefined).
+    """
+    pos = np.asarray(is_positive, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos = int(pos.sum())
+    n_neg = pos.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs positives and negatives; got {n_pos} positive, {n_neg} negative")
+    ranks = rankdata(s, method="average")
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision (area under the precision-recall curve, step-wise) of ``scores``.
+
+    Thresholds are the distinct score values from high to low; samples sharing a score enter
+    together. Raises ValueError when there is no positive (recall is undefined).
+    """
+    pos = np.asarray(is_positive, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        raise ValueError("average precision needs at least one positive")
+    order = np.argsort(-s, kind="stable")
+    s_sorted = s[order]
+    tp = np.cumsum(pos[order])
+    # The last index of each run of equal scores is where a threshold's counts are complete.
+    last_of_run = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), s_sorted.size - 1]
+    tp_at = tp[last_of_run].astype(np.float64)
+    precision = tp_at / (last_of_run + 1)
+    recall_gain = np.diff(np.r_[0.0, tp_at]) / n_pos
+    return float(np.sum(recall_gain * precision))
+
+
+def _safe_ratio(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """One class's scores, one-vs-rest. ``auroc``/``auprc`` are None where undefined."""
+
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    auroc: float | None
+    auprc: float | None
+
+
+@dataclass(frozen=True)
+class BinaryMetrics:
+    """The positive class's scores for a two-class task (positive = ``classes[1]``)."""
+
+    positive_class: str
+    auroc: float | None
+    auprc: float | None
+    f1: float
+
+
+@dataclass(frozen=True)
+class ClassificationReport:
+    """Classification quality of argmax predictions and of the probability ranking."""
+
+    n_samples: int
+    accuracy: float
+    macro_f1: float
+    macro_auroc: float | None
+    macro_auprc: float | None
+    per_class: tuple[ClassMetrics, ...]
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+    skipped_auroc_classes: tuple[str, ...]
+    binary: BinaryMetrics | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; per-class entries keyed by class name."""
+        out = asdict(self)
+        out["per_class"] = {
+            m.name: {k: v for k, v in asdict(m).items() if k != "name"} for m in self.per_class
+        }
+        out["skipped_auroc_classes"] = list(self.skipped_auroc_classes)
+        return out
+
+
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+) -> ClassificationReport:
+    """Score class probabilities ``probs`` (N, C) against integer labels ``y_true`` (N,).
+
+    Predictions are the argmax of ``probs``; AUROC/AUPRC use each column as a one-vs-rest score.
+    For two classes, ``binary`` holds the scores of ``classes[1]`` as the positive class.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    n_classes = len(classes)
+    if n_classes < 2:
+        raise ValueError(f"classes: need at least 2 class names, got {list(classes)}")
+    if y.ndim != 1 or y.size == 0:
+        raise ValueError(f"y_true: expected a non-empty 1-D label array, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y_true: expected integer class indices, got dtype {y.dtype}")
+    if p.shape != (y.size, n_classes):
+        raise ValueError(f"probs: expected shape ({y.size}, {n_classes}), got {p.shape}")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"y_true: labels must lie in [0, {n_classes}), got range [{y.min()}, {y.max()}]")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probs: contains NaN or infinite values")
+
+    pred = np.argmax(p, axis=1)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    tp = np.diag(confusion)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+
+    per_class: list[ClassMetrics] = []
+    skipped: list[str] = []
+    for c, name in enumerate(classes):
+        precision = _safe_ratio(tp[c], predicted[c])
+        recall = _safe_ratio(tp[c], support[c])
+        f1 = _safe_ratio(2 * precision * recall, precision + recall)
+        is_pos = y == c
+        if 0 < support[c] < y.size:
+            roc: float | None = auroc(is_pos, p[:, c])
+            pr: float | None = average_precision(is_pos, p[:, c])
+        else:
+            roc = pr = None
+            skipped.append(name)
+        per_class.append(ClassMetrics(name, precision, recall, f1, int(support[c]), roc, pr))
+
+    scored = [m for m in per_class if m.auroc is not None]
+    in_play = (support > 0) | (predicted > 0)
+    binary = None
+    if n_classes == 2:
+        pos = per_class[1]
+        binary = BinaryMetrics(positive_class=pos.name, auroc=pos.auroc, auprc=pos.auprc, f1=pos.f1)
+    return ClassificationReport(
+        n_samples=int(y.size),
+        accuracy=float(tp.sum() / y.size),
+        macro_f1=float(np.mean([m.f1 for m, keep in zip(per_class, in_play, strict=True) if keep])),
+        macro_auroc=float(np.mean([m.auroc for m in scored])) if scored else None,
+        macro_auprc=float(np.mean([m.auprc for m in scored])) if scored else None,
+        per_class=tuple(per_class),
+        confusion_matrix=confusion.tolist(),
+        skipped_auroc_classes=tuple(skipped),
+        binary=binary,
+    )
+
+
+@dataclass(frozen=True)
+class ImputationReport:
+    """Imputation error over the hidden entries; CRPS fields are None without samples.
+
+    - ``mae``, ``rmse``: of the point estimate over the evaluated entries.
+    - ``crps_normalized``: CSDI's approximation, the mean over quantile levels 0.05..0.95 of the
+      twice-pinball loss of the sample quantiles, summed over entries and divided by sum |truth|.
+      None when sum |truth| is 0.
+    - ``crps_empirical``: the exact CRPS of the samples' empirical distribution,
+      E|X - y| - 0.5 E|X - X'| (X, X' drawn independently from the samples, pairs with themselves
+      included), averaged over entries.
+    - ``crps_empirical_normalized``: the same exact CRPS summed over entries over sum |truth|, on the
+      scale of ``crps_normalized``. None when sum |truth| is 0.
+    """
+
+    n_entries: int
+    mae: float
+    rmse: float
+    n_samples: int | None
+    crps_normalized: float | None
+    crps_empirical: float | None
+    crps_empirical_normalized: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def quantile_crps_sum(truth: np.ndarray, samples: np.ndarray) -> float:
+    """CSDI's CRPS approximation summed over entries (not normalized).
+
+    ``truth`` is (K,), ``samples`` (S, K). For each level q in 0.05..0.95 the q-quantile of the
+    samples (linear interpolation) is scored with 2 x the pinball loss; the levels are averaged.
+    """
+    q_pred = np.quantile(samples, CRPS_QUANTILES, axis=0)  # (Q, K)
+    diff = q_pred - truth[None, :]
+    indicator = (truth[None, :] <= q_pred).astype(np.float64)
+    loss = 2.0 * np.abs(diff * (indicator - CRPS_QUANTILES[:, None]))
+    return float(loss.sum(axis=1).mean())
+
+
+def empirical_crps(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Exact CRPS of the empirical sample distribution at each entry, shape (K,).
+
+    ``truth`` is (K,), ``samples`` (S, K). Uses E|X - X'| = (2 / S^2) sum_i (2i - S - 1) x_(i) over the
+    sorted samples, so the cost is a sort, not S^2 pairs.
+    """
+    n = samples.shape[0]
+    term1 = np.mean(np.abs(samples - truth[None, :]), axis=0)
+    ordered = np.sort(samples, axis=0)
+    weights = (2.0 * np.arange(1, n + 1) - n - 1)[:, None]
+    mean_pair_gap = 2.0 * np.sum(weights * ordered, axis=0) / (n * n)
+    return term1 - 0.5 * mean_pair_gap
+
+
+def imputation_metrics(
+    truth: np.ndarray,
+    estimate: np.ndarray,
+    eval_mask: np.ndarray,
+    samples: np.ndarray | None = None,
+) -> ImputationReport:
+    """Score an imputation on the entries where ``eval_mask`` is True (the hidden ground truth).
+
+    ``truth``, ``estimate`` and ``eval_mask`` share one shape; ``samples`` (optional) is
+    (n_samples, *truth.shape) of draws from the imputer, used for CRPS.
+    """
+    truth = np.asarray(truth, dtype=np.float64)
+    estimate = np.asarray(estimate, dtype=np.float64)
+    mask = np.asarray(eval_mask)
+    if mask.dtype != np.bool_:
+        raise ValueError(f"eval_mask: expected a bool array, got dtype {mask.dtype}")
+    if truth.shape != mask.shape or estimate.shape != mask.shape:
+        raise ValueError(
+            f"truth {truth.shape}, estimate {estimate.shape} and eval_mask {mask.shape} must share one shape"
+        )
+    n_entries = int(mask.sum())
+    if n_entries == 0:
+        raise ValueError("eval_mask selects no entries: there is no hidden ground truth to score against")
+    t = truth[mask]
+    e = estimate[mask]
+    if not np.all(np.isfinite(t)):
+        raise ValueError("truth: NaN or infinite values at evaluated entries")
+    if not np.all(np.isfinite(e)):
+        raise ValueError("estimate: NaN or infinite values at evaluated entries")
+    err = e - t
+    mae = float(np.mean(np.abs(err)))
+    rmse = float(np.sqrt(np.mean(err * err)))
+    if samples is None:
+        return ImputationReport(n_entries, mae, rmse, None, None, None, None)
+
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != truth.ndim + 1 or samples.shape[1:] != truth.shape or samples.shape[0] < 1:
+        raise ValueError(f"samples: expected shape (n_samples, *{truth.shape}), got {samples.shape}")
+    s = samples[:, mask]
+    if not np.all(np.isfinite(s)):
+        raise ValueError("samples: NaN or infinite values at evaluated entries")
+    denom = float(np.abs(t).sum())
+    crps_entries = empirical_crps(t, s)
+    return ImputationReport(
+        n_entries=n_entries,
+        mae=mae,
+        rmse=rmse,
+        n_samples=int(s.shape[0]),
+        crps_normalized=quantile_crps_sum(t, s) / denom if denom > 0 else None,
+        crps_empirical=float(crps_entries.mean()),
+        crps_empirical_normalized=float(crps_entries.sum() / denom) if denom > 0 else None,
+    )
