@@ -56,7 +56,8 @@ class MimicLoadStats:
     excluded: Mapping[str, int]  # reason -> stays left out by the cohort rules
     skipped: int  # stays whose row could not be used (see ClinicalDataset.skipped)
     out_of_range: Mapping[str, int]  # variable -> values outside the sanity range, dropped
-    malformed_rows: Mapping[str, int]  # table -> rows with unparseable ids, times or values, dropped
+    # table -> rows dropped as unparseable: any row with bad ids; rows of needed items with a bad time or value
+    malformed_rows: Mapping[str, int]
     values_used: Mapping[str, int]  # variable -> values (or infusion pieces) placed on the grid
     absent_tables: tuple[str, ...]  # optional tables not found (chartevents in the demo)
     unobserved_modalities: tuple[str, ...]  # modalities without a single observed entry
@@ -159,8 +160,7 @@ def _seconds(col: pd.Series) -> np.ndarray:
 def _ids(col: pd.Series) -> np.ndarray:
     """Integer ids as float64 (exact below 2**53), NaN where unusable."""
     values, _ = _numbers(col)
-    values[values != np.floor(values)] = np.nan
-    return values
+    return np.where(values == np.floor(values), values, np.nan)
 
 
 def _load_stays(

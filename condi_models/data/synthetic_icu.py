@@ -354,8 +354,9 @@ def _timestamps(seconds: pd.Series) -> pd.Series:
     values = pd.to_numeric(seconds, errors="coerce")
     known = values.notna().to_numpy()
     out = np.full(len(values), "", dtype=object)
-    stamps = values.to_numpy()[known].astype(np.int64).astype("datetime64[s]")
-    out[known] = np.char.replace(np.datetime_as_string(stamps, unit="s"), "T", " ")
+    if known.any():
+        stamps = values.to_numpy()[known].astype(np.int64).astype("datetime64[s]")
+        out[known] = np.char.replace(np.datetime_as_string(stamps, unit="s"), "T", " ")
     return pd.Series(out, index=seconds.index, dtype=object)
 
 
@@ -371,7 +372,7 @@ def write_synthetic_mimic(out_dir: Path, n_stays: int, *, seed: int, hours: int 
     """Write ``n_stays`` synthetic ICU stays as MIMIC-IV ``hosp/`` and ``icu/`` tables under ``out_dir``.
 
     ``hours`` is how much of each stay is charted (the whole stay when shorter). About one stay in
-    ten belongs to a patient readmitted later. Returns ``out_dir``, ready for ``load_mimic``.
+    ten is a readmission of the patient of the stay before it. Returns ``out_dir``, ready for ``load_mimic``.
     """
     if n_stays < 1:
         raise ValueError(f"n_stays must be at least 1, got {n_stays}")
