@@ -257,8 +257,8 @@ class RidgeImputer:
         return np.where(observed, x, filled)
 
 
-# Upper bounds on float64 entries held at once (8 bytes each): gain matrices 32 MiB, EM statistics 64 MiB.
-_GAIN_BATCH_ENTRIES = 1 << 22
+# Upper bounds on float64 entries per array (8 bytes each): a batch of gains 8 MiB, EM statistics 64 MiB.
+_GAIN_BATCH_ENTRIES = 1 << 20
 _STATS_BUDGET_ENTRIES = 1 << 23
 
 
