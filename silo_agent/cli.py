@@ -9,7 +9,7 @@ import sys
 
 from condi_models.configfile import ConfigError
 from condi_models.data.missingness import simulate_missingness
-from condi_models.data.sources import DataSourceError, load_source
+from condi_models.data.sources import DataSourceError, load_source, source_details
 from condi_models.data.summary import summarize
 from silo_agent.config import load_site_config
 
@@ -21,7 +21,7 @@ def run_check(config_path: str, as_json: bool) -> int:
     cfg = load_site_config(config_path)
     dataset = load_source(cfg.data, origin=config_path)
     view = simulate_missingness(dataset, cfg.simulated_missingness) if cfg.simulated_missingness else None
-    summary = summarize(dataset, view)
+    summary = summarize(dataset, view, source_details(cfg.data, origin=config_path))
     if as_json:
         print(json.dumps({"silo_id": cfg.silo_id, "config": config_path, **summary.to_dict()}, indent=2))
     else:

@@ -132,3 +132,28 @@ def load_source(cfg: DataSource, *, base_dir: Path | None = None, origin: str = 
 
         return generate_icu(cfg.n_stays, seed=cfg.seed, task=cfg.task, hours=cfg.hours)
     raise DataSourceError(f"{origin}: data.source: unknown source {cfg!r}")
+
+
+def source_details(cfg: DataSource, *, base_dir: Path | None = None, origin: str = "config") -> dict:
+    """Source-specific counts for a preflight report (MIMIC-IV: stays and both tasks' label balance)."""
+    if not isinstance(cfg, MimicSource):
+        return {}
+    from condi_models.data.mimic import load_mimic_with_stats
+
+    root = _existing_dir(cfg.path, Path.cwd() if base_dir is None else base_dir, origin)
+    details: dict = {"label_balance": {}, "stays_kept": {}}
+    for task in ("ihm48", "los3"):
+        try:
+            ds, stats = load_mimic_with_stats(root, task=task, hours=cfg.hours)
+        except ValueError as err:
+            details["label_balance"][task] = f"not available: {err}"
+            continue
+        details["stays_in_table"] = stats.stays_in_table
+        details["stays_kept"][task] = stats.stays_kept
+        details["label_balance"][task] = ds.class_counts()
+        if task == cfg.task:
+            details["excluded"] = dict(stats.excluded)
+            details["out_of_range_values"] = {k: v for k, v in stats.out_of_range.items() if v}
+            details["malformed_rows"] = {k: v for k, v in stats.malformed_rows.items() if v}
+            details["absent_tables"] = list(stats.absent_tables)
+    return details

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,7 @@ class DataSummary:
     simulated_observed_fraction: dict[str, float] | None
     simulated_affected_fraction: float | None
     simulated_hidden_fraction: float | None
+    source_details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +55,8 @@ class DataSummary:
                 f"simulated: {self.simulated_affected_fraction:.1%} of samples affected, "
                 f"{self.simulated_hidden_fraction:.1%} of observed entries hidden"
             )
+        for key, value in self.source_details.items():
+            lines.append(f"{key.replace('_', ' ')}: {value}")
         for s in self.skipped:
             lines.append(f"skipped {s['record']}: {s['reason']}")
         if self.skipped_records > len(self.skipped):
@@ -61,7 +64,9 @@ class DataSummary:
         return "\n".join(lines)
 
 
-def summarize(dataset: ClinicalDataset, view: MissingView | None = None) -> DataSummary:
+def summarize(
+    dataset: ClinicalDataset, view: MissingView | None = None, source_details: dict | None = None
+) -> DataSummary:
     """Summarize ``dataset`` and, when given, the simulated missingness applied to it."""
     natural_total = int(dataset.observed.sum())
     return DataSummary(
@@ -83,4 +88,5 @@ def summarize(dataset: ClinicalDataset, view: MissingView | None = None) -> Data
         else float(view.hidden.sum() / natural_total)
         if natural_total
         else 0.0,
+        source_details=source_details or {},
     )
