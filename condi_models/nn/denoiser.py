@@ -1,0 +1,210 @@
+"""The epsilon network of Phase A: a CSDI-style residual stack over patch tokens.
+
+CSDI attends over every one of the L time steps of every channel, which is what makes it slow
+(L = 250 at 100 Hz). Here a channel's series is cut into time patches and each patch is one
+token, so the time transformer runs over N = L / patch tokens and the channel transformer over
+the F channels of one patch (the cross-modal path: a missing lead is rebuilt from the other leads
+at the same moment). A depthwise-in-time convolution at full resolution before patching and
+after un-patching keeps point-level detail, so scattered missing points are filled from their
+observed neighbours rather than smeared over a patch.
+
+Every parameterised layer sees batch-first tensors (Opacus hooks rely on that); only the
+parameter-free attention op reshapes the batch into sequences.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from condi_models.nn.embeddings import from_tokens, n_patches, pad_time, sinusoidal_table, to_tokens
+
+
+class AxisTransformerLayer(nn.Module):
+    """Pre-norm transformer layer attending along one axis of a (B, S1, S2, H) token grid.
+
+    ``axis=2`` attends over S2 within each (b, s1); ``axis=1`` over S1 within each (b, s2).
+    Built from ``nn.Linear`` and ``nn.LayerNorm`` so per-sample gradients are available.
+    """
+
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} attention heads")
+        self.heads = heads
+        self.norm_attn = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.norm_ffn = nn.LayerNorm(hidden)
+        self.ffn_in = nn.Linear(hidden, ffn)
+        self.ffn_out = nn.Linear(ffn, hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def _attend(self, qkv: torch.Tensor, axis: int) -> torch.Tensor:
+        if axis == 1:
+            qkv = qkv.transpose(1, 2)
+        b, s1, s2, h3 = qkv.shape
+        hidden = h3 // 3
+        dh = hidden // self.heads
+        seq = qkv.reshape(b * s1, s2, 3, self.heads, dh).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(seq[0], seq[1], seq[2])
+        out = out.permute(0, 2, 1, 3).reshape(b, s1, s2, hidden)
+        return out.transpose(1, 2) if axis == 1 else out
+
+    def forward(self, h: torch.Tensor, axis: int) -> torch.Tensor:
+        """h (B, S1, S2, H) -> same shape, attention along ``axis`` (1 or 2)."""
+        if axis not in (1, 2):
+            raise ValueError(f"attention axis must be 1 or 2, got {axis}")
+        h = h + self.dropout(self.attn_out(self._attend(self.qkv(self.norm_attn(h)), axis)))
+        return h + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.norm_ffn(h)))))
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """Sizes of the epsilon network (defaults sized for PTB-XL, 12 x 250)."""
+
+    hidden: int = 64
+    n_blocks: int = 4
+    n_heads: int = 4
+    ffn_mult: int = 2
+    patch_size: int = 10
+    conv_channels: int = 16
+    conv_kernel: int = 9
+    out_channels: int = 16
+    time_embed_dim: int = 32
+    channel_embed_dim: int = 16
+    step_embed_dim: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "n_blocks", "n_heads", "ffn_mult", "patch_size", "conv_channels",
+                     "out_channels", "time_embed_dim", "channel_embed_dim", "step_embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"denoiser.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.n_heads:
+            raise ValueError(f"denoiser.hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads})")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"denoiser.conv_kernel must be odd and positive, got {self.conv_kernel}")
+        for name in ("time_embed_dim", "step_embed_dim"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"denoiser.{name} must be even, got {getattr(self, name)}")
+
+
+class StepEmbedding(nn.Module):
+    """Diffusion-step embedding: fixed sinusoid of t followed by a small MLP (as CSDI)."""
+
+    def __init__(self, n_steps: int, dim: int) -> None:
+        super().__init__()
+        self.n_steps = n_steps
+        self.dim = dim
+        self.proj1 = nn.Linear(dim, dim)
+        self.proj2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t (B,) long -> (B, dim)."""
+        table = sinusoidal_table(self.n_steps, self.dim, device=t.device)
+        return F.silu(self.proj2(F.silu(self.proj1(table[t]))))
+
+
+class ResidualBlock(nn.Module):
+    """CSDI residual block: step shift, time and channel transformers, side-gated tanh*sigmoid unit."""
+
+    def __init__(self, cfg: DenoiserConfig, side_dim: int) -> None:
+        super().__init__()
+        h = cfg.hidden
+        self.step_proj = nn.Linear(cfg.step_embed_dim, h)
+        self.time_layer = AxisTransformerLayer(h, cfg.n_heads, cfg.ffn_mult * h)
+        self.channel_layer = AxisTransformerLayer(h, cfg.n_heads, cfg.ffn_mult * h)
+        self.mid_proj = nn.Linear(h, 2 * h)
+        self.side_proj = nn.Linear(side_dim, 2 * h)
+        self.out_proj = nn.Linear(h, 2 * h)
+
+    def forward(
+        self, h: torch.Tensor, step: torch.Tensor, side: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, F, N, H), step (B, S_t), side (B, F, N, S) -> (new h, skip)."""
+        y = h + self.step_proj(step)[:, None, None, :]
+        y = self.time_layer(y, axis=2)
+        y = self.channel_layer(y, axis=1)
+        y = self.mid_proj(y) + self.side_proj(side)
+        gate, filt = y.chunk(2, dim=-1)
+        y = self.out_proj(torch.sigmoid(gate) * torch.tanh(filt))
+        residual, skip = y.chunk(2, dim=-1)
+        return (h + residual) / math.sqrt(2.0), skip
+
+
+class Denoiser(nn.Module):
+    """epsilon_theta(z_t, t | c): noise estimate at every entry of a (B, F, L) sample.
+
+    Inputs are kept apart as CSDI does: the clean conditioning values in one input channel, the
+    noisy latent at the non-conditioning entries in another, and the conditioning mask in a third;
+    a conditioning entry is never noised. Side information per token is the patch position code,
+    a learned channel embedding and the sample context c (from the MoE encoder and W_cond).
+    """
+
+    def __init__(self, cfg: DenoiserConfig, n_features: int, n_steps: int, context_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_features = n_features
+        self.context_dim = context_dim
+        pad = cfg.conv_kernel // 2
+        self.conv_in = nn.Conv2d(3, cfg.conv_channels, (1, cfg.conv_kernel), padding=(0, pad))
+        self.patch_in = nn.Linear((3 + cfg.conv_channels) * cfg.patch_size, cfg.hidden)
+        self.channel_embed = nn.Embedding(n_features, cfg.channel_embed_dim)
+        side_dim = cfg.time_embed_dim + cfg.channel_embed_dim + context_dim
+        self.side_in = nn.Linear(side_dim, cfg.hidden)
+        self.step_embed = StepEmbedding(n_steps, cfg.step_embed_dim)
+        self.blocks = nn.ModuleList(ResidualBlock(cfg, side_dim) for _ in range(cfg.n_blocks))
+        self.skip_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.patch_out = nn.Linear(cfg.hidden, cfg.out_channels * cfg.patch_size)
+        self.conv_out = nn.Conv2d(
+            cfg.out_channels + cfg.conv_channels, cfg.conv_channels, (1, cfg.conv_kernel), padding=(0, pad)
+        )
+        self.head = nn.Conv2d(cfg.conv_channels, 1, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def side_information(self, batch: int, length: int, context: torch.Tensor | None) -> torch.Tensor:
+        """(B, F, N, S): patch position code, channel embedding and context c per token."""
+        device = self.channel_embed.weight.device
+        n = n_patches(length, self.cfg.patch_size)
+        f = self.n_features
+        time = sinusoidal_table(n, self.cfg.time_embed_dim, device=device).expand(batch, f, n, -1)
+        index = torch.arange(f, device=device).expand(batch, -1).contiguous()
+        chan = self.channel_embed(index)[:, :, None, :].expand(batch, f, n, -1)
+        parts = [time, chan]
+        if self.context_dim:
+            if context is None or context.shape != (batch, n, self.context_dim):
+                got = None if context is None else tuple(context.shape)
+                raise ValueError(f"denoiser context must be shaped {(batch, n, self.context_dim)}, got {got}")
+            parts.append(context[:, None, :, :].expand(batch, f, n, -1))
+        return torch.cat(parts, dim=-1)
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        cond_values: torch.Tensor,
+        cond_mask: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Noise estimate (B, F, L) from noisy latent, conditioning values and mask (all (B, F, L))."""
+        b, _, length = noisy.shape
+        inp = torch.stack([cond_values, noisy, cond_mask.to(noisy.dtype)], dim=1)
+        inp = pad_time(inp, self.cfg.patch_size)
+        full = F.silu(self.conv_in(inp))
+        side = self.side_information(b, length, context)
+        h = self.patch_in(to_tokens(torch.cat([inp, full], dim=1), self.cfg.patch_size))
+        h = h + self.side_in(side)
+        step = self.step_embed(t)
+        skips = 0.0
+        for block in self.blocks:
+            h, skip = block(h, step, side)
+            skips = skips + skip
+        out = F.silu(self.skip_proj(skips / math.sqrt(len(self.blocks))))
+        out = from_tokens(self.patch_out(out), self.cfg.out_channels, full.shape[-1])
+        out = F.silu(self.conv_out(torch.cat([out, full], dim=1)))
+        return self.head(out)[:, 0, :, :length]

@@ -1,0 +1,645 @@
+"""The CondI model: configuration, variants, the Phase A / Phase B entry points and parameter exchange.
+
+One ``CondIModel`` holds everything a silo trains: the shared embeddings W_mod and W_cond, the
+observed-context encoder and denoiser of Phase A, and the classifier of Phase B. Baselines and
+ablations are the same class with parts switched off by ``Variant``, so they run through the
+same training and federation code.
+
+Parameter exchange is by plain ``{name: tensor}`` dicts (never pickle). Groups for aggregation:
+``theta`` is every network weight except the shared embeddings, ``w_mod`` and ``w_cond`` are
+those embeddings. Modality-specific parts are tagged so a federation can average them only over
+the silos that hold the modality:
+
+- whole tensors owned by one modality: the per-modality stems of the context encoder and of the
+  instance encoder (a silo without the modality feeds them only zeros);
+- row-owned tensors: row m of W_mod belongs to modality m (its profile); row i*M + m of W_cond
+  (= W_cond[i, m]) belongs to the *source* modality i, because under eq. 4 that row only ever
+  receives gradient from samples in which modality i is observed.
+
+``aggregation_weights(holds)`` turns a silo's modality holdings into per-tensor weights that
+broadcast against each tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from condi_models.data.dataset import DatasetInfo
+from condi_models.nn.classifier import Classifier, ClassifierConfig
+from condi_models.nn.context import ContextConfig, ObservedContextEncoder
+from condi_models.nn.denoiser import Denoiser, DenoiserConfig
+from condi_models.nn.diffusion import (
+    DiffusionConfig,
+    NoiseSchedule,
+    ddim_sample,
+    ddpm_sample,
+    make_training_mask,
+    masked_noise_loss,
+    randn_like_on,
+    sample_quantiles,
+)
+from condi_models.nn.embeddings import (
+    ConditionEmbedding,
+    ModalityEmbedding,
+    modality_availability,
+    modality_fraction,
+    n_patches,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Variant(enum.StrEnum):
+    """CondI and the baselines / ablations that share its code."""
+
+    CONDI = "condi"
+    NO_IMPUTATION = "no_imputation"
+    NO_WCOND = "no_wcond"
+    NO_IMPUTATION_NO_WCOND = "no_imputation_no_wcond"
+    FEDAVG_ZERO_FILL = "fedavg_zero_fill"
+    PEPSY = "pepsy"
+    CSDI_UNIMODAL = "csdi_unimodal"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Which parts a variant has.
+
+    ``diffusion``: a Phase A imputer exists; ``diffusion_wcond`` / ``diffusion_context``: it is
+    conditioned on c_cond (W_cond) / on c_O (MoE encoder); ``impute_for_classification``:
+    inference classifies the imputed sample; ``fuse_mod`` / ``fuse_cond``: W_mod[m] /
+    omega_cond(b, m) join omega_ins(b, m) in the fusion; ``missing_pool``: PEPSY-style fill.
+    """
+
+    diffusion: bool
+    diffusion_wcond: bool
+    diffusion_context: bool
+    impute_for_classification: bool
+    fuse_mod: bool
+    fuse_cond: bool
+    missing_pool: bool
+
+    @property
+    def uses_wcond(self) -> bool:
+        return self.diffusion_wcond or self.fuse_cond
+
+    @property
+    def fusion_parts(self) -> int:
+        return 1 + int(self.fuse_mod) + int(self.fuse_cond)
+
+
+# no_imputation_no_wcond has no diffusion: with neither imputation nor W_cond, nothing Phase A
+# learns reaches the classifier, so training it would only cost time.
+VARIANTS: dict[Variant, VariantSpec] = {
+    Variant.CONDI: VariantSpec(True, True, True, True, True, True, False),
+    Variant.NO_IMPUTATION: VariantSpec(True, True, True, False, True, True, False),
+    Variant.NO_WCOND: VariantSpec(True, False, True, True, True, False, False),
+    Variant.NO_IMPUTATION_NO_WCOND: VariantSpec(False, False, False, False, True, False, False),
+    Variant.FEDAVG_ZERO_FILL: VariantSpec(False, False, False, False, False, False, False),
+    Variant.PEPSY: VariantSpec(False, False, False, False, True, False, True),
+    Variant.CSDI_UNIMODAL: VariantSpec(True, False, False, True, False, False, False),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a CondIModel; ``channel_modality[f]`` is channel f's modality."""
+
+    channel_modality: tuple[int, ...]
+    n_classes: int
+    length: int
+    variant: Variant = Variant.CONDI
+    embed_dim: int = 32
+    cond_dim: int = 32
+    modality_names: tuple[str, ...] = ()
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "variant", Variant(self.variant))
+        except ValueError:
+            raise ValueError(
+                f"variant must be one of {[v.value for v in Variant]}, got {self.variant!r}"
+            ) from None
+        object.__setattr__(self, "channel_modality", tuple(int(m) for m in self.channel_modality))
+        object.__setattr__(self, "modality_names", tuple(self.modality_names))
+        if not self.channel_modality:
+            raise ValueError("channel_modality must name the modality of at least one channel")
+        m = max(self.channel_modality) + 1
+        missing = sorted(set(range(m)) - set(self.channel_modality))
+        if min(self.channel_modality) < 0 or missing:
+            raise ValueError(
+                f"channel_modality must use modality indices 0..M-1 with every modality present; "
+                f"got {self.channel_modality} (modalities without channels: {missing})"
+            )
+        if self.modality_names and len(self.modality_names) != m:
+            raise ValueError(f"modality_names has {len(self.modality_names)} names for {m} modalities")
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
+        for name in ("length", "embed_dim", "cond_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def n_features(self) -> int:
+        return len(self.channel_modality)
+
+    @property
+    def n_modalities(self) -> int:
+        return max(self.channel_modality) + 1
+
+    @property
+    def spec(self) -> VariantSpec:
+        return VARIANTS[self.variant]
+
+    @classmethod
+    def for_dataset(
+        cls,
+        info: DatasetInfo,
+        variant: Variant | str = Variant.CONDI,
+        tokens_per_channel: int = 25,
+        **overrides: Any,
+    ) -> ModelConfig:
+        """Defaults for a dataset: patch sizes chosen so each channel becomes ~``tokens_per_channel`` tokens.
+
+        PTB-XL (L = 250) gets patches of 10; Sleep-EDF (L = 3000) patches of 120; MIMIC (L = 48)
+        patches of 2. Keyword ``overrides`` replace any top-level field (e.g. ``denoiser=...``).
+        """
+        patch = max(1, math.ceil(info.length / tokens_per_channel))
+        base = cls(
+            channel_modality=tuple(int(m) for m in info.channel_modality),
+            n_classes=len(info.classes),
+            length=info.length,
+            variant=Variant(variant),
+            modality_names=tuple(m.name for m in info.modalities),
+            denoiser=DenoiserConfig(patch_size=patch),
+            classifier=ClassifierConfig(patch_size=patch),
+        )
+        return dataclasses.replace(base, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (lists, numbers, strings) for checkpoints and the wire."""
+        out = dataclasses.asdict(self)
+        out["variant"] = self.variant.value
+        out["channel_modality"] = list(self.channel_modality)
+        out["modality_names"] = list(self.modality_names)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; an unknown or missing key is an error that names it."""
+        nested = {"denoiser": DenoiserConfig, "context": ContextConfig,
+                  "classifier": ClassifierConfig, "diffusion": DiffusionConfig}
+        kwargs = _checked_fields(cls, data, "model config")
+        for key, sub in nested.items():
+            if key in kwargs:
+                kwargs[key] = sub(**_checked_fields(sub, kwargs[key], f"model config '{key}'"))
+        kwargs["channel_modality"] = tuple(kwargs["channel_modality"])
+        kwargs["modality_names"] = tuple(kwargs.get("modality_names", ()))
+        return cls(**kwargs)
+
+
+def _checked_fields(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+    required = [
+        n for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in data
+    ]
+    if required:
+        raise ValueError(f"{where}: missing required key(s) {required}")
+    return dict(data)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to impute: sampler, its steps, number of samples and reported quantiles."""
+
+    n_samples: int = 10
+    method: str = "ddim"
+    steps: int = 10
+    quantiles: tuple[float, ...] = (0.05, 0.95)
+    chunk_size: int | None = None
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("ddim", "ddpm"):
+            raise ValueError(f"sampling method must be 'ddim' or 'ddpm', got {self.method!r}")
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
+
+
+@dataclass
+class PhaseADraw:
+    """Random choices of one Phase A step, per sample: conditioning mask (B, F, L), step t (B,), noise."""
+
+    cond_mask: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+@dataclass
+class Imputation:
+    """Result of ``impute``; observed entries hold the input values exactly everywhere.
+
+    ``x_hat`` = R*x + (1-R)*median; ``quantiles[q]`` is the q-quantile over samples at each entry
+    (levels in ``quantile_levels``); ``samples`` (n, B, F, L) only when asked for.
+    """
+
+    x_hat: torch.Tensor
+    median: torch.Tensor
+    quantile_levels: tuple[float, ...]
+    quantiles: torch.Tensor
+    samples: torch.Tensor | None = None
+
+
+@dataclass
+class Prediction:
+    """Class logits, with the imputation they were computed from (None if the variant does not impute)."""
+
+    logits: torch.Tensor
+    imputation: Imputation | None
+
+
+@dataclass(frozen=True)
+class ParameterGroups:
+    """Names of parameters by role; see the module docstring for the modality ownership rules."""
+
+    theta: tuple[str, ...]
+    w_mod: tuple[str, ...]
+    w_cond: tuple[str, ...]
+    phase_a: tuple[str, ...]
+    phase_b: tuple[str, ...]
+    modality_tensors: dict[str, int]
+    modality_rows: dict[str, tuple[int, ...]]
+
+    def as_dict(self) -> dict[str, tuple[str, ...]]:
+        """Named groups: theta, w_mod, w_cond, phase_a, phase_b and ``modality:<m>`` per modality."""
+        out = {"theta": self.theta, "w_mod": self.w_mod, "w_cond": self.w_cond,
+               "phase_a": self.phase_a, "phase_b": self.phase_b}
+        owners: dict[int, list[str]] = {}
+        for name, m in self.modality_tensors.items():
+            owners.setdefault(m, []).append(name)
+        for name, rows in self.modality_rows.items():
+            for m in sorted(set(rows)):
+                owners.setdefault(m, []).append(name)
+        out.update({f"modality:{m}": tuple(names) for m, names in sorted(owners.items())})
+        return out
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cpu'; 'cuda' / 'cuda:N' (error if CUDA is absent)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {spec!r} requested but CUDA is not available on this host")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+        return device
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+
+
+class CondIModel(nn.Module):
+    """CondI (or one of its variants) as one module; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        spec = cfg.spec
+        m, d = cfg.n_modalities, cfg.embed_dim
+        self.register_buffer(
+            "channel_modality", torch.tensor(cfg.channel_modality, dtype=torch.long), persistent=False
+        )
+        self.w_mod = ModalityEmbedding(m, d) if spec.fuse_mod else None
+        self.w_cond = ConditionEmbedding(m, d) if spec.uses_wcond else None
+        self.schedule = NoiseSchedule(cfg.diffusion) if spec.diffusion else None
+        self.context = (
+            ObservedContextEncoder(cfg.context, cfg.channel_modality, m, cfg.denoiser.patch_size)
+            if spec.diffusion and spec.diffusion_context
+            else None
+        )
+        self.cond_proj = nn.Linear(m * d, cfg.cond_dim) if spec.diffusion and spec.diffusion_wcond else None
+        context_dim = (cfg.context.out_dim if self.context is not None else 0) + (
+            cfg.cond_dim if self.cond_proj is not None else 0
+        )
+        self.denoiser = (
+            Denoiser(cfg.denoiser, cfg.n_features, cfg.diffusion.steps, context_dim) if spec.diffusion else None
+        )
+        self.classifier = Classifier(
+            cfg.classifier, cfg.channel_modality, m, d, spec.fusion_parts, cfg.n_classes, spec.missing_pool
+        )
+
+    @property
+    def spec(self) -> VariantSpec:
+        return self.cfg.spec
+
+    @property
+    def device(self) -> torch.device:
+        return self.channel_modality.device
+
+    # ---- inputs -------------------------------------------------------------------------
+
+    def _check(self, x: torch.Tensor, observed: torch.Tensor) -> None:
+        f = self.cfg.n_features
+        if not torch.is_tensor(x) or x.dim() != 3 or x.shape[1] != f or not x.is_floating_point():
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"x must be a float tensor shaped (B, {f}, L), got {got}")
+        if not torch.is_tensor(observed) or observed.dtype != torch.bool or observed.shape != x.shape:
+            got = (observed.dtype, tuple(observed.shape)) if torch.is_tensor(observed) else type(observed).__name__
+            raise ValueError(f"observed must be a bool tensor shaped like x {tuple(x.shape)}, got {got}")
+
+    def availability(self, mask: torch.Tensor) -> torch.Tensor:
+        """r (B, M) bool: modality m has any True entry in ``mask`` (B, F, L)."""
+        return modality_availability(mask, self.channel_modality, self.cfg.n_modalities)
+
+    # ---- Phase A ----------------------------------------------------------------------------
+
+    def _require_diffusion(self) -> Denoiser:
+        if self.denoiser is None:
+            raise RuntimeError(f"variant {self.cfg.variant.value!r} has no diffusion imputer (Phase A)")
+        return self.denoiser
+
+    def diffusion_context(self, values: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor | None:
+        """c = [c_O ; c_cond] per time patch (B, N, ·) from the conditioning data only (None if unused)."""
+        b, _, length = values.shape
+        n = n_patches(length, self.cfg.denoiser.patch_size)
+        r = self.availability(cond_mask)
+        parts = []
+        if self.context is not None:
+            frac = modality_fraction(cond_mask, self.channel_modality, self.cfg.n_modalities)
+            parts.append(self.context(values, cond_mask, r, frac))
+        if self.cond_proj is not None and self.w_cond is not None:
+            c_cond = self.cond_proj(self.w_cond(r).flatten(1))
+            parts.append(c_cond[:, None, :].expand(b, n, -1))
+        return torch.cat(parts, dim=-1) if parts else None
+
+    def phase_a_draw(
+        self,
+        x: torch.Tensor,
+        observed: torch.Tensor,
+        generator: torch.Generator | None = None,
+        borrowed_masks: torch.Tensor | None = None,
+    ) -> PhaseADraw:
+        """The random part of one Phase A step: conditioning mask, diffusion steps and noise."""
+        self._require_diffusion()
+        self._check(x, observed)
+        cond = make_training_mask(observed, generator, borrowed_masks)
+        t = torch.randint(
+            0, self.cfg.diffusion.steps, (x.shape[0],), generator=generator,
+            device=generator.device if generator is not None else x.device,
+        ).to(x.device)
+        return PhaseADraw(cond_mask=cond, t=t, noise=randn_like_on(x.shape, x, generator))
+
+    def phase_a_loss_for(self, x: torch.Tensor, observed: torch.Tensor, draw: PhaseADraw) -> torch.Tensor:
+        """Eq. 7 for a given draw: noise error on the held-out observed entries, mean over samples."""
+        denoiser = self._require_diffusion()
+        self._check(x, observed)
+        cond = draw.cond_mask & observed
+        values = x * cond
+        z = self.schedule.add_noise(x * observed, draw.t, draw.noise) * (~cond)
+        eps = denoiser(z, values, cond, draw.t, self.diffusion_context(values, cond))
+        return masked_noise_loss(eps, draw.noise, observed & ~cond)
+
+    def phase_a_loss(
+        self,
+        x: torch.Tensor,
+        observed: torch.Tensor,
+        generator: torch.Generator | None = None,
+        borrowed_masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Self-supervised diffusion loss (eq. 7): a fresh draw, then ``phase_a_loss_for``."""
+        return self.phase_a_loss_for(x, observed, self.phase_a_draw(x, observed, generator, borrowed_masks))
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def impute(
+        self,
+        x: torch.Tensor,
+        observed: torch.Tensor,
+        n_samples: int = 10,
+        steps: int = 10,
+        method: str = "ddim",
+        quantiles: Sequence[float] = (0.05, 0.95),
+        generator: torch.Generator | None = None,
+        return_samples: bool = False,
+        chunk_size: int | None = None,
+        eta: float = 0.0,
+    ) -> Imputation:
+        """Draw ``n_samples`` imputations of the unobserved entries; median point estimate and quantiles.
+
+        ``method='ddim'`` uses ``steps`` of the T steps (deterministic given the start noise when
+        eta = 0); ``'ddpm'`` runs all T ancestral steps and ignores ``steps``. Samples are drawn
+        ``chunk_size`` copies of the batch at a time (all at once by default).
+        """
+        opts = SamplingOptions(n_samples, method, steps, tuple(quantiles), chunk_size, eta)
+        denoiser = self._require_diffusion()
+        self._check(x, observed)
+        b, f, length = x.shape
+        with self._evaluating():
+            values = x * observed
+            context = self.diffusion_context(values, observed)
+            chunk = opts.chunk_size or opts.n_samples
+            draws = []
+            for start in range(0, opts.n_samples, chunk):
+                k = min(chunk, opts.n_samples - start)
+                rep_values = values.repeat(k, 1, 1)
+                rep_cond = observed.repeat(k, 1, 1)
+                rep_context = None if context is None else context.repeat(k, 1, 1)
+
+                def eps_fn(z: torch.Tensor, t: torch.Tensor, v=rep_values, c=rep_cond, ctx=rep_context) -> torch.Tensor:
+                    return denoiser(z, v, c, t, ctx)
+
+                target = ~rep_cond
+                if opts.method == "ddpm":
+                    z = ddpm_sample(eps_fn, self.schedule, target, generator)
+                else:
+                    z = ddim_sample(eps_fn, self.schedule, target, opts.steps, generator, opts.eta)
+                draws.append(z.view(k, b, f, length))
+            samples = torch.cat(draws, dim=0)
+            levels = (0.5, *opts.quantiles)
+            qs = sample_quantiles(samples, levels)
+            keep = observed[None]
+            qs = torch.where(keep, x[None], qs)
+            return Imputation(
+                x_hat=qs[0],
+                median=qs[0],
+                quantile_levels=opts.quantiles,
+                quantiles=qs[1:],
+                samples=torch.where(keep, x[None], samples) if return_samples else None,
+            )
+
+    # ---- Phase B ----------------------------------------------------------------------------
+
+    def features(
+        self, x: torch.Tensor, observed: torch.Tensor, availability: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The classifier input vector (B, M * parts * D): per modality [omega_ins ; W_mod ; omega_cond].
+
+        ``availability`` (B, M) is the modality pattern used by eq. 4 and the missing pool; it
+        defaults to the one read off ``observed``. Pass the original pattern when ``x`` has been
+        imputed, so omega_cond still describes what was missing.
+        """
+        self._check(x, observed)
+        r = self.availability(observed) if availability is None else availability.to(torch.bool)
+        if r.shape != (x.shape[0], self.cfg.n_modalities):
+            raise ValueError(f"availability must be shaped {(x.shape[0], self.cfg.n_modalities)}, got {tuple(r.shape)}")
+        w_mod = self.w_mod(x.shape[0]) if self.w_mod is not None else None
+        omega_cond = self.w_cond(r) if self.spec.fuse_cond and self.w_cond is not None else None
+        return self.classifier.features(x * observed, observed, r, w_mod, omega_cond)
+
+    def classify(
+        self, x: torch.Tensor, observed: torch.Tensor, availability: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Class logits (B, C) for the given values and mask (no imputation happens here)."""
+        return self.classifier(self.features(x, observed, availability))
+
+    def phase_b_loss(
+        self,
+        x: torch.Tensor,
+        observed: torch.Tensor,
+        y: torch.Tensor,
+        class_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of ``classify`` on the observed data (paper: Phase B trains on x_O)."""
+        return F.cross_entropy(self.classify(x, observed), y, weight=class_weights)
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        observed: torch.Tensor,
+        sampling: SamplingOptions | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Prediction:
+        """Inference as the variant defines it: impute then classify x_hat, or classify x_O directly."""
+        with self._evaluating():
+            if not self.spec.impute_for_classification:
+                return Prediction(logits=self.classify(x, observed), imputation=None)
+            opts = sampling or SamplingOptions()
+            imp = self.impute(
+                x, observed, opts.n_samples, opts.steps, opts.method, opts.quantiles, generator,
+                chunk_size=opts.chunk_size, eta=opts.eta,
+            )
+            full = torch.ones_like(observed)
+            logits = self.classify(imp.x_hat, full, availability=self.availability(observed))
+            return Prediction(logits=logits, imputation=imp)
+
+    # ---- parameters and exchange ------------------------------------------------------------
+
+    def parameter_groups(self) -> ParameterGroups:
+        """Parameter names by role (aggregation groups, phases, modality ownership)."""
+        names = [n for n, _ in self.named_parameters()]
+        w_mod = tuple(n for n in names if n.startswith("w_mod."))
+        w_cond = tuple(n for n in names if n.startswith("w_cond."))
+        theta = tuple(n for n in names if n not in w_mod and n not in w_cond)
+        phase_a_prefixes = ("denoiser.", "context.", "cond_proj.") + (
+            ("w_cond.",) if self.spec.diffusion and self.spec.diffusion_wcond else ()
+        )
+        phase_b_prefixes = ("classifier.", "w_mod.") + (("w_cond.",) if self.spec.fuse_cond else ())
+        m = self.cfg.n_modalities
+        modality_tensors = {}
+        for n in names:
+            for prefix in ("context.stems.", "classifier.encoder.stems."):
+                if n.startswith(prefix):
+                    modality_tensors[n] = int(n[len(prefix):].split(".")[0])
+        modality_rows = {}
+        for n in w_mod:
+            modality_rows[n] = tuple(range(m))
+        for n in w_cond:
+            modality_rows[n] = tuple(i for i in range(m) for _ in range(m))
+        return ParameterGroups(
+            theta=theta,
+            w_mod=w_mod,
+            w_cond=w_cond,
+            phase_a=tuple(n for n in names if n.startswith(phase_a_prefixes)),
+            phase_b=tuple(n for n in names if n.startswith(phase_b_prefixes)),
+            modality_tensors=modality_tensors,
+            modality_rows=modality_rows,
+        )
+
+    def phase_parameters(self, phase: str) -> list[nn.Parameter]:
+        """The parameters an optimizer of phase 'a' or 'b' should update."""
+        groups = self.parameter_groups()
+        if phase not in ("a", "b"):
+            raise ValueError(f"phase must be 'a' or 'b', got {phase!r}")
+        wanted = set(groups.phase_a if phase == "a" else groups.phase_b)
+        return [p for n, p in self.named_parameters() if n in wanted]
+
+    def aggregation_weights(self, holds: Sequence[bool]) -> dict[str, torch.Tensor]:
+        """Per-tensor FedAvg weights (1 or 0, broadcastable to each tensor) for a silo's holdings.
+
+        ``holds[m]`` says whether the silo has modality m at all. Shared tensors weigh 1;
+        modality-owned tensors weigh holds[m]; row-owned tensors get an (rows, 1) column.
+        """
+        m = self.cfg.n_modalities
+        if len(holds) != m:
+            raise ValueError(f"holds must have one flag per modality ({m}), got {len(holds)}")
+        groups = self.parameter_groups()
+        out = {}
+        for name, _ in self.named_parameters():
+            if name in groups.modality_tensors:
+                out[name] = torch.tensor(float(bool(holds[groups.modality_tensors[name]])))
+            elif name in groups.modality_rows:
+                rows = [float(bool(holds[i])) for i in groups.modality_rows[name]]
+                out[name] = torch.tensor(rows).view(-1, 1)
+            else:
+                out[name] = torch.tensor(1.0)
+        return out
+
+    def state_to_named_tensors(self) -> dict[str, torch.Tensor]:
+        """All persistent state as {name: CPU tensor} (detached, contiguous copies)."""
+        return {n: t.detach().to("cpu").contiguous().clone() for n, t in self.state_dict().items()}
+
+    def load_named_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load {name: tensor}; every name, shape and dtype must match, else ValueError naming the tensor."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"named tensors do not match the {self.cfg.variant.value!r} model: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        for name, want in expected.items():
+            got = tensors[name]
+            if not torch.is_tensor(got):
+                raise ValueError(f"tensor {name!r}: expected a torch.Tensor, got {type(got).__name__}")
+            if got.dtype != want.dtype:
+                raise ValueError(f"tensor {name!r}: expected dtype {want.dtype}, got {got.dtype}")
+            if got.shape != want.shape:
+                raise ValueError(f"tensor {name!r}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}")
+        with torch.no_grad():
+            for name, want in expected.items():
+                want.copy_(tensors[name].to(want.device))
+        logger.debug("loaded %d named tensors into the %s model", len(expected), self.cfg.variant.value)

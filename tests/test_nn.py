@@ -1,0 +1,494 @@
+"""Tests of the CondI networks: eq. 4 routing, diffusion mechanics, variants, Opacus, parameter exchange."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.grad_sample import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
+
+from condi_models.data.dataset import DatasetInfo, Modality
+from condi_models.nn import (
+    ClassifierConfig,
+    CondIModel,
+    ContextConfig,
+    DenoiserConfig,
+    ModelConfig,
+    PhaseADraw,
+    Variant,
+    make_training_mask,
+    resolve_device,
+)
+from condi_models.nn.diffusion import (
+    DiffusionConfig,
+    NoiseSchedule,
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_sample,
+    sample_quantiles,
+)
+from condi_models.nn.embeddings import ConditionEmbedding, condition_routing, modality_availability
+
+torch.set_num_threads(1)
+
+
+def tiny_config(variant: Variant | str = Variant.CONDI, channel_modality=(0, 0, 1, 2), length=24) -> ModelConfig:
+    return ModelConfig(
+        channel_modality=channel_modality,
+        n_classes=3,
+        length=length,
+        variant=variant,
+        embed_dim=8,
+        cond_dim=8,
+        denoiser=DenoiserConfig(hidden=16, n_blocks=1, n_heads=2, patch_size=4, conv_channels=4,
+                                conv_kernel=3, out_channels=4, time_embed_dim=8, channel_embed_dim=4,
+                                step_embed_dim=16),
+        context=ContextConfig(stem_dim=8, n_experts=2, expert_hidden=16, out_dim=8),
+        classifier=ClassifierConfig(hidden=16, n_blocks=1, n_heads=2, patch_size=4, conv_channels=2,
+                                    conv_kernel=3, pos_embed_dim=8, head_hidden=16, dropout=0.0),
+    )
+
+
+def random_batch(cfg: ModelConfig, b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    observed = torch.rand(b, cfg.n_features, cfg.length, generator=g) > 0.3
+    observed[0, cfg.n_features - 1] = False  # one sample with a whole modality missing
+    x = torch.randn(b, cfg.n_features, cfg.length, generator=g) * observed
+    y = torch.randint(0, cfg.n_classes, (b,), generator=g)
+    return x, observed, y
+
+
+# ---- equation 4 ------------------------------------------------------------------------------
+
+
+def test_condition_routing_matches_equation_4_exactly():
+    m, d = 4, 3
+    emb = ConditionEmbedding(m, d)
+    with torch.no_grad():
+        emb.table.weight.copy_(torch.arange(m * m * d, dtype=torch.float32).view(m * m, d))
+    w = emb.matrix()
+    r = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    got = emb(r)
+    expected = torch.stack([
+        torch.stack([w[0, 0], w[1, 1], w[2, 2], w[3, 3]]),
+        torch.stack([w[0, 0], w[0, 1], w[0, 2], w[0, 3]]),
+        torch.stack([w[0, 0], (w[0, 1] + w[2, 1]) / 2, w[2, 2], (w[0, 3] + w[2, 3]) / 2]),
+        torch.stack([w[:, j].sum(0) / 4 for j in range(m)]),  # nothing observed: mean over all sources
+    ])
+    assert torch.equal(got, expected)
+
+
+def test_condition_routing_three_sources_is_their_mean():
+    emb = ConditionEmbedding(4, 2)
+    r = torch.tensor([[1, 1, 0, 1]], dtype=torch.bool)
+    w = emb.matrix()
+    assert torch.allclose(emb(r)[0, 2], (w[0, 2] + w[1, 2] + w[3, 2]) / 3)
+    assert torch.equal(condition_routing(r)[0].sum(0), torch.ones(4))
+
+
+def test_availability_from_hand_built_mask():
+    channel_modality = torch.tensor([0, 0, 1, 2])
+    mask = torch.zeros(2, 4, 5, dtype=torch.bool)
+    mask[0, 1, 3] = True  # modality 0 through its second channel
+    mask[0, 3, 0] = True
+    mask[1, 2, 4] = True
+    r = modality_availability(mask, channel_modality, 3)
+    assert r.tolist() == [[True, False, True], [False, True, False]]
+
+
+def test_wcond_rows_get_gradient_only_from_observed_sources():
+    model = CondIModel(tiny_config())
+    x, observed, y = random_batch(model.cfg, 1, 0)
+    observed[:, model.cfg.channel_modality.index(1) :] = False  # only modality 0 observed
+    model.phase_b_loss(x * observed, observed, y).backward()
+    grad = model.w_cond.table.weight.grad.view(3, 3, -1).abs().sum(-1)
+    assert torch.all(grad[0] > 0)  # W_cond[0, m] used for m = 0 (self) and m = 1, 2 (routing)
+    assert torch.all(grad[1:] == 0)
+    owners = model.parameter_groups().modality_rows["w_cond.table.weight"]
+    assert owners == (0, 0, 0, 1, 1, 1, 2, 2, 2)
+
+
+# ---- training masks and loss ------------------------------------------------------------------
+
+
+def test_training_mask_is_inside_observed_and_seeded():
+    g = torch.Generator().manual_seed(3)
+    observed = torch.rand(16, 3, 30, generator=g) > 0.2
+    a = make_training_mask(observed, torch.Generator().manual_seed(1))
+    b = make_training_mask(observed, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.any(a & ~observed)
+    assert torch.any(observed & ~a)
+
+
+def test_historical_mask_borrows_pattern_and_falls_back_when_it_hides_nothing():
+    observed = torch.ones(2, 2, 10, dtype=torch.bool)
+    borrowed = observed.clone()
+    borrowed[0, 1] = False  # sample 0 borrows "channel 1 missing"
+    cond = make_training_mask(observed, torch.Generator().manual_seed(0), borrowed, strategy="historical")
+    assert torch.equal(cond[0], borrowed[0])
+    assert torch.any(~cond[1])  # sample 1's borrowed pattern hides nothing: random draw instead
+
+
+def test_phase_a_loss_decreases_on_correlated_sines():
+    torch.manual_seed(0)
+    cfg = tiny_config(channel_modality=(0, 1), length=32)
+    model = CondIModel(cfg)
+    g = torch.Generator().manual_seed(0)
+    phase = torch.rand(64, 1, 1, generator=g) * 2 * math.pi
+    t = torch.arange(32) / 32 * 4 * math.pi
+    x = torch.cat([torch.sin(t + phase), torch.sin(t + phase + 0.5)], dim=1)
+    observed = torch.ones_like(x, dtype=torch.bool)
+
+    def eval_loss() -> float:
+        fixed = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return float(sum(model.phase_a_loss(x, observed, fixed) for _ in range(4)) / 4)
+
+    before = eval_loss()
+    opt = torch.optim.Adam(model.phase_parameters("a"), lr=3e-3)
+    for step in range(100):
+        idx = torch.randint(0, 64, (16,), generator=g)
+        loss = model.phase_a_loss(x[idx], observed[idx], torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < 0.6 * before, (before, after)
+
+
+# ---- samplers ------------------------------------------------------------------------------------
+
+
+def gaussian_eps(schedule: NoiseSchedule, mean: torch.Tensor, var: float):
+    """The exact noise predictor E[eps | z_t] when the target is N(mean, var) entrywise."""
+
+    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = schedule.alpha_bars[t].view(-1, 1, 1)
+        return (1 - ab).sqrt() * (z - ab.sqrt() * mean) / (ab * var + 1 - ab)
+
+    return eps_fn
+
+
+def test_ddpm_and_ddim_agree_with_the_known_gaussian_conditional():
+    # x2 | x1 ~ N(rho * x1, 1 - rho^2): the conditional a bivariate normal implies.
+    schedule = NoiseSchedule(DiffusionConfig())
+    rho, n = 0.8, 4000
+    x1 = torch.tensor([-1.5, 0.0, 0.7, 2.0])
+    mean = (rho * x1).view(1, 1, -1).expand(n, 1, -1)
+    var = 1 - rho**2
+    eps_fn = gaussian_eps(schedule, mean, var)
+    target = torch.ones(n, 1, 4, dtype=torch.bool)
+    ddpm = ddpm_sample(eps_fn, schedule, target, torch.Generator().manual_seed(0))
+    ddim = ddim_sample(eps_fn, schedule, target, 50, torch.Generator().manual_seed(1))
+    ddim10 = ddim_sample(eps_fn, schedule, target, 10, torch.Generator().manual_seed(2))
+    sd = math.sqrt(var)
+    for samples in (ddpm, ddim, ddim10):
+        assert torch.allclose(samples.median(0).values[0], rho * x1, atol=0.05)
+    # Both full-length samplers carry the right spread (finite-step error is a few percent).
+    for samples in (ddpm, ddim):
+        assert 0.85 * sd < float(samples.std(0).mean()) < 1.05 * sd
+    q = torch.tensor([0.1, 0.25, 0.75, 0.9])
+    z = torch.distributions.Normal(0.0, 1.0).icdf(q).view(-1, 1, 1, 1)
+    truth = rho * x1.view(1, 1, 1, -1) + sd * z
+    for samples in (ddpm, ddim):
+        assert torch.allclose(torch.quantile(samples, q, dim=0)[:, None], truth, atol=0.1)
+
+
+def test_ddim_with_a_wrong_sign_noise_model_is_far_off():
+    # The agreement above is not vacuous: a broken predictor gives a different answer.
+    schedule = NoiseSchedule(DiffusionConfig())
+    mean = torch.full((500, 1, 1), 1.0)
+    good = gaussian_eps(schedule, mean, 0.1)
+    out = ddim_sample(lambda z, t: -good(z, t), schedule, torch.ones(500, 1, 1), 10, torch.Generator())
+    assert abs(float(out.median()) - 1.0) > 0.5
+
+
+def test_schedule_is_quadratic_and_ends_near_pure_noise():
+    s = NoiseSchedule(DiffusionConfig())
+    assert s.betas.shape == (50,)
+    assert math.isclose(float(s.betas[0]), 1e-4, rel_tol=1e-5)
+    assert math.isclose(float(s.betas[-1]), 0.5, rel_tol=1e-5)
+    assert float(s.alpha_bars[-1]) < 1e-3
+    assert ddim_timesteps(50, 10)[0] == 49 and ddim_timesteps(50, 10)[-1] == 0
+    with pytest.raises(ValueError, match="DDIM steps"):
+        ddim_timesteps(50, 0)
+
+
+def test_sample_quantiles_match_numpy():
+    s = torch.randn(7, 3, 5, generator=torch.Generator().manual_seed(0))
+    levels = (0.05, 0.5, 0.9)
+    np.testing.assert_allclose(sample_quantiles(s, levels).numpy(), np.quantile(s.numpy(), levels, axis=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+# ---- imputation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_impute_keeps_observed_entries_and_is_seeded(method):
+    model = CondIModel(tiny_config())
+    x, observed, _ = random_batch(model.cfg, 3, 1)
+    kwargs = {"n_samples": 4, "steps": 5, "method": method, "quantiles": (0.1, 0.9), "return_samples": True}
+    a = model.impute(x, observed, generator=torch.Generator().manual_seed(7), **kwargs)
+    b = model.impute(x, observed, generator=torch.Generator().manual_seed(7), **kwargs)
+    c = model.impute(x, observed, generator=torch.Generator().manual_seed(8), **kwargs)
+    assert torch.equal(a.x_hat[observed], x[observed])
+    assert torch.equal(a.quantiles[:, observed], x[observed].expand(2, -1))
+    assert torch.equal(a.samples[:, observed], x[observed].expand(4, -1))
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.x_hat, b.x_hat)
+    assert not torch.equal(a.x_hat[~observed], c.x_hat[~observed])
+    assert torch.all(a.quantiles[0] <= a.median) and torch.all(a.median <= a.quantiles[1])
+    assert model.training  # impute restores the mode it found
+
+
+def test_impute_in_chunks_gives_the_requested_number_of_samples():
+    model = CondIModel(tiny_config())
+    x, observed, _ = random_batch(model.cfg, 2, 2)
+    out = model.impute(x, observed, n_samples=5, steps=3, chunk_size=2, return_samples=True,
+                       generator=torch.Generator().manual_seed(0))
+    assert out.samples.shape == (5, 2, 4, 24)
+
+
+def test_imputation_does_not_see_hidden_values():
+    model = CondIModel(tiny_config())
+    x, observed, _ = random_batch(model.cfg, 2, 3)
+    leaked = torch.where(observed, x, torch.full_like(x, 100.0))
+    a = model.impute(x, observed, n_samples=2, steps=3, generator=torch.Generator().manual_seed(0))
+    b = model.impute(leaked, observed, n_samples=2, steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.median[~observed], b.median[~observed])
+
+
+# ---- variants ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(Variant))
+def test_every_variant_trains_and_predicts(variant):
+    torch.manual_seed(0)
+    model = CondIModel(tiny_config(variant))
+    x, observed, y = random_batch(model.cfg, 4, 4)
+    spec = model.spec
+    feats = model.features(x, observed)
+    assert feats.shape == (4, model.cfg.n_modalities * spec.fusion_parts * model.cfg.embed_dim)
+    model.phase_b_loss(x, observed, y).backward()
+    if spec.diffusion:
+        model.phase_a_loss(x, observed, torch.Generator().manual_seed(0)).backward()
+    else:
+        with pytest.raises(RuntimeError, match="no diffusion"):
+            model.phase_a_loss(x, observed)
+    pred = model.predict(x, observed, generator=torch.Generator().manual_seed(0))
+    assert pred.logits.shape == (4, 3)
+    assert (pred.imputation is not None) == spec.impute_for_classification
+    groups = model.parameter_groups()
+    names = {n for n, _ in model.named_parameters()}
+    assert set(groups.theta) | set(groups.w_mod) | set(groups.w_cond) == names
+    assert not set(groups.theta) & (set(groups.w_mod) | set(groups.w_cond))
+    assert set(groups.phase_a) | set(groups.phase_b) == names
+
+
+def test_variant_parts():
+    assert CondIModel(tiny_config(Variant.NO_WCOND)).w_cond is None
+    assert CondIModel(tiny_config(Variant.FEDAVG_ZERO_FILL)).w_mod is None
+    unimodal = CondIModel(tiny_config(Variant.CSDI_UNIMODAL))
+    assert unimodal.context is None and unimodal.w_cond is None and unimodal.denoiser is not None
+    assert CondIModel(tiny_config(Variant.PEPSY)).classifier.pool is not None
+
+
+def test_omega_cond_in_features_follows_the_original_pattern_after_imputation():
+    model = CondIModel(tiny_config())
+    x, observed, _ = random_batch(model.cfg, 2, 5)
+    full = torch.ones_like(observed)
+    r = model.availability(observed)
+    assert not torch.equal(model.features(x, full), model.features(x, full, availability=r))
+
+
+def test_pepsy_fills_missing_modality_from_available_ones():
+    model = CondIModel(tiny_config(Variant.PEPSY))
+    feats = torch.randn(1, 3, 8)
+    r = torch.tensor([[True, False, True]])
+    out = model.classifier.pool(feats, r)
+    expected = (feats[0, 0] + feats[0, 2]) / 2 + model.classifier.pool.table.weight[1]
+    assert torch.allclose(out[0, 1], expected)
+    assert torch.equal(out[0, 0], feats[0, 0])
+
+
+# ---- Opacus ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(Variant))
+def test_opacus_validates_every_variant(variant):
+    model = CondIModel(tiny_config(variant))
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert GradSampleModule.validate(model, strict=False) == []
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            assert type(module) in GradSampleModule.GRAD_SAMPLERS, f"{name} needs functorch: {type(module)}"
+
+
+def per_sample_reference(model, loss_fn, b: int) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss_fn(slice(b, b + 1)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("phase", ["a", "b"])
+def test_opacus_private_step_and_exact_per_sample_gradients(phase):
+    torch.manual_seed(0)
+    model = CondIModel(tiny_config())
+    x, observed, y = random_batch(model.cfg, 4, 6)
+    draw = model.phase_a_draw(x, observed, torch.Generator().manual_seed(0))
+
+    def loss_fn(sl: slice) -> torch.Tensor:
+        if phase == "a":
+            part = PhaseADraw(draw.cond_mask[sl], draw.t[sl], draw.noise[sl])
+            return model.phase_a_loss_for(x[sl], observed[sl], part)
+        return model.phase_b_loss(x[sl], observed[sl], y[sl])
+
+    reference = per_sample_reference(model, loss_fn, 2)
+    params = model.phase_parameters(phase)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    loader = DataLoader(TensorDataset(x, observed, y), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")
+        private, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+        )
+    before = [p.detach().clone() for p in params]
+    optimizer.zero_grad()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        loss_fn(slice(0, 4)).backward()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in params:
+        assert p.grad_sample.shape == (4, *p.shape), names[id(p)]
+        ref = reference.get(names[id(p)], torch.zeros_like(p))
+        assert torch.allclose(p.grad_sample[2], ref, rtol=1e-3, atol=1e-5), names[id(p)]
+    optimizer.step()
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
+    assert engine.get_epsilon(1e-5) > 0
+    private.remove_hooks()
+
+
+# ---- parameters, exchange, configuration, devices ------------------------------------------------
+
+
+def test_named_tensor_round_trip_reproduces_outputs():
+    a = CondIModel(tiny_config())
+    torch.manual_seed(99)
+    b = CondIModel(tiny_config())
+    x, observed, _ = random_batch(a.cfg, 2, 7)
+    a.eval()
+    b.eval()
+    assert not torch.equal(a.classify(x, observed), b.classify(x, observed))
+    tensors = a.state_to_named_tensors()
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values())
+    b.load_named_tensors(tensors)
+    assert torch.equal(a.classify(x, observed), b.classify(x, observed))
+
+
+def test_import_errors_name_the_tensor():
+    model = CondIModel(tiny_config())
+    tensors = model.state_to_named_tensors()
+    bad = dict(tensors, **{"w_cond.table.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"w_cond\.table\.weight.*shape"):
+        model.load_named_tensors(bad)
+    bad = dict(tensors, **{"w_mod.table.weight": tensors["w_mod.table.weight"].double()})
+    with pytest.raises(ValueError, match=r"w_mod\.table\.weight.*dtype"):
+        model.load_named_tensors(bad)
+    missing = {k: v for k, v in tensors.items() if k != "classifier.head.fc2.bias"}
+    with pytest.raises(ValueError, match=r"missing \['classifier\.head\.fc2\.bias'\]"):
+        model.load_named_tensors(missing)
+    with pytest.raises(ValueError, match="unexpected"):
+        model.load_named_tensors(dict(tensors, extra=torch.zeros(1)))
+
+
+def test_aggregation_weights_follow_modality_ownership():
+    model = CondIModel(tiny_config())
+    weights = model.aggregation_weights([True, False, True])
+    params = dict(model.named_parameters())
+    for name, w in weights.items():
+        assert (w * params[name]).shape == params[name].shape
+    assert weights["w_mod.table.weight"].flatten().tolist() == [1.0, 0.0, 1.0]
+    assert weights["w_cond.table.weight"].flatten().tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    assert float(weights["context.stems.1.weight"]) == 0.0
+    assert float(weights["classifier.encoder.stems.2.weight"]) == 1.0
+    assert float(weights["denoiser.patch_in.weight"]) == 1.0
+    groups = model.parameter_groups().as_dict()
+    assert "context.stems.1.weight" in groups["modality:1"]
+
+
+def test_config_round_trip_and_errors():
+    cfg = tiny_config(Variant.PEPSY)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown key"):
+        ModelConfig.from_dict({**cfg.to_dict(), "hiddn": 3})
+    with pytest.raises(ValueError, match=r"'denoiser'.*unknown key.*hiden"):
+        ModelConfig.from_dict({**cfg.to_dict(), "denoiser": {"hiden": 3}})
+    with pytest.raises(ValueError, match="variant"):
+        ModelConfig(channel_modality=(0,), n_classes=2, length=4, variant="fancy")
+    with pytest.raises(ValueError, match="modalities without channels"):
+        ModelConfig(channel_modality=(0, 2), n_classes=2, length=4)
+    with pytest.raises(ValueError, match="divisible"):
+        DenoiserConfig(hidden=30, n_heads=4)
+
+
+def test_bad_inputs_get_clear_errors():
+    model = CondIModel(tiny_config())
+    x, observed, _ = random_batch(model.cfg, 2, 8)
+    with pytest.raises(ValueError, match=r"x must be a float tensor shaped \(B, 4, L\)"):
+        model.classify(x[:, :3], observed[:, :3])
+    with pytest.raises(ValueError, match="observed must be a bool tensor"):
+        model.classify(x, observed.float())
+
+
+def test_sleep_edf_sized_windows_are_workable():
+    info = DatasetInfo(
+        name="sleep-edf",
+        modalities=tuple(Modality(n, (n,)) for n in ("fpz", "pz", "eog", "resp", "emg")),
+        sampling_rate_hz=100.0, length=3000, classes=("W", "N1", "N2", "N3", "REM"), task="stage",
+    )
+    cfg = ModelConfig.for_dataset(info)
+    assert cfg.denoiser.patch_size == 120 and cfg.n_modalities == 5
+    model = CondIModel(cfg)
+    x, observed, _ = random_batch(cfg, 2, 9)
+    assert torch.isfinite(model.phase_a_loss(x, observed, torch.Generator().manual_seed(0)))
+    assert model.classify(x, observed).shape == (2, 5)
+
+
+def test_uneven_length_is_padded_and_cropped():
+    model = CondIModel(tiny_config(length=22))
+    x, observed, _ = random_batch(model.cfg, 2, 10)
+    out = model.impute(x, observed, n_samples=2, steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.x_hat.shape == x.shape
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_runs_on_cuda_with_a_cpu_generator():
+    device = resolve_device("cuda")
+    model = CondIModel(tiny_config()).to(device)
+    x, observed, y = random_batch(model.cfg, 3, 11)
+    x, observed, y = x.to(device), observed.to(device), y.to(device)
+    model.phase_a_loss(x, observed, torch.Generator().manual_seed(0)).backward()
+    model.phase_b_loss(x, observed, y).backward()
+    a = model.impute(x, observed, n_samples=2, steps=3, generator=torch.Generator().manual_seed(1))
+    b = model.impute(x, observed, n_samples=2, steps=3, generator=torch.Generator().manual_seed(1))
+    assert a.x_hat.device.type == "cuda"
+    assert torch.equal(a.x_hat[observed], x[observed])
+    assert torch.allclose(a.x_hat, b.x_hat)
