@@ -151,21 +151,19 @@ def _mark(signals: dict[str, np.ndarray], psg_seconds: float) -> None:
     signals["EMG submental"][round(psg_seconds + 12)] = EMG_BUMP_UV
 
 
-@pytest.fixture(scope="module")
-def cassette(tmp_path_factory: pytest.TempPathFactory, sleep_edf_root: Path) -> Path:
-    out = tmp_path_factory.mktemp("cassette")
-    real = sleep_edf_root / "sleep-cassette" / "SC4001EC-Hypnogram.edf"
-    hyp_a, n_a = _night_a(real)
-    stages_a = [None] * n_a
-    for on, dur, s in hyp_a:
-        stages_a[round(on / 30) : round((on + dur) / 30)] = [s] * round(dur / 30)
-    write_cassette_night(out, "SC4001", _signals(stages_a, 1), CASSETTE_RATES, hyp_a)
+NIGHT_C = ["W"] * 3 + ["N2"] * 4 + ["REM"] * 2 + ["W"] * 3
 
+
+@pytest.fixture(scope="module")
+def cassette(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Night B (subject 01) with an analytic airflow and markers, and a short night C (subject 00)."""
+    out = tmp_path_factory.mktemp("cassette")
     signals_b = _signals(NIGHT_B, 2)
     seconds = np.arange(len(NIGHT_B) * 30, dtype=np.float64)
     signals_b["Resp oro-nasal"] = 100.0 * np.sin(2 * np.pi * BREATH_HZ * seconds + 0.3)
     _mark(signals_b, MARKED_EPOCH * 30.0)
     write_cassette_night(out, "SC4012", signals_b, CASSETTE_RATES, stages_to_hypnogram(NIGHT_B))
+    write_cassette_night(out, "SC4002", _signals(NIGHT_C, 1), CASSETTE_RATES, stages_to_hypnogram(NIGHT_C))
     return out
 
 
@@ -174,30 +172,53 @@ def loaded(cassette: Path):
     return load_sleep_edf(cassette, trim_wake_minutes=TRIM_MINUTES)
 
 
+def _labels_of(ds, key: str) -> dict[int, str]:
+    return {
+        int(sid.rsplit("/", 1)[1]): CLASSES[y]
+        for sid, y in zip(ds.sample_ids, ds.y)
+        if sid.startswith(f"sleep_edf/{key}/")
+    }
+
+
 def test_loader_epochs_and_labels_match_the_hypnograms(cassette: Path, loaded) -> None:
     assert loaded.skipped == ()
     assert loaded.info.name == "sleep_edf" and loaded.info.task == "sleep_stage"
     assert loaded.info.classes == CLASSES and loaded.info.channel_names == CHANNELS
     assert [m.channels for m in loaded.info.modalities] == [(c,) for c in CHANNELS]
     assert loaded.x.shape[1:] == (5, 3000) and loaded.observed.all()
-    for key, hyp_name in (("SC4001E", "SC4001EC-Hypnogram.edf"), ("SC4012E", "SC4012EC-Hypnogram.edf")):
-        expected = expected_epochs(cassette / hyp_name, trim_epochs=20)
-        got = {
-            int(sid.rsplit("/", 1)[1]): CLASSES[y]
-            for sid, y in zip(loaded.sample_ids, loaded.y)
-            if sid.startswith(f"sleep_edf/{key}/")
-        }
-        assert got == expected, key
+    for key, hyp_name in (("SC4002E", "SC4002EC-Hypnogram.edf"), ("SC4012E", "SC4012EC-Hypnogram.edf")):
+        assert _labels_of(loaded, key) == expected_epochs(cassette / hyp_name, trim_epochs=20), key
     # Night B by hand: epochs 10..80 kept by trimming, the unknown and movement epochs dropped.
     b_ids = [s for s in loaded.sample_ids if s.startswith("sleep_edf/SC4012E/")]
     assert len(b_ids) == 71 - 2
     assert b_ids[0] == "sleep_edf/SC4012E/10" and b_ids[-1] == "sleep_edf/SC4012E/80"
     assert "sleep_edf/SC4012E/43" not in b_ids
-    # Night A (the real sequence) starts 20 epochs before sleep onset and keeps its N3 and REM.
-    a_ids = [s for s in loaded.sample_ids if s.startswith("sleep_edf/SC4001E/")]
-    assert a_ids[0] == "sleep_edf/SC4001E/20"
+    # Night C is short: nothing to trim.
+    assert _labels_of(loaded, "SC4002E") == dict(enumerate(NIGHT_C))
     assert set(loaded.patient_ids) == {"sleep_edf/subject-00", "sleep_edf/subject-01"}
     assert loaded.patient_ids[loaded.sample_ids.index(b_ids[0])] == "sleep_edf/subject-01"
+
+
+def test_loader_on_a_real_hypnogram(sleep_edf_root: Path, tmp_path: Path) -> None:
+    """A written night whose stage sequence is the real SC4001 hypnogram around sleep onset."""
+    hyp, n_epochs = _night_a(sleep_edf_root / "sleep-cassette" / "SC4001EC-Hypnogram.edf")
+    stages: list[str | None] = [None] * n_epochs
+    for on, dur, s in hyp:
+        stages[round(on / 30) : round((on + dur) / 30)] = [s] * round(dur / 30)
+    marked = stages.index("N3")
+    signals = _signals(stages, 1)
+    _mark(signals, marked * 30.0)
+    write_cassette_night(tmp_path, "SC4001", signals, CASSETTE_RATES, hyp)
+
+    ds = load_sleep_edf(tmp_path, trim_wake_minutes=TRIM_MINUTES)
+    labels = _labels_of(ds, "SC4001E")
+    assert labels == expected_epochs(tmp_path / "SC4001EC-Hypnogram.edf", trim_epochs=20)
+    assert min(labels) == 20  # 40 wake epochs written before sleep onset, 20 kept
+    assert {"W", "N1", "N2", "N3"} <= set(labels.values())
+    i = ds.sample_ids.index(f"sleep_edf/SC4001E/{marked}")
+    assert CLASSES[ds.y[i]] == "N3"
+    assert np.argmax(np.abs(ds.x[i, 0])) == 750
+    assert abs(int(np.argmax(ds.x[i, 4])) - 1200) <= 1
 
 
 def test_marker_lands_in_its_epoch_at_the_right_sample(loaded) -> None:
@@ -229,7 +250,7 @@ def test_one_hz_channels_are_interpolated_not_held(loaded) -> None:
 def test_resampling_to_another_rate(cassette: Path) -> None:
     ds = load_sleep_edf(cassette, resample_hz=50.0, trim_wake_minutes=TRIM_MINUTES, max_nights=1)
     assert ds.info.sampling_rate_hz == 50.0 and ds.info.length == 1500
-    assert {s.split("/")[1] for s in ds.sample_ids} == {"SC4001E"}
+    assert {s.split("/")[1] for s in ds.sample_ids} == {"SC4002E"}
     with pytest.raises(ValueError, match="whole samples"):
         load_sleep_edf(cassette, resample_hz=33.33)
 
@@ -287,10 +308,13 @@ def test_unreadable_nights_are_skipped_with_reasons(tmp_path: Path) -> None:
         check_edf_size(truncated)
 
 
-def test_no_pairs_is_an_error_naming_the_folder(sleep_edf_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="sleep-cassette"):
-        load_sleep_edf(sleep_edf_root)  # hypnograms only, no PSG files
+def test_no_pairs_is_an_error_naming_the_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_sleep_edf(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_sleep_edf(tmp_path / "nowhere")
+
+
+def test_hypnograms_without_psg_files_are_an_error(sleep_edf_root: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"sleep-cassette \(20 unpaired files\)"):
+        load_sleep_edf(sleep_edf_root)

@@ -67,7 +67,8 @@ _VOLT_TO_MICROVOLT = {"uV": 1.0, "µV": 1.0, "mV": 1e3, "V": 1e6, "nV": 1e-3}
 _PSG_NAME = re.compile(r"^SC4(\d{2})(\d)[A-Z0-9]{2}-PSG\.edf$")
 _HYPNOGRAM_NAME = re.compile(r"^SC4(\d{2})(\d)[A-Z0-9]{2}-Hypnogram\.edf$")
 # Input margin (seconds) read around the kept epochs so that the resampling filter has settled
-# inside them; the longest FIR used here spans 10 native samples each side, 10 s at 1 Hz.
+# inside them: its FIR reaches 10 samples of the slower of the two rates each side, 10 s for a
+# 1 Hz channel (or a 1 Hz output).
 _RESAMPLE_MARGIN_S = 30.0
 
 
@@ -168,12 +169,14 @@ def resample_channel(x: np.ndarray, native_hz: float, target_hz: float) -> np.nd
     """``x`` sampled at ``native_hz`` brought to ``target_hz`` with a polyphase anti-aliasing FIR.
 
     Output sample j lies at the time of input sample j * native_hz / target_hz, so the first
-    samples of input and output coincide.
+    samples of input and output coincide. Beyond its ends the signal is taken to continue the
+    line through its first and last samples (rather than zero), which keeps an offset signal
+    such as the EMG envelope from dipping at the edges.
     """
     ratio = Fraction(target_hz).limit_denominator(10_000) / Fraction(native_hz).limit_denominator(10_000)
     if ratio == 1:
         return np.asarray(x, dtype=np.float64)
-    return resample_poly(np.asarray(x, dtype=np.float64), ratio.numerator, ratio.denominator)
+    return resample_poly(np.asarray(x, dtype=np.float64), ratio.numerator, ratio.denominator, padtype="line")
 
 
 def _find_pairs(folder: Path) -> tuple[list[tuple[str, Path, Path]], list[SkippedRecord]]:
@@ -273,6 +276,8 @@ def _open_psg(path: Path) -> edfio.Edf:
             psg = edfio.read_edf(path, lazy_load_data=True)
     except Exception as exc:  # edfio raises many types for a malformed header; all mean "unreadable"
         raise _NightError(path.name, f"not a readable EDF file ({type(exc).__name__}: {exc})") from exc
+    if not psg.is_continuous:
+        raise _NightError(path.name, "EDF+D recording with gaps; epochs need a continuous recording")
     missing = [c for c in CHANNELS if c not in psg.labels]
     if missing:
         raise _NightError(path.name, f"missing channel(s) {missing}; it has {list(psg.labels)}")
@@ -348,7 +353,7 @@ def load_sleep_edf(
     folder = root / "sleep-cassette" if (root / "sleep-cassette").is_dir() else root
     if not folder.is_dir():
         raise FileNotFoundError(f"Sleep-EDF folder {folder} does not exist")
-    epoch_length(resample_hz)
+    epoch_length(resample_hz)  # a rate without whole samples per epoch fails before any file is read
     pairs, skipped = _find_pairs(folder)
     if not pairs:
         raise FileNotFoundError(
