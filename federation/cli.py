@@ -6,9 +6,12 @@ Subcommands are registered by the module that owns them; this file only wires th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from condi_models.configfile import ConfigError
 from federation.certs_cli import add_certs_parser
@@ -30,6 +33,26 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sim(args: argparse.Namespace) -> int:
+    """Run an in-process federated simulation; the final metrics are the last line of output."""
+    from condi_models.simulation import load_experiment, run_simulation
+
+    cfg = load_experiment(args.config)
+    bar = tqdm(total=cfg.federation.rounds, desc=f"sim {cfg.name}", unit="round", file=sys.stderr)
+
+    def progress(row: dict) -> None:
+        val = row.get("val", {})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in val.items() if k in ("accuracy", "imputation_mae")})
+        bar.update(1)
+
+    result = run_simulation(cfg, run_dir=Path(args.out) if args.out else None, origin=args.config, progress=progress)
+    bar.close()
+    print(f"run directory: {result.run_dir}", file=sys.stderr)
+    (result.run_dir / "final_metrics.json").write_text(json.dumps(result.final["test"]) + "\n")
+    print(json.dumps(result.final["test"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="condi", description="CondI: federated learning on incomplete clinical time series"
@@ -43,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
     add_certs_parser(sub)
+    sim = sub.add_parser("sim", help="in-process federated simulation from an experiment.yaml")
+    sim.add_argument("--config", required=True, help="path to experiment.yaml")
+    sim.add_argument("--out", help="run directory (default: out_dir/name from the config)")
+    sim.set_defaults(func=_sim)
     return parser
 
 

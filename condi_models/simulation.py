@@ -1,0 +1,248 @@
+"""In-process federated simulation: K silos, a fraction per round, FedAvg, one seed.
+
+``condi sim --config experiment.yaml`` runs this. It uses the same local-training function as
+the silo agent and the same averaging rule as the coordinator; only the transport is missing.
+Every random choice (split, partition, masks, selection, initialisation, batches, noise) derives
+from ``seed``, so two runs with the same config give the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from condi_models.aggregation import SiloUpdate, fedavg
+from condi_models.batches import PreparedSplit, prepare_split
+from condi_models.checkpoint import save_checkpoint
+from condi_models.configfile import StrictModel, load_config
+from condi_models.data.dataset import ClinicalDataset
+from condi_models.data.missingness import MissingnessSpec
+from condi_models.data.normalize import ChannelNormalizer
+from condi_models.data.partition import Split, partition_silos, split_by_folds, split_by_patient
+from condi_models.data.sources import DataSource, load_source
+from condi_models.evaluation import EvalOptions, EvalResult, evaluate
+from condi_models.nn.model import CondIModel, ModelConfig, Variant, resolve_device
+from condi_models.reports import write_round_curves
+from condi_models.training import LocalTrainingConfig, aggregation_groups, train_local
+
+log = logging.getLogger(__name__)
+
+
+class SplitSpec(StrictModel):
+    """How samples are split into train / validation / test, whole patients at a time."""
+
+    scheme: Literal["patient", "folds"] = "patient"
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    train_folds: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
+    val_folds: list[int] = Field(default_factory=lambda: [7])
+    test_folds: list[int] = Field(default_factory=lambda: [8])
+
+
+class FederationSpec(StrictModel):
+    """Silos, rounds and how training data is dealt out."""
+
+    silos: int = Field(default=6, ge=1)
+    silos_per_round: int = Field(default=3, ge=1)
+    rounds: int = Field(default=70, ge=1)
+    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0)
+    eval_every: int = Field(default=1, ge=1, description="evaluate the global model every N rounds")
+
+    @model_validator(mode="after")
+    def _fits(self) -> FederationSpec:
+        if self.silos_per_round > self.silos:
+            raise ValueError(f"silos_per_round ({self.silos_per_round}) exceeds silos ({self.silos})")
+        return self
+
+
+class ModelSpec(StrictModel):
+    """The model: a variant and optional size overrides of its parts."""
+
+    variant: Variant = Variant.CONDI
+    embed_dim: int = Field(default=32, ge=1)
+    cond_dim: int = Field(default=32, ge=1)
+    tokens_per_channel: int = Field(default=25, ge=1)
+    denoiser: dict[str, Any] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
+    classifier: dict[str, Any] = Field(default_factory=dict)
+    diffusion: dict[str, Any] = Field(default_factory=dict)
+
+    def build(self, info_length: int, dataset: ClinicalDataset) -> ModelConfig:
+        """The full model config for ``dataset`` at input length ``info_length`` (the window)."""
+        from dataclasses import replace
+
+        base = ModelConfig.for_dataset(
+            replace(dataset.info, length=info_length), self.variant, self.tokens_per_channel
+        ).to_dict()
+        base.update(embed_dim=self.embed_dim, cond_dim=self.cond_dim)
+        for part in ("denoiser", "context", "classifier", "diffusion"):
+            base[part] = {**base[part], **getattr(self, part)}
+        return ModelConfig.from_dict(base)
+
+
+class ExperimentConfig(StrictModel):
+    """experiment.yaml: everything a simulation run needs."""
+
+    name: str = "experiment"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out_dir: str = "runs"
+    data: DataSource
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    missingness: MissingnessSpec | None = None
+    federation: FederationSpec = Field(default_factory=FederationSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
+    evaluation: EvalOptions = Field(default_factory=EvalOptions)
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment.yaml."""
+    return load_config(path, ExperimentConfig)
+
+
+@dataclass
+class SimulationResult:
+    """Where the run wrote its files and its final figures."""
+
+    run_dir: Path
+    final: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _split(dataset: ClinicalDataset, spec: SplitSpec, seed: int) -> Split:
+    if spec.scheme == "folds":
+        if dataset.folds is None:
+            raise ValueError(f"split.scheme 'folds' needs a source with folds; {dataset.info.name} has none")
+        return split_by_folds(dataset.folds, spec.train_folds, spec.val_folds, spec.test_folds)
+    return split_by_patient(dataset.patient_ids, spec.fractions, seed)
+
+
+def _sub_seed(seed: int, *parts: int) -> int:
+    """A seed for one (round, silo, ...) derived from the run seed, stable across processes."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
+
+
+def _summary(result: EvalResult) -> dict[str, Any]:
+    c = result.classification
+    row: dict[str, Any] = {
+        "loss": result.loss,
+        "accuracy": c.accuracy,
+        "macro_f1": c.macro_f1,
+        "macro_auroc": c.macro_auroc,
+    }
+    if result.imputation is not None:
+        row["imputation_mae"] = result.imputation.mae
+        row["imputation_rmse"] = result.imputation.rmse
+    return row
+
+
+def run_simulation(
+    cfg: ExperimentConfig,
+    *,
+    run_dir: Path | None = None,
+    origin: str = "config",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> SimulationResult:
+    """Run the federated simulation ``cfg`` describes; write metrics, report and checkpoint."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+
+    dataset = load_source(cfg.data, origin=origin)
+    split = _split(dataset, cfg.split, cfg.seed)
+    train = dataset.subset(split.train)
+    fed = cfg.federation
+    silo_rows = partition_silos(
+        train.y, train.patient_ids, fed.silos, scheme=fed.partition, alpha=fed.alpha, seed=cfg.seed
+    )
+    # Standardization from the pooled training entries: what a federation gets by summing each
+    # silo's per-channel counts, sums and squares.
+    normalizer = ChannelNormalizer.fit(train.x, train.observed)
+    silos: list[PreparedSplit] = [prepare_split(train.subset(r), normalizer, cfg.missingness) for r in silo_rows]
+    val = prepare_split(dataset.subset(split.val), normalizer, cfg.missingness)
+    test = prepare_split(dataset.subset(split.test), normalizer, cfg.missingness)
+    window = cfg.training.window if cfg.training.window is not None else dataset.info.length
+    window = min(window, dataset.info.length)
+    training = cfg.training if cfg.training.window == window else _with_window(cfg.training, window)
+
+    model = CondIModel(cfg.model.build(window, dataset)).to(device)
+    groups = aggregation_groups(model)
+    global_state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
+    selection = np.random.default_rng(_sub_seed(cfg.seed, 1))
+    log.info(
+        "simulation %s: %d train / %d val / %d test samples, silos %s",
+        cfg.name,
+        len(train),
+        len(val),
+        len(test),
+        [len(s) for s in silos],
+    )
+
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    rounds: list[dict[str, Any]] = []
+    for rnd in range(1, fed.rounds + 1):
+        t0 = time.perf_counter()
+        chosen = sorted(int(k) for k in selection.choice(fed.silos, size=fed.silos_per_round, replace=False))
+        updates, losses_a, losses_b = [], [], []
+        for k in chosen:
+            model.load_named_tensors({n: torch.from_numpy(v) for n, v in global_state.items()})
+            res = train_local(model, silos[k], training, seed=_sub_seed(cfg.seed, 2, rnd, k), device=device)
+            params = {n: v.numpy() for n, v in model.state_to_named_tensors().items()}
+            updates.append(SiloUpdate(params=params, weights=res.group_weights))
+            losses_a.append(res.phase_a_loss)
+            losses_b.append(res.phase_b_loss)
+        global_state = fedavg(global_state, updates, groups)
+        row: dict[str, Any] = {
+            "round": rnd,
+            "silos": chosen,
+            "phase_a_loss": float(np.nanmean(losses_a)) if not np.all(np.isnan(losses_a)) else None,
+            "phase_b_loss": float(np.nanmean(losses_b)) if not np.all(np.isnan(losses_b)) else None,
+        }
+        if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+            model.load_named_tensors({n: torch.from_numpy(v) for n, v in global_state.items()})
+            row["val"] = _summary(
+                evaluate(model, val, window=window, opts=cfg.evaluation, seed=_sub_seed(cfg.seed, 3), device=device)
+            )
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        rounds.append(row)
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if progress is not None:
+            progress(row)
+
+    model.load_named_tensors({n: torch.from_numpy(v) for n, v in global_state.items()})
+    final_eval = evaluate(model, test, window=window, opts=cfg.evaluation, seed=_sub_seed(cfg.seed, 4), device=device)
+    final = {
+        "experiment": cfg.name,
+        "variant": cfg.model.variant.value,
+        "dataset": dataset.info.name,
+        "rounds": fed.rounds,
+        "test": _summary(final_eval),
+        "test_full": final_eval.to_dict(),
+        "silo_sizes": [len(s) for s in silos],
+    }
+    save_checkpoint(
+        out / "global_model.npz", model, normalizer, dataset.info, {"experiment": cfg.name, "rounds": fed.rounds}
+    )
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps({"final": final, "rounds": rounds}, indent=2) + "\n")
+    write_round_curves(rounds, out / "curves.png", title=f"{cfg.name} ({cfg.model.variant.value})")
+    return SimulationResult(run_dir=out, final=final, rounds=rounds)
+
+
+def _with_window(training: LocalTrainingConfig, window: int) -> LocalTrainingConfig:
+    from dataclasses import replace
+
+    return replace(training, window=window)

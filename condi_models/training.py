@@ -1,0 +1,181 @@
+"""One round of local training at a silo: Phase A, then Phase B.
+
+:func:`train_local` is the function both the in-process simulation and the silo agent call,
+unchanged. It starts from whatever parameters the model holds (the global state of the round),
+trains on the silo's prepared data, and reports the sample and per-group weights that federated
+averaging needs. Optimizers are fresh every round, as in FedAvg.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import ConfigDict
+
+from condi_models.aggregation import ParameterGroups
+from condi_models.batches import PreparedSplit, crop, iterate_batches
+from condi_models.evaluation import impute_split
+from condi_models.nn.model import CondIModel
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    """Local training per round; also the ``training:`` config section."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    epochs_a: int = 3
+    epochs_b: int = 3
+    batch_size: int = 32
+    lr_a: float = 1e-3
+    lr_b: float = 1e-3
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    window: int | None = 250
+    phase_b_input: Literal["observed", "imputed"] = "observed"
+    impute_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.epochs_a < 0 or self.epochs_b < 0:
+            raise ValueError("epochs_a and epochs_b must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr_a <= 0 or self.lr_b <= 0:
+            raise ValueError("learning rates must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """One progress report: where local training is, and its running loss."""
+
+    phase: Literal["A", "B"]
+    epoch: int
+    epochs: int
+    batch: int
+    batches: int
+    loss: float
+
+
+ProgressHook = Callable[[TrainingProgress], None]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What a silo reports after local training (aggregates only, never records)."""
+
+    n_samples: int
+    group_weights: dict[str, float]
+    phase_a_loss: float
+    phase_b_loss: float
+    seconds_a: float
+    seconds_b: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def aggregation_groups(model: CondIModel) -> ParameterGroups:
+    """The model's trainable tensors by FedAvg weight group (see condi_models.aggregation).
+
+    Tensors owned by one modality weigh by that modality's observed count; row-owned tensors
+    (W_mod rows, W_cond source rows) row by row; everything else by the sample count.
+    """
+    g = model.parameter_groups()
+    assignment: dict[str, str | tuple[str, ...]] = {}
+    for name in (*g.theta, *g.w_mod, *g.w_cond):
+        if name in g.modality_tensors:
+            assignment[name] = f"modality/{g.modality_tensors[name]}"
+        elif name in g.modality_rows:
+            assignment[name] = tuple(f"modality/{m}" for m in g.modality_rows[name])
+        else:
+            assignment[name] = "all"
+    return ParameterGroups(assignment)
+
+
+def group_weights(split: PreparedSplit) -> dict[str, float]:
+    """A silo's FedAvg weights: its sample count, and per modality the samples that observe it."""
+    weights = {"all": float(len(split))}
+    for m, count in enumerate(split.modality_counts()):
+        weights[f"modality/{m}"] = float(count)
+    return weights
+
+
+def _run_phase(
+    phase: Literal["A", "B"],
+    model: CondIModel,
+    split: PreparedSplit,
+    cfg: LocalTrainingConfig,
+    epochs: int,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: ProgressHook | None,
+    train_x: np.ndarray | None = None,
+) -> float:
+    """Train one phase; returns the mean loss of its last epoch (NaN when it has no work)."""
+    params = model.phase_parameters(phase.lower())
+    if epochs == 0 or not params or len(split) == 0:
+        return math.nan
+    opt = torch.optim.AdamW(params, lr=cfg.lr_a if phase == "A" else cfg.lr_b, weight_decay=cfg.weight_decay)
+    n_batches = math.ceil(len(split) / cfg.batch_size)
+    last = math.nan
+    model.train()
+    for epoch in range(epochs):
+        total = 0.0
+        for b, batch in enumerate(iterate_batches(split, cfg.batch_size, window=cfg.window, rng=rng, device=device)):
+            if phase == "A":
+                loss = model.phase_a_loss(batch.x, batch.observed, generator=generator)
+            elif train_x is None:
+                loss = model.phase_b_loss(batch.x, batch.observed, batch.y)
+            else:
+                # Imputed inputs are whole; eq. 4 still routes by what was observed.
+                x_imp = torch.from_numpy(crop(train_x, batch.index, batch.start, batch.x.shape[-1])).to(device)
+                logits = model.classify(x_imp, torch.ones_like(batch.observed), model.availability(batch.observed))
+                loss = torch.nn.functional.cross_entropy(logits, batch.y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"phase {phase} loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            total += float(loss.detach())
+            if progress is not None:
+                progress(TrainingProgress(phase, epoch + 1, epochs, b + 1, n_batches, float(loss.detach())))
+        last = total / n_batches
+    return last
+
+
+def train_local(
+    model: CondIModel,
+    split: PreparedSplit,
+    cfg: LocalTrainingConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    progress: ProgressHook | None = None,
+) -> LocalResult:
+    """Phase A for ``cfg.epochs_a`` epochs, then Phase B for ``cfg.epochs_b``, on ``split``."""
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    model.to(device)
+    t0 = time.perf_counter()
+    loss_a = _run_phase("A", model, split, cfg, cfg.epochs_a, rng, generator, device, progress)
+    t1 = time.perf_counter()
+    train_x = None
+    if cfg.phase_b_input == "imputed" and model.spec.diffusion:
+        train_x = impute_split(model, split, steps=cfg.impute_steps, seed=seed, device=device).x_hat
+    loss_b = _run_phase("B", model, split, cfg, cfg.epochs_b, rng, generator, device, progress, train_x)
+    t2 = time.perf_counter()
+    return LocalResult(
+        n_samples=len(split),
+        group_weights=group_weights(split),
+        phase_a_loss=loss_a,
+        phase_b_loss=loss_b,
+        seconds_a=t1 - t0,
+        seconds_b=t2 - t1,
+    )
