@@ -166,10 +166,14 @@ def run_simulation(
     silo_rows = partition_silos(
         train.y, train.patient_ids, fed.silos, scheme=fed.partition, alpha=fed.alpha, seed=cfg.seed
     )
-    # Standardization from the pooled training entries: what a federation gets by summing each
-    # silo's per-channel counts, sums and squares.
-    normalizer = ChannelNormalizer.fit(train.x, train.observed)
-    silos: list[PreparedSplit] = [prepare_split(train.subset(r), normalizer, cfg.missingness) for r in silo_rows]
+    # Each silo standardizes with its own training statistics, as a deployed silo does; held-out
+    # data and the exported model use the pool of the silos' (count, mean, std).
+    silo_data = [train.subset(r) for r in silo_rows]
+    silo_norms = [ChannelNormalizer.fit(d.x, d.observed) for d in silo_data]
+    normalizer = ChannelNormalizer.pool(silo_norms)
+    silos: list[PreparedSplit] = [
+        prepare_split(d, n, cfg.missingness) for d, n in zip(silo_data, silo_norms, strict=True)
+    ]
     val = prepare_split(dataset.subset(split.val), normalizer, cfg.missingness)
     test = prepare_split(dataset.subset(split.test), normalizer, cfg.missingness)
     window = cfg.training.window if cfg.training.window is not None else dataset.info.length

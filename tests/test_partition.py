@@ -88,3 +88,14 @@ def test_normalizer_uses_observed_training_entries_only():
     assert np.allclose(norm.invert(z)[observed], x[observed], atol=1e-3)
     empty = ChannelNormalizer.fit(x, np.zeros_like(observed))
     assert (empty.std == 1).all() and (empty.mean == 0).all()
+
+
+def test_pooled_statistics_equal_those_of_the_union():
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(m, s, size=(n, 2, 30)).astype(np.float32) for m, s, n in ((0, 1, 10), (3, 2, 25), (-1, 0.5, 5))]
+    masks = [rng.random(p.shape) > 0.2 for p in parts]
+    pooled = ChannelNormalizer.pool([ChannelNormalizer.fit(p, m) for p, m in zip(parts, masks)])
+    whole = ChannelNormalizer.fit(np.concatenate(parts), np.concatenate(masks))
+    assert np.allclose(pooled.mean, whole.mean, atol=1e-4)
+    assert np.allclose(pooled.std, whole.std, atol=1e-4)
+    assert np.array_equal(pooled.count, whole.count)

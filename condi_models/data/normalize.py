@@ -9,10 +9,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ChannelNormalizer:
-    """Per-channel mean and standard deviation, shape (F,)."""
+    """Per-channel mean and standard deviation, shape (F,), and the observed entries behind them."""
 
     mean: np.ndarray
     std: np.ndarray
+    count: np.ndarray | None = None
 
     @classmethod
     def fit(cls, x: np.ndarray, observed: np.ndarray, min_std: float = 1e-6) -> ChannelNormalizer:
@@ -25,7 +26,27 @@ class ChannelNormalizer:
         std = np.sqrt(sq / safe)
         mean = np.where(count > 0, mean, 0.0)
         std = np.where((count > 1) & (std > min_std), std, 1.0)
-        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32))
+        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32), count=count)
+
+    @classmethod
+    def pool(cls, parts: list[ChannelNormalizer], min_std: float = 1e-6) -> ChannelNormalizer:
+        """The statistics of the union of the parts' data, from their counts, means and deviations.
+
+        This is how a federation gets global statistics without pooling records: each silo
+        contributes only its per-channel (count, mean, std).
+        """
+        if not parts or any(p.count is None for p in parts):
+            raise ValueError("pooling needs at least one normalizer, each with per-channel counts")
+        counts = np.stack([p.count for p in parts]).astype(np.float64)
+        means = np.stack([p.mean for p in parts]).astype(np.float64)
+        var = np.stack([p.std for p in parts]).astype(np.float64) ** 2
+        total = counts.sum(axis=0)
+        safe = np.maximum(total, 1.0)
+        mean = (counts * means).sum(axis=0) / safe
+        second = (counts * (var + means**2)).sum(axis=0) / safe
+        std = np.sqrt(np.maximum(second - mean**2, 0.0))
+        std = np.where((total > 1) & (std > min_std), std, 1.0)
+        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32), count=total)
 
     def apply(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
         """Standardize observed entries; unobserved ones stay 0.0."""
