@@ -225,6 +225,7 @@ def test_pair_seed_is_symmetric_and_bound_to_the_round() -> None:
     a_pub, b_pub = a.public_key().public_bytes(*raw), b.public_key().public_bytes(*raw)
     assert pair_seed(a, b_pub, "r1", "silo-1", "silo-2") == pair_seed(b, a_pub, "r1", "silo-2", "silo-1")
     assert pair_seed(a, b_pub, "r1", "silo-1", "silo-2") != pair_seed(a, b_pub, "r2", "silo-1", "silo-2")
+    assert pair_seed(a, b_pub, "r1", "silo-1", "silo-2") != pair_seed(a, b_pub, "r1", "silo-1", "silo-3")
 
 
 def test_quantize_is_seeded_unbiased_and_within_one_unit() -> None:
@@ -282,16 +283,17 @@ def test_overflow_config_rejected_with_field_names() -> None:
 
 
 def test_a_rejected_config_really_wraps() -> None:
-    # The bound is tight: one silo more than it allows, at the clip bound, wraps the 32-bit sum.
+    # The bound is tight: 3 silos at the clip bound fit a 32-bit ring, the 4th that it rejects wraps.
     config = QuantConfig(clip_bound=2.0**14, frac_bits=15, ring_bits=32)
-    with pytest.raises(OverflowConfigError):
-        check_overflow_bounds(5, config.clip_bound, config.frac_bits, 32, 1.0)
     check_overflow_bounds(3, config.clip_bound, config.frac_bits, 32, 1.0)
+    with pytest.raises(OverflowConfigError, match="at most 3 silos fit"):
+        check_overflow_bounds(4, config.clip_bound, config.frac_bits, 32, 1.0)
     x = np.full(4, 2.0**14)
-    total = np.zeros(4, dtype=np.uint32)
-    for i in range(5):
-        np.add(total, quantize(x, config, np.random.default_rng(i)), out=total)
-    assert not np.allclose(dequantize(total, config), 5 * x)
+    for n_silos, fits in ((3, True), (4, False)):
+        total = np.zeros(4, dtype=np.uint32)
+        for i in range(n_silos):
+            np.add(total, quantize(x, config, np.random.default_rng(i)), out=total)
+        assert np.allclose(dequantize(total, config), n_silos * x) == fits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def test_round_without_dropouts_gives_the_sum(fed: Federation) -> None:
     assert trace.server.stage is ServerStage.DONE
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(3, 6),
     extra_t=st.integers(0, 2),
@@ -392,6 +394,16 @@ def test_masked_upload_is_indistinguishable_from_uniform(fed: Federation) -> Non
     assert ks_p(plain) < 1e-12 and byte_chi2_p(plain) < 1e-12
     bits = np.unpackbits(upload.view(np.uint8)).reshape(-1, 32).mean(axis=0)
     assert np.all(np.abs(bits - 0.5) < 0.02)
+    # The coordinator legitimately learns every uploader's self-mask seed; the pairwise masks
+    # still hide the upload from it.
+    assert trace.request is not None
+    responses = [trace.clients[s].unmask(trace.request) for s in ids]
+    seed = shamir.combine(
+        [next(r.share for r in resp.seed_shares if r.peer == ids[0]) for resp in responses], 2
+    )
+    without_self_mask = upload - keystream(seed, length, 32)
+    assert ks_p(without_self_mask) > 1e-3 and byte_chi2_p(without_self_mask) > 1e-3
+    assert not np.array_equal(without_self_mask, plain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +443,17 @@ def test_client_refuses_inconsistent_unmask_requests(
     request = UnmaskRequest("r1", tuple(ids[i] for i in uploaded), tuple(ids[i] for i in dropped))
     with pytest.raises(ProtocolError, match=match):
         trace.clients[ids[0]].unmask(request)
+
+
+def test_client_refuses_a_threshold_that_is_no_majority_of_the_roster(fed: Federation) -> None:
+    ids = fed.ids[:4]
+    clients = _clients(fed, _config(threshold=2), ids, seed=0)
+    roster = KeyRoster("r1", tuple(c.advertise() for c in clients.values()))
+    with pytest.raises(ProtocolError, match="t=2 is not a strict majority of the 4"):
+        clients[ids[0]].share_keys(roster)
+    lone = _clients(fed, _config(threshold=2), ids[:1], seed=0)[ids[0]]
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+        lone.share_keys(KeyRoster("r1", (lone.advertise(),)))
 
 
 def test_client_answers_one_unmask_request_only(fed: Federation) -> None:
@@ -530,18 +553,22 @@ def test_tampered_encrypted_share_fails_aes_gcm(fed: Federation) -> None:
     with pytest.raises(ProtocolError, match="fail AES-GCM authentication"):
         client.masked_input(bad, np.zeros(4))
     assert client.stage is ClientStage.ABORTED
-    # Re-addressing a share to its other recipient also fails: the ids are in the associated data.
-    other = trace.deliveries[ids[1]]
-    moved = dataclasses.replace(other.shares[0], recipient=ids[2])
+    # Reflecting a silo's own share back to it as if its peer had sent it fails too: both
+    # directions of a pair agree the same X25519 secret, but the direction is bound into the key.
+    reflected = next(s for s in trace.deliveries[ids[1]].shares if s.sender == ids[2])
+    reflected = dataclasses.replace(reflected, sender=ids[1], recipient=ids[2])
+    rest = tuple(s for s in trace.deliveries[ids[2]].shares if s.sender != ids[1])
     with pytest.raises(ProtocolError, match="fail AES-GCM authentication"):
-        trace.clients[ids[2]].masked_input(
-            ShareDelivery(
-                "r1",
-                ids[2],
-                (moved, *(s for s in trace.deliveries[ids[2]].shares if s.sender != moved.sender)),
-            ),
-            np.zeros(4),
-        )
+        trace.clients[ids[2]].masked_input(ShareDelivery("r1", ids[2], (reflected, *rest)), np.zeros(4))
+
+
+def test_client_refuses_a_delivery_from_fewer_than_t_silos(fed: Federation) -> None:
+    ids = fed.ids[:4]
+    trace = run_round(fed, _config(threshold=3, length=4), _inputs(ids, 4, 3), stop_after="shares")
+    delivery = trace.deliveries[ids[0]]
+    thin = ShareDelivery("r1", ids[0], delivery.shares[:1])
+    with pytest.raises(ProtocolError, match="only 2 silos shared keys, fewer than the threshold t=3"):
+        trace.clients[ids[0]].masked_input(thin, np.zeros(4))
 
 
 def test_replay_from_another_round_is_refused(fed: Federation) -> None:
@@ -600,13 +627,18 @@ def test_server_aborts_on_inconsistent_unmask_shares(fed: Federation) -> None:
     assert not result.completed and "inconsistent" in (result.reason or "")
 
 
-def test_server_recovers_a_dropped_silos_key_and_checks_it(fed: Federation) -> None:
-    ids = fed.ids[:4]
-    trace = _masked_trace(fed, n=4, t=3, drop={ids[2]: "masked"})
-    assert trace.request is not None and trace.request.dropped == (ids[2],)
-    for sid in trace.request.uploaded:
-        trace.server.receive_unmask(sid, trace.clients[sid].unmask(trace.request))
-    assert trace.server.finish().completed
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("ring_bits", [32, 64])
+def test_one_or_two_dropouts_at_each_stage(fed: Federation, stage: str, ring_bits: int) -> None:
+    ids = fed.ids[:5]
+    inputs = _inputs(ids, 30, seed=6)
+    drop = {ids[1]: stage, ids[3]: stage}
+    result = run_round(fed, _config(threshold=3, length=30, ring_bits=ring_bits), inputs, drop).server.result
+    assert result is not None and result.completed
+    survivors = [s for s in ids if s not in drop or stage == "unmask"]
+    assert result.uploaded == tuple(survivors)
+    assert result.dropped == ((ids[1], ids[3]) if stage == "masked" else ())
+    np.testing.assert_allclose(result.total, sum(inputs[s] for s in survivors), atol=5 * 2**-16)
 
 
 # ---------------------------------------------------------------------------------------------
