@@ -333,7 +333,10 @@ class KeyAdvert(_Message):
             raise ProtocolError(f"{where}: certificate rejected: {exc}") from exc
         if cert_silo != self.silo_id:
             raise ProtocolError(f"{where}: certificate belongs to silo {cert_silo!r}")
-        key = x509.load_pem_x509_certificate(self.cert_pem).public_key()
+        try:
+            key = x509.load_pem_x509_certificate(self.cert_pem).public_key()
+        except ValueError as exc:
+            raise ProtocolError(f"{where}: certificate is not a PEM X.509 certificate") from exc
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             raise ProtocolError(f"{where}: certificate key is not EC P-256")
         payload = advert_signed_bytes(self.round_id, self.silo_id, self.c_public, self.s_public)
