@@ -1,32 +1,71 @@
-"""``coordinator``: the operator-side command."""
+"""``coordinator``: the operator-side command.
+
+``coordinator --config federation.yaml`` serves the federation until the run ends (exit 0 when
+every round completed, 1 when the run failed or was stopped, 2 on a configuration error).
+``coordinator check --config federation.yaml`` validates the file and prints the round plan;
+files it names that do not exist yet are listed on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
 from condi_models.configfile import ConfigError
-from coordinator.config import load_federation_config
+from coordinator.config import federation_file_problems, load_federation_config
+from federation import logs
+from federation.tls import TlsError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coordinator", description="CondI federation coordinator (operator side)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="coordinator", description="CondI federation coordinator (operator side)"
+    )
+    parser.add_argument("--config", help="path to federation.yaml (serve the federation)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command")
     check = sub.add_parser("check", help="validate federation.yaml and print the round plan")
     check.add_argument("--config", required=True, help="path to federation.yaml")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _check(config: str) -> int:
+    cfg = load_federation_config(config)
+    print(json.dumps({"config": config, **cfg.model_dump(mode="json")}, indent=2))
+    for problem in federation_file_problems(cfg, config):
+        print(f"coordinator: warning: {problem}; serving will refuse to start", file=sys.stderr)
+    return 0
+
+
+def _serve(config: str, verbose: bool) -> int:
+    from coordinator.server import serve
+    from coordinator.store import StoreError
+
+    cfg = load_federation_config(config)
+    logs.configure(logging.DEBUG if verbose else logging.INFO, Path(cfg.run_dir) / "events.jsonl")
     try:
-        cfg = load_federation_config(args.config)
+        return serve(cfg, config)
+    except (StoreError, TlsError) as err:
+        logging.getLogger("coordinator").error("%s", err)
+        print(f"coordinator: error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            return _check(args.config)
+        if args.config is None:
+            parser.error("give --config federation.yaml to serve, or use `coordinator check --config ...`")
+        return _serve(args.config, args.verbose)
     except ConfigError as err:
         print(f"coordinator: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"config": args.config, **cfg.model_dump()}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

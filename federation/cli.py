@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from condi_models.configfile import ConfigError
 from federation.certs_cli import add_certs_parser
+from federation.harness import add_harness_parser
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
     add_certs_parser(sub)
+    add_harness_parser(sub)
     sim = sub.add_parser("sim", help="in-process federated simulation from an experiment.yaml")
     sim.add_argument("--config", required=True, help="path to experiment.yaml")
     sim.add_argument("--out", help="run directory (default: out_dir/name from the config)")

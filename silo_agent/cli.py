@@ -1,4 +1,11 @@
-"""``silo-agent``: the hospital-side command."""
+"""``silo-agent``: the hospital-side command.
+
+``silo-agent --config site.yaml`` takes part in the federation (exit 0 when the run is over, 1
+when the coordinator was lost, 2 when the configuration, the certificates or the coordinator
+refused). ``silo-agent check --config site.yaml`` validates the config and the data and, when
+the sections are present, the certificate chain (issued by the CA, key matches, silo id equals
+``silo_id``, not expired) and whether the coordinator answers its health service.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +13,144 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
 
 from condi_models.configfile import ConfigError
 from condi_models.data.missingness import simulate_missingness
 from condi_models.data.sources import DataSourceError, load_source, source_details
 from condi_models.data.summary import summarize
-from silo_agent.config import load_site_config
+from federation import logs, pki
+from federation.tls import TlsError
+from silo_agent.config import SiteConfig, check_site_files, load_site_config
+from silo_agent.local_data import LocalDataError
 
 log = logging.getLogger("silo_agent")
 
+_HEALTH_TIMEOUT_S = 5.0
+
+
+def _certificate_check(cfg: SiteConfig) -> dict[str, Any]:
+    assert cfg.tls is not None
+    passphrase = pki.read_passphrase(cfg.tls.passphrase_file, cfg.tls.passphrase_env)
+    report = pki.check_chain(cfg.tls.cert, cfg.tls.key, cfg.tls.ca, passphrase=passphrase)
+    problems = list(report.problems)
+    if report.silo_id is not None and report.silo_id != cfg.silo_id:
+        problems.append(
+            f"the certificate is for silo {report.silo_id!r}, site.yaml says silo_id {cfg.silo_id!r}"
+        )
+    return {
+        "certificate": str(report.cert_path),
+        "subject": report.subject,
+        "silo_id": report.silo_id,
+        "not_valid_after": report.not_valid_after.isoformat(),
+        "days_left": report.days_left,
+        "problems": problems,
+        "warnings": list(report.warnings),
+    }
+
+
+def _coordinator_check(cfg: SiteConfig) -> dict[str, Any]:
+    from silo_agent.client import connect, health_status
+
+    assert cfg.coordinator is not None and cfg.tls is not None
+    out: dict[str, Any] = {"address": cfg.coordinator.address, "problems": []}
+    try:
+        channel = connect(cfg.coordinator, cfg.tls)
+    except TlsError as exc:
+        out["problems"].append(str(exc))
+        return out
+    try:
+        out["status"] = health_status(channel, _HEALTH_TIMEOUT_S)
+        if out["status"] != "SERVING":
+            out["problems"].append(f"the coordinator answers {out['status']}")
+    except grpc.RpcError as exc:
+        out["problems"].append(
+            f"the coordinator at {cfg.coordinator.address} does not answer "
+            f"({exc.code().name}: {exc.details()})"
+        )
+    finally:
+        channel.close()
+    return out
+
 
 def run_check(config_path: str, as_json: bool) -> int:
-    """Validate the site config and its data now; print a summary. Returns the exit code."""
+    """Validate the site config, its data, certificates and coordinator now; print a summary."""
     cfg = load_site_config(config_path)
+    check_site_files(cfg, config_path)
     dataset = load_source(cfg.data, origin=config_path)
     view = simulate_missingness(dataset, cfg.simulated_missingness) if cfg.simulated_missingness else None
     summary = summarize(dataset, view, source_details(cfg.data, origin=config_path))
+    checks: dict[str, Any] = {}
+    if cfg.tls is not None:
+        checks["tls"] = _certificate_check(cfg)
+    if cfg.coordinator is not None:
+        checks["coordinator"] = _coordinator_check(cfg)
+    problems = [p for section in checks.values() for p in section["problems"]]
     if as_json:
-        print(json.dumps({"silo_id": cfg.silo_id, "config": config_path, **summary.to_dict()}, indent=2))
+        print(
+            json.dumps(
+                {"silo_id": cfg.silo_id, "config": config_path, **summary.to_dict(), **checks}, indent=2
+            )
+        )
     else:
         print(f"silo {cfg.silo_id}: config {config_path} is valid")
         print(summary.to_text())
-    return 0
+        if "tls" in checks:
+            t = checks["tls"]
+            print(f"certificate {t['certificate']}: silo {t['silo_id']}, valid until {t['not_valid_after']}")
+            for warning in t["warnings"]:
+                print(f"warning: {warning}")
+        if "coordinator" in checks and "status" in checks["coordinator"]:
+            print(f"coordinator {checks['coordinator']['address']}: {checks['coordinator']['status']}")
+        for problem in problems:
+            print(f"problem: {problem}")
+    return 1 if problems else 0
+
+
+def run_agent(config_path: str, verbose: bool) -> int:
+    """Take part in the federation as site.yaml says."""
+    from silo_agent.agent import Faults, SiloAgent
+
+    cfg = load_site_config(config_path)
+    check_site_files(cfg, config_path)
+    logs.configure(logging.DEBUG if verbose else logging.INFO, Path(cfg.state_dir) / "events.jsonl")
+    return SiloAgent(cfg, config_path, faults=Faults.from_env()).run()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="silo-agent", description="CondI silo agent (runs at a hospital)")
+    parser.add_argument("--config", help="path to site.yaml (take part in the federation)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate site.yaml and the data source, print a summary")
+    sub = parser.add_subparsers(dest="command")
+    check = sub.add_parser(
+        "check", help="validate site.yaml, data, certificates and coordinator; print a summary"
+    )
     check.add_argument("--config", required=True, help="path to site.yaml")
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    elif args.config is None:
+        parser.error("give --config site.yaml to take part, or use `silo-agent check --config ...`")
     try:
         if args.command == "check":
             return run_check(args.config, args.json)
-    except (ConfigError, DataSourceError, FileNotFoundError) as err:
+        return run_agent(args.config, args.verbose)
+    except (ConfigError, DataSourceError, LocalDataError, FileNotFoundError, TlsError, pki.PkiError) as err:
         print(f"silo-agent: error: {err}", file=sys.stderr)
         return 2
-    return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """site.yaml: what a hospital's silo agent is configured with.
 
-Every key has a default except ``silo_id`` and ``data``. Paths are relative to the working
-directory. Secrets never live here: key passphrases come from files or environment variables.
+Every key has a default except ``silo_id`` and ``data``; ``coordinator`` and ``tls`` are needed
+to take part in a federation (``silo-agent check`` works without them). Paths are relative to
+the working directory. Secrets never live here: key passphrases come from files or environment
+variables.
 """
 
 from __future__ import annotations
@@ -9,13 +11,63 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from condi_models.configfile import StrictModel, load_config
+from condi_models.configfile import ConfigError, StrictModel, load_config
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.sources import DataSource
+from condi_models.simulation import SplitSpec
 
 SILO_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+ADDRESS_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
+
+
+class CoordinatorEndpoint(StrictModel):
+    """Where the coordinator listens, and how patiently to talk to it."""
+
+    address: str = Field(pattern=ADDRESS_PATTERN, description="host:port of the coordinator")
+    server_name: str | None = Field(
+        default=None, description="name the coordinator certificate must carry when it differs from the host"
+    )
+    rpc_timeout_s: float = Field(default=30.0, gt=0, description="deadline of each short call")
+    max_backoff_s: float = Field(
+        default=30.0, gt=0, description="longest pause between reconnection attempts"
+    )
+    give_up_after_s: float = Field(
+        default=900.0, gt=0, description="stop when the coordinator stays unreachable this long"
+    )
+
+
+class SiloTls(StrictModel):
+    """The silo's certificate, its key and the federation CA; the passphrase from a file or variable."""
+
+    ca: str
+    cert: str
+    key: str
+    passphrase_file: str | None = None
+    passphrase_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_passphrase_source(self) -> SiloTls:
+        if self.passphrase_file is not None and self.passphrase_env is not None:
+            raise ValueError("give passphrase_file or passphrase_env, not both")
+        return self
+
+
+class PartitionSpec(StrictModel):
+    """Take share ``index`` of ``silos`` of the loaded data (patient-disjoint; for shared test data)."""
+
+    silos: int = Field(ge=1)
+    index: int = Field(ge=0)
+    scheme: Literal["dirichlet", "iid"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> PartitionSpec:
+        if self.index >= self.silos:
+            raise ValueError(f"index {self.index} is outside 0..{self.silos - 1}")
+        return self
 
 
 class SiteConfig(StrictModel):
@@ -28,8 +80,35 @@ class SiteConfig(StrictModel):
     )
     state_dir: str = Field(default="state", description="where the agent keeps its state between runs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    split: SplitSpec = Field(default_factory=SplitSpec, description="local train / validation / test split")
+    partition: PartitionSpec | None = Field(default=None, description="use only this share of the data")
+    seed: int = Field(default=0, description="seeds the local split")
+    coordinator: CoordinatorEndpoint | None = None
+    tls: SiloTls | None = None
+
+    @model_validator(mode="after")
+    def _tls_with_coordinator(self) -> SiteConfig:
+        if self.coordinator is not None and self.tls is None:
+            raise ValueError("tls: required when a coordinator is configured")
+        return self
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate a site.yaml."""
     return load_config(path, SiteConfig)
+
+
+def check_site_files(cfg: SiteConfig, source: str | Path) -> None:
+    """Raise :class:`ConfigError` naming the file and key of every TLS file that does not exist."""
+    if cfg.tls is None:
+        return
+    keys = {"tls.ca": cfg.tls.ca, "tls.cert": cfg.tls.cert, "tls.key": cfg.tls.key}
+    if cfg.tls.passphrase_file is not None:
+        keys["tls.passphrase_file"] = cfg.tls.passphrase_file
+    missing = [
+        f"{source}: {key}: file {path} does not exist"
+        for key, path in keys.items()
+        if not Path(path).is_file()
+    ]
+    if missing:
+        raise ConfigError("\n".join(missing))

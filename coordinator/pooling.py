@@ -1,0 +1,140 @@
+"""Pooling what silos report in aggregate: evaluation scores and normalization statistics.
+
+Silos never send records. Per split they send counts and scores (samples, mean loss, accuracy,
+the confusion matrix, macro AUROC, imputation error over so many hidden entries); per channel
+the count, mean and standard deviation of their training data. Pooled here:
+
+- accuracy and macro-F1 exactly, from the summed confusion matrices (macro-F1 over the classes
+  present or predicted anywhere, as condi_models.metrics defines it);
+- loss and imputation MAE exactly, as count-weighted means; RMSE from the weighted mean square;
+- macro AUROC approximately, as the sample-weighted mean of the silos' values (ranking scores
+  across sites cannot be pooled without the scores themselves);
+- the normalizer exactly, from counts, means and variances (the parallel-variance formula).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from condi_models.data.normalize import ChannelNormalizer
+
+
+class ReportError(ValueError):
+    """A silo's metrics report that cannot be used; the message names the field."""
+
+
+def _number(data: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> float | None:
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ReportError(f"{where}.{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_split_report(data: Any, n_classes: int, where: str) -> dict[str, Any]:
+    """Validate one split's scores from a silo; returns them unchanged."""
+    if not isinstance(data, Mapping):
+        raise ReportError(f"{where}: expected an object")
+    n = _number(data, "n", where)
+    if n is None or n < 1 or n != int(n):
+        raise ReportError(f"{where}.n: expected a positive whole number")
+    for key in ("loss", "accuracy", "macro_f1"):
+        _number(data, key, where)
+    _number(data, "macro_auroc", where, optional=True)
+    cm = data.get("confusion_matrix")
+    matrix = np.asarray(cm) if isinstance(cm, list) else None
+    if (
+        matrix is None
+        or matrix.shape != (n_classes, n_classes)
+        or matrix.dtype.kind not in "iu"
+        or np.any(matrix < 0)
+        or int(matrix.sum()) != int(n)
+    ):
+        raise ReportError(f"{where}.confusion_matrix: expected {n_classes}x{n_classes} counts summing to n")
+    imputation = data.get("imputation")
+    if imputation is not None:
+        if not isinstance(imputation, Mapping):
+            raise ReportError(f"{where}.imputation: expected an object or null")
+        for key in ("n_entries", "mae", "rmse"):
+            _number(imputation, key, f"{where}.imputation")
+    return dict(data)
+
+
+def _macro_f1(confusion: np.ndarray) -> float:
+    true = confusion.sum(axis=1)
+    pred = confusion.sum(axis=0)
+    tp = np.diag(confusion)
+    in_play = (true > 0) | (pred > 0)
+    precision = np.divide(tp, pred, out=np.zeros(len(tp)), where=pred > 0)
+    recall = np.divide(tp, true, out=np.zeros(len(tp)), where=true > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(len(tp)), where=denom > 0)
+    return float(f1[in_play].mean()) if in_play.any() else 0.0
+
+
+def pool_split(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """One pooled score set from the silos' reports of the same split; None without reports."""
+    if not reports:
+        return None
+    n = np.array([r["n"] for r in reports], dtype=np.float64)
+    confusion = np.sum([np.asarray(r["confusion_matrix"], dtype=np.int64) for r in reports], axis=0)
+    total = float(n.sum())
+    out: dict[str, Any] = {
+        "n": int(total),
+        "silos": len(reports),
+        "loss": float(np.dot(n, [r["loss"] for r in reports]) / total),
+        "accuracy": float(np.trace(confusion) / total),
+        "macro_f1": _macro_f1(confusion),
+        "confusion_matrix": confusion.tolist(),
+    }
+    auroc = [
+        (w, r["macro_auroc"]) for w, r in zip(n, reports, strict=True) if r.get("macro_auroc") is not None
+    ]
+    if auroc:
+        weights = np.array([w for w, _ in auroc])
+        out["macro_auroc"] = float(np.dot(weights, [a for _, a in auroc]) / weights.sum())
+    imputed = [r["imputation"] for r in reports if r.get("imputation")]
+    entries = np.array([i["n_entries"] for i in imputed], dtype=np.float64)
+    if imputed and entries.sum() > 0:
+        out["imputation_mae"] = float(np.dot(entries, [i["mae"] for i in imputed]) / entries.sum())
+        out["imputation_rmse"] = float(
+            math.sqrt(np.dot(entries, [i["rmse"] ** 2 for i in imputed]) / entries.sum())
+        )
+    return out
+
+
+def check_normalizer_report(data: Any, n_features: int, where: str) -> dict[str, list[float]]:
+    """Validate a silo's per-channel training statistics (count, mean, std, one entry per channel)."""
+    if not isinstance(data, Mapping):
+        raise ReportError(f"{where}: expected an object with count, mean and std")
+    out = {}
+    for key in ("count", "mean", "std"):
+        values = np.asarray(data.get(key), dtype=np.float64) if isinstance(data.get(key), list) else None
+        if values is None or values.shape != (n_features,) or not np.all(np.isfinite(values)):
+            raise ReportError(f"{where}.{key}: expected {n_features} finite numbers")
+        if key != "mean" and np.any(values < 0):
+            raise ReportError(f"{where}.{key}: negative values")
+        out[key] = values.tolist()
+    return out
+
+
+def pool_normalizers(stats: Sequence[Mapping[str, Sequence[float]]], n_features: int) -> ChannelNormalizer:
+    """The normalizer of all silos' training data together; channels nobody observed get 0 / 1."""
+    if not stats:
+        return ChannelNormalizer(mean=np.zeros(n_features, np.float32), std=np.ones(n_features, np.float32))
+    count = np.array([s["count"] for s in stats], dtype=np.float64)
+    mean = np.array([s["mean"] for s in stats], dtype=np.float64)
+    std = np.array([s["std"] for s in stats], dtype=np.float64)
+    total = count.sum(axis=0)
+    safe = np.maximum(total, 1.0)
+    pooled_mean = (count * mean).sum(axis=0) / safe
+    pooled_var = (count * (std**2 + (mean - pooled_mean) ** 2)).sum(axis=0) / safe
+    pooled_std = np.sqrt(pooled_var)
+    pooled_mean = np.where(total > 0, pooled_mean, 0.0)
+    pooled_std = np.where((total > 1) & (pooled_std > 1e-6), pooled_std, 1.0)
+    return ChannelNormalizer(mean=pooled_mean.astype(np.float32), std=pooled_std.astype(np.float32))

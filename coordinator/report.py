@@ -1,0 +1,149 @@
+"""What a run leaves for the operator: one metrics row per round, the final report, the global model.
+
+A round's row holds the pooled evaluation of the new global model on the silos' validation
+splits (and test splits in the last round), the training losses the silos reported, the time
+spent per stage and the bytes moved per silo. At the end the coordinator writes ``report.json``,
+``curves.png`` and ``global_model.npz`` (a condi checkpoint with the pooled normalizer, ready
+for ``condi predict``) into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from condi_models.checkpoint import atomic_write_bytes, save_checkpoint
+from condi_models.data.dataset import DatasetInfo
+from condi_models.data.normalize import ChannelNormalizer
+from condi_models.nn.model import CondIModel
+from condi_models.reports import write_round_curves
+from coordinator.pooling import pool_split
+
+
+@dataclass(frozen=True)
+class SiloUpload:
+    """One accepted plain update with what the coordinator learnt about it."""
+
+    params: Mapping[str, np.ndarray]
+    weights: Mapping[str, float]
+    claims: Mapping[str, Any]
+    upload_s: float
+    upload_bytes: int
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """How the training stage of a round went."""
+
+    attempt: int
+    selected: tuple[str, ...]
+    uploads: Mapping[str, SiloUpload]
+    download_bytes: Mapping[str, int]
+    state_bytes: int
+    stage_s: float
+    aggregation_s: float
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    finite = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _weighted_loss(uploads: Mapping[str, SiloUpload], key: str) -> float | None:
+    pairs = [
+        (u.weights.get("all", 0.0), u.claims.get(key))
+        for u in uploads.values()
+        if isinstance(u.claims.get(key), int | float) and math.isfinite(u.claims[key])
+    ]
+    total = sum(w for w, _ in pairs)
+    return float(sum(w * v for w, v in pairs) / total) if pairs and total > 0 else None
+
+
+def train_summary(round_index: int, train: TrainRecord) -> dict[str, Any]:
+    """The training half of a round's row: who trained, losses, stage times, bytes per silo."""
+    uploads = train.uploads
+    return {
+        "round": round_index,
+        "attempt": train.attempt,
+        "selected": list(train.selected),
+        "completed": sorted(uploads),
+        "samples": int(sum(u.weights.get("all", 0.0) for u in uploads.values())),
+        "phase_a_loss": _weighted_loss(uploads, "phase_a_loss"),
+        "phase_b_loss": _weighted_loss(uploads, "phase_b_loss"),
+        "timing": {
+            "train_stage_s": round(train.stage_s, 3),
+            "download_s": _mean([u.claims.get("download_s") for u in uploads.values()]),
+            "phase_a_s": _mean([u.claims.get("phase_a_s") for u in uploads.values()]),
+            "phase_b_s": _mean([u.claims.get("phase_b_s") for u in uploads.values()]),
+            "upload_s": _mean([u.upload_s for u in uploads.values()]),
+            "aggregation_s": round(train.aggregation_s, 4),
+        },
+        "bytes": {
+            "state": train.state_bytes,
+            "download_per_silo": _mean([train.download_bytes.get(s, 0) for s in uploads]),
+            "upload_per_silo": _mean([u.upload_bytes for u in uploads.values()]),
+        },
+    }
+
+
+def round_row(
+    summary: Mapping[str, Any], eval_attempt: int, eval_s: float, reports: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """A round's metrics row: its training summary plus the pooled evaluation of the new global model."""
+    row = dict(summary)
+    row["eval_attempt"] = eval_attempt
+    row["evaluated_by"] = sorted(reports)
+    row["timing"] = {**row.get("timing", {}), "evaluate_stage_s": round(eval_s, 3)}
+    for split in ("val", "test"):
+        pooled = pool_split([r["splits"][split] for r in reports.values() if split in r.get("splits", {})])
+        if pooled is not None:
+            row[split] = pooled
+    return row
+
+
+def write_report(
+    run_dir: Path,
+    *,
+    federation: str,
+    run_id: str,
+    status: str,
+    message: str,
+    rows: Sequence[Mapping[str, Any]],
+    model: CondIModel | None,
+    normalizer: ChannelNormalizer | None,
+    layout: DatasetInfo | None,
+) -> Path:
+    """Write report.json, curves.png and, when a model exists, global_model.npz; returns the report path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = next((dict(r["test"]) for r in reversed(rows) if "test" in r), None)
+    accuracy = [r["val"]["accuracy"] for r in rows if "val" in r]
+    report = {
+        "federation": federation,
+        "run_id": run_id,
+        "status": status,
+        "message": message,
+        "rounds_completed": len(rows),
+        "final_test": final,
+        "val_accuracy_by_round": accuracy,
+        "rounds": list(rows),
+        "files": {"metrics": "metrics.jsonl", "curves": "curves.png"},
+    }
+    if model is not None and normalizer is not None and layout is not None:
+        save_checkpoint(
+            run_dir / "global_model.npz",
+            model,
+            normalizer,
+            layout,
+            {"federation": federation, "run_id": run_id, "rounds": len(rows), "status": status},
+        )
+        report["files"]["global_model"] = "global_model.npz"
+    write_round_curves(list(rows), run_dir / "curves.png", title=f"{federation} ({status})")
+    path = run_dir / "report.json"
+    atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    return path

@@ -1,0 +1,517 @@
+"""The coordinator's round state machine: who is connected, who is selected, what each silo does now.
+
+Pure and transport-free: every call takes the current time, nothing here sleeps, reads a socket
+or touches tensors. gRPC handlers report what they receive (joins, signs of life, uploads,
+metrics) and ask what a silo's task is; one driver thread calls :meth:`RoundMachine.tick`, the
+only place where phases change, and carries out the :class:`Effect` it returns (aggregate,
+checkpoint, report).
+
+A round goes GATHER -> TRAIN -> AGGREGATE -> GATHER -> EVALUATE -> RECORD -> next round:
+
+- GATHER waits for connected silos. The first gather of a coordinator process waits for every
+  allowed silo (or, at the gather deadline, for the minimum); later ones start at once with the
+  silos that are connected, since waiting for a silo that went away only delays the run.
+- TRAIN: a seeded selection (the RNG state is checkpointed) of up to ``silos_per_round``
+  connected silos downloads, trains and uploads. The stage ends when all selected uploaded, when
+  every missing one has gone silent, or at the deadline. With at least ``min_silos`` updates the
+  round aggregates; otherwise the attempt fails and the round is retried with a new selection
+  under the next attempt number, until ``max_attempts`` failures end the run with a message that
+  names the round, the silos and what was missing.
+- EVALUATE: every connected silo evaluates the new global state on its own held-out data; the
+  stage ends when all reported, the others went silent, or at the deadline.
+- AGGREGATE and RECORD: the driver averages the updates or records the round and checkpoints;
+  :meth:`RoundMachine.aggregated` and :meth:`RoundMachine.next_round` move on.
+
+Requests carry (run, round, attempt, stage); one that is not the silo's current task is refused
+(a replay or a stale retry), an identical repeat of an accepted submission is a duplicate, and a
+different second submission for the same task is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.settings import RoundSettings
+from federation.transfer import StageKey, stage_name
+
+Pending = Literal["train", "evaluate", "done"]
+
+
+class Phase(enum.StrEnum):
+    """Where the current round is."""
+
+    GATHER = "gather"
+    TRAIN = "train"
+    AGGREGATE = "aggregate"
+    EVALUATE = "evaluate"
+    RECORD = "record"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ProtocolError(Exception):
+    """A request the protocol refuses; ``code`` is a gRPC status name in lower case."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The round rules from federation.yaml."""
+
+    allowed: tuple[str, ...]
+    rounds: int
+    silos_per_round: int
+    min_silos: int
+    max_attempts: int
+    seed: int
+    gather_s: float
+    train_s: float
+    evaluate_s: float
+    liveness_s: float
+
+    def __post_init__(self) -> None:
+        if not self.allowed or len(set(self.allowed)) != len(self.allowed):
+            raise ValueError("allowed silos must be a non-empty list without repeats")
+        if not 1 <= self.min_silos <= self.silos_per_round <= len(self.allowed):
+            raise ValueError("need 1 <= min_silos <= silos_per_round <= allowed silos")
+        if self.rounds < 1 or self.max_attempts < 1:
+            raise ValueError("rounds and max_attempts must be >= 1")
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """The part of the machine a checkpoint keeps: enough to resume without losing or doubling a round."""
+
+    round: int
+    attempt: int
+    failures: int
+    pending: Pending
+    rng_state: dict[str, Any]
+
+    @classmethod
+    def start(cls, seed: int) -> RoundProgress:
+        """Progress of a run that has not begun: round 0, nothing tried, a fresh selection RNG."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 1])))
+        return cls(round=0, attempt=-1, failures=0, pending="train", rng_state=rng.bit_generator.state)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """TRAIN ended with enough updates: average, checkpoint, then call :meth:`RoundMachine.aggregated`."""
+
+    round: int
+    attempt: int
+    selected: tuple[str, ...]
+    updates: Mapping[str, Any]
+    stage_s: float
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """EVALUATE ended: record the round, checkpoint, then call :meth:`RoundMachine.next_round`."""
+
+    round: int
+    attempt: int
+    participants: tuple[str, ...]
+    reports: Mapping[str, Any]
+    stage_s: float
+
+
+@dataclass(frozen=True)
+class Persist:
+    """The checkpointed progress changed (a new attempt began): write it before anyone acts on it."""
+
+    progress: RoundProgress
+
+
+@dataclass(frozen=True)
+class Retry:
+    """An attempt failed and the round is tried again; ``message`` says why."""
+
+    round: int
+    attempt: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The run cannot go on; ``message`` names the round, the silos and what was missing."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Every round is done."""
+
+    rounds: int
+
+
+Effect = Aggregate | Evaluated | Persist | Retry | Failed | Finished
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A silo's current task, ready to be turned into a Task message."""
+
+    key: StageKey
+    remaining_s: float
+    message: str
+    state_sha256: str
+    settings: RoundSettings
+    selected: tuple[str, ...]
+
+
+@dataclass
+class _Submission:
+    digest: str
+    value: Any
+
+
+@dataclass
+class _Silo:
+    last_seen: float
+    told_done: bool = False
+
+
+@dataclass
+class _Stage:
+    """The running TRAIN or EVALUATE stage of the current attempt."""
+
+    members: tuple[str, ...]
+    started: float
+    deadline: float
+    received: dict[str, _Submission] = field(default_factory=dict)
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class RoundMachine:
+    """The state of a run's rounds; not thread-safe (callers hold one lock around it)."""
+
+    def __init__(
+        self, plan: RoundPlan, run_id: str, progress: RoundProgress, state_sha256: str, now: float
+    ) -> None:
+        self.plan = plan
+        self.run_id = run_id
+        self.state_sha256 = state_sha256
+        self.round = progress.round
+        self.attempt = progress.attempt
+        self.failures = progress.failures
+        self._rng = np.random.Generator(np.random.PCG64())
+        self._rng.bit_generator.state = progress.rng_state
+        self._silos: dict[str, _Silo] = {}
+        self._stage: _Stage | None = None
+        self.failure: str | None = None
+        self._first_gather = True
+        if progress.pending == "done" or self.round >= plan.rounds:
+            self.phase = Phase.DONE
+            self._next: Pending = "done"
+        else:
+            self._gather(progress.pending, now)
+
+    # ---- bookkeeping --------------------------------------------------------------------
+
+    def progress(self) -> RoundProgress:
+        """What a checkpoint must keep now."""
+        pending: Pending = "done" if self.phase == Phase.DONE else self._next
+        return RoundProgress(
+            round=self.round,
+            attempt=self.attempt,
+            failures=self.failures,
+            pending=pending,
+            rng_state=self._rng.bit_generator.state,
+        )
+
+    def _gather(self, next_stage: Pending, now: float) -> None:
+        self.phase = Phase.GATHER
+        self._next = next_stage
+        self._stage = _Stage(members=(), started=now, deadline=now + self.plan.gather_s)
+
+    def alive(self, now: float) -> tuple[str, ...]:
+        """Joined silos heard from within the liveness window, sorted."""
+        return tuple(
+            sorted(s for s, info in self._silos.items() if now - info.last_seen <= self.plan.liveness_s)
+        )
+
+    def joined(self) -> tuple[str, ...]:
+        """Every silo that joined this coordinator process, sorted."""
+        return tuple(sorted(self._silos))
+
+    def join(self, silo: str, now: float) -> None:
+        """A silo was accepted by Join (its certificate and data layout already checked)."""
+        if silo not in self.plan.allowed:
+            raise ProtocolError("permission_denied", f"silo {silo!r} is not in this federation's allow-list")
+        self._silos[silo] = _Silo(last_seen=now)
+
+    def seen(self, silo: str, now: float) -> None:
+        """Any authenticated call from ``silo``: it is alive."""
+        info = self._silos.get(silo)
+        if info is not None:
+            info.last_seen = max(info.last_seen, now)
+
+    def _require_joined(self, silo: str) -> None:
+        if silo not in self._silos:
+            raise ProtocolError(
+                "failed_precondition", f"silo {silo!r} has not joined run {self.run_id}; call Join"
+            )
+
+    # ---- what a silo should do ------------------------------------------------------------
+
+    def _key(self, stage: int) -> StageKey:
+        return StageKey(run_id=self.run_id, round=self.round, attempt=max(self.attempt, 0), stage=stage)
+
+    def _settings(self, silo: str, stage: int) -> RoundSettings:
+        if stage == pb.STAGE_TRAIN:
+            index = self.plan.allowed.index(silo)
+            return RoundSettings(train_seed=_derived_seed(self.plan.seed, 2, self.round, self.attempt, index))
+        if stage == pb.STAGE_EVALUATE:
+            return RoundSettings(
+                eval_seed=_derived_seed(self.plan.seed, 3, self.round),
+                eval_splits=self.eval_splits(self.round),
+            )
+        return RoundSettings()
+
+    def eval_splits(self, round_index: int) -> tuple[str, ...]:
+        """The local splits silos evaluate in ``round_index``: validation, and test in the last round."""
+        return ("val", "test") if round_index == self.plan.rounds - 1 else ("val",)
+
+    def task_for(self, silo: str, now: float) -> TaskView:
+        """The task ``silo`` should work on now."""
+        self._require_joined(silo)
+        stage, message = self._stage_for(silo, now)
+        if stage == pb.STAGE_DONE:
+            self._silos[silo].told_done = True
+        remaining = 0.0 if self._stage is None else max(0.0, self._stage.deadline - now)
+        return TaskView(
+            key=self._key(stage),
+            remaining_s=remaining,
+            message=message,
+            state_sha256=self.state_sha256 if stage in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE) else "",
+            settings=self._settings(silo, stage),
+            selected=self._stage.members if self._stage is not None and self.phase == Phase.TRAIN else (),
+        )
+
+    def _stage_for(self, silo: str, now: float) -> tuple[int, str]:
+        r = f"round {self.round + 1} of {self.plan.rounds}"
+        if self.phase == Phase.DONE:
+            return pb.STAGE_DONE, f"the run is complete after {self.plan.rounds} rounds"
+        if self.phase == Phase.FAILED:
+            return pb.STAGE_DONE, f"the run failed: {self.failure}"
+        if self.phase == Phase.GATHER:
+            return (
+                pb.STAGE_WAIT,
+                f"{r}: waiting for silos ({len(self.alive(now))} of {len(self.plan.allowed)} connected)",
+            )
+        if self.phase == Phase.AGGREGATE:
+            return pb.STAGE_WAIT, f"{r}: aggregating"
+        if self.phase == Phase.RECORD:
+            return pb.STAGE_WAIT, f"{r}: recording the evaluation"
+        assert self._stage is not None
+        stage = pb.STAGE_TRAIN if self.phase == Phase.TRAIN else pb.STAGE_EVALUATE
+        if silo not in self._stage.members:
+            return pb.STAGE_WAIT, f"{r}: not selected for {stage_name(stage).lower()}"
+        if silo in self._stage.received:
+            return pb.STAGE_WAIT, f"{r}: {stage_name(stage).lower()} received, waiting for the others"
+        return stage, f"{r}: {stage_name(stage).lower()}"
+
+    def told_done(self) -> tuple[str, ...]:
+        """Silos that have been told the run is over."""
+        return tuple(sorted(s for s, info in self._silos.items() if info.told_done))
+
+    # ---- submissions ----------------------------------------------------------------------
+
+    def check(self, silo: str, key: StageKey, stage: int) -> None:
+        """Refuse unless ``key`` is ``silo``'s current task and that task is ``stage``."""
+        self._require_joined(silo)
+        if key.run_id != self.run_id:
+            raise ProtocolError(
+                "failed_precondition",
+                f"request for run {key.run_id!r}, but the current run is {self.run_id!r}",
+            )
+        if key.stage != stage:
+            raise ProtocolError(
+                "failed_precondition",
+                f"this call belongs to stage {stage_name(stage)}, the request names {key.describe()}",
+            )
+        running = {Phase.TRAIN: pb.STAGE_TRAIN, Phase.EVALUATE: pb.STAGE_EVALUATE}.get(self.phase)
+        current = self._key(running if running is not None else pb.STAGE_WAIT)
+        if running is None or (key.round, key.attempt, key.stage) != (
+            current.round,
+            current.attempt,
+            current.stage,
+        ):
+            raise ProtocolError(
+                "failed_precondition",
+                f"stale or replayed request for {key.describe()}; the current task is {current.describe()}",
+            )
+        assert self._stage is not None
+        if silo not in self._stage.members:
+            raise ProtocolError(
+                "failed_precondition", f"silo {silo!r} is not taking part in {key.describe()}"
+            )
+
+    def _submit(self, silo: str, key: StageKey, stage: int, digest: str, value: Any) -> bool:
+        self.check(silo, key, stage)
+        assert self._stage is not None
+        previous = self._stage.received.get(silo)
+        if previous is not None:
+            if previous.digest == digest:
+                return True
+            raise ProtocolError(
+                "already_exists",
+                f"silo {silo!r} already submitted a different {stage_name(stage)} result "
+                f"for {key.describe()}",
+            )
+        self._stage.received[silo] = _Submission(digest=digest, value=value)
+        return False
+
+    def accept_update(
+        self, silo: str, key: StageKey, base_state_sha256: str, payload_sha256: str, update: Any
+    ) -> bool:
+        """Record a checked update; returns True when it repeats one already accepted."""
+        self.check(silo, key, pb.STAGE_TRAIN)
+        if base_state_sha256 != self.state_sha256:
+            raise ProtocolError(
+                "failed_precondition",
+                f"update computed from state {base_state_sha256[:12] or '(none)'}, "
+                f"but {key.describe()} trains from {self.state_sha256[:12]}",
+            )
+        return self._submit(silo, key, pb.STAGE_TRAIN, payload_sha256, update)
+
+    def accept_metrics(self, silo: str, key: StageKey, digest: str, metrics: Any) -> bool:
+        """Record a silo's evaluation report; returns True when it repeats one already accepted."""
+        return self._submit(silo, key, pb.STAGE_EVALUATE, digest, metrics)
+
+    # ---- transitions (driver thread only) -------------------------------------------------
+
+    def tick(self, now: float) -> list[Effect]:
+        """Advance on deadlines, arrivals and departures; the caller carries out the effects in order."""
+        if self.phase == Phase.GATHER:
+            return self._tick_gather(now)
+        if self.phase == Phase.TRAIN:
+            return self._tick_train(now)
+        if self.phase == Phase.EVALUATE:
+            return self._tick_evaluate(now)
+        return []
+
+    def _fail_attempt(self, message: str, now: float) -> list[Effect]:
+        self.failures += 1
+        if self.failures >= self.plan.max_attempts:
+            self.phase = Phase.FAILED
+            self._stage = None
+            self.failure = f"{message}; giving up after {self.failures} failed attempts of round {self.round}"
+            return [Failed(self.failure)]
+        self._gather(self._next, now)
+        return [Retry(self.round, self.attempt, message), Persist(self.progress())]
+
+    def _tick_gather(self, now: float) -> list[Effect]:
+        assert self._stage is not None
+        alive = self.alive(now)
+        need = self.plan.min_silos if self._next == "train" else 1
+        everyone = len(alive) == len(self.plan.allowed)
+        past_deadline = now >= self._stage.deadline
+        if len(alive) >= need and (everyone or past_deadline or not self._first_gather):
+            self._first_gather = False
+            self.attempt += 1
+            if self._next == "train":
+                k = min(self.plan.silos_per_round, len(alive))
+                chosen = self._rng.choice(len(alive), size=k, replace=False)
+                members = tuple(sorted(alive[int(i)] for i in chosen))
+                self.phase = Phase.TRAIN
+                self._stage = _Stage(members=members, started=now, deadline=now + self.plan.train_s)
+            else:
+                self.phase = Phase.EVALUATE
+                self._stage = _Stage(members=alive, started=now, deadline=now + self.plan.evaluate_s)
+            return [Persist(self.progress())]
+        if past_deadline:
+            waiting = "training" if self._next == "train" else "evaluation"
+            return self._fail_attempt(
+                f"round {self.round}: only {len(alive)} silos connected ({', '.join(alive) or 'none'}) after "
+                f"{self.plan.gather_s:g} s, {need} needed for {waiting}",
+                now,
+            )
+        return []
+
+    def _tick_train(self, now: float) -> list[Effect]:
+        stage = self._stage
+        assert stage is not None
+        alive = set(self.alive(now))
+        done = tuple(s for s in stage.members if s in stage.received)
+        missing = [s for s in stage.members if s not in stage.received]
+        still_working = [s for s in missing if s in alive]
+        if missing and still_working and now < stage.deadline:
+            return []
+        if len(done) >= self.plan.min_silos:
+            self.phase = Phase.AGGREGATE
+            updates = {s: stage.received[s].value for s in done}
+            return [Aggregate(self.round, self.attempt, stage.members, updates, now - stage.started)]
+        gone = [s for s in missing if s not in alive]
+        why = "before the deadline" if still_working else "before the others went silent"
+        return self._fail_attempt(
+            f"round {self.round} attempt {self.attempt}: {len(done)} of the {self.plan.min_silos} required "
+            f"updates arrived {why} (selected {', '.join(stage.members)}; "
+            f"uploaded {', '.join(done) or 'none'}; silent {', '.join(gone) or 'none'}; "
+            f"late {', '.join(still_working) or 'none'})",
+            now,
+        )
+
+    def _tick_evaluate(self, now: float) -> list[Effect]:
+        stage = self._stage
+        assert stage is not None
+        alive = set(self.alive(now))
+        missing = [s for s in stage.members if s not in stage.received and s in alive]
+        if missing and now < stage.deadline:
+            return []
+        self.phase = Phase.RECORD
+        reports = {s: sub.value for s, sub in stage.received.items()}
+        return [Evaluated(self.round, self.attempt, stage.members, reports, now - stage.started)]
+
+    def aggregated(self, state_sha256: str, now: float) -> None:
+        """The driver averaged the round's updates and checkpointed the new global state."""
+        if self.phase != Phase.AGGREGATE:
+            raise RuntimeError(f"aggregated() called in phase {self.phase}")
+        self.state_sha256 = state_sha256
+        self._gather("evaluate", now)
+
+    def next_round(self, now: float) -> list[Effect]:
+        """The driver recorded the round's evaluation and checkpointed it: move to the next round."""
+        if self.phase != Phase.RECORD:
+            raise RuntimeError(f"next_round() called in phase {self.phase}")
+        self.round += 1
+        self.attempt = -1
+        self.failures = 0
+        if self.round >= self.plan.rounds:
+            self.phase = Phase.DONE
+            self._next = "done"
+            self._stage = None
+            return [Finished(self.plan.rounds)]
+        self._gather("train", now)
+        return []
+
+    def status(self, now: float) -> dict[str, Any]:
+        """Progress for the operator: round, stage, who is selected and who is done."""
+        stage = self._stage if self.phase in (Phase.TRAIN, Phase.EVALUATE) else None
+        return {
+            "round": self.round,
+            "rounds": self.plan.rounds,
+            "attempt": self.attempt,
+            "phase": self.phase.value,
+            "connected": list(self.alive(now)),
+            "members": list(stage.members) if stage else [],
+            "done": sorted(stage.received) if stage else [],
+            "remaining_s": round(max(0.0, stage.deadline - now), 1) if stage else None,
+            "failure": self.failure,
+        }

@@ -1,0 +1,695 @@
+"""The coordinator process: the round machine, the global model, checkpoints, and the serve loop.
+
+:class:`Coordinator` holds everything the gRPC handlers touch behind one lock: the
+:class:`~coordinator.rounds.RoundMachine`, the global state (and its encoded, chunked form for
+downloads), the data layout and the checkpoint. Handlers only record and answer; one driver
+thread (:meth:`Coordinator.run`) makes every transition, averages updates outside the lock,
+commits checkpoints, writes ``status.json`` for the operator and logs progress (round, stage,
+silos done). :func:`serve` wires it to a mutual-TLS gRPC server with per-call identity and the
+health service, and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2
+
+from condi_models.aggregation import SiloUpdate, fedavg
+from condi_models.checkpoint import atomic_write_bytes
+from condi_models.data.dataset import DatasetInfo
+from condi_models.nn.model import CondIModel, ModelConfig
+from condi_models.training import aggregation_groups
+from coordinator.config import FederationConfig, check_federation_files
+from coordinator.layout import build_model_config, layout_mismatch
+from coordinator.pooling import ReportError, check_normalizer_report, check_split_report, pool_normalizers
+from coordinator.report import SiloUpload, TrainRecord, round_row, train_summary, write_report
+from coordinator.rounds import (
+    Aggregate,
+    Evaluated,
+    Failed,
+    Finished,
+    Persist,
+    Phase,
+    ProtocolError,
+    Retry,
+    RoundMachine,
+    RoundPlan,
+    RoundProgress,
+    TaskView,
+)
+from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError
+from federation import identity, pki, tls, wire
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.settings import RunSettings
+from federation.transfer import (
+    PROTOCOL_VERSION,
+    StageKey,
+    TransferError,
+    decode_plain_update,
+    info_from_summary,
+    plain_update_payload_bytes,
+    receive_upload,
+    stage_name,
+    state_parts,
+)
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES = ("plain-aggregation",)
+_DRIVER_PERIOD_S = 0.25
+
+
+def software_version() -> str:
+    """The installed condi package version, for the handshake and the logs."""
+    try:
+        return metadata.version("condi")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def new_run_id(federation: str) -> str:
+    """A fresh run id: the federation name, the UTC start time and a random suffix."""
+    return f"{federation}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class _Model:
+    """The federation's model, built once the layout is known."""
+
+    model: CondIModel
+    settings: RunSettings
+    param_shapes: dict[str, tuple[int, ...]]
+    group_names: tuple[str, ...]
+    update_bytes: int
+
+
+class Coordinator:
+    """The coordinator's state and the operations gRPC handlers call (thread-safe)."""
+
+    def __init__(self, cfg: FederationConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.run_dir = Path(cfg.run_dir)
+        self.store = CheckpointStore(self.run_dir)
+        self.max_chunk_bytes = tls.DEFAULT_CHUNK_BYTES
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self.plan = RoundPlan(
+            allowed=tuple(cfg.silos),
+            rounds=cfg.rounds,
+            silos_per_round=cfg.silos_per_round,
+            min_silos=cfg.min_silos,
+            max_attempts=cfg.max_attempts,
+            seed=cfg.seed,
+            gather_s=cfg.timeouts.gather_s,
+            train_s=cfg.timeouts.train_s,
+            evaluate_s=cfg.timeouts.evaluate_s,
+            liveness_s=cfg.timeouts.liveness_s,
+        )
+        loaded = self.store.load()
+        tensors = None
+        if loaded is None:
+            self.ckpt = CoordinatorCheckpoint(
+                run_id=new_run_id(cfg.name), federation=cfg.name, progress=RoundProgress.start(cfg.seed)
+            )
+            log.info("new run %s of federation %s in %s", self.ckpt.run_id, cfg.name, self.run_dir)
+        else:
+            self.ckpt, tensors = loaded
+            if self.ckpt.federation != cfg.name:
+                raise StoreError(
+                    f"{self.store.progress_path}: holds a run of federation {self.ckpt.federation!r}, "
+                    f"not {cfg.name!r}; use another run_dir"
+                )
+            p = self.ckpt.progress
+            log.info(
+                "resuming run %s from its checkpoint: round %d, %s pending, %d rounds recorded",
+                self.ckpt.run_id,
+                p.round,
+                p.pending,
+                len(self.ckpt.rows),
+            )
+        self._model: _Model | None = None
+        self.global_state: dict[str, np.ndarray] = {}
+        self._pieces: list[pb.StatePart] = []
+        self._manifest_part: pb.StatePart | None = None
+        if self.ckpt.layout is not None:
+            self._adopt_layout(self.ckpt.layout, self.ckpt.model, tensors)
+        self.machine = RoundMachine(
+            self.plan, self.ckpt.run_id, self.ckpt.progress, self.ckpt.state_sha256, clock()
+        )
+        self._downloads: dict[tuple[int, int, int], dict[str, int]] = {}
+        self._status_text = ""
+        self._progress_line = ""
+        self.outcome: tuple[str, str] | None = None
+
+    # ---- model and state ----------------------------------------------------------------
+
+    def _adopt_layout(
+        self, layout: DatasetInfo, model_cfg: ModelConfig | None, tensors: dict[str, np.ndarray] | None
+    ) -> None:
+        built, training = build_model_config(layout, self.cfg.model, self.cfg.training)
+        model_cfg = model_cfg or built
+        # The initial global model is seeded, so two runs of one config start from the same weights.
+        torch.manual_seed(self.cfg.seed)
+        model = CondIModel(model_cfg)
+        if tensors is not None:
+            try:
+                model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
+            except ValueError as exc:
+                raise StoreError(
+                    f"{self.store.dir}: the checkpointed state does not fit its model ({exc})"
+                ) from exc
+        groups = aggregation_groups(model)
+        state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
+        shapes = {n: tuple(state[n].shape) for n in groups.assignment}
+        names = groups.group_names()
+        self._model = _Model(
+            model=model,
+            settings=RunSettings(
+                model=model_cfg, training=training, evaluation=self.cfg.evaluation, layout=layout
+            ),
+            param_shapes=shapes,
+            group_names=names,
+            update_bytes=plain_update_payload_bytes(shapes, len(names)),
+        )
+        self._groups = groups
+        self._set_state(state)
+        log.info(
+            "model: %s with %d parameters in %d tensors; window %s; plain update %d bytes",
+            model_cfg.variant.value,
+            sum(int(np.prod(s)) for s in shapes.values()),
+            len(shapes),
+            training.window,
+            self._model.update_bytes,
+        )
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> str:
+        encoded = wire.encode_state(state)
+        self.global_state = state
+        self._manifest_part = pb.StatePart(manifest_json=encoded.manifest.to_json())
+        self._pieces = list(state_parts(encoded, self.max_chunk_bytes))[1:]
+        self._state_bytes = encoded.manifest.payload_bytes
+        return encoded.manifest.payload_sha256
+
+    def _checkpoint(self) -> None:
+        """Commit the current progress (caller holds the lock)."""
+        self.ckpt.progress = self.machine.progress()
+        self.store.commit(self.ckpt)
+
+    # ---- handler operations ---------------------------------------------------------------
+
+    def join(self, silo: str, request: pb.JoinRequest) -> pb.JoinReply:
+        """Handshake: check version and layout, fix the layout on the first join, send the run settings."""
+        reply = pb.JoinReply(
+            silo_id=silo,
+            federation_name=self.cfg.name,
+            run_id=self.ckpt.run_id,
+            protocol_version=PROTOCOL_VERSION,
+            software_version=software_version(),
+            capabilities=list(CAPABILITIES),
+            poll_interval_ms=self.cfg.poll_interval_ms,
+            max_chunk_bytes=self.max_chunk_bytes,
+        )
+
+        def refuse(reason: str) -> pb.JoinReply:
+            log.warning("refused Join from silo %s: %s", silo, reason)
+            reply.accepted = False
+            reply.reason = reason
+            return reply
+
+        if request.protocol_version != PROTOCOL_VERSION:
+            return refuse(
+                f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
+                f"{PROTOCOL_VERSION}"
+            )
+        try:
+            info = info_from_summary(request.data)
+        except TransferError as exc:
+            return refuse(str(exc))
+        with self._cond:
+            if self.ckpt.layout is None:
+                self._adopt_layout(info, None, None)
+                assert self._model is not None
+                name, sha = self.store.save_state(self.machine.round, self.global_state)
+                self.ckpt.layout = info
+                self.ckpt.model = self._model.settings.model
+                self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
+                self.machine.state_sha256 = sha
+                self._checkpoint()
+                log.info(
+                    "data layout fixed by silo %s: %d modalities, %d channels, %d steps at %g Hz, classes %s",
+                    silo,
+                    info.n_modalities,
+                    info.n_features,
+                    info.length,
+                    info.sampling_rate_hz,
+                    list(info.classes),
+                )
+            else:
+                reason = layout_mismatch(self.ckpt.layout, info)
+                if reason is not None:
+                    return refuse(f"data layout does not match the federation's: {reason}")
+            self.machine.join(silo, self.clock())
+            self._cond.notify_all()
+        assert self._model is not None
+        reply.accepted = True
+        reply.model_config_json = self._model.settings.to_json()
+        log.info(
+            "silo %s joined (software %s, capabilities %s, %d training samples disclosed)",
+            silo,
+            request.software_version or "?",
+            list(request.capabilities),
+            request.data.num_samples,
+        )
+        return reply
+
+    def _task_message(self, view: TaskView) -> pb.Task:
+        task = pb.Task(
+            ref=view.key.to_proto(),
+            remaining_ms=int(view.remaining_s * 1000),
+            poll_after_ms=self.cfg.poll_interval_ms,
+            message=view.message,
+            state_sha256=view.state_sha256,
+            aggregation=pb.AGGREGATION_MODE_PLAIN,
+            selected=list(view.selected),
+        )
+        if view.key.stage in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE):
+            task.round_config_json = view.settings.to_json()
+        return task
+
+    def get_task(self, silo: str, request: pb.TaskRequest) -> pb.Task:
+        """The silo's task, held while unchanged for up to ``wait_ms`` (at most a third of liveness_s)."""
+        asked = StageKey.from_proto(request.ref) if request.HasField("ref") else None
+        hold = min(request.wait_ms / 1000.0, self.cfg.timeouts.liveness_s / 3.0)
+        with self._cond:
+            now = self.clock()
+            self.machine.seen(silo, now)
+            view = self.machine.task_for(silo, now)
+            end = now + hold
+            while view.key == asked and view.key.stage != pb.STAGE_DONE and not self._stopping.is_set():
+                if end - now <= 0:
+                    break
+                self._cond.wait(end - now)
+                now = self.clock()
+                view = self.machine.task_for(silo, now)
+            self.machine.seen(silo, now)
+        return self._task_message(view)
+
+    def download(self, silo: str, request: pb.DownloadRequest) -> Iterator[pb.StatePart]:
+        """The current global state for the silo's TRAIN or EVALUATE task, from ``first_chunk`` on."""
+        key = StageKey.from_proto(request.ref)
+        with self._cond:
+            self.machine.seen(silo, self.clock())
+            if key.stage not in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE):
+                raise ProtocolError(
+                    "failed_precondition",
+                    f"downloads belong to TRAIN or EVALUATE, not {stage_name(key.stage)}",
+                )
+            self.machine.check(silo, key, key.stage)
+            if request.state_sha256 != self.machine.state_sha256:
+                raise ProtocolError(
+                    "not_found",
+                    f"state {request.state_sha256[:12] or '(none)'} is not the current one "
+                    f"({self.machine.state_sha256[:12]})",
+                )
+            manifest, pieces = self._manifest_part, self._pieces
+            counter = self._downloads.setdefault((key.round, key.attempt, key.stage), {})
+        if request.first_chunk > len(pieces):
+            raise ProtocolError(
+                "invalid_argument", f"first_chunk {request.first_chunk} beyond {len(pieces)} chunks"
+            )
+
+        def stream() -> Iterator[pb.StatePart]:
+            yield manifest
+            for part in pieces[request.first_chunk :]:
+                with self._cond:
+                    counter[silo] = counter.get(silo, 0) + len(part.chunk.data)
+                yield part
+
+        return stream()
+
+    def upload(self, silo: str, parts: Iterator[pb.UpdatePart]) -> pb.UploadReceipt:
+        """Receive, check and record a plain update of the silo's current TRAIN task."""
+        model = self._model
+        if model is None:
+            raise ProtocolError("failed_precondition", "no model yet: no silo has joined")
+        started = self.clock()
+
+        def check_header(header: pb.UpdateHeader, manifest: wire.Manifest) -> None:
+            if header.encoding != pb.UPDATE_ENCODING_PLAIN:
+                raise ProtocolError(
+                    "invalid_argument",
+                    f"update encoding {pb.UpdateEncoding.Name(header.encoding)}: "
+                    "this run aggregates plain updates",
+                )
+            with self._cond:
+                self.machine.seen(silo, self.clock())
+                self.machine.check(silo, StageKey.from_proto(header.ref), pb.STAGE_TRAIN)
+                if header.base_state_sha256 != self.machine.state_sha256:
+                    raise ProtocolError(
+                        "failed_precondition",
+                        f"stale update: computed from state {header.base_state_sha256[:12] or '(none)'}, "
+                        f"the round trains from {self.machine.state_sha256[:12]}",
+                    )
+            if manifest.payload_bytes != model.update_bytes:
+                raise ProtocolError(
+                    "invalid_argument",
+                    f"update of {manifest.payload_bytes} bytes; "
+                    f"a plain update of this model has {model.update_bytes}",
+                )
+
+        received = receive_upload(
+            parts,
+            max_chunk_bytes=self.max_chunk_bytes,
+            max_payload_bytes=model.update_bytes,
+            check_header=check_header,
+        )
+        upload_s = self.clock() - started
+        params, weights = decode_plain_update(
+            received.manifest, received.payload, model.param_shapes, model.group_names
+        )
+        header = received.header
+        if header.num_examples != round(weights.get("all", 0.0)):
+            raise ProtocolError(
+                "invalid_argument",
+                f"num_examples {header.num_examples} differs from the update's sample weight "
+                f"{weights.get('all', 0.0):g}",
+            )
+        key = StageKey.from_proto(header.ref)
+        record = SiloUpload(
+            params=params,
+            weights=weights,
+            claims=_claims(header.claims_json),
+            upload_s=upload_s,
+            upload_bytes=received.manifest.payload_bytes,
+        )
+        with self._cond:
+            duplicate = self.machine.accept_update(
+                silo, key, header.base_state_sha256, received.manifest.payload_sha256, record
+            )
+            self._cond.notify_all()
+        log.info(
+            "%s update from silo %s for %s: %d samples, %d bytes in %.2f s",
+            "duplicate" if duplicate else "accepted",
+            silo,
+            key.describe(),
+            header.num_examples,
+            received.manifest.payload_bytes,
+            upload_s,
+        )
+        return pb.UploadReceipt(
+            ref=header.ref, payload_sha256=received.manifest.payload_sha256, duplicate=duplicate
+        )
+
+    def report_metrics(self, silo: str, request: pb.MetricsReport) -> pb.Receipt:
+        """Check and record a silo's evaluation of the current global state."""
+        key = StageKey.from_proto(request.ref)
+        with self._cond:
+            self.machine.seen(silo, self.clock())
+            self.machine.check(silo, key, pb.STAGE_EVALUATE)
+        assert self._model is not None
+        layout = self._model.settings.layout
+        try:
+            data = json.loads(request.metrics_json)
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"metrics_json: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("splits"), dict):
+            raise ReportError("metrics_json: expected an object with 'splits' and 'normalizer'")
+        wanted = self.machine.eval_splits(key.round)
+        missing = [s for s in wanted if s not in data["splits"]]
+        if missing:
+            raise ReportError(f"metrics_json.splits: missing {missing}")
+        report = {
+            "splits": {
+                s: check_split_report(data["splits"][s], len(layout.classes), f"metrics_json.splits.{s}")
+                for s in wanted
+            },
+            "normalizer": check_normalizer_report(
+                data.get("normalizer"), layout.n_features, "metrics_json.normalizer"
+            ),
+        }
+        digest = hashlib.sha256(request.metrics_json.encode("utf-8")).hexdigest()
+        with self._cond:
+            duplicate = self.machine.accept_metrics(silo, key, digest, report)
+            self._cond.notify_all()
+        val = report["splits"]["val"]
+        log.info(
+            "%s metrics from silo %s for %s: val accuracy %.3f on %d samples",
+            "duplicate" if duplicate else "accepted",
+            silo,
+            key.describe(),
+            val["accuracy"],
+            val["n"],
+        )
+        return pb.Receipt(ref=request.ref, duplicate=duplicate)
+
+    def heartbeat(self, silo: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        """A sign of life; the reply names the caller and its current task."""
+        reply = pb.HeartbeatReply(silo_id=silo)
+        with self._cond:
+            now = self.clock()
+            self.machine.seen(silo, now)
+            if silo in self.machine.joined():
+                reply.current.CopyFrom(self.machine.task_for(silo, now).key.to_proto())
+        if request.status:
+            log.debug("silo %s: %s (%.0f%%)", silo, request.status[:200], 100 * request.progress)
+        return reply
+
+    # ---- driver -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the driver and any held long polls to finish."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _aggregate(self, effect: Aggregate) -> None:
+        assert self._model is not None
+        t0 = self.clock()
+        updates = [SiloUpdate(params=u.params, weights=u.weights) for u in effect.updates.values()]
+        new_state = fedavg(self.global_state, updates, self._groups)
+        aggregation_s = self.clock() - t0
+        name, sha = self.store.save_state(effect.round, new_state)
+        record = TrainRecord(
+            attempt=effect.attempt,
+            selected=effect.selected,
+            uploads=effect.updates,
+            download_bytes=dict(self._downloads.get((effect.round, effect.attempt, pb.STAGE_TRAIN), {})),
+            state_bytes=self._state_bytes,
+            stage_s=effect.stage_s,
+            aggregation_s=aggregation_s,
+        )
+        with self._cond:
+            self._set_state(new_state)
+            self.machine.aggregated(sha, self.clock())
+            self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
+            self.ckpt.pending_row = train_summary(effect.round, record)
+            self._checkpoint()
+            self._cond.notify_all()
+        log.info(
+            "round %d aggregated from %s (%d samples) in %.3f s",
+            effect.round,
+            ", ".join(sorted(effect.updates)),
+            self.ckpt.pending_row["samples"],
+            aggregation_s,
+        )
+
+    def _record(self, effect: Evaluated) -> list[Any]:
+        summary = self.ckpt.pending_row or {"round": effect.round}
+        row = round_row(summary, effect.attempt, effect.stage_s, effect.reports)
+        with self._cond:
+            for silo, report in effect.reports.items():
+                self.ckpt.normalizers[silo] = report["normalizer"]
+            self.ckpt.rows.append(row)
+            self.ckpt.pending_row = None
+            effects = self.machine.next_round(self.clock())
+            self._checkpoint()
+            self._downloads = {k: v for k, v in self._downloads.items() if k[0] > effect.round}
+            self._cond.notify_all()
+        val = row.get("val")
+        log.info(
+            "round %d of %d done: val accuracy %s from %d silos",
+            effect.round + 1,
+            self.plan.rounds,
+            "n/a" if val is None else f"{val['accuracy']:.3f}",
+            len(effect.reports),
+            extra={"event": {"event": "round_done", "round": effect.round, "val": val}},
+        )
+        return effects
+
+    def _write_status(self, now: float) -> None:
+        status = {
+            "federation": self.cfg.name,
+            "run_id": self.ckpt.run_id,
+            "outcome": None if self.outcome is None else self.outcome[0],
+            "rounds_recorded": len(self.ckpt.rows),
+            **self.machine.status(now),
+        }
+        key_fields = {k: status[k] for k in ("round", "attempt", "phase", "members", "done", "outcome")}
+        line = json.dumps(key_fields, sort_keys=True)
+        if line != self._progress_line:
+            self._progress_line = line
+            members = status["members"]
+            log.info(
+                "progress: round %d/%d %s attempt %d: %d/%d done%s",
+                status["round"] + 1 if status["round"] < status["rounds"] else status["rounds"],
+                status["rounds"],
+                status["phase"],
+                max(status["attempt"], 0),
+                len(status["done"]),
+                len(members),
+                f" (done: {', '.join(status['done']) or 'none'}; of {', '.join(members)})" if members else "",
+                extra={"event": {"event": "progress", **key_fields}},
+            )
+        status.pop("remaining_s", None)
+        text = json.dumps(status, sort_keys=True)
+        if text != self._status_text:
+            self._status_text = text
+            atomic_write_bytes(self.run_dir / "status.json", (text + "\n").encode("utf-8"))
+
+    def run(self) -> int:
+        """Drive the run to its end and write the report; 0 when every round completed, else 1."""
+        finished = self.machine.phase == Phase.DONE
+        while not finished and not self._stopping.is_set():
+            with self._cond:
+                now = self.clock()
+                effects = self.machine.tick(now)
+                for effect in effects:
+                    if isinstance(effect, Persist):
+                        self._checkpoint()
+                    elif isinstance(effect, Retry):
+                        log.warning("retrying round %d: %s", effect.round, effect.message)
+                self._write_status(now)
+            queue = [e for e in effects if not isinstance(e, Persist | Retry)]
+            while queue:
+                effect = queue.pop(0)
+                if isinstance(effect, Aggregate):
+                    self._aggregate(effect)
+                elif isinstance(effect, Evaluated):
+                    queue.extend(self._record(effect))
+                elif isinstance(effect, Failed):
+                    log.error("run %s failed: %s", self.ckpt.run_id, effect.message)
+                    self.outcome = ("failed", effect.message)
+                    finished = True
+                elif isinstance(effect, Finished):
+                    self.outcome = ("complete", f"all {effect.rounds} rounds completed")
+                    finished = True
+            if not finished:
+                with self._cond:
+                    self._cond.wait(_DRIVER_PERIOD_S)
+        if self._stopping.is_set() and self.outcome is None:
+            log.warning("stopped before the run ended; the checkpoint resumes it")
+            return 1
+        if self.outcome is None:
+            self.outcome = (
+                "complete",
+                f"all {self.plan.rounds} rounds completed (already before this start)",
+            )
+        path = self._final_report()
+        log.info("run %s %s: %s; report %s", self.ckpt.run_id, self.outcome[0], self.outcome[1], path)
+        self._tell_silos_done()
+        return 0 if self.outcome[0] == "complete" else 1
+
+    def _final_report(self) -> Path:
+        assert self.outcome is not None
+        model = None
+        normalizer = None
+        with self._cond:
+            self._write_status(self.clock())
+            if self._model is not None:
+                model = self._model.model
+                model.load_named_tensors({k: torch.from_numpy(v) for k, v in self.global_state.items()})
+                normalizer = pool_normalizers(
+                    list(self.ckpt.normalizers.values()), self._model.settings.layout.n_features
+                )
+            rows = list(self.ckpt.rows)
+        return write_report(
+            self.run_dir,
+            federation=self.cfg.name,
+            run_id=self.ckpt.run_id,
+            status=self.outcome[0],
+            message=self.outcome[1],
+            rows=rows,
+            model=model,
+            normalizer=normalizer,
+            layout=self.ckpt.layout,
+        )
+
+    def _tell_silos_done(self) -> None:
+        """Keep answering until every connected silo has learnt the run is over, or the grace ends."""
+        end = self.clock() + self.cfg.timeouts.done_grace_s
+        with self._cond:
+            while not self._stopping.is_set():
+                now = self.clock()
+                waiting = set(self.machine.alive(now)) - set(self.machine.told_done())
+                if not waiting or now >= end:
+                    break
+                self._cond.wait(min(_DRIVER_PERIOD_S, end - now))
+
+
+def _claims(text: str) -> dict[str, Any]:
+    """A silo's statements about its update: information only, never identity or weight."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        log.warning("ignoring claims that are not valid JSON")
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        k: v
+        for k, v in data.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def serve(cfg: FederationConfig, source: str | Path) -> int:
+    """Run the coordinator of ``cfg`` until the run ends; returns the exit code."""
+    from coordinator.servicer import FederationServicer
+
+    check_federation_files(cfg, source)
+    assert cfg.tls is not None
+    coordinator = Coordinator(cfg)
+    ca = pki.load_certificate(cfg.tls.ca)
+    interceptor = identity.IdentityInterceptor(ca, identity.RevocationList(cfg.tls.crl, ca), cfg.silos)
+    credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
+    bound = tls.secure_server(
+        cfg.listen, credentials, interceptors=[interceptor], max_workers=4 * len(cfg.silos) + 8
+    )
+    FederationServicer(coordinator).register(bound.server)
+    health = tls.add_health_service(bound.server)
+    bound.server.start()
+    log.info("coordinator of %s serving on %s (port %d)", cfg.name, cfg.listen, bound.port)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.warning("received signal %d; stopping", signum)
+        coordinator.stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return coordinator.run()
+    finally:
+        for name in ("", tls.FEDERATION_SERVICE):
+            health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        coordinator.stop()
+        bound.server.stop(grace=2).wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,115 @@
+"""The gRPC face of the coordinator: read the caller from its certificate, call the coordinator, map errors.
+
+Each handler is a few lines. The caller's silo id comes only from
+:func:`federation.identity.identity_of` (the per-call certificate check of
+:class:`~federation.identity.IdentityInterceptor`), never from a message field. A refusal is
+aborted with the status the protocol prescribes and logged once, naming the silo, the call and
+the reason.
+"""
+# ruff: noqa: N802  (servicer methods carry the gRPC method names)
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from coordinator.pooling import ReportError
+from coordinator.rounds import ProtocolError
+from coordinator.server import Coordinator
+from federation.identity import identity_of
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
+from federation.transfer import TransferError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CODES = {
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+}
+
+_SECURE_ONLY = (
+    "this run aggregates in the clear (AGGREGATION_MODE_PLAIN); secure-aggregation calls are not served"
+)
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    """Thin handlers over one :class:`~coordinator.server.Coordinator`."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    def register(self, server: grpc.Server) -> None:
+        """Add this servicer to ``server``."""
+        pb_grpc.add_FederationServicer_to_server(self, server)
+
+    @staticmethod
+    def _refuse(
+        context: grpc.ServicerContext, method: str, silo: str, code: grpc.StatusCode, why: str
+    ) -> NoReturn:
+        log.warning("refused %s from silo %s (%s): %s", method, silo, code.name, why)
+        context.abort(code, why)
+
+    def _call(self, context: grpc.ServicerContext, method: str, action: Callable[[str], T]) -> T:
+        silo = identity_of(context).silo_id
+        try:
+            return action(silo)
+        except ProtocolError as exc:
+            self._refuse(
+                context, method, silo, _CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), exc.message
+            )
+        except (TransferError, ReportError) as exc:
+            self._refuse(context, method, silo, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        return self._call(context, "Join", lambda silo: self.coordinator.join(silo, request))
+
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        return self._call(context, "GetTask", lambda silo: self.coordinator.get_task(silo, request))
+
+    def DownloadState(
+        self, request: pb.DownloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StatePart]:
+        yield from self._call(context, "DownloadState", lambda silo: self.coordinator.download(silo, request))
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdatePart], context: grpc.ServicerContext
+    ) -> pb.UploadReceipt:
+        return self._call(
+            context, "UploadUpdate", lambda silo: self.coordinator.upload(silo, request_iterator)
+        )
+
+    def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.Receipt:
+        return self._call(
+            context, "ReportMetrics", lambda silo: self.coordinator.report_metrics(silo, request)
+        )
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        return self._call(context, "Heartbeat", lambda silo: self.coordinator.heartbeat(silo, request))
+
+    def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext) -> pb.Receipt:
+        self._refuse(
+            context,
+            "AdvertiseKeys",
+            identity_of(context).silo_id,
+            grpc.StatusCode.UNIMPLEMENTED,
+            _SECURE_ONLY,
+        )
+
+    def ShareKeys(self, request: pb.ShareKeysRequest, context: grpc.ServicerContext) -> pb.Receipt:
+        self._refuse(
+            context, "ShareKeys", identity_of(context).silo_id, grpc.StatusCode.UNIMPLEMENTED, _SECURE_ONLY
+        )
+
+    def Unmask(self, request: pb.UnmaskRequest, context: grpc.ServicerContext) -> pb.Receipt:
+        self._refuse(
+            context, "Unmask", identity_of(context).silo_id, grpc.StatusCode.UNIMPLEMENTED, _SECURE_ONLY
+        )

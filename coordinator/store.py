@@ -1,0 +1,191 @@
+"""The coordinator's checkpoint: enough to resume a run after a crash without losing or doubling a round.
+
+Layout under ``<run_dir>/checkpoint``:
+
+- ``global-<round>-<sha>.npz``: the global model's named tensors (numpy, read with
+  ``allow_pickle=False``), written before the commit that names it;
+- ``progress.json``: the commit point. It names the state file and its wire-format SHA-256, the
+  round progress (round, attempt, failures, what is pending, the selection RNG state), the data
+  layout and model config fixed when the first silo joined, every recorded round's metrics row,
+  the training half of the row of a round that still awaits evaluation, and each silo's last
+  normalization statistics.
+
+Every file is written to a temporary name, fsynced and renamed, and the directory is fsynced, so
+a crash leaves the old commit or the new one. ``<run_dir>/metrics.jsonl`` is rewritten from the
+committed rows after each commit: it holds every recorded round exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from condi_models.checkpoint import atomic_write_bytes, info_from_dict, info_to_dict
+from condi_models.data.dataset import DatasetInfo
+from condi_models.nn.model import ModelConfig
+from coordinator.rounds import RoundProgress
+from federation import wire
+
+log = logging.getLogger(__name__)
+
+FORMAT = "condi-coordinator/1"
+
+
+class StoreError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+@dataclass
+class CoordinatorCheckpoint:
+    """What a committed checkpoint holds besides the tensors."""
+
+    run_id: str
+    federation: str
+    progress: RoundProgress
+    layout: DatasetInfo | None = None
+    model: ModelConfig | None = None
+    state_file: str | None = None
+    state_sha256: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    pending_row: dict[str, Any] | None = None
+    normalizers: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of progress.json."""
+        p = self.progress
+        return {
+            "format": FORMAT,
+            "run_id": self.run_id,
+            "federation": self.federation,
+            "progress": {
+                "round": p.round,
+                "attempt": p.attempt,
+                "failures": p.failures,
+                "pending": p.pending,
+                "rng_state": p.rng_state,
+            },
+            "layout": None if self.layout is None else info_to_dict(self.layout),
+            "model": None if self.model is None else self.model.to_dict(),
+            "state_file": self.state_file,
+            "state_sha256": self.state_sha256,
+            "rows": self.rows,
+            "pending_row": self.pending_row,
+            "normalizers": self.normalizers,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: Path) -> CoordinatorCheckpoint:
+        """Inverse of :meth:`to_dict`; a malformed document raises :class:`StoreError` naming ``source``."""
+        if data.get("format") != FORMAT:
+            raise StoreError(f"{source}: format {data.get('format')!r}, expected {FORMAT!r}")
+        try:
+            p = data["progress"]
+            progress = RoundProgress(
+                round=int(p["round"]),
+                attempt=int(p["attempt"]),
+                failures=int(p["failures"]),
+                pending=p["pending"],
+                rng_state=dict(p["rng_state"]),
+            )
+            if progress.pending not in ("train", "evaluate", "done"):
+                raise ValueError(f"pending {progress.pending!r}")
+            return cls(
+                run_id=str(data["run_id"]),
+                federation=str(data["federation"]),
+                progress=progress,
+                layout=None if data["layout"] is None else info_from_dict(data["layout"]),
+                model=None if data["model"] is None else ModelConfig.from_dict(data["model"]),
+                state_file=data["state_file"],
+                state_sha256=str(data["state_sha256"]),
+                rows=list(data["rows"]),
+                pending_row=data["pending_row"],
+                normalizers=dict(data["normalizers"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{source}: inconsistent checkpoint ({exc})") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def state_sha256(tensors: Mapping[str, np.ndarray]) -> str:
+    """The wire-format payload SHA-256 of a state: what silos are told to download."""
+    return wire.encode_state(tensors).manifest.payload_sha256
+
+
+class CheckpointStore:
+    """Reads and commits the checkpoint of one run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoint"
+        self.progress_path = self.dir / "progress.json"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def save_state(self, round_index: int, tensors: Mapping[str, np.ndarray]) -> tuple[str, str]:
+        """Write a global state file (not yet committed); returns its file name and SHA-256."""
+        sha = state_sha256(tensors)
+        name = f"global-{round_index:05d}-{sha[:16]}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in tensors.items()})
+        atomic_write_bytes(self.dir / name, buf.getvalue())
+        return name, sha
+
+    def commit(self, checkpoint: CoordinatorCheckpoint) -> None:
+        """Make ``checkpoint`` the one a restart resumes from; then tidy up and rewrite metrics.jsonl."""
+        if checkpoint.state_file is not None and not (self.dir / checkpoint.state_file).is_file():
+            raise StoreError(
+                f"{self.dir / checkpoint.state_file}: state file missing; save it before committing"
+            )
+        text = json.dumps(checkpoint.to_dict(), indent=1, sort_keys=True) + "\n"
+        atomic_write_bytes(self.progress_path, text.encode("utf-8"))
+        _fsync_dir(self.dir)
+        for old in self.dir.glob("global-*.npz"):
+            if old.name != checkpoint.state_file:
+                old.unlink(missing_ok=True)
+        self.write_metrics(checkpoint.rows)
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl from the committed rows (one line per recorded round)."""
+        text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+        atomic_write_bytes(self.metrics_path, text.encode("utf-8"))
+
+    def load(self) -> tuple[CoordinatorCheckpoint, dict[str, np.ndarray] | None] | None:
+        """The committed checkpoint and its global state, or None when the run has none yet.
+
+        The state file's SHA-256 must equal the committed one; a mismatch is an error rather
+        than a silent restart from whatever the file holds.
+        """
+        if not self.progress_path.is_file():
+            return None
+        try:
+            data = json.loads(self.progress_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{self.progress_path}: unreadable checkpoint ({exc})") from exc
+        checkpoint = CoordinatorCheckpoint.from_dict(data, self.progress_path)
+        if checkpoint.state_file is None:
+            return checkpoint, None
+        path = self.dir / checkpoint.state_file
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                tensors = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise StoreError(f"{path}: unreadable global state ({exc})") from exc
+        if state_sha256(tensors) != checkpoint.state_sha256:
+            raise StoreError(f"{path}: content does not match the SHA-256 committed in {self.progress_path}")
+        self.write_metrics(checkpoint.rows)
+        return checkpoint, tensors

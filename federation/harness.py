@@ -1,0 +1,453 @@
+"""``condi harness``: a whole federation on this machine, over real gRPC and mutual TLS.
+
+The harness makes a throwaway PKI, writes ``federation.yaml`` and one ``site.yaml`` per silo into
+a run directory, and starts the coordinator and N silo-agent processes on 127.0.0.1 (a free port
+picked at start), each with its own log file. Every silo loads the same data source and keeps
+its own patient-disjoint Dirichlet share of it (synthetic 12-lead ECG by default, the shared
+PTB-XL with ``--data ptbxl``). It shows progress, waits for the run to end and returns where the
+report is.
+
+Fault injection: ``--kill-silo ID:ROUND:STAGE`` makes that silo exit hard in that round's
+``train`` or ``evaluate`` stage; ``--nan-update ID:ROUND`` makes it produce a NaN update (which it
+refuses to send); ``--restart-coordinator-at ROUND`` kills the coordinator with SIGKILL once an
+update of that round has arrived, and starts it again from its checkpoint.
+
+Run directory layout: ``pki/``, ``federation.yaml``, ``sites/<id>.yaml``, ``logs/<process>.log``,
+``coordinator/`` (checkpoint, metrics.jsonl, status.json, events.jsonl, report.json,
+curves.png, global_model.npz) and ``silos/<id>/`` (each agent's state directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import yaml
+
+from federation import pki
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PTBXL = REPO.parent / "shared" / "data" / "ptbxl"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Data, model and training sizes of a harness run."""
+
+    records_per_silo: int
+    seconds: float
+    model: Mapping[str, Any]
+    training: Mapping[str, Any]
+    evaluation: Mapping[str, Any]
+    missingness: Mapping[str, Any] | None
+
+
+_SMALL_MODEL = {
+    "embed_dim": 16,
+    "cond_dim": 16,
+    "denoiser": {"hidden": 32, "n_blocks": 1, "n_heads": 2},
+    "context": {"stem_dim": 16, "expert_hidden": 32, "out_dim": 16},
+    "classifier": {"hidden": 32, "n_blocks": 1, "n_heads": 2, "head_hidden": 64},
+}
+
+PROFILES: dict[str, Profile] = {
+    # CI: seconds per round; checks the mechanism, not the learning.
+    "tiny": Profile(
+        records_per_silo=40,
+        seconds=2.5,
+        model=_SMALL_MODEL,
+        training={"epochs_a": 1, "epochs_b": 1, "batch_size": 32, "window": 250},
+        evaluation={"n_samples": 1, "steps": 2, "batch_size": 64},
+        missingness={"ps": 0.5, "pw": 0.5, "pattern": "points", "seed": 0},
+    ),
+    # make demo: a few minutes on CPU, accuracy visibly rising over the rounds.
+    "demo": Profile(
+        records_per_silo=150,
+        seconds=2.5,
+        model=_SMALL_MODEL,
+        training={"epochs_a": 1, "epochs_b": 4, "batch_size": 32, "window": 250, "lr_b": 2e-3},
+        evaluation={"n_samples": 1, "steps": 3, "batch_size": 128},
+        missingness={"ps": 0.5, "pw": 0.5, "pattern": "points", "seed": 0},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class HarnessOptions:
+    """What ``condi harness`` runs."""
+
+    out: Path
+    silos: int = 3
+    rounds: int = 2
+    per_round: int | None = None
+    min_silos: int | None = None
+    data: Literal["synthetic", "ptbxl"] = "synthetic"
+    ptbxl_path: Path = DEFAULT_PTBXL
+    profile: str = "tiny"
+    seed: int = 0
+    kill_silo: tuple[str, int, str] | None = None
+    nan_update: tuple[str, int] | None = None
+    restart_coordinator_at: int | None = None
+    model: Mapping[str, Any] | None = None
+    timeouts: Mapping[str, float] = field(default_factory=dict)
+    max_attempts: int = 3
+    timeout_s: float = 1800.0
+
+    def silo_ids(self) -> list[str]:
+        """silo-1 .. silo-N."""
+        return [f"silo-{i}" for i in range(1, self.silos + 1)]
+
+    def plan(self) -> tuple[int, int]:
+        """Silos per round and the minimum per round."""
+        per_round = self.per_round if self.per_round is not None else min(3, self.silos)
+        minimum = self.min_silos if self.min_silos is not None else max(1, per_round - 1)
+        return per_round, minimum
+
+
+@dataclass(frozen=True)
+class HarnessResult:
+    """How the run ended and where its files are."""
+
+    out: Path
+    run_dir: Path
+    report: Path | None
+    coordinator_exit: int
+    silo_exits: dict[str, int | None]
+    coordinator_starts: int
+
+
+class HarnessError(RuntimeError):
+    """The harness could not set up or finish the run; the message says what and where to look."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody is listening on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_yaml(path: Path, data: Mapping[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path]]:
+    """Make the dev PKI and write federation.yaml and every site.yaml; returns their paths."""
+    if opts.profile not in PROFILES:
+        raise HarnessError(f"unknown profile {opts.profile!r}; expected one of {sorted(PROFILES)}")
+    if opts.data == "ptbxl" and not opts.ptbxl_path.is_dir():
+        raise HarnessError(f"--data ptbxl: {opts.ptbxl_path} is not a folder")
+    profile = PROFILES[opts.profile]
+    out = opts.out.resolve()
+    ids = opts.silo_ids()
+    material = pki.dev_pki(out / "pki", len(ids), silo_ids=ids)
+    per_round, minimum = opts.plan()
+    timeouts = {
+        "gather_s": 60.0,
+        "train_s": 600.0,
+        "evaluate_s": 300.0,
+        "liveness_s": 10.0,
+        "done_grace_s": 15.0,
+        **opts.timeouts,
+    }
+    federation = {
+        "name": "condi-harness",
+        "silos": ids,
+        "rounds": opts.rounds,
+        "silos_per_round": per_round,
+        "min_silos": minimum,
+        "max_attempts": opts.max_attempts,
+        "seed": opts.seed,
+        "run_dir": str(out / "coordinator"),
+        "listen": f"127.0.0.1:{port}",
+        "tls": {
+            "ca": str(material.ca.cert),
+            "cert": str(material.server.cert),
+            "key": str(material.server.key),
+            "crl": str(material.ca.crl),
+        },
+        "poll_interval_ms": 500,
+        "timeouts": timeouts,
+        "model": dict(opts.model if opts.model is not None else profile.model),
+        "training": dict(profile.training),
+        "evaluation": dict(profile.evaluation),
+    }
+    if opts.data == "ptbxl":
+        data: dict[str, Any] = {"source": "ptbxl", "path": str(opts.ptbxl_path.resolve())}
+    else:
+        data = {
+            "source": "synthetic_ecg",
+            "n_records": profile.records_per_silo * len(ids),
+            "seed": opts.seed,
+            "seconds": profile.seconds,
+        }
+    sites = {}
+    for index, sid in enumerate(ids):
+        site: dict[str, Any] = {
+            "silo_id": sid,
+            "data": data,
+            "partition": {
+                "silos": len(ids),
+                "index": index,
+                "scheme": "dirichlet",
+                "alpha": 0.5,
+                "seed": opts.seed,
+            },
+            "split": {"scheme": "patient", "fractions": [0.7, 0.15, 0.15]},
+            "seed": opts.seed + index,
+            "state_dir": str(out / "silos" / sid),
+            "device": "cpu",
+            "coordinator": {
+                "address": f"127.0.0.1:{port}",
+                "rpc_timeout_s": 20.0,
+                "max_backoff_s": 2.0,
+                "give_up_after_s": 120.0,
+            },
+            "tls": {
+                "ca": str(material.ca.cert),
+                "cert": str(material.silos[sid].cert),
+                "key": str(material.silos[sid].key),
+            },
+        }
+        if profile.missingness is not None:
+            site["simulated_missingness"] = dict(profile.missingness)
+        sites[sid] = _write_yaml(out / "sites" / f"{sid}.yaml", site)
+    return _write_yaml(out / "federation.yaml", federation), sites
+
+
+def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    # One thread per process: N silos and the coordinator share this machine's cores.
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+
+def _start(name: str, args: list[str], log_path: Path, env: Mapping[str, str]) -> _Process:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = log_path.open("ab")
+    popen = subprocess.Popen(
+        [sys.executable, *args], stdout=handle, stderr=subprocess.STDOUT, env=_child_env(env)
+    )
+    log.info("started %s (pid %d), log %s", name, popen.pid, log_path)
+    return _Process(name=name, popen=popen, log=handle)
+
+
+def _stop(proc: _Process, grace_s: float = 5.0) -> int | None:
+    if proc.popen.poll() is None:
+        proc.popen.send_signal(signal.SIGTERM)
+        try:
+            proc.popen.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+    proc.log.close()
+    return proc.popen.returncode
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """The coordinator's status.json, or None while it has none (or is rewriting it)."""
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_harness(
+    opts: HarnessOptions, progress: Callable[[dict[str, Any]], None] | None = None
+) -> HarnessResult:
+    """Run a federation of processes as ``opts`` says and wait for it to end."""
+    out = opts.out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise HarnessError(f"{out} is not empty; give a new --out folder")
+    ids = opts.silo_ids()
+    if opts.kill_silo is not None and opts.kill_silo[0] not in ids:
+        raise HarnessError(f"--kill-silo: no silo {opts.kill_silo[0]!r} (silos are {ids[0]} .. {ids[-1]})")
+    if opts.nan_update is not None and opts.nan_update[0] not in ids:
+        raise HarnessError(f"--nan-update: no silo {opts.nan_update[0]!r}")
+    port = free_port()
+    fed_yaml, sites = write_configs(opts, port)
+    run_dir = out / "coordinator"
+    logs_dir = out / "logs"
+    coordinator_args = ["-m", "coordinator.cli", "--config", str(fed_yaml)]
+    coordinator = _start("coordinator", coordinator_args, logs_dir / "coordinator.log", {})
+    starts = 1
+    silos: dict[str, _Process] = {}
+    for sid in ids:
+        env = {}
+        if opts.kill_silo is not None and opts.kill_silo[0] == sid:
+            env["CONDI_FAULT_EXIT_AT"] = f"{opts.kill_silo[1]}:{opts.kill_silo[2]}"
+        if opts.nan_update is not None and opts.nan_update[0] == sid:
+            env["CONDI_FAULT_NAN_AT"] = str(opts.nan_update[1])
+        silos[sid] = _start(
+            sid, ["-m", "silo_agent.cli", "--config", str(sites[sid])], logs_dir / f"{sid}.log", env
+        )
+    restart_pending = opts.restart_coordinator_at is not None
+    deadline = time.monotonic() + opts.timeout_s
+    last_status: dict[str, Any] | None = None
+    try:
+        while True:
+            status = read_status(run_dir)
+            if status is not None and status != last_status:
+                last_status = status
+                if progress is not None:
+                    progress(status)
+            if (
+                restart_pending
+                and status is not None
+                and status.get("round") == opts.restart_coordinator_at
+                and status.get("phase") == "train"
+                and status.get("done")
+            ):
+                log.warning(
+                    "killing the coordinator in round %s (mid-round) and restarting it", status["round"]
+                )
+                coordinator.popen.kill()
+                coordinator.popen.wait()
+                coordinator.log.close()
+                coordinator = _start("coordinator", coordinator_args, logs_dir / "coordinator.log", {})
+                starts += 1
+                restart_pending = False
+            if coordinator.popen.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"the run did not end within {opts.timeout_s:g} s; see the logs in {logs_dir}"
+                )
+            time.sleep(0.2)
+        end = time.monotonic() + 30.0
+        while time.monotonic() < end and any(p.popen.poll() is None for p in silos.values()):
+            time.sleep(0.2)
+    finally:
+        silo_exits = {sid: _stop(p) for sid, p in silos.items()}
+        code = _stop(coordinator)
+    report = run_dir / "report.json"
+    return HarnessResult(
+        out=out,
+        run_dir=run_dir,
+        report=report if report.is_file() else None,
+        coordinator_exit=int(code if code is not None else -1),
+        silo_exits=silo_exits,
+        coordinator_starts=starts,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _kill_spec(text: str) -> tuple[str, int, str]:
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ("train", "evaluate"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ID:ROUND:STAGE with STAGE train or evaluate")
+    return parts[0], int(parts[1]), parts[2]
+
+
+def _nan_spec(text: str) -> tuple[str, int]:
+    silo, _, round_text = text.partition(":")
+    if not silo or not round_text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ID:ROUND")
+    return silo, int(round_text)
+
+
+def _harness(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    out = Path(args.out) if args.out else Path("runs") / f"harness-{time.strftime('%Y%m%d-%H%M%S')}"
+    opts = HarnessOptions(
+        out=out,
+        silos=args.silos,
+        rounds=args.rounds,
+        per_round=args.per_round,
+        data=args.data,
+        ptbxl_path=Path(args.ptbxl_path),
+        profile=args.profile,
+        seed=args.seed,
+        kill_silo=args.kill_silo,
+        nan_update=args.nan_update,
+        restart_coordinator_at=args.restart_coordinator_at,
+    )
+    bar = tqdm(total=args.rounds, desc="federation", unit="round", file=sys.stderr)
+
+    def show(status: dict[str, Any]) -> None:
+        bar.n = status.get("rounds_recorded", 0)
+        members = status.get("members") or []
+        bar.set_postfix_str(
+            f"round {min(status.get('round', 0) + 1, args.rounds)} {status.get('phase')}: "
+            f"{len(status.get('done') or [])}/{len(members)} done, "
+            f"{len(status.get('connected') or [])} connected"
+        )
+        bar.refresh()
+
+    print(f"run directory: {out.resolve()}", file=sys.stderr)
+    try:
+        result = run_harness(opts, progress=show)
+    finally:
+        bar.close()
+    for sid, exit_code in result.silo_exits.items():
+        if exit_code not in (0, None):
+            print(
+                f"{sid} exited with code {exit_code} (log: {result.out / 'logs' / (sid + '.log')})",
+                file=sys.stderr,
+            )
+    if result.report is None:
+        print(
+            f"no report: the coordinator exited with {result.coordinator_exit}; see {result.out / 'logs'}",
+            file=sys.stderr,
+        )
+        return 1
+    report = json.loads(result.report.read_text())
+    accuracy = ", ".join(f"{a:.3f}" for a in report.get("val_accuracy_by_round", []))
+    print(
+        f"{report['status']}: {report['message']}; validation accuracy by round: {accuracy}", file=sys.stderr
+    )
+    print(result.report)
+    return 0 if result.coordinator_exit == 0 else 1
+
+
+def add_harness_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``condi harness``."""
+    p = sub.add_parser("harness", help="coordinator + N silo-agent processes on loopback with a dev PKI")
+    p.add_argument("--silos", type=int, default=3, help="number of silo processes (default 3)")
+    p.add_argument("--rounds", type=int, default=2, help="federated rounds (default 2)")
+    p.add_argument(
+        "--per-round", type=int, default=None, help="silos selected per round (default min(3, silos))"
+    )
+    p.add_argument("--out", help="run directory (default runs/harness-<time>); must be new or empty")
+    p.add_argument(
+        "--data", choices=["synthetic", "ptbxl"], default="synthetic", help="data every silo shares"
+    )
+    p.add_argument("--ptbxl-path", default=str(DEFAULT_PTBXL), help="PTB-XL folder for --data ptbxl")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="tiny", help="data and model sizes")
+    p.add_argument("--kill-silo", type=_kill_spec, help="ID:ROUND:STAGE: that silo exits hard there")
+    p.add_argument(
+        "--nan-update", type=_nan_spec, help="ID:ROUND: that silo's update holds NaN (it refuses to send)"
+    )
+    p.add_argument(
+        "--restart-coordinator-at", type=int, help="kill the coordinator mid-round ROUND and restart it"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_harness)

@@ -1,0 +1,112 @@
+"""The run's and each round's settings as JSON, written by the coordinator and read by the silo.
+
+``JoinReply.model_config_json`` carries :class:`RunSettings` (the built model config, local
+training, evaluation and the data layout every silo must have); ``Task.round_config_json`` carries
+:class:`RoundSettings` (the seeds and the splits to evaluate). Both sides use these classes, so
+the documents are written and read in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from condi_models.checkpoint import info_from_dict, info_to_dict
+from condi_models.data.dataset import DatasetInfo
+from condi_models.evaluation import EvalOptions
+from condi_models.nn.model import ModelConfig
+from condi_models.training import LocalTrainingConfig
+
+EVAL_SPLITS = ("val", "test")
+
+
+class SettingsError(ValueError):
+    """A settings document that cannot be used; the message names the field."""
+
+
+def _object(text: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{what}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"{what}: expected a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every silo of a run trains and evaluates with."""
+
+    model: ModelConfig
+    training: LocalTrainingConfig
+    evaluation: EvalOptions
+    layout: DatasetInfo
+
+    def to_json(self) -> str:
+        """The JSON document of JoinReply.model_config_json."""
+        return json.dumps(
+            {
+                "model": self.model.to_dict(),
+                "training": asdict(self.training),
+                "evaluation": asdict(self.evaluation),
+                "layout": info_to_dict(self.layout),
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSettings:
+        """Parse and check a JoinReply.model_config_json document."""
+        data = _object(text, "run settings")
+        missing = sorted({"model", "training", "evaluation", "layout"} - set(data))
+        if missing:
+            raise SettingsError(f"run settings: missing {missing}")
+        try:
+            model = ModelConfig.from_dict(data["model"])
+            training = LocalTrainingConfig(**data["training"])
+            evaluation = EvalOptions(**data["evaluation"])
+            layout = info_from_dict(data["layout"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SettingsError(f"run settings: {exc}") from exc
+        return cls(model=model, training=training, evaluation=evaluation, layout=layout)
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """What one task needs beyond its stage: seeds, and which local splits to evaluate."""
+
+    train_seed: int | None = None
+    eval_seed: int | None = None
+    eval_splits: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """The JSON document of Task.round_config_json."""
+        return json.dumps(
+            {
+                "train_seed": self.train_seed,
+                "eval_seed": self.eval_seed,
+                "eval_splits": list(self.eval_splits),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundSettings:
+        """Parse and check a Task.round_config_json document (empty text means no settings)."""
+        if not text:
+            return cls()
+        data = _object(text, "round settings")
+        unknown = sorted(set(data) - {"train_seed", "eval_seed", "eval_splits"})
+        if unknown:
+            raise SettingsError(f"round settings: unknown keys {unknown}")
+        splits = data.get("eval_splits", [])
+        if not isinstance(splits, list) or any(s not in EVAL_SPLITS for s in splits):
+            raise SettingsError(f"round settings: eval_splits must be a list drawn from {list(EVAL_SPLITS)}")
+        seeds = {}
+        for key in ("train_seed", "eval_seed"):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise SettingsError(f"round settings: {key} must be a non-negative integer")
+            seeds[key] = value
+        return cls(eval_splits=tuple(splits), **seeds)

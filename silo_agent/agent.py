@@ -1,0 +1,413 @@
+"""The silo agent: a small state machine over the coordinator's tasks.
+
+After joining (layout up, run settings down) the agent asks for its task in a long poll and acts
+on what comes back:
+
+- WAIT: ask again (the coordinator holds the call while nothing changes);
+- TRAIN: take the global state (from the cache when it already holds it, else a checksummed
+  download), run :func:`condi_models.training.train_local` unchanged on the local training
+  split, and upload the parameters and group weights; an update with NaN or infinity is never
+  sent;
+- EVALUATE: take the new global state, evaluate it on the local validation (and, in the last
+  round, test) split and report aggregate scores and the local normalization statistics;
+- DONE: exit.
+
+While working it sends heartbeats, so the coordinator knows it is alive. Tasks whose result the
+coordinator acknowledged are recorded in the state directory and not repeated after a restart.
+A coordinator that restarted asks the agent to join again; one that cannot be reached is retried
+with backoff (see :mod:`silo_agent.client`).
+
+For fault-injection tests the agent honours two environment variables: ``CONDI_FAULT_EXIT_AT=
+ROUND:STAGE`` (exit hard once the state of that round's ``train`` or ``evaluate`` task is
+loaded) and ``CONDI_FAULT_NAN_AT=ROUND`` (poison that round's update, which the agent then
+refuses to send).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from condi_models.evaluation import EvalResult, evaluate
+from condi_models.nn.model import CondIModel, resolve_device
+from condi_models.training import TrainingProgress, aggregation_groups, train_local
+from federation import wire
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.settings import RoundSettings, RunSettings, SettingsError
+from federation.transfer import (
+    PROTOCOL_VERSION,
+    NonFiniteUpdateError,
+    StageKey,
+    encode_plain_update,
+)
+from silo_agent.client import CoordinatorClient, CoordinatorUnreachableError
+from silo_agent.config import SiteConfig
+from silo_agent.local_data import LocalData, load_local_data
+from silo_agent.state import AgentState
+
+log = logging.getLogger(__name__)
+
+SOFTWARE = "condi-silo-agent"
+# How long a GetTask may wait on the coordinator; it holds at most a third of its liveness window.
+_LONG_POLL_MS = 30_000
+# Coordinator answers that mean "this task is over or not yours": move on to the next task.
+_MOVED_ON = frozenset(
+    {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
+)
+_STAGES = {"train": pb.STAGE_TRAIN, "evaluate": pb.STAGE_EVALUATE}
+
+
+class JoinRefusedError(RuntimeError):
+    """The coordinator would not accept this silo; the message is its reason."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Failures to inject on purpose (tests and the harness); none by default."""
+
+    exit_at: tuple[int, int] | None = None
+    nan_at_round: int | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Faults:
+        """Read ``CONDI_FAULT_EXIT_AT=ROUND:STAGE`` and ``CONDI_FAULT_NAN_AT=ROUND``."""
+        exit_at = None
+        text = env.get("CONDI_FAULT_EXIT_AT")
+        if text:
+            round_text, _, stage = text.partition(":")
+            if not round_text.isdigit() or stage not in _STAGES:
+                raise ValueError(f"CONDI_FAULT_EXIT_AT={text!r}: expected ROUND:train or ROUND:evaluate")
+            exit_at = (int(round_text), _STAGES[stage])
+        nan = env.get("CONDI_FAULT_NAN_AT")
+        if nan and not nan.isdigit():
+            raise ValueError(f"CONDI_FAULT_NAN_AT={nan!r}: expected a round number")
+        return cls(exit_at=exit_at, nan_at_round=int(nan) if nan else None)
+
+
+class Heartbeats:
+    """Sends the current status to the coordinator every ``interval_s`` while a task runs."""
+
+    def __init__(self, client: CoordinatorClient, key: StageKey, interval_s: float) -> None:
+        self._client = client
+        self._key = key
+        self._interval = interval_s
+        self._status = "starting"
+        self._progress = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def update(self, status: str, progress: float) -> None:
+        """What the next heartbeat says."""
+        self._status, self._progress = status, progress
+
+    def training(self, p: TrainingProgress) -> None:
+        """Progress hook for :func:`train_local`."""
+        done = ((p.epoch - 1) * p.batches + p.batch) / max(1, p.epochs * p.batches)
+        self.update(f"phase {p.phase} epoch {p.epoch}/{p.epochs} batch {p.batch}/{p.batches}", done)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._client.heartbeat(self._key, self._status, self._progress)
+
+    def __enter__(self) -> Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def split_report(result: EvalResult) -> dict[str, Any]:
+    """One split's scores as the coordinator pools them: counts and aggregates, never a record."""
+    c = result.classification
+    imputation = None
+    if result.imputation is not None:
+        i = result.imputation
+        imputation = {"n_entries": i.n_entries, "mae": i.mae, "rmse": i.rmse}
+    return {
+        "n": result.n_samples,
+        "loss": result.loss,
+        "accuracy": c.accuracy,
+        "macro_f1": c.macro_f1,
+        "macro_auroc": c.macro_auroc,
+        "confusion_matrix": c.confusion_matrix,
+        "imputation": imputation,
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _exit_hard(why: str) -> None:
+    log.error("fault injection: %s; exiting hard", why)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(17)
+
+
+class SiloAgent:
+    """One silo's participation in a federation run."""
+
+    def __init__(
+        self,
+        cfg: SiteConfig,
+        source: str | Path,
+        *,
+        faults: Faults | None = None,
+        data: LocalData | None = None,
+    ) -> None:
+        if cfg.coordinator is None or cfg.tls is None:
+            raise ValueError(
+                f"{source}: coordinator and tls sections are needed to take part in a federation"
+            )
+        self.cfg = cfg
+        self.source = str(source)
+        self.faults = faults or Faults()
+        self.data = data
+        self.device = resolve_device(cfg.device)
+        self.state = AgentState(cfg.state_dir)
+        self.client: CoordinatorClient | None = None
+        self.run_id: str | None = None
+        self.settings: RunSettings | None = None
+        self.model: CondIModel | None = None
+        self.poll_interval_s = 2.0
+        self._refused: set[StageKey] = set()
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        assert self.client is not None and self.data is not None
+        request = pb.JoinRequest(
+            protocol_version=PROTOCOL_VERSION,
+            software_version=SOFTWARE,
+            capabilities=["gpu"] if self.device.type == "cuda" else [],
+            data=self.data.summary(),
+        )
+        reply = self.client.join(request)
+        if not reply.accepted:
+            raise JoinRefusedError(reply.reason)
+        if reply.silo_id != self.cfg.silo_id:
+            log.warning(
+                "the coordinator knows this certificate as silo %s, site.yaml says %s",
+                reply.silo_id,
+                self.cfg.silo_id,
+            )
+        settings = RunSettings.from_json(reply.model_config_json)
+        if settings != self.settings or reply.run_id != self.run_id:
+            self.settings = settings
+            self.model = CondIModel(settings.model).to(self.device)
+            self._group_names = aggregation_groups(self.model).group_names()
+            self._param_names = tuple(aggregation_groups(self.model).assignment)
+            state = self.model.state_to_named_tensors()
+            self._expected = {k: (v.numpy().dtype, tuple(v.shape)) for k, v in state.items()}
+            self._state_bytes = sum(v.numel() * v.element_size() for v in state.values())
+        self.run_id = reply.run_id
+        self.state.enter_run(reply.run_id)
+        self.poll_interval_s = max(0.05, reply.poll_interval_ms / 1000.0)
+        log.info(
+            "joined run %s of federation %s as %s (coordinator %s)",
+            reply.run_id,
+            reply.federation_name,
+            reply.silo_id,
+            reply.software_version,
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Take part until the run is over: 0 when it ended, 1 when the coordinator was lost, 2 if refused."""
+        assert self.cfg.coordinator is not None and self.cfg.tls is not None
+        if self.data is None:
+            self.data = load_local_data(self.cfg, self.source)
+        log.info(
+            "silo %s: %d train / %d val / %d test samples; device %s",
+            self.cfg.silo_id,
+            len(self.data.train),
+            len(self.data.val),
+            len(self.data.test),
+            self.device,
+        )
+        self.client = CoordinatorClient(self.cfg.coordinator, self.cfg.tls, self.cfg.silo_id)
+        try:
+            self._join()
+            return self._loop()
+        except JoinRefusedError as exc:
+            log.error("the coordinator refused silo %s: %s", self.cfg.silo_id, exc)
+            return 2
+        except CoordinatorUnreachableError as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            self.client.close()
+
+    def _loop(self) -> int:
+        assert self.client is not None
+        last: StageKey | None = None
+        while True:
+            asked = time.monotonic()
+            try:
+                task = self.client.get_task(last, _LONG_POLL_MS)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                log.info("joining again: %s", exc.details())
+                self._join()
+                last = None
+                continue
+            key = StageKey.from_proto(task.ref)
+            if key.stage == pb.STAGE_DONE:
+                log.info("the run is over: %s", task.message)
+                return 0
+            workable = key.stage in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE)
+            if workable and not self.state.is_done(key) and key not in self._refused:
+                self._work(task, key)
+            elif key == last and time.monotonic() - asked < 0.05:
+                time.sleep(task.poll_after_ms / 1000.0 or self.poll_interval_s)
+            last = key
+
+    def _work(self, task: pb.Task, key: StageKey) -> None:
+        assert self.client is not None
+        try:
+            with Heartbeats(self.client, key, self.poll_interval_s) as beats:
+                if key.stage == pb.STAGE_TRAIN:
+                    self._train(task, key, beats)
+                else:
+                    self._evaluate(task, key, beats)
+        except grpc.RpcError as exc:
+            if exc.code() in _MOVED_ON:
+                log.warning(
+                    "%s: the coordinator moved on (%s: %s)", key.describe(), exc.code().name, exc.details()
+                )
+                return
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            log.error(
+                "%s refused by the coordinator (%s: %s)", key.describe(), exc.code().name, exc.details()
+            )
+            self._refused.add(key)
+        except (SettingsError, wire.WireError) as exc:
+            log.error("%s cannot be carried out: %s", key.describe(), exc)
+            self._refused.add(key)
+
+    def _load_global_state(self, task: pb.Task, key: StageKey) -> tuple[float, int]:
+        """Put the task's global state into the model; returns seconds spent and bytes downloaded."""
+        assert self.client is not None and self.model is not None
+        t0 = time.perf_counter()
+        encoded = self.state.cached_state(task.state_sha256)
+        received = 0
+        if encoded is None:
+            encoded, received = self.client.download_state(key, task.state_sha256, self._state_bytes)
+            self.state.keep_state(encoded)
+        tensors = wire.decode_state(encoded.manifest, encoded.payload, self._expected, finite=True)
+        self.model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
+        if self.faults.exit_at == (key.round, key.stage):
+            _exit_hard(f"stopping in {key.describe()}")
+        return time.perf_counter() - t0, received
+
+    def _train(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
+        assert self.client is not None and self.model is not None and self.settings is not None and self.data
+        plan = RoundSettings.from_json(task.round_config_json)
+        if plan.train_seed is None:
+            raise SettingsError("round settings: a TRAIN task needs train_seed")
+        beats.update("downloading the global state", 0.0)
+        download_s, received = self._load_global_state(task, key)
+        result = train_local(
+            self.model,
+            self.data.train,
+            self.settings.training,
+            seed=plan.train_seed,
+            device=self.device,
+            progress=beats.training,
+        )
+        named = self.model.state_to_named_tensors()
+        params = {n: named[n].numpy() for n in self._param_names}
+        if self.faults.nan_at_round == key.round:
+            first = self._param_names[0]
+            params[first] = params[first].copy()
+            params[first].flat[0] = np.nan
+            log.warning(
+                "fault injection: poisoning tensor %s of the %s update with NaN", first, key.describe()
+            )
+        try:
+            encoded = encode_plain_update(params, result.group_weights, self._group_names)
+        except NonFiniteUpdateError as exc:
+            log.error("refusing to send the update of %s: %s", key.describe(), exc)
+            self._refused.add(key)
+            return
+        claims = {
+            "phase_a_loss": _finite_or_none(result.phase_a_loss),
+            "phase_b_loss": _finite_or_none(result.phase_b_loss),
+            "phase_a_s": result.seconds_a,
+            "phase_b_s": result.seconds_b,
+            "download_s": download_s,
+            "download_bytes": received,
+        }
+        header = pb.UpdateHeader(
+            ref=key.to_proto(),
+            encoding=pb.UPDATE_ENCODING_PLAIN,
+            base_state_sha256=task.state_sha256,
+            num_examples=result.n_samples,
+            claims_json=json.dumps(claims),
+        )
+        beats.update("uploading the update", 1.0)
+        receipt = self.client.upload(header, encoded)
+        self.state.mark_done(key)
+        log.info(
+            "%s: update %s (%d samples; loss A %s, B %s; %.1f s + %.1f s)",
+            key.describe(),
+            "already accepted" if receipt.duplicate else "accepted",
+            result.n_samples,
+            f"{result.phase_a_loss:.4f}",
+            f"{result.phase_b_loss:.4f}",
+            result.seconds_a,
+            result.seconds_b,
+        )
+
+    def _evaluate(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
+        assert self.client is not None and self.model is not None and self.settings is not None and self.data
+        plan = RoundSettings.from_json(task.round_config_json)
+        if plan.eval_seed is None or not plan.eval_splits:
+            raise SettingsError("round settings: an EVALUATE task needs eval_seed and eval_splits")
+        beats.update("downloading the global state", 0.0)
+        self._load_global_state(task, key)
+        splits = {}
+        for i, name in enumerate(plan.eval_splits):
+            beats.update(f"evaluating on the {name} split", i / len(plan.eval_splits))
+            result = evaluate(
+                self.model,
+                self.data.split(name),
+                window=self.settings.training.window,
+                opts=self.settings.evaluation,
+                seed=plan.eval_seed,
+                device=self.device,
+            )
+            splits[name] = split_report(result)
+        metrics = {"splits": splits, "normalizer": self.data.normalizer_report()}
+        receipt = self.client.report_metrics(
+            pb.MetricsReport(ref=key.to_proto(), metrics_json=json.dumps(metrics))
+        )
+        self.state.mark_done(key)
+        log.info(
+            "%s: metrics %s (val accuracy %.3f on %d samples)",
+            key.describe(),
+            "already accepted" if receipt.duplicate else "accepted",
+            splits["val"]["accuracy"],
+            splits["val"]["n"],
+        )
