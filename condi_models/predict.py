@@ -39,7 +39,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ from condi_models.nn.model import CondIModel, SamplingOptions, resolve_device
 
 log = logging.getLogger(__name__)
 
-KINDS = ("wfdb", "psg", "mimic")
 HIDE_PATTERNS = ("points", "blocks", "drop")
 # Consecutive PSG epochs drawn in record.png: a whole night would be one black smear.
 PLOT_EPOCHS = 2
@@ -447,20 +446,25 @@ def load_record(
 # ---- simulated missingness, windows ----------------------------------------------------------------
 
 
+def hidden_channels(info: DatasetInfo, hide: HideSpec) -> np.ndarray:
+    """(F,) bool: the checkpoint's channels ``hide`` applies to (names matched ignoring case)."""
+    upper = [c.upper() for c in info.channel_names]
+    if hide.channels is None:
+        return np.ones(len(upper), dtype=bool)
+    unknown = [c for c in hide.channels if c.upper() not in upper]
+    if unknown:
+        raise ValueError(
+            f"--hide-channels {unknown}: not channels of the checkpoint {list(info.channel_names)}"
+        )
+    return np.isin(upper, [c.upper() for c in hide.channels])
+
+
 def hide_entries(record: LoadedRecord, info: DatasetInfo, hide: HideSpec, seed: int) -> np.ndarray:
     """The observed mask (S, F, T) after ``hide``; the same seed and record name give the same mask."""
     values = record.values
     observed = ~np.isnan(values)
     s, _, length = values.shape
-    upper = [c.upper() for c in info.channel_names]
-    selected = np.ones(len(upper), dtype=bool)
-    if hide.channels is not None:
-        unknown = [c for c in hide.channels if c.upper() not in upper]
-        if unknown:
-            raise ValueError(
-                f"--hide-channels {unknown}: not channels of the checkpoint {list(info.channel_names)}"
-            )
-        selected = np.isin(upper, [c.upper() for c in hide.channels])
+    selected = hidden_channels(info, hide)
     dataset = ClinicalDataset(
         info=replace(info, length=length),
         x=np.where(observed, values, np.float32(0.0)).astype(np.float32),
@@ -616,12 +620,12 @@ class _RecordArrays:
     """A record's outputs in source units, all (S, F, T)."""
 
     observed: np.ndarray
+    seen: np.ndarray  # the input as the model saw it, NaN where not observed
     x_hat: np.ndarray | None = None
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
     truth: np.ndarray | None = None
     hidden: np.ndarray | None = None
-    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # input as the model saw it
 
 
 def _imputation_error(arrays: _RecordArrays, channels: Sequence[str]) -> dict[str, Any] | None:
@@ -903,13 +907,13 @@ def predict_record(
     """Impute and classify one loaded record; write imputed.npz, prediction.json, record.png there."""
     info, model = checkpoint.info, checkpoint.model
     values = record.values
-    original = ~np.isnan(values)
-    observed = original if opts.hide is None else hide_entries(record, info, opts.hide, opts.seed)
     if values.shape[2] < model.cfg.length:
         raise InputError(
             f"{record.source}: {values.shape[2]} steps per {'epoch' if record.kind == 'psg' else 'record'}, "
             f"fewer than the model's input length of {model.cfg.length}"
         )
+    original = ~np.isnan(values)
+    observed = original if opts.hide is None else hide_entries(record, info, opts.hide, opts.seed)
     z = checkpoint.normalizer.apply(np.where(observed, values, np.float32(0.0)), observed)
     out = _run_model(model, z, observed, opts, _seed_for(opts.seed, record.name), device)
 
@@ -1035,13 +1039,8 @@ def predict_records(
     _check_checkpoint(checkpoint)
     provenance["checkpoint_meta"] = checkpoint.meta
     info = checkpoint.info
-    if opts.hide is not None and opts.hide.channels is not None:
-        upper = {c.upper() for c in info.channel_names}
-        unknown = [c for c in opts.hide.channels if c.upper() not in upper]
-        if unknown:
-            raise ValueError(
-                f"--hide-channels {unknown}: not channels of the checkpoint {list(info.channel_names)}"
-            )
+    if opts.hide is not None:
+        hidden_channels(info, opts.hide)  # a misspelt channel fails before any record is read
     device = resolve_device(opts.device)
     checkpoint.model.to(device).eval()
     out = Path(out_dir)
@@ -1056,7 +1055,7 @@ def predict_records(
             if name != record.name:
                 record = replace(record, name=name)
             result = predict_record(checkpoint, record, out / name, opts, device, provenance)
-            log.info("%s: %s", text, "predicted" if result.ok else result.error)
+            log.info("%s: predicted, outputs in %s", text, result.out_dir)
         except (InputError, ValueError, OSError) as exc:
             message = str(exc) if str(exc).startswith(text) else f"{text}: {exc}"
             log.info("not predicted: %s", message)

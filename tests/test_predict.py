@@ -360,3 +360,14 @@ def test_input_of_another_layout_is_refused(ecg_checkpoint: Path, tmp_path: Path
     assert not result.ok and "EEG Fpz-Cz" in result.error and "expects" in result.error
     with pytest.raises(InputError, match="a WFDB record is read as a 12-lead ECG"):
         load_record(str(tmp_path / "any"), sleep_edf_info(100.0))
+
+
+def test_unreadable_checkpoint_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="condi")
+    add_predict_parser(parser.add_subparsers(dest="command", required=True))
+    missing = tmp_path / "nowhere.npz"
+    args = parser.parse_args(
+        ["predict", "--checkpoint", str(missing), "--input", "x", "--out", str(tmp_path)]
+    )
+    assert args.func(args) == 2
+    assert str(missing) in capsys.readouterr().err and not (tmp_path / "summary.json").exists()
