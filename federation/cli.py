@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from condi_models.configfile import ConfigError
+from condi_models.predict import add_predict_parser
 from federation.certs_cli import add_certs_parser
 from federation.harness import add_harness_parser
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", required=True, help="path to experiment.yaml")
     sim.add_argument("--out", help="run directory (default: out_dir/name from the config)")
     sim.set_defaults(func=_sim)
+    add_predict_parser(sub)
     return parser
 
 
