@@ -31,6 +31,7 @@ from condi_models.data.partition import Split, partition_silos, split_by_folds, 
 from condi_models.data.sources import DataSource, load_source
 from condi_models.evaluation import EvalOptions, EvalResult, evaluate
 from condi_models.nn.model import CondIModel, ModelConfig, Variant, resolve_device
+from condi_models.privacy import BudgetExhausted, PrivacySpec, SiloPrivacy
 from condi_models.reports import write_round_curves
 from condi_models.training import LocalTrainingConfig, aggregation_groups, train_local
 
@@ -103,6 +104,9 @@ class ExperimentConfig(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
+    privacy: PrivacySpec | None = Field(
+        default=None, description="DP-SGD at every silo, each with its own accountant (none when absent)"
+    )
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
@@ -195,25 +199,41 @@ def run_simulation(
 
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
+    privacy = _silo_privacy(cfg.privacy, out / "privacy", fed.silos)
     rounds: list[dict[str, Any]] = []
     for rnd in range(1, fed.rounds + 1):
         t0 = time.perf_counter()
         chosen = sorted(int(k) for k in selection.choice(fed.silos, size=fed.silos_per_round, replace=False))
-        updates, losses_a, losses_b = [], [], []
+        updates, losses_a, losses_b, epsilons, declined = [], [], [], {}, []
         for k in chosen:
             model.load_named_tensors({n: torch.from_numpy(v) for n, v in global_state.items()})
-            res = train_local(model, silos[k], training, seed=_sub_seed(cfg.seed, 2, rnd, k), device=device)
+            try:
+                res = train_local(
+                    model, silos[k], training, seed=_sub_seed(cfg.seed, 2, rnd, k), device=device,
+                    privacy=privacy[k] if privacy else None,
+                )
+            except BudgetExhausted as err:
+                # As a deployed silo does: it sits the round out and the others carry on.
+                log.warning("round %d: silo %d declines: %s", rnd, k, err)
+                declined.append(k)
+                continue
             params = {n: v.numpy() for n, v in model.state_to_named_tensors().items()}
             updates.append(SiloUpdate(params=params, weights=res.group_weights))
             losses_a.append(res.phase_a_loss)
             losses_b.append(res.phase_b_loss)
-        global_state = fedavg(global_state, updates, groups)
+            if "epsilon" in res.extra:
+                epsilons[str(k)] = res.extra["epsilon"]
+        if updates:
+            global_state = fedavg(global_state, updates, groups)
         row: dict[str, Any] = {
             "round": rnd,
-            "silos": chosen,
+            "silos": [k for k in chosen if k not in declined],
             "phase_a_loss": float(np.nanmean(losses_a)) if not np.all(np.isnan(losses_a)) else None,
             "phase_b_loss": float(np.nanmean(losses_b)) if not np.all(np.isnan(losses_b)) else None,
         }
+        if privacy:
+            row["epsilon"] = epsilons
+            row["declined"] = declined
         if rnd % fed.eval_every == 0 or rnd == fed.rounds:
             model.load_named_tensors({n: torch.from_numpy(v) for n, v in global_state.items()})
             row["val"] = _summary(
@@ -237,6 +257,16 @@ def run_simulation(
         "test_full": final_eval.to_dict(),
         "silo_sizes": [len(s) for s in silos],
     }
+    if privacy and cfg.privacy is not None:
+        final["privacy"] = {
+            "target_epsilon": cfg.privacy.target_epsilon,
+            "delta": cfg.privacy.delta,
+            "accountant": cfg.privacy.accountant,
+            "phases": list(cfg.privacy.phases),
+            "epsilon_spent": [p.epsilon_spent() for p in privacy],
+            "noise_multiplier": [p.ledger.plan.noise_multiplier if p.ledger.plan else None for p in privacy],
+            "rounds": [p.ledger.rounds for p in privacy],
+        }
     save_checkpoint(
         out / "global_model.npz", model, normalizer, dataset.info, {"experiment": cfg.name, "rounds": fed.rounds}
     )
@@ -244,6 +274,18 @@ def run_simulation(
     (out / "report.json").write_text(json.dumps({"final": final, "rounds": rounds}, indent=2) + "\n")
     write_round_curves(rounds, out / "curves.png", title=f"{cfg.name} ({cfg.model.variant.value})")
     return SimulationResult(run_dir=out, final=final, rounds=rounds)
+
+
+def _silo_privacy(spec: PrivacySpec | None, folder: Path, n_silos: int) -> list[SiloPrivacy]:
+    """One accountant per simulated silo, each with its own ledger file, fresh for this run."""
+    if spec is None:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"silo-{k}.json" for k in range(n_silos)]
+    for path in paths:
+        # A run directory that is reused starts a new experiment, not more rounds of the old one.
+        path.unlink(missing_ok=True)
+    return [SiloPrivacy(spec, path) for path in paths]
 
 
 def _with_window(training: LocalTrainingConfig, window: int) -> LocalTrainingConfig:

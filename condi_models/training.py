@@ -8,6 +8,7 @@ averaging needs. Optimizers are fresh every round, as in FedAvg.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from condi_models.aggregation import ParameterGroups
 from condi_models.batches import PreparedSplit, crop, iterate_batches
 from condi_models.evaluation import impute_split
 from condi_models.nn.model import CondIModel
+from condi_models.privacy import PrivateRound, SiloPrivacy
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,13 @@ def _run_phase(
     device: torch.device,
     progress: ProgressHook | None,
     train_x: np.ndarray | None = None,
+    private: PrivateRound | None = None,
 ) -> float:
-    """Train one phase; returns the mean loss of its last epoch (NaN when it has no work)."""
+    """Train one phase; returns the mean loss of its last epoch (NaN when it has no work).
+
+    With ``private`` the phase runs DP-SGD: Poisson-sampled batches, per-sample clipping and
+    noise instead of the batch-level gradient clip.
+    """
     params = model.phase_parameters(phase.lower())
     if epochs == 0 or not params or len(split) == 0:
         return math.nan
@@ -124,28 +131,49 @@ def _run_phase(
     n_batches = math.ceil(len(split) / cfg.batch_size)
     last = math.nan
     model.train()
-    for epoch in range(epochs):
-        total = 0.0
-        for b, batch in enumerate(iterate_batches(split, cfg.batch_size, window=cfg.window, rng=rng, device=device)):
-            if phase == "A":
-                loss = model.phase_a_loss(batch.x, batch.observed, generator=generator)
-            elif train_x is None:
-                loss = model.phase_b_loss(batch.x, batch.observed, batch.y)
+    with contextlib.ExitStack() as stack:
+        if private is not None:
+            opt = stack.enter_context(private.optimizer(model, params, opt))
+        for epoch in range(epochs):
+            total, counted = 0.0, 0
+            if private is None:
+                batches = iterate_batches(split, cfg.batch_size, window=cfg.window, rng=rng, device=device)
             else:
-                # Imputed inputs are whole; eq. 4 still routes by what was observed.
-                x_imp = torch.from_numpy(crop(train_x, batch.index, batch.start, batch.x.shape[-1])).to(device)
-                logits = model.classify(x_imp, torch.ones_like(batch.observed), model.availability(batch.observed))
-                loss = torch.nn.functional.cross_entropy(logits, batch.y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"phase {phase} loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            total += float(loss.detach())
-            if progress is not None:
-                progress(TrainingProgress(phase, epoch + 1, epochs, b + 1, n_batches, float(loss.detach())))
-        last = total / n_batches
+                batches = private.batches(split, window=cfg.window, device=device)
+            for b, batch in enumerate(batches):
+                if private is not None and len(batch.index) == 0:
+                    opt.zero_grad(set_to_none=True)
+                    private.step(opt, 0)
+                    continue
+                if phase == "A":
+                    # Under DP a sample's conditioning mask may not borrow another record's pattern
+                    # (the default borrows the previous sample's), or one record could move two
+                    # clipped gradients; its own pattern makes the draw CSDI's random strategy.
+                    borrowed = batch.observed if private is not None else None
+                    loss = model.phase_a_loss(batch.x, batch.observed, generator=generator, borrowed_masks=borrowed)
+                elif train_x is None:
+                    loss = model.phase_b_loss(batch.x, batch.observed, batch.y)
+                else:
+                    # Imputed inputs are whole; eq. 4 still routes by what was observed.
+                    x_imp = torch.from_numpy(crop(train_x, batch.index, batch.start, batch.x.shape[-1])).to(device)
+                    logits = model.classify(x_imp, torch.ones_like(batch.observed), model.availability(batch.observed))
+                    loss = torch.nn.functional.cross_entropy(logits, batch.y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"phase {phase} loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if private is None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                else:
+                    private.step(opt, len(batch.index))
+                total += float(loss.detach())
+                counted += 1
+                if progress is not None:
+                    progress(TrainingProgress(phase, epoch + 1, epochs, b + 1, n_batches, float(loss.detach())))
+            last = total / counted if counted else math.nan
     return last
 
 
@@ -157,20 +185,45 @@ def train_local(
     seed: int,
     device: torch.device,
     progress: ProgressHook | None = None,
+    privacy: SiloPrivacy | None = None,
 ) -> LocalResult:
-    """Phase A for ``cfg.epochs_a`` epochs, then Phase B for ``cfg.epochs_b``, on ``split``."""
+    """Phase A for ``cfg.epochs_a`` epochs, then Phase B for ``cfg.epochs_b``, on ``split``.
+
+    With ``privacy`` the phases it names train with DP-SGD; the budget is checked first
+    (:class:`~condi_models.privacy.BudgetExhausted` before anything trains), the round is
+    recorded in the silo's ledger afterwards, and ``extra`` reports the epsilon spent so far.
+    """
     rng = np.random.default_rng(seed)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     model.to(device)
+    rnd = None
+    if privacy is not None:
+        work = {
+            p: (epochs if epochs > 0 and len(split) > 0 and model.phase_parameters(p) else 0)
+            for p, epochs in (("a", cfg.epochs_a), ("b", cfg.epochs_b))
+        }
+        rnd = privacy.begin_round(
+            n_samples=len(split), batch_size=cfg.batch_size, phase_epochs=work, seed=seed, device=device
+        )
+    private_a = rnd if rnd is not None and "a" in rnd.phases else None
+    private_b = rnd if rnd is not None and "b" in rnd.phases else None
     t0 = time.perf_counter()
-    loss_a = _run_phase("A", model, split, cfg, cfg.epochs_a, rng, generator, device, progress)
+    loss_a = _run_phase("A", model, split, cfg, cfg.epochs_a, rng, generator, device, progress, private=private_a)
     t1 = time.perf_counter()
     train_x = None
     if cfg.phase_b_input == "imputed" and model.spec.diffusion:
         train_x = impute_split(model, split, steps=cfg.impute_steps, seed=seed, device=device).x_hat
-    loss_b = _run_phase("B", model, split, cfg, cfg.epochs_b, rng, generator, device, progress, train_x)
+    loss_b = _run_phase("B", model, split, cfg, cfg.epochs_b, rng, generator, device, progress, train_x, private_b)
     t2 = time.perf_counter()
+    extra: dict[str, float] = {}
+    if privacy is not None and rnd is not None:
+        extra = {
+            "epsilon": privacy.commit(rnd),
+            "delta": privacy.spec.delta,
+            "noise_multiplier": rnd.noise_multiplier,
+            "dp_steps": float(rnd.steps_taken),
+        }
     return LocalResult(
         n_samples=len(split),
         group_weights=group_weights(split),
@@ -178,4 +231,5 @@ def train_local(
         phase_b_loss=loss_b,
         seconds_a=t1 - t0,
         seconds_b=t2 - t1,
+        extra=extra,
     )
