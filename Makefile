@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/silo-agent check --config examples/site-synthetic-ecg.yaml
+	$(BIN)/condi harness --silos 6 --per-round 3 --rounds 8 --profile demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -57,6 +57,9 @@ class FederationConfig(StrictModel):
     poll_interval_ms: int = Field(
         default=2000, ge=50, description="how often idle silos ask for work and busy silos report liveness"
     )
+    max_chunk_bytes: int = Field(
+        default=1 << 20, ge=1024, le=1 << 20, description="largest chunk of a state or update, in bytes"
+    )
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)

@@ -23,8 +23,9 @@ A round goes GATHER -> TRAIN -> AGGREGATE -> GATHER -> EVALUATE -> RECORD -> nex
   :meth:`RoundMachine.aggregated` and :meth:`RoundMachine.next_round` move on.
 
 Requests carry (run, round, attempt, stage); one that is not the silo's current task is refused
-(a replay or a stale retry), an identical repeat of an accepted submission is a duplicate, and a
-different second submission for the same task is refused.
+(a replay or a stale request), an identical repeat of an accepted submission is a duplicate (also
+after its stage ended, so a retry whose receipt was lost is safe), and a different second
+submission for the same task is refused.
 """
 
 from __future__ import annotations
@@ -214,6 +215,9 @@ class RoundMachine:
         self._rng.bit_generator.state = progress.rng_state
         self._silos: dict[str, _Silo] = {}
         self._stage: _Stage | None = None
+        # Digest of every submission accepted by this process, so a retry is a duplicate even
+        # after its stage ended.
+        self._accepted: dict[tuple[str, int, int, int, str], str] = {}
         self.failure: str | None = None
         self._first_gather = True
         if progress.pending == "done" or self.round >= plan.rounds:
@@ -363,25 +367,35 @@ class RoundMachine:
                 "failed_precondition", f"silo {silo!r} is not taking part in {key.describe()}"
             )
 
-    def _submit(self, silo: str, key: StageKey, stage: int, digest: str, value: Any) -> bool:
-        self.check(silo, key, stage)
-        assert self._stage is not None
-        previous = self._stage.received.get(silo)
-        if previous is not None:
-            if previous.digest == digest:
-                return True
+    def repeats(self, silo: str, key: StageKey, digest: str) -> bool:
+        """True when ``silo`` already had exactly this submission accepted for ``key``, even if that
+        stage is over (a retry whose receipt was lost); a different one for the same task is refused."""
+        prior = self._accepted.get((key.run_id, key.round, key.attempt, key.stage, silo))
+        if prior is None:
+            return False
+        if prior != digest:
             raise ProtocolError(
                 "already_exists",
-                f"silo {silo!r} already submitted a different {stage_name(stage)} result "
+                f"silo {silo!r} already submitted a different {stage_name(key.stage)} result "
                 f"for {key.describe()}",
             )
+        return True
+
+    def _submit(self, silo: str, key: StageKey, stage: int, digest: str, value: Any) -> bool:
+        if self.repeats(silo, key, digest):
+            return True
+        self.check(silo, key, stage)
+        assert self._stage is not None
         self._stage.received[silo] = _Submission(digest=digest, value=value)
+        self._accepted[(key.run_id, key.round, key.attempt, key.stage, silo)] = digest
         return False
 
     def accept_update(
         self, silo: str, key: StageKey, base_state_sha256: str, payload_sha256: str, update: Any
     ) -> bool:
         """Record a checked update; returns True when it repeats one already accepted."""
+        if self.repeats(silo, key, payload_sha256):
+            return True
         self.check(silo, key, pb.STAGE_TRAIN)
         if base_state_sha256 != self.state_sha256:
             raise ProtocolError(

@@ -107,7 +107,7 @@ class Coordinator:
         self.clock = clock
         self.run_dir = Path(cfg.run_dir)
         self.store = CheckpointStore(self.run_dir)
-        self.max_chunk_bytes = tls.DEFAULT_CHUNK_BYTES
+        self.max_chunk_bytes = cfg.max_chunk_bytes
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self.plan = RoundPlan(
@@ -358,9 +358,12 @@ class Coordinator:
                     f"update encoding {pb.UpdateEncoding.Name(header.encoding)}: "
                     "this run aggregates plain updates",
                 )
+            key = StageKey.from_proto(header.ref)
             with self._cond:
                 self.machine.seen(silo, self.clock())
-                self.machine.check(silo, StageKey.from_proto(header.ref), pb.STAGE_TRAIN)
+                if self.machine.repeats(silo, key, manifest.payload_sha256):
+                    return
+                self.machine.check(silo, key, pb.STAGE_TRAIN)
                 if header.base_state_sha256 != self.machine.state_sha256:
                     raise ProtocolError(
                         "failed_precondition",
@@ -420,8 +423,11 @@ class Coordinator:
     def report_metrics(self, silo: str, request: pb.MetricsReport) -> pb.Receipt:
         """Check and record a silo's evaluation of the current global state."""
         key = StageKey.from_proto(request.ref)
+        digest = hashlib.sha256(request.metrics_json.encode("utf-8")).hexdigest()
         with self._cond:
             self.machine.seen(silo, self.clock())
+            if self.machine.repeats(silo, key, digest):
+                return pb.Receipt(ref=request.ref, duplicate=True)
             self.machine.check(silo, key, pb.STAGE_EVALUATE)
         assert self._model is not None
         layout = self._model.settings.layout
@@ -444,7 +450,6 @@ class Coordinator:
                 data.get("normalizer"), layout.n_features, "metrics_json.normalizer"
             ),
         }
-        digest = hashlib.sha256(request.metrics_json.encode("utf-8")).hexdigest()
         with self._cond:
             duplicate = self.machine.accept_metrics(silo, key, digest, report)
             self._cond.notify_all()
@@ -661,35 +666,53 @@ def _claims(text: str) -> dict[str, Any]:
     }
 
 
+class CoordinatorServer:
+    """A :class:`Coordinator` behind a mutual-TLS gRPC server with per-call identity and health service."""
+
+    def __init__(self, cfg: FederationConfig, source: str | Path) -> None:
+        from coordinator.servicer import FederationServicer
+
+        check_federation_files(cfg, source)
+        assert cfg.tls is not None
+        self.coordinator = Coordinator(cfg)
+        ca = pki.load_certificate(cfg.tls.ca)
+        interceptor = identity.IdentityInterceptor(ca, identity.RevocationList(cfg.tls.crl, ca), cfg.silos)
+        credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
+        # Every silo may hold a long poll and run one more call at a time.
+        self._bound = tls.secure_server(
+            cfg.listen, credentials, interceptors=[interceptor], max_workers=4 * len(cfg.silos) + 8
+        )
+        FederationServicer(self.coordinator).register(self._bound.server)
+        self._health = tls.add_health_service(self._bound.server)
+        self.port = self._bound.port
+
+    def start(self) -> int:
+        """Start serving; returns the port."""
+        self._bound.server.start()
+        log.info("coordinator of %s serving on port %d", self.coordinator.cfg.name, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        """Report NOT_SERVING, end held calls and stop the server."""
+        for name in ("", tls.FEDERATION_SERVICE):
+            self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.coordinator.stop()
+        self._bound.server.stop(grace=2).wait()
+
+
 def serve(cfg: FederationConfig, source: str | Path) -> int:
     """Run the coordinator of ``cfg`` until the run ends; returns the exit code."""
-    from coordinator.servicer import FederationServicer
-
-    check_federation_files(cfg, source)
-    assert cfg.tls is not None
-    coordinator = Coordinator(cfg)
-    ca = pki.load_certificate(cfg.tls.ca)
-    interceptor = identity.IdentityInterceptor(ca, identity.RevocationList(cfg.tls.crl, ca), cfg.silos)
-    credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
-    bound = tls.secure_server(
-        cfg.listen, credentials, interceptors=[interceptor], max_workers=4 * len(cfg.silos) + 8
-    )
-    FederationServicer(coordinator).register(bound.server)
-    health = tls.add_health_service(bound.server)
-    bound.server.start()
-    log.info("coordinator of %s serving on %s (port %d)", cfg.name, cfg.listen, bound.port)
+    server = CoordinatorServer(cfg, source)
+    server.start()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.warning("received signal %d; stopping", signum)
-        coordinator.stop()
+        server.coordinator.stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return coordinator.run()
+        return server.coordinator.run()
     finally:
-        for name in ("", tls.FEDERATION_SERVICE):
-            health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        coordinator.stop()
-        bound.server.stop(grace=2).wait()
+        server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)

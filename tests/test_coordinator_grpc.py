@@ -1,0 +1,466 @@
+"""The coordinator over real gRPC and mutual TLS on loopback: bad input at the protocol level.
+
+Handshake-level refusals (no client certificate, another CA, expired, revoked) are covered by
+tests/test_tls.py; here the coordinator's own checks run against clients holding valid
+certificates: layout, identity, stage references, chunks, tensors, values, duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from condi_models.configfile import parse_config
+from condi_models.nn.model import CondIModel
+from condi_models.training import aggregation_groups
+from coordinator.config import FederationConfig
+from coordinator.server import CoordinatorServer
+from federation import pki, tls, wire
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
+from federation.settings import RunSettings
+from federation.transfer import (
+    GROUP_WEIGHTS,
+    chunk_to_proto,
+    data_summary,
+    encode_plain_update,
+    receive_state,
+    update_parts,
+)
+from silo_agent.agent import Faults, SiloAgent
+from silo_agent.config import SiteConfig
+from tests.helpers import toy_dataset
+
+TIMEOUT = 20
+SMALL_MODEL = {
+    "embed_dim": 8,
+    "cond_dim": 8,
+    "denoiser": {"hidden": 16, "n_blocks": 1, "n_heads": 2},
+    "context": {"stem_dim": 8, "expert_hidden": 16, "out_dim": 8},
+    "classifier": {"hidden": 16, "n_blocks": 1, "n_heads": 2, "head_hidden": 16},
+}
+
+
+@dataclass
+class Running:
+    server: CoordinatorServer
+    thread: threading.Thread
+    material: pki.DevPki
+    exit_codes: list[int]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.server.coordinator.run_dir
+
+    def stub(self, silo: str) -> pb_grpc.FederationStub:
+        paths = self.material.silos[silo]
+        creds = tls.channel_credentials(self.material.ca.cert, paths.cert, paths.key)
+        channel = tls.secure_channel(f"127.0.0.1:{self.server.port}", creds)
+        return pb_grpc.FederationStub(channel)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(TIMEOUT)
+
+
+def _start(root: Path, material: pki.DevPki, allowed: list[str], **overrides: object) -> Running:
+    doc = {
+        "name": "grpc-test",
+        "silos": allowed,
+        "rounds": 2,
+        "silos_per_round": len(allowed),
+        "min_silos": 1,
+        "seed": 3,
+        "run_dir": str(root / "run"),
+        "listen": "127.0.0.1:0",
+        "tls": {
+            "ca": str(material.ca.cert),
+            "cert": str(material.server.cert),
+            "key": str(material.server.key),
+            "crl": str(material.ca.crl),
+        },
+        "poll_interval_ms": 100,
+        "max_chunk_bytes": 65536,
+        "timeouts": {"gather_s": 60, "train_s": 60, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 1},
+        "model": SMALL_MODEL,
+        "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": None},
+        "evaluation": {"n_samples": 1, "steps": 2},
+        **overrides,
+    }
+    cfg = parse_config(doc, FederationConfig, "federation.yaml")
+    server = CoordinatorServer(cfg, "federation.yaml")
+    server.start()
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(server.coordinator.run()), daemon=True)
+    thread.start()
+    return Running(server=server, thread=thread, material=material, exit_codes=codes)
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> pki.DevPki:
+    return pki.dev_pki(tmp_path_factory.mktemp("pki"), 3, silo_ids=["silo-1", "silo-2", "silo-outsider"])
+
+
+INFO = toy_dataset(8, modalities=(1, 2), length=40, n_classes=3).info
+
+
+def _join_request(info=INFO, version: int = 1) -> pb.JoinRequest:
+    return pb.JoinRequest(
+        protocol_version=version,
+        software_version="test",
+        data=data_summary(info, num_samples=8, observed_samples=[8] * info.n_modalities),
+    )
+
+
+@dataclass
+class Train:
+    running: Running
+    stubs: dict[str, pb_grpc.FederationStub]
+    tasks: dict[str, pb.Task]
+    settings: RunSettings
+    model: CondIModel
+
+
+@pytest.fixture(scope="module")
+def train(material: pki.DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Train]:
+    running = _start(tmp_path_factory.mktemp("coord"), material, ["silo-1", "silo-2"])
+    stubs = {s: running.stub(s) for s in ("silo-1", "silo-2")}
+    first = stubs["silo-1"].Join(_join_request(), timeout=TIMEOUT)
+    assert first.accepted, first.reason
+    settings = RunSettings.from_json(first.model_config_json)
+    assert stubs["silo-2"].Join(_join_request(), timeout=TIMEOUT).accepted
+    tasks = {}
+    for silo, stub in stubs.items():
+        task = stub.GetTask(pb.TaskRequest(wait_ms=0), timeout=TIMEOUT)
+        while task.ref.stage != pb.STAGE_TRAIN:
+            task = stub.GetTask(pb.TaskRequest(ref=task.ref, wait_ms=2000), timeout=TIMEOUT)
+        tasks[silo] = task
+    yield Train(running, stubs, tasks, settings, CondIModel(settings.model))
+    running.stop()
+
+
+def _code(err: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return err.value.code()
+
+
+def _global(t: Train, silo: str) -> dict[str, np.ndarray]:
+    task = t.tasks[silo]
+    parts = t.stubs[silo].DownloadState(
+        pb.DownloadRequest(ref=task.ref, state_sha256=task.state_sha256), timeout=TIMEOUT
+    )
+    encoded = receive_state(parts, task.state_sha256, max_payload_bytes=10**8, max_chunk_bytes=65536)
+    return wire.decode_state(encoded.manifest, encoded.payload, finite=True)
+
+
+def _params(t: Train, shift: float = 0.0) -> tuple[dict[str, np.ndarray], tuple[str, ...], dict[str, float]]:
+    groups = aggregation_groups(t.model)
+    state = {k: v.numpy() + shift for k, v in t.model.state_to_named_tensors().items()}
+    params = {n: state[n] for n in groups.assignment}
+    weights = {g: 8.0 for g in groups.group_names()}
+    return params, groups.group_names(), weights
+
+
+def _upload(
+    t: Train, silo: str, encoded: wire.EncodedState, *, ref: pb.StageRef | None = None, **header: object
+) -> pb.UploadReceipt:
+    task = t.tasks[silo]
+    fields = {
+        "ref": ref or task.ref,
+        "encoding": pb.UPDATE_ENCODING_PLAIN,
+        "base_state_sha256": task.state_sha256,
+        "num_examples": 8,
+        **header,
+    }
+    return t.stubs[silo].UploadUpdate(
+        update_parts(pb.UpdateHeader(**fields), encoded, 65536), timeout=TIMEOUT
+    )
+
+
+def test_join_refuses_other_versions_and_layouts_naming_the_mismatch(train: Train) -> None:
+    stub = train.stubs["silo-2"]
+    reply = stub.Join(_join_request(version=7), timeout=TIMEOUT)
+    assert not reply.accepted and "protocol version 7" in reply.reason
+    other = toy_dataset(8, modalities=(1, 2), length=40, n_classes=4).info
+    reply = stub.Join(_join_request(other), timeout=TIMEOUT)
+    assert not reply.accepted and "classes" in reply.reason and "class3" in reply.reason
+    shorter = toy_dataset(8, modalities=(1, 2), length=30, n_classes=3).info
+    reply = stub.Join(_join_request(shorter), timeout=TIMEOUT)
+    assert not reply.accepted and "30 steps" in reply.reason
+    # The first silo fixed the layout; the model fits it.
+    assert train.settings.layout == INFO and train.settings.model.n_features == 3
+    assert train.settings.training.window == 40
+
+
+def test_a_silo_outside_the_allow_list_is_refused(train: Train, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING), pytest.raises(grpc.RpcError) as err:
+        train.running.stub("silo-outsider").Join(_join_request(), timeout=TIMEOUT)
+    assert _code(err) == grpc.StatusCode.PERMISSION_DENIED
+    assert "silo-outsider" in err.value.details() and "allow-list" in err.value.details()
+    assert any("silo-outsider" in r.getMessage() for r in caplog.records)
+
+
+def test_the_caller_is_the_certificate_whatever_the_message_says(train: Train) -> None:
+    other_ref = train.tasks["silo-2"].ref
+    reply = train.stubs["silo-1"].Heartbeat(
+        pb.HeartbeatRequest(ref=other_ref, status="I am silo-2"), timeout=TIMEOUT
+    )
+    assert reply.silo_id == "silo-1"
+    assert reply.current == train.tasks["silo-1"].ref
+
+
+def test_requests_for_another_run_round_attempt_or_stage_are_refused(train: Train) -> None:
+    params, groups, weights = _params(train)
+    encoded = encode_plain_update(params, weights, groups)
+    ref = train.tasks["silo-1"].ref
+    bad_refs = {
+        "run": pb.StageRef(run_id="another-run", round=ref.round, attempt=ref.attempt, stage=ref.stage),
+        "round": pb.StageRef(run_id=ref.run_id, round=ref.round + 1, attempt=ref.attempt, stage=ref.stage),
+        "attempt": pb.StageRef(run_id=ref.run_id, round=ref.round, attempt=ref.attempt + 4, stage=ref.stage),
+        "stage": pb.StageRef(
+            run_id=ref.run_id, round=ref.round, attempt=ref.attempt, stage=pb.STAGE_EVALUATE
+        ),
+    }
+    for what, bad in bad_refs.items():
+        with pytest.raises(grpc.RpcError) as err:
+            _upload(train, "silo-1", encoded, ref=bad)
+        assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION, what
+    with pytest.raises(grpc.RpcError) as err:
+        train.stubs["silo-1"].ReportMetrics(pb.MetricsReport(ref=ref, metrics_json="{}"), timeout=TIMEOUT)
+    assert (
+        _code(err) == grpc.StatusCode.FAILED_PRECONDITION
+        and "belongs to stage EVALUATE" in err.value.details()
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        _upload(train, "silo-1", encoded, base_state_sha256="ab" * 32)
+    assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION and "stale update" in err.value.details()
+
+
+def test_bad_chunks_are_refused_naming_the_chunk(train: Train) -> None:
+    params, groups, weights = _params(train)
+    encoded = encode_plain_update(params, weights, groups)
+    header = pb.UpdateHeader(
+        ref=train.tasks["silo-1"].ref,
+        encoding=pb.UPDATE_ENCODING_PLAIN,
+        base_state_sha256=train.tasks["silo-1"].state_sha256,
+        num_examples=8,
+        manifest_json=encoded.manifest.to_json(),
+    )
+    pieces = [chunk_to_proto(c) for c in wire.chunk(encoded, 4096)]
+    pieces[1].data = bytes([pieces[1].data[0] ^ 1]) + pieces[1].data[1:]
+    parts = [pb.UpdatePart(header=header), *(pb.UpdatePart(chunk=c) for c in pieces)]
+    with pytest.raises(grpc.RpcError) as err:
+        train.stubs["silo-1"].UploadUpdate(iter(parts), timeout=TIMEOUT)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "chunk 1 of" in err.value.details()
+    assert "SHA-256 mismatch" in err.value.details()
+    oversized = wire.chunk(encoded, 65537)
+    assert len(oversized[0].data) == 65537
+    parts = [pb.UpdatePart(header=header), pb.UpdatePart(chunk=chunk_to_proto(oversized[0]))]
+    with pytest.raises(grpc.RpcError) as err:
+        train.stubs["silo-1"].UploadUpdate(iter(parts), timeout=TIMEOUT)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "chunk 0 of" in err.value.details() and "65537 bytes, over the limit of 65536" in err.value.details()
+    )
+
+
+def test_updates_of_the_wrong_shape_dtype_or_with_nan_are_refused(train: Train) -> None:
+    params, groups, weights = _params(train)
+    vector = np.array([weights[g] for g in groups])
+    name = next(iter(params))
+    nan = {**params, name: params[name].copy()}
+    nan[name].flat[0] = np.nan
+    inf = {**params, name: np.full_like(params[name], np.inf)}
+    wrong_shape = {**params, name: np.zeros((*params[name].shape, 1), np.float32)}
+    wrong_dtype = {k: v.astype(np.int32) if k == name else v for k, v in params.items()}
+    too_wide = {k: v.astype(np.float64) if k == name else v for k, v in params.items()}
+    for what, named, message in (
+        ("nan", nan, "NaN or infinite"),
+        ("inf", inf, "NaN or infinite"),
+        ("shape", wrong_shape, f"tensor '{name}': shape"),
+        ("dtype", wrong_dtype, f"tensor '{name}': dtype int32, expected float32"),
+        ("size", too_wide, "bytes, over the limit of"),
+    ):
+        forged = wire.encode_state({**named, GROUP_WEIGHTS: vector})
+        with pytest.raises(grpc.RpcError) as err:
+            _upload(train, "silo-1", forged)
+        assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT, what
+        assert message in err.value.details(), (what, err.value.details())
+    # Same byte count, other layout: refused by name and shape.
+    first, second = list(params)[:2]
+    swapped = {**params, first: params[second], second: params[first]}
+    if swapped[first].shape != params[first].shape:
+        forged = wire.encode_state({**swapped, GROUP_WEIGHTS: vector})
+        with pytest.raises(grpc.RpcError) as err:
+            _upload(train, "silo-1", forged)
+        assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "shape" in err.value.details()
+    good = encode_plain_update(params, weights, groups)
+    with pytest.raises(grpc.RpcError) as err:
+        _upload(train, "silo-1", good, num_examples=9)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "num_examples 9" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        _upload(train, "silo-1", good, encoding=pb.UPDATE_ENCODING_MASKED)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "plain updates" in err.value.details()
+
+
+def test_downloads_check_the_state_and_secure_calls_are_not_served(train: Train) -> None:
+    task = train.tasks["silo-1"]
+    state = _global(train, "silo-1")
+    expected = train.model.state_to_named_tensors()
+    assert list(state) == list(expected)
+    assert all(state[k].shape == tuple(v.shape) for k, v in expected.items())
+    with pytest.raises(grpc.RpcError) as err:
+        list(train.stubs["silo-1"].DownloadState(pb.DownloadRequest(ref=task.ref, state_sha256="00" * 32)))
+    assert _code(err) == grpc.StatusCode.NOT_FOUND
+    wait_ref = pb.StageRef(run_id=task.ref.run_id, round=0, attempt=0, stage=pb.STAGE_WAIT)
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            train.stubs["silo-1"].DownloadState(
+                pb.DownloadRequest(ref=wait_ref, state_sha256=task.state_sha256)
+            )
+        )
+    assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        train.stubs["silo-1"].AdvertiseKeys(pb.AdvertiseKeysRequest(ref=task.ref), timeout=TIMEOUT)
+    assert _code(err) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _metrics(classes: int, n: int = 5) -> dict:
+    confusion = np.zeros((classes, classes), dtype=int)
+    confusion[0, 0] = n
+    split = {
+        "n": n,
+        "loss": 0.7,
+        "accuracy": 1.0,
+        "macro_f1": 1.0,
+        "macro_auroc": None,
+        "confusion_matrix": confusion.tolist(),
+        "imputation": None,
+    }
+    return {"splits": {"val": split}, "normalizer": {"count": [4.0] * 3, "mean": [0.0] * 3, "std": [1.0] * 3}}
+
+
+def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: Train) -> None:
+    params, groups, weights = _params(train, shift=1.0)
+    one = encode_plain_update(params, weights, groups)
+    claims = json.dumps({"silo_id": "silo-2", "phase_a_loss": 0.5})
+    receipt = _upload(train, "silo-1", one, claims_json=claims)
+    assert not receipt.duplicate and receipt.payload_sha256 == one.manifest.payload_sha256
+    assert _upload(train, "silo-1", one, claims_json=claims).duplicate
+    other = encode_plain_update(_params(train, shift=2.0)[0], weights, groups)
+    with pytest.raises(grpc.RpcError) as err:
+        _upload(train, "silo-1", other)
+    assert _code(err) == grpc.StatusCode.ALREADY_EXISTS
+    # The update counted for silo-1 (its certificate), not for the silo its claims name.
+    status = json.loads((train.running.run_dir / "status.json").read_text())
+    assert status["done"] == ["silo-1"] or status["phase"] != "train"
+    assert (
+        train.stubs["silo-2"].GetTask(pb.TaskRequest(wait_ms=0), timeout=TIMEOUT).ref.stage == pb.STAGE_TRAIN
+    )
+    _upload(train, "silo-2", encode_plain_update(_params(train, shift=3.0)[0], weights, groups))
+
+    evaluate = {}
+    for silo, stub in train.stubs.items():
+        task = stub.GetTask(pb.TaskRequest(ref=train.tasks[silo].ref, wait_ms=5000), timeout=TIMEOUT)
+        while task.ref.stage != pb.STAGE_EVALUATE:
+            task = stub.GetTask(pb.TaskRequest(ref=task.ref, wait_ms=5000), timeout=TIMEOUT)
+        evaluate[silo] = task
+    new_state = _global(Train(train.running, train.stubs, evaluate, train.settings, train.model), "silo-1")
+    first = next(iter(params))
+    # Equal sample weights: the average of shifts 1 and 3 is 2.
+    np.testing.assert_allclose(new_state[first], params[first] + 1.0, rtol=1e-5, atol=1e-5)
+    bad = _metrics(3)
+    bad["splits"]["val"]["n"] = 6
+    with pytest.raises(grpc.RpcError) as err:
+        train.stubs["silo-1"].ReportMetrics(
+            pb.MetricsReport(ref=evaluate["silo-1"].ref, metrics_json=json.dumps(bad)), timeout=TIMEOUT
+        )
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "confusion_matrix" in err.value.details()
+    for silo, stub in train.stubs.items():
+        report = pb.MetricsReport(ref=evaluate[silo].ref, metrics_json=json.dumps(_metrics(3)))
+        assert not stub.ReportMetrics(report, timeout=TIMEOUT).duplicate
+        assert stub.ReportMetrics(report, timeout=TIMEOUT).duplicate
+    # The training task is over: a retry of the accepted upload is still a duplicate (its receipt
+    # may have been lost), but anything else for that task, or for a task never given, is refused.
+    assert _upload(train, "silo-1", one).duplicate
+    with pytest.raises(grpc.RpcError) as err:
+        _upload(train, "silo-1", other)
+    assert _code(err) == grpc.StatusCode.ALREADY_EXISTS
+    old = train.tasks["silo-1"].ref
+    replay = pb.StageRef(run_id=old.run_id, round=old.round, attempt=old.attempt + 1, stage=pb.STAGE_TRAIN)
+    with pytest.raises(grpc.RpcError) as err:
+        _upload(train, "silo-1", one, ref=replay)
+    assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION and "stale or replayed" in err.value.details()
+    rows = []
+    for _ in range(100):
+        rows = [
+            json.loads(line) for line in (train.running.run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
+        if rows:
+            break
+        threading.Event().wait(0.05)
+    assert [r["round"] for r in rows] == [0]
+    assert rows[0]["completed"] == ["silo-1", "silo-2"] and rows[0]["val"]["n"] == 10
+    assert rows[0]["phase_a_loss"] == 0.5
+
+
+def test_a_silo_agent_refuses_to_send_a_nan_update_and_the_round_goes_on(
+    material: pki.DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = _start(
+        tmp_path,
+        material,
+        ["silo-1", "silo-2"],
+        rounds=1,
+        timeouts={"gather_s": 60, "train_s": 8, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 5},
+        training={"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100},
+    )
+    agents = {}
+    for index, silo in enumerate(("silo-1", "silo-2")):
+        site = {
+            "silo_id": silo,
+            "data": {"source": "synthetic_ecg", "n_records": 40, "seed": 0, "seconds": 1.0},
+            "partition": {"silos": 2, "index": index, "scheme": "iid"},
+            "state_dir": str(tmp_path / silo),
+            "device": "cpu",
+            "coordinator": {"address": f"127.0.0.1:{running.server.port}", "give_up_after_s": 30},
+            "tls": {
+                "ca": str(material.ca.cert),
+                "cert": str(material.silos[silo].cert),
+                "key": str(material.silos[silo].key),
+            },
+        }
+        cfg = parse_config(site, SiteConfig, f"{silo}.yaml")
+        faults = Faults(nan_at_round=0) if silo == "silo-2" else Faults()
+        agents[silo] = SiloAgent(cfg, f"{silo}.yaml", faults=faults)
+    codes: dict[str, int] = {}
+    threads = [
+        threading.Thread(target=lambda s=s, a=a: codes.__setitem__(s, a.run()), daemon=True)
+        for s, a in agents.items()
+    ]
+    torch.set_num_threads(1)
+    with caplog.at_level(logging.INFO):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        running.thread.join(30)
+    running.stop()
+    assert codes == {"silo-1": 0, "silo-2": 0}
+    assert running.exit_codes == [0]
+    refusals = [r.getMessage() for r in caplog.records if "refusing to send the update" in r.getMessage()]
+    assert len(refusals) == 1 and "round 0 attempt 0 TRAIN" in refusals[0] and "NaN" in refusals[0]
+    rows = [json.loads(line) for line in (running.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0]
+    assert rows[0]["selected"] == ["silo-1", "silo-2"] and rows[0]["completed"] == ["silo-1"]
+    assert rows[0]["evaluated_by"] == ["silo-1", "silo-2"] and "test" in rows[0]
+    report = json.loads((running.run_dir / "report.json").read_text())
+    assert report["status"] == "complete" and (running.run_dir / "global_model.npz").is_file()

@@ -1,0 +1,319 @@
+"""Coordinator pieces without a network: layout, pooling, checkpoint store, report, configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from condi_models.checkpoint import load_checkpoint
+from condi_models.configfile import ConfigError, parse_config
+from condi_models.data.dataset import Modality
+from condi_models.data.normalize import ChannelNormalizer
+from condi_models.metrics import classification_metrics
+from condi_models.nn.model import CondIModel
+from condi_models.simulation import ModelSpec
+from condi_models.training import LocalTrainingConfig
+from coordinator.config import (
+    FederationConfig,
+    check_federation_files,
+    federation_file_problems,
+    load_federation_config,
+)
+from coordinator.layout import build_model_config, layout_mismatch
+from coordinator.pooling import (
+    ReportError,
+    check_normalizer_report,
+    check_split_report,
+    pool_normalizers,
+    pool_split,
+)
+from coordinator.report import write_report
+from coordinator.rounds import RoundProgress
+from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError
+from silo_agent.config import SiteConfig, check_site_files, load_site_config
+from tests.helpers import REPO, toy_dataset
+
+SMALL = ModelSpec(
+    embed_dim=8,
+    cond_dim=8,
+    denoiser={"hidden": 16, "n_blocks": 1, "n_heads": 2},
+    context={"stem_dim": 8, "expert_hidden": 16, "out_dim": 8},
+    classifier={"hidden": 16, "n_blocks": 1, "n_heads": 2, "head_hidden": 16},
+)
+
+
+def test_layout_mismatch_names_what_differs() -> None:
+    info = toy_dataset(4, modalities=(1, 2), length=30, n_classes=3).info
+    assert layout_mismatch(info, dataclasses.replace(info, name="other-source")) is None
+    cases = {
+        "task": dataclasses.replace(info, task="los3"),
+        "classes": dataclasses.replace(info, classes=("a", "b", "c")),
+        "sampling rate": dataclasses.replace(info, sampling_rate_hz=2.0),
+        "31 steps": dataclasses.replace(info, length=31),
+        "modalities": dataclasses.replace(info, modalities=info.modalities[::-1]),
+        "channels": dataclasses.replace(
+            info, modalities=(info.modalities[0], Modality("m1", info.modalities[1].channels[::-1]))
+        ),
+    }
+    for expected, other in cases.items():
+        reason = layout_mismatch(info, other)
+        assert reason is not None and expected in reason, (expected, reason)
+
+
+def test_model_is_built_from_the_layout_with_the_window_cut_to_the_records() -> None:
+    info = toy_dataset(4, modalities=(1, 2), length=30, n_classes=3).info
+    model_cfg, training = build_model_config(info, SMALL, LocalTrainingConfig(window=250))
+    assert training.window == 30 and model_cfg.length == 30
+    assert model_cfg.n_classes == 3 and model_cfg.channel_modality == (0, 1, 1)
+    assert model_cfg.embed_dim == 8
+    _, whole = build_model_config(info, SMALL, LocalTrainingConfig(window=None))
+    assert whole.window == 30
+
+
+def _split_report(y: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict:
+    c = classification_metrics(y, probs, classes)
+    return {
+        "n": len(y),
+        "loss": 1.0,
+        "accuracy": c.accuracy,
+        "macro_f1": c.macro_f1,
+        "macro_auroc": c.macro_auroc,
+        "confusion_matrix": c.confusion_matrix,
+        "imputation": {"n_entries": 10 * len(y), "mae": 0.1 * len(y), "rmse": 0.2},
+    }
+
+
+def test_pooled_accuracy_and_macro_f1_equal_the_metrics_of_the_pooled_data() -> None:
+    rng = np.random.default_rng(3)
+    classes = ("a", "b", "c", "d")
+    parts = []
+    for n in (17, 40, 9):
+        y = rng.integers(0, 4, n)
+        y[:2] = [0, 3]
+        probs = rng.dirichlet(np.ones(4), n)
+        parts.append((y, probs))
+    reports = [
+        check_split_report(_split_report(y, p, classes), 4, f"silo{i}") for i, (y, p) in enumerate(parts)
+    ]
+    pooled = pool_split(reports)
+    whole = classification_metrics(
+        np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts]), classes
+    )
+    assert pooled["n"] == 66
+    assert pooled["accuracy"] == pytest.approx(whole.accuracy)
+    assert pooled["macro_f1"] == pytest.approx(whole.macro_f1)
+    assert pooled["confusion_matrix"] == whole.confusion_matrix
+    assert pooled["imputation_mae"] == pytest.approx(sum(10 * n * 0.1 * n for n in (17, 40, 9)) / 660)
+    assert pool_split([]) is None
+
+
+def test_split_reports_that_do_not_add_up_are_refused() -> None:
+    y = np.array([0, 1, 1])
+    good = _split_report(y, np.eye(2)[y], ("a", "b"))
+    with pytest.raises(ReportError, match="confusion_matrix"):
+        check_split_report({**good, "n": 4}, 2, "s")
+    with pytest.raises(ReportError, match=r"s\.accuracy"):
+        check_split_report({**good, "accuracy": float("nan")}, 2, "s")
+    with pytest.raises(ReportError, match="confusion_matrix"):
+        check_split_report(good, 3, "s")
+
+
+def test_pooled_normalizer_equals_the_fit_on_all_silos_training_data() -> None:
+    rng = np.random.default_rng(5)
+    silos = []
+    for n, shift in ((30, 0.0), (12, 3.0), (50, -1.0)):
+        x = (rng.normal(size=(n, 3, 20)) + shift).astype(np.float32)
+        observed = rng.random((n, 3, 20)) < 0.7
+        observed[:, 2] = False if shift == 3.0 else observed[:, 2]
+        silos.append((np.where(observed, x, 0.0).astype(np.float32), observed))
+    stats = []
+    for x, observed in silos:
+        fitted = ChannelNormalizer.fit(x, observed)
+        report = {
+            "count": observed.sum(axis=(0, 2)).astype(float).tolist(),
+            "mean": fitted.mean.astype(float).tolist(),
+            "std": fitted.std.astype(float).tolist(),
+        }
+        stats.append(check_normalizer_report(report, 3, "n"))
+    pooled = pool_normalizers(stats, 3)
+    whole = ChannelNormalizer.fit(
+        np.concatenate([x for x, _ in silos]), np.concatenate([o for _, o in silos])
+    )
+    np.testing.assert_allclose(pooled.mean, whole.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled.std, whole.std, rtol=1e-5)
+    with pytest.raises(ReportError, match="3 finite numbers"):
+        check_normalizer_report({**stats[0], "std": [1.0, 2.0]}, 3, "n")
+
+
+def _checkpoint(
+    tmp_path: Path,
+) -> tuple[CheckpointStore, CoordinatorCheckpoint, dict[str, np.ndarray], CondIModel]:
+    info = toy_dataset(4, modalities=(1, 2), length=30, n_classes=3).info
+    model_cfg, _ = build_model_config(info, SMALL, LocalTrainingConfig(window=None))
+    torch.manual_seed(0)
+    model = CondIModel(model_cfg)
+    state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
+    store = CheckpointStore(tmp_path / "run")
+    ckpt = CoordinatorCheckpoint(
+        run_id="run-1", federation="fed", progress=RoundProgress.start(0), layout=info, model=model_cfg
+    )
+    return store, ckpt, state, model
+
+
+def test_store_commits_atomically_and_resumes_exactly(tmp_path: Path) -> None:
+    store, ckpt, state, _ = _checkpoint(tmp_path)
+    assert store.load() is None
+    name, sha = store.save_state(0, state)
+    ckpt.state_file, ckpt.state_sha256 = name, sha
+    ckpt.rows = [{"round": 0, "val": {"accuracy": 0.5}}]
+    ckpt.progress = dataclasses.replace(ckpt.progress, round=1, attempt=2, failures=1, pending="evaluate")
+    store.commit(ckpt)
+    loaded, tensors = store.load()
+    assert loaded.to_dict() == ckpt.to_dict()
+    assert list(tensors) == list(state) and all(np.array_equal(tensors[k], state[k]) for k in state)
+    assert [json.loads(line)["round"] for line in store.metrics_path.read_text().splitlines()] == [0]
+    # A newer state replaces the older file only once the commit names it.
+    newer = {k: v + 1 for k, v in state.items()}
+    name2, sha2 = store.save_state(1, newer)
+    assert store.load()[0].state_sha256 == sha
+    ckpt.state_file, ckpt.state_sha256 = name2, sha2
+    ckpt.rows.append({"round": 1})
+    store.commit(ckpt)
+    assert sorted(p.name for p in store.dir.glob("global-*.npz")) == [name2]
+    assert [json.loads(line)["round"] for line in store.metrics_path.read_text().splitlines()] == [0, 1]
+    # metrics.jsonl is rebuilt from the checkpoint on load (a crash between commit and rewrite).
+    store.metrics_path.write_text('{"round": 0}\n{"round": 0}\n')
+    store.load()
+    assert [json.loads(line)["round"] for line in store.metrics_path.read_text().splitlines()] == [0, 1]
+
+
+def test_store_refuses_a_state_file_that_does_not_match_its_commit(tmp_path: Path) -> None:
+    store, ckpt, state, _ = _checkpoint(tmp_path)
+    name, sha = store.save_state(0, state)
+    ckpt.state_file, ckpt.state_sha256 = name, sha
+    store.commit(ckpt)
+    other = {k: v * 2 for k, v in state.items()}
+    np.savez(store.dir / name, **other)
+    with pytest.raises(StoreError, match="does not match the SHA-256"):
+        store.load()
+    store.progress_path.write_text('{"format": "condi-coordinator/1"}')
+    with pytest.raises(StoreError, match="inconsistent checkpoint"):
+        store.load()
+
+
+def test_report_exports_a_global_model_condi_predict_can_load(tmp_path: Path) -> None:
+    _, ckpt, _, model = _checkpoint(tmp_path)
+    normalizer = ChannelNormalizer(mean=np.array([1.0, 2.0, 3.0], np.float32), std=np.ones(3, np.float32))
+    rows = [
+        {"round": 0, "val": {"accuracy": 0.4}},
+        {"round": 1, "val": {"accuracy": 0.6}, "test": {"accuracy": 0.55}},
+    ]
+    path = write_report(
+        tmp_path / "out",
+        federation="fed",
+        run_id="run-1",
+        status="complete",
+        message="ok",
+        rows=rows,
+        model=model,
+        normalizer=normalizer,
+        layout=ckpt.layout,
+    )
+    report = json.loads(path.read_text())
+    assert report["val_accuracy_by_round"] == [0.4, 0.6] and report["final_test"] == {"accuracy": 0.55}
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+    loaded = load_checkpoint(tmp_path / "out" / "global_model.npz")
+    assert loaded.info == ckpt.layout
+    np.testing.assert_array_equal(loaded.normalizer.mean, normalizer.mean)
+    for name, value in model.state_to_named_tensors().items():
+        assert torch.equal(loaded.model.state_to_named_tensors()[name], value)
+
+
+FED = """\
+name: f
+silos: [s-1, s-2, s-3]
+silos_per_round: 2
+min_silos: 2
+listen: 127.0.0.1:5000
+tls: {ca: ca.crt, cert: server.crt, key: server.key, crl: crl.pem}
+timeouts: {train_s: 60, liveness_s: 10}
+model: {embed_dim: 8}
+training: {epochs_a: 1, window: 100}
+evaluation: {steps: 2}
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_federation_config_new_sections_parse_and_bad_ones_name_file_and_key(tmp_path: Path) -> None:
+    cfg = load_federation_config(_write(tmp_path, FED, "fed.yaml"))
+    assert cfg.training.epochs_a == 1 and cfg.model.embed_dim == 8 and cfg.timeouts.train_s == 60
+    bad = {
+        "timeouts.trian_s: unknown key": FED.replace("train_s", "trian_s"),
+        "training.epochs_a": FED.replace("epochs_a: 1", "epochs_a: many"),
+        "tls.crl: required key is missing": FED.replace(", crl: crl.pem", ""),
+        "listen": FED.replace("127.0.0.1:5000", "somewhere"),
+        "three poll intervals": FED.replace("liveness_s: 10", "liveness_s: 1"),
+        "model.size: unknown key": FED.replace("embed_dim: 8", "size: 8"),
+    }
+    for expected, text in bad.items():
+        path = _write(tmp_path, text, "bad.yaml")
+        with pytest.raises(ConfigError) as err:
+            load_federation_config(path)
+        assert str(path) in str(err.value) and expected in str(err.value), (expected, str(err.value))
+    problems = federation_file_problems(cfg, "fed.yaml")
+    assert problems[0] == "fed.yaml: tls.ca: file ca.crt does not exist" and len(problems) == 4
+    with pytest.raises(ConfigError, match=r"tls\.crl: file crl\.pem"):
+        check_federation_files(cfg, "fed.yaml")
+    no_tls = parse_config(
+        {"name": "f", "silos": ["a"], "min_silos": 1, "silos_per_round": 1}, FederationConfig, "x"
+    )
+    with pytest.raises(ConfigError, match="tls: required to serve"):
+        check_federation_files(no_tls, "x")
+
+
+SITE = """\
+silo_id: silo-1
+data: {source: synthetic_ecg, n_records: 30}
+split: {fractions: [0.6, 0.2, 0.2]}
+partition: {silos: 3, index: 2}
+coordinator: {address: "127.0.0.1:5000"}
+tls: {ca: ca.crt, cert: silo.crt, key: silo.key, passphrase_env: KEY_PASS}
+"""
+
+
+def test_site_config_federation_sections_parse_and_bad_ones_name_file_and_key(tmp_path: Path) -> None:
+    cfg = load_site_config(_write(tmp_path, SITE, "site.yaml"))
+    assert cfg.partition.index == 2 and cfg.coordinator.rpc_timeout_s == 30.0
+    bad = {
+        "partition: Value error, index 3 is outside 0..2": SITE.replace("index: 2", "index: 3"),
+        "tls: required when a coordinator is configured": SITE.split("tls:")[0],
+        "coordinator.adress: unknown key": SITE.replace("address", "adress"),
+        "not both": SITE.replace("passphrase_env: KEY_PASS", "passphrase_env: A, passphrase_file: b"),
+        "split.fractions": SITE.replace("[0.6, 0.2, 0.2]", "[0.6, 0.2]"),
+    }
+    for expected, text in bad.items():
+        path = _write(tmp_path, text, "bad-site.yaml")
+        with pytest.raises(ConfigError) as err:
+            load_site_config(path)
+        assert str(path) in str(err.value) and expected in str(err.value), (expected, str(err.value))
+    with pytest.raises(ConfigError) as err:
+        check_site_files(cfg, "site.yaml")
+    assert "site.yaml: tls.ca: file ca.crt does not exist" in str(err.value)
+    assert "tls.key" in str(err.value)
+
+
+def test_shipped_examples_parse() -> None:
+    fed = load_federation_config(REPO / "examples" / "federation.yaml")
+    assert fed.tls is not None and fed.timeouts.liveness_s > 0
+    site = load_site_config(REPO / "examples" / "site-federated.yaml")
+    assert isinstance(site, SiteConfig) and site.coordinator is not None and site.tls is not None
