@@ -257,7 +257,7 @@ def load_wfdb(text: str, info: DatasetInfo) -> LoadedRecord:
     fs = float(header.fs or 0.0)
     factor = decimation_factor(text, fs, info.sampling_rate_hz)
     try:
-        signal = ptbxl._read_signal(path, fs, int(header.sig_len or 0))
+        signal = ptbxl.read_signal(path, fs, int(header.sig_len or 0))
     except ptbxl.RecordError as exc:
         raise InputError(f"{text}: {exc}") from exc
     notes = []
@@ -280,12 +280,12 @@ def load_wfdb(text: str, info: DatasetInfo) -> LoadedRecord:
 
 def paired_hypnogram(psg_path: Path) -> Path | None:
     """The cassette hypnogram of the night beside ``psg_path`` (same first seven characters), if any."""
-    if not sleep_edf._PSG_NAME.match(psg_path.name):
+    if not sleep_edf.PSG_NAME.match(psg_path.name):
         return None
     found = sorted(
         p
         for p in psg_path.parent.glob(f"{psg_path.name[:7]}*-Hypnogram.edf")
-        if sleep_edf._HYPNOGRAM_NAME.match(p.name)
+        if sleep_edf.HYPNOGRAM_NAME.match(p.name)
     )
     if len(found) > 1:
         raise InputError(f"{psg_path}: several hypnograms pair with it ({', '.join(p.name for p in found)})")
@@ -304,7 +304,7 @@ def _epochs_at(psg: Any, starts_s: np.ndarray, rate: float) -> np.ndarray:
     out = np.empty((len(starts_s), len(sleep_edf.CHANNELS), length), dtype=np.float32)
     for ci, name in enumerate(sleep_edf.CHANNELS):
         signal = psg.get_signal(name)
-        scale = sleep_edf._VOLT_TO_MICROVOLT.get(signal.physical_dimension.strip(), 1.0)
+        scale = sleep_edf.VOLT_TO_MICROVOLT.get(signal.physical_dimension.strip(), 1.0)
         y = sleep_edf.resample_channel(
             signal.get_data_slice(0.0, duration) * scale, signal.sampling_frequency, rate
         )
@@ -321,13 +321,13 @@ def _psg_epochs(
     Without a hypnogram, every whole epoch from the recording's start; with one, its labelled
     epochs that lie inside the recording (numbered from the hypnogram's start).
     """
-    psg = sleep_edf._open_psg(path)
+    psg = sleep_edf.open_psg(path)
     duration = psg.num_data_records * psg.data_record_duration
     if hypnogram is None:
         n = math.floor(duration / sleep_edf.EPOCH_SECONDS + 1e-9)
         return psg, list(range(n)), np.arange(n) * sleep_edf.EPOCH_SECONDS, None
     stages = sleep_edf.stage_epochs(sleep_edf.read_hypnogram(hypnogram), source=hypnogram.name)
-    offset = sleep_edf._start_offset_s(psg, hypnogram)
+    offset = sleep_edf.start_offset_s(psg, hypnogram)
     epochs = [
         k
         for k, stage in enumerate(stages)
@@ -357,13 +357,13 @@ def load_psg(text: str, info: DatasetInfo) -> LoadedRecord:
             raise InputError(f"{text}: no whole {sleep_edf.EPOCH_SECONDS:g} s epoch {where}")
         x = _epochs_at(psg, starts, rate)
         dims = [psg.get_signal(c).physical_dimension.strip() for c in sleep_edf.CHANNELS]
-    except sleep_edf._NightError as exc:
+    except sleep_edf.NightError as exc:
         raise InputError(f"{text}: {exc.reason}") from exc
     except sleep_edf.HypnogramError as exc:
         raise InputError(f"{text}: its hypnogram cannot be used ({exc})") from exc
     except OSError as exc:
         raise InputError(f"{text}: cannot be read ({exc})") from exc
-    units = ["uV" if d in sleep_edf._VOLT_TO_MICROVOLT else d for d in dims]
+    units = ["uV" if d in sleep_edf.VOLT_TO_MICROVOLT else d for d in dims]
     order = [sleep_edf.CHANNELS.index(c) for c in info.channel_names]
     source = f"labelled in {hypnogram.name}" if hypnogram else "from the recording start"
     return LoadedRecord(

@@ -110,7 +110,7 @@ def superclass_label(codes: dict[str, float], code_class: dict[str, str]) -> Rec
     return RecordLabel(label=SUPERCLASSES.index(chosen), multi=multi)
 
 
-def _read_signal(path: Path, fs: int, length: int) -> np.ndarray:
+def read_signal(path: Path, fs: int, length: int) -> np.ndarray:
     """The record's (12, length) signal in mV in standard lead order; NaN where a sample is missing."""
     if not path.with_suffix(".hea").is_file():
         raise RecordError("missing signal file (no .hea header)")
@@ -180,7 +180,7 @@ def load_ptbxl(
             label = superclass_label(parse_scp_codes(str(row.scp_codes)), code_class)
             if label is None:
                 raise RecordError(f"unlabeled: no diagnostic statement in scp_codes (ecg_id {ecg_id})")
-            signal = _read_signal(root / relpath, fs, length)
+            signal = read_signal(root / relpath, fs, length)
         except RecordError as exc:
             skipped.append(SkippedRecord(record=relpath, reason=str(exc)))
             continue

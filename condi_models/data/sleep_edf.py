@@ -63,9 +63,9 @@ _STAGE_TEXT: dict[str, str | None] = {
     "Sleep stage ?": None,
     "Movement time": None,
 }
-_VOLT_TO_MICROVOLT = {"uV": 1.0, "µV": 1.0, "mV": 1e3, "V": 1e6, "nV": 1e-3}
-_PSG_NAME = re.compile(r"^SC4(\d{2})(\d)[A-Z0-9]{2}-PSG\.edf$")
-_HYPNOGRAM_NAME = re.compile(r"^SC4(\d{2})(\d)[A-Z0-9]{2}-Hypnogram\.edf$")
+VOLT_TO_MICROVOLT = {"uV": 1.0, "µV": 1.0, "mV": 1e3, "V": 1e6, "nV": 1e-3}
+PSG_NAME = re.compile(r"^SC4(\d{2})(\d)[A-Z0-9]{2}-PSG\.edf$")
+HYPNOGRAM_NAME = re.compile(r"^SC4(\d{2})(\d)[A-Z0-9]{2}-Hypnogram\.edf$")
 # Input margin (seconds) read around the kept epochs so that the resampling filter has settled
 # inside them: its FIR reaches 10 samples of the slower of the two rates each side, 10 s for a
 # 1 Hz channel (or a 1 Hz output).
@@ -183,9 +183,9 @@ def _find_pairs(folder: Path) -> tuple[list[tuple[str, Path, Path]], list[Skippe
     psgs: dict[str, list[Path]] = {}
     hypnograms: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if _PSG_NAME.match(path.name):
+        if PSG_NAME.match(path.name):
             psgs.setdefault(path.name[:7], []).append(path)
-        elif _HYPNOGRAM_NAME.match(path.name):
+        elif HYPNOGRAM_NAME.match(path.name):
             hypnograms.setdefault(path.name[:7], []).append(path)
     pairs, skipped = [], []
     for key in sorted(set(psgs) | set(hypnograms)):
@@ -202,7 +202,7 @@ def _find_pairs(folder: Path) -> tuple[list[tuple[str, Path, Path]], list[Skippe
     return pairs, skipped
 
 
-def _start_offset_s(psg: edfio.Edf, hyp_path: Path) -> float:
+def start_offset_s(psg: edfio.Edf, hyp_path: Path) -> float:
     """Seconds from the PSG start to the hypnogram start (zero in the published recordings)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # edfio warns when the legacy and EDF+ date fields differ
@@ -255,7 +255,7 @@ def check_edf_size(path: Path) -> None:
         )
 
 
-class _NightError(Exception):
+class NightError(Exception):
     """A night that cannot be used: which file is at fault and why."""
 
     def __init__(self, record: str, reason: str) -> None:
@@ -264,46 +264,46 @@ class _NightError(Exception):
         self.reason = reason
 
 
-def _open_psg(path: Path) -> edfio.Edf:
-    """The PSG with its signals loaded lazily and all five channels present, or _NightError."""
+def open_psg(path: Path) -> edfio.Edf:
+    """The PSG with its signals loaded lazily and all five channels present, or NightError."""
     try:
         check_edf_size(path)
     except (ValueError, OSError) as exc:
-        raise _NightError(path.name, str(exc)) from exc
+        raise NightError(path.name, str(exc)) from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # edfio's own truncation warnings; size is checked above
             psg = edfio.read_edf(path, lazy_load_data=True)
     except Exception as exc:  # edfio raises many types for a malformed header; all mean "unreadable"
-        raise _NightError(path.name, f"not a readable EDF file ({type(exc).__name__}: {exc})") from exc
+        raise NightError(path.name, f"not a readable EDF file ({type(exc).__name__}: {exc})") from exc
     if not psg.is_continuous:
-        raise _NightError(path.name, "EDF+D recording with gaps; epochs need a continuous recording")
+        raise NightError(path.name, "EDF+D recording with gaps; epochs need a continuous recording")
     missing = [c for c in CHANNELS if c not in psg.labels]
     if missing:
-        raise _NightError(path.name, f"missing channel(s) {missing}; it has {list(psg.labels)}")
+        raise NightError(path.name, f"missing channel(s) {missing}; it has {list(psg.labels)}")
     for name in CHANNELS:
         rate = psg.get_signal(name).sampling_frequency
         if rate <= 0 or abs(rate * EPOCH_SECONDS - round(rate * EPOCH_SECONDS)) > 1e-9:
-            raise _NightError(path.name, f"channel {name!r} at {rate} Hz has no whole number of samples per 30 s")
+            raise NightError(path.name, f"channel {name!r} at {rate} Hz has no whole number of samples per 30 s")
     return psg
 
 
 def _load_night(
     key: str, psg_path: Path, hyp_path: Path, resample_hz: float, trim_wake_minutes: float
 ) -> tuple[np.ndarray, list[int], list[int]]:
-    """Epoch signals (E, F, L), epoch indices and class indices of one night, or _NightError."""
+    """Epoch signals (E, F, L), epoch indices and class indices of one night, or NightError."""
     try:
         stages = stage_epochs(read_hypnogram(hyp_path), source=hyp_path.name)
     except HypnogramError as exc:
-        raise _NightError(hyp_path.name, str(exc)) from exc
+        raise NightError(hyp_path.name, str(exc)) from exc
     kept = sleep_period(stages, trim_wake_minutes)
     if not kept:
-        raise _NightError(hyp_path.name, "no sleep epochs (stages 1-4 or R)")
-    psg = _open_psg(psg_path)
+        raise NightError(hyp_path.name, "no sleep epochs (stages 1-4 or R)")
+    psg = open_psg(psg_path)
     try:
-        offset = _start_offset_s(psg, hyp_path)
+        offset = start_offset_s(psg, hyp_path)
     except HypnogramError as exc:
-        raise _NightError(hyp_path.name, str(exc)) from exc
+        raise NightError(hyp_path.name, str(exc)) from exc
     duration = psg.num_data_records * psg.data_record_duration
 
     def inside(k: int) -> bool:
@@ -315,7 +315,7 @@ def _load_night(
     if outside:
         log.info("%s: %d labelled epochs fall outside the recording and are left out", key, outside)
     if not epochs:
-        raise _NightError(psg_path.name, f"no labelled epoch lies inside the {duration:g} s recording")
+        raise NightError(psg_path.name, f"no labelled epoch lies inside the {duration:g} s recording")
 
     length = epoch_length(resample_hz)
     first = epochs[0] * EPOCH_SECONDS + offset
@@ -329,7 +329,7 @@ def _load_night(
     out = np.empty((len(epochs), len(CHANNELS), length), dtype=np.float32)
     for ci, name in enumerate(CHANNELS):
         signal = psg.get_signal(name)
-        scale = _VOLT_TO_MICROVOLT.get(signal.physical_dimension.strip(), 1.0)
+        scale = VOLT_TO_MICROVOLT.get(signal.physical_dimension.strip(), 1.0)
         y = resample_channel(signal.get_data_slice(w0, w1) * scale, signal.sampling_frequency, resample_hz)
         out[:, ci, :] = y[take]
     return out, epochs, [CLASSES.index(stages[k]) for k in epochs]
@@ -367,7 +367,7 @@ def load_sleep_edf(
     for key, psg_path, hyp_path in pairs:
         try:
             x, epochs, labels = _load_night(key, psg_path, hyp_path, resample_hz, trim_wake_minutes)
-        except _NightError as exc:
+        except NightError as exc:
             skipped.append(SkippedRecord(exc.record, exc.reason))
             log.warning("skipped %s", exc)
             continue
