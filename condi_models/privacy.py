@@ -563,11 +563,13 @@ class SiloPrivacy:
         phases = tuple(p for p in spec.phases if phase_epochs.get(p, 0) > 0)
         sample_rate = min(1.0, batch_size / n_samples) if n_samples > 0 else 1.0
         steps_per_epoch = math.ceil(n_samples / batch_size) if n_samples > 0 else 0
+        # The mean of a Poisson batch: what DP-SGD divides the noisy sum by.
+        expected_batch = max(1, min(batch_size, n_samples))
         steps = sum(phase_epochs[p] for p in phases) * steps_per_epoch
         rng, noise = self._streams(seed, device)
         if steps == 0:
             return PrivateRound(
-                phases, 0.0, sample_rate, steps_per_epoch, batch_size, spec.max_grad_norm, 0, rng, noise
+                phases, 0.0, sample_rate, steps_per_epoch, expected_batch, spec.max_grad_norm, 0, rng, noise
             )
         if n_samples * spec.delta >= 1:
             log.warning("privacy.delta %g is not below 1/n for n = %d records; the guarantee is weak", spec.delta,
@@ -578,8 +580,8 @@ class SiloPrivacy:
         if after > spec.target_epsilon:
             raise self._exhausted(f"the next round would bring it to {after:.4g}")
         return PrivateRound(
-            phases, plan.noise_multiplier, sample_rate, steps_per_epoch, batch_size, spec.max_grad_norm, steps, rng,
-            noise,
+            phases, plan.noise_multiplier, sample_rate, steps_per_epoch, expected_batch, spec.max_grad_norm, steps,
+            rng, noise,
         )
 
     def commit(self, rnd: PrivateRound) -> float:

@@ -168,6 +168,8 @@ def test_only_the_private_phases_are_accounted(split, tmp_path):
     nothing = privacy.begin_round(n_samples=N, batch_size=10, phase_epochs={"a": 3, "b": 0}, seed=0, device=CPU)
     assert nothing.planned_steps == 0
     assert privacy.commit(nothing) == 0.0 and not (tmp_path / "ledger.json").exists()
+    whole = privacy.begin_round(n_samples=6, batch_size=10, phase_epochs={"a": 1, "b": 1}, seed=0, device=CPU)
+    assert (whole.sample_rate, whole.expected_batch_size, whole.steps_per_epoch) == (1.0, 6, 1)
 
 
 # ---- determinism and randomness --------------------------------------------------------------
