@@ -210,6 +210,23 @@ def test_ddim_with_a_wrong_sign_noise_model_is_far_off():
     assert abs(float(out.median()) - 1.0) > 0.5
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_clipping_bounds_a_bad_noise_model(sampler):
+    schedule = NoiseSchedule(DiffusionConfig())
+    target = torch.ones(200, 1, 3)
+
+    def bad(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -3.0 * z
+
+    gen = torch.Generator().manual_seed(0)
+    if sampler == "ddim":
+        free, bounded = (ddim_sample(bad, schedule, target, 10, gen, clip=c) for c in (None, 4.0))
+    else:
+        free, bounded = (ddpm_sample(bad, schedule, target, gen, clip=c) for c in (None, 4.0))
+    assert float(free.abs().max()) > 4.0
+    assert float(bounded.abs().max()) <= 4.0 + 1e-5
+
+
 def test_schedule_is_quadratic_and_ends_near_pure_noise():
     s = NoiseSchedule(DiffusionConfig())
     assert s.betas.shape == (50,)

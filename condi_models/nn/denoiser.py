@@ -4,9 +4,10 @@ CSDI attends over every one of the L time steps of every channel, which is what 
 (L = 250 at 100 Hz). Here a channel's series is cut into time patches and each patch is one
 token, so the time transformer runs over N = L / patch tokens and the channel transformer over
 the F channels of one patch (the cross-modal path: a missing lead is rebuilt from the other leads
-at the same moment). A depthwise-in-time convolution at full resolution before patching and
-after un-patching keeps point-level detail, so scattered missing points are filled from their
-observed neighbours rather than smeared over a patch.
+at the same moment). A convolution along time at full resolution before patching and after
+un-patching keeps point-level detail, so scattered missing points are filled from their observed
+neighbours rather than smeared over a patch, and a light channel attention at every single time
+step (the point mixer) passes exact same-instant relations between channels.
 
 Every parameterised layer sees batch-first tensors (Opacus hooks rely on that); only the
 parameter-free attention op reshapes the batch into sequences.
@@ -29,37 +30,50 @@ class AxisTransformerLayer(nn.Module):
 
     ``axis=2`` attends over S2 within each (b, s1); ``axis=1`` over S1 within each (b, s2).
     Built from ``nn.Linear`` and ``nn.LayerNorm`` so per-sample gradients are available.
+    With ``linear_values`` the values are projected from the un-normalised input (queries and
+    keys still from the normalised one), so what the attention moves between tokens stays linear
+    in the input; a LayerNorm in front of the values would divide each token by its own scale.
     """
 
-    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float = 0.0) -> None:
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float = 0.0, linear_values: bool = False) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} is not divisible by {heads} attention heads")
         self.heads = heads
+        self.linear_values = linear_values
         self.norm_attn = nn.LayerNorm(hidden)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
+        if linear_values:
+            self.qk = nn.Linear(hidden, 2 * hidden)
+            self.v = nn.Linear(hidden, hidden)
+        else:
+            self.qkv = nn.Linear(hidden, 3 * hidden)
         self.attn_out = nn.Linear(hidden, hidden)
         self.norm_ffn = nn.LayerNorm(hidden)
         self.ffn_in = nn.Linear(hidden, ffn)
         self.ffn_out = nn.Linear(ffn, hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def _attend(self, qkv: torch.Tensor, axis: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: int) -> torch.Tensor:
+        qkv = torch.stack([q, k, v], dim=0)
         if axis == 1:
-            qkv = qkv.transpose(1, 2)
-        b, s1, s2, h3 = qkv.shape
-        hidden = h3 // 3
-        dh = hidden // self.heads
-        seq = qkv.reshape(b * s1, s2, 3, self.heads, dh).permute(2, 0, 3, 1, 4)
+            qkv = qkv.transpose(2, 3)
+        _, b, s1, s2, hidden = qkv.shape
+        seq = qkv.reshape(3, b * s1, s2, self.heads, hidden // self.heads).transpose(2, 3)
         out = F.scaled_dot_product_attention(seq[0], seq[1], seq[2])
-        out = out.permute(0, 2, 1, 3).reshape(b, s1, s2, hidden)
+        out = out.transpose(1, 2).reshape(b, s1, s2, hidden)
         return out.transpose(1, 2) if axis == 1 else out
 
     def forward(self, h: torch.Tensor, axis: int) -> torch.Tensor:
         """h (B, S1, S2, H) -> same shape, attention along ``axis`` (1 or 2)."""
         if axis not in (1, 2):
             raise ValueError(f"attention axis must be 1 or 2, got {axis}")
-        h = h + self.dropout(self.attn_out(self._attend(self.qkv(self.norm_attn(h)), axis)))
+        normed = self.norm_attn(h)
+        if self.linear_values:
+            q, k = self.qk(normed).chunk(2, dim=-1)
+            v = self.v(h)
+        else:
+            q, k, v = self.qkv(normed).chunk(3, dim=-1)
+        h = h + self.dropout(self.attn_out(self._attend(q, k, v, axis)))
         return h + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.norm_ffn(h)))))
 
 
@@ -78,14 +92,22 @@ class DenoiserConfig:
     time_embed_dim: int = 32
     channel_embed_dim: int = 16
     step_embed_dim: int = 128
+    point_mixer_dim: int = 16
+    point_mixer_heads: int = 2
 
     def __post_init__(self) -> None:
         for name in ("hidden", "n_blocks", "n_heads", "ffn_mult", "patch_size", "conv_channels",
-                     "out_channels", "time_embed_dim", "channel_embed_dim", "step_embed_dim"):
+                     "out_channels", "time_embed_dim", "channel_embed_dim", "step_embed_dim",
+                     "point_mixer_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"denoiser.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.n_heads:
             raise ValueError(f"denoiser.hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads})")
+        if self.point_mixer_dim < 0 or self.point_mixer_dim % self.point_mixer_heads:
+            raise ValueError(
+                f"denoiser.point_mixer_dim ({self.point_mixer_dim}) must be >= 0 (0 turns the mixer off) "
+                f"and divisible by point_mixer_heads ({self.point_mixer_heads})"
+            )
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"denoiser.conv_kernel must be odd and positive, got {self.conv_kernel}")
         for name in ("time_embed_dim", "step_embed_dim"):
@@ -160,10 +182,16 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(cfg, side_dim) for _ in range(cfg.n_blocks))
         self.skip_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.patch_out = nn.Linear(cfg.hidden, cfg.out_channels * cfg.patch_size)
-        self.conv_out = nn.Conv2d(
-            cfg.out_channels + cfg.conv_channels, cfg.conv_channels, (1, cfg.conv_kernel), padding=(0, pad)
-        )
-        self.head = nn.Conv2d(cfg.conv_channels, 1, 1)
+        point_dim = 3 + cfg.conv_channels + cfg.out_channels
+        mix = cfg.point_mixer_dim
+        if mix:
+            self.point_in = nn.Linear(point_dim, mix)
+            self.point_channel = nn.Embedding(n_features, mix)
+            self.point_mixer = AxisTransformerLayer(mix, cfg.point_mixer_heads, 2 * mix, linear_values=True)
+        self.conv_out = nn.Conv2d(point_dim + mix, cfg.conv_channels, (1, cfg.conv_kernel), padding=(0, pad))
+        # The head also sees the point features directly: a linear route from the per-step
+        # channel mix to the output, next to the convolutional one.
+        self.head = nn.Conv2d(cfg.conv_channels + point_dim + mix, 1, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -206,5 +234,21 @@ class Denoiser(nn.Module):
             skips = skips + skip
         out = F.silu(self.skip_proj(skips / math.sqrt(len(self.blocks))))
         out = from_tokens(self.patch_out(out), self.cfg.out_channels, full.shape[-1])
-        out = F.silu(self.conv_out(torch.cat([out, full], dim=1)))
-        return self.head(out)[:, 0, :, :length]
+        points = torch.cat([out, full, inp], dim=1)
+        if self.cfg.point_mixer_dim:
+            points = torch.cat([points, self._mix_channels(points)], dim=1)
+        feats = torch.cat([F.silu(self.conv_out(points)), points], dim=1)
+        return self.head(feats)[:, 0, :, :length]
+
+    def _mix_channels(self, points: torch.Tensor) -> torch.Tensor:
+        """Attention across channels at every single time step, at full resolution.
+
+        Leads are (near-)linear functions of one another at the same instant (Einthoven's law
+        holds even for the noise), which patch tokens can only pass through approximately; this
+        light per-step path lets an exact pointwise cross-channel combination be learned.
+        """
+        b, _, f, _ = points.shape
+        u = self.point_in(points.permute(0, 2, 3, 1))
+        index = torch.arange(f, device=u.device).expand(b, -1).contiguous()
+        u = u + self.point_channel(index)[:, :, None, :]
+        return self.point_mixer(u, axis=1).permute(0, 3, 1, 2)

@@ -140,20 +140,46 @@ def ddim_timesteps(total: int, steps: int) -> list[int]:
     return sorted(set(grid), reverse=True)
 
 
+def _predict_x0(
+    z: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, clip: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 implied by (z_t, eps), clipped to [-clip, clip] when asked, and the eps consistent with it.
+
+    Near t = T, x0 = (z - sqrt(1 - ab) eps) / sqrt(ab) multiplies any error of eps by ~170; with
+    standardized data a generous clip keeps an imprecise (early, or DP-noised) model from
+    sending the chain far out of range, and never binds for a good one.
+    """
+    x0 = (z - (1.0 - ab).sqrt() * eps) / ab.sqrt()
+    if clip is None:
+        return x0, eps
+    x0 = x0.clamp(-clip, clip)
+    return x0, (z - ab.sqrt() * x0) / (1.0 - ab).sqrt()
+
+
 @torch.no_grad()
 def ddpm_sample(
-    eps_fn: EpsFn, schedule: NoiseSchedule, target: torch.Tensor, generator: torch.Generator | None
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    target: torch.Tensor,
+    generator: torch.Generator | None,
+    clip: float | None = None,
 ) -> torch.Tensor:
-    """Ancestral DDPM sampling through all T steps; returns z_0, zero outside ``target``."""
+    """Ancestral DDPM sampling through all T steps; returns z_0, zero outside ``target``.
+
+    The step is the posterior mean of q(z_{t-1} | z_t, x0) at the predicted x0 plus noise of
+    variance beta_tilde_t (CSDI's choice); written through x0 so that ``clip`` can apply.
+    """
     w = target.to(schedule.betas.dtype)
     z = randn_like_on(w.shape, w, generator) * w
+    one = torch.ones((), dtype=w.dtype, device=w.device)
     for t in range(schedule.steps - 1, -1, -1):
         tt = torch.full((w.shape[0],), t, dtype=torch.long, device=w.device)
-        eps = eps_fn(z, tt)
         beta, alpha, ab = schedule.betas[t], schedule.alphas[t], schedule.alpha_bars[t]
-        z = (z - beta / (1.0 - ab).sqrt() * eps) / alpha.sqrt()
+        ab_prev = schedule.alpha_bars[t - 1] if t > 0 else one
+        x0, _ = _predict_x0(z, eps_fn(z, tt), ab, clip)
+        z = (ab_prev.sqrt() * beta * x0 + alpha.sqrt() * (1.0 - ab_prev) * z) / (1.0 - ab)
         if t > 0:
-            sigma = ((1.0 - schedule.alpha_bars[t - 1]) / (1.0 - ab) * beta).sqrt()
+            sigma = ((1.0 - ab_prev) / (1.0 - ab) * beta).sqrt()
             z = z + sigma * randn_like_on(w.shape, w, generator)
         z = z * w
     return z
@@ -167,6 +193,7 @@ def ddim_sample(
     steps: int,
     generator: torch.Generator | None,
     eta: float = 0.0,
+    clip: float | None = None,
 ) -> torch.Tensor:
     """DDIM sampling over ``steps`` of the T steps (eta = 0: deterministic given the start noise)."""
     w = target.to(schedule.betas.dtype)
@@ -175,10 +202,9 @@ def ddim_sample(
     z = randn_like_on(w.shape, w, generator) * w
     for i, t in enumerate(ts):
         tt = torch.full((w.shape[0],), t, dtype=torch.long, device=w.device)
-        eps = eps_fn(z, tt)
         ab = schedule.alpha_bars[t]
         ab_prev = schedule.alpha_bars[ts[i + 1]] if i + 1 < len(ts) else one
-        x0 = (z - (1.0 - ab).sqrt() * eps) / ab.sqrt()
+        x0, eps = _predict_x0(z, eps_fn(z, tt), ab, clip)
         sigma = eta * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)).sqrt()
         z = ab_prev.sqrt() * x0 + (1.0 - ab_prev - sigma**2).clamp_min(0.0).sqrt() * eps
         if eta > 0 and i + 1 < len(ts):

@@ -239,6 +239,7 @@ class SamplingOptions:
     quantiles: tuple[float, ...] = (0.05, 0.95)
     chunk_size: int | None = None
     eta: float = 0.0
+    clip_x0: float | None = 10.0
 
     def __post_init__(self) -> None:
         if self.method not in ("ddim", "ddpm"):
@@ -247,6 +248,8 @@ class SamplingOptions:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
+        if self.clip_x0 is not None and not self.clip_x0 > 0:
+            raise ValueError(f"clip_x0 must be positive or None, got {self.clip_x0}")
 
 
 @dataclass
@@ -262,7 +265,8 @@ class PhaseADraw:
 class Imputation:
     """Result of ``impute``; observed entries hold the input values exactly everywhere.
 
-    ``x_hat`` = R*x + (1-R)*median; ``quantiles[q]`` is the q-quantile over samples at each entry
+    ``x_hat`` = R*x + (1-R)*median (``median`` is the same tensor: at an observed entry the
+    distribution is a point mass at the observed value); ``quantiles[q]`` is the q-quantile over samples at each entry
     (levels in ``quantile_levels``); ``samples`` (n, B, F, L) only when asked for.
     """
 
@@ -456,14 +460,16 @@ class CondIModel(nn.Module):
         return_samples: bool = False,
         chunk_size: int | None = None,
         eta: float = 0.0,
+        clip_x0: float | None = 10.0,
     ) -> Imputation:
         """Draw ``n_samples`` imputations of the unobserved entries; median point estimate and quantiles.
 
         ``method='ddim'`` uses ``steps`` of the T steps (deterministic given the start noise when
         eta = 0); ``'ddpm'`` runs all T ancestral steps and ignores ``steps``. Samples are drawn
-        ``chunk_size`` copies of the batch at a time (all at once by default).
+        ``chunk_size`` copies of the batch at a time (all at once by default). ``clip_x0`` bounds
+        the sampler's intermediate clean-value estimates (standardized units; None: no bound).
         """
-        opts = SamplingOptions(n_samples, method, steps, tuple(quantiles), chunk_size, eta)
+        opts = SamplingOptions(n_samples, method, steps, tuple(quantiles), chunk_size, eta, clip_x0)
         denoiser = self._require_diffusion()
         self._check(x, observed)
         b, f, length = x.shape
@@ -483,9 +489,9 @@ class CondIModel(nn.Module):
 
                 target = ~rep_cond
                 if opts.method == "ddpm":
-                    z = ddpm_sample(eps_fn, self.schedule, target, generator)
+                    z = ddpm_sample(eps_fn, self.schedule, target, generator, opts.clip_x0)
                 else:
-                    z = ddim_sample(eps_fn, self.schedule, target, opts.steps, generator, opts.eta)
+                    z = ddim_sample(eps_fn, self.schedule, target, opts.steps, generator, opts.eta, opts.clip_x0)
                 draws.append(z.view(k, b, f, length))
             samples = torch.cat(draws, dim=0)
             levels = (0.5, *opts.quantiles)
@@ -549,7 +555,7 @@ class CondIModel(nn.Module):
             opts = sampling or SamplingOptions()
             imp = self.impute(
                 x, observed, opts.n_samples, opts.steps, opts.method, opts.quantiles, generator,
-                chunk_size=opts.chunk_size, eta=opts.eta,
+                chunk_size=opts.chunk_size, eta=opts.eta, clip_x0=opts.clip_x0,
             )
             full = torch.ones_like(observed)
             logits = self.classify(imp.x_hat, full, availability=self.availability(observed))
