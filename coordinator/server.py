@@ -11,6 +11,7 @@ health service, and returns the process exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -164,7 +165,17 @@ class Coordinator:
         self, layout: DatasetInfo, model_cfg: ModelConfig | None, tensors: dict[str, np.ndarray] | None
     ) -> None:
         built, training = build_model_config(layout, self.cfg.model, self.cfg.training)
-        model_cfg = model_cfg or built
+        if model_cfg is None:
+            model_cfg = built
+        elif training.window != model_cfg.length:
+            # The checkpointed model was built for its window; training must keep using it.
+            log.warning(
+                "training.window %s differs from the checkpointed model's window %d; keeping %d",
+                training.window,
+                model_cfg.length,
+                model_cfg.length,
+            )
+            training = dataclasses.replace(training, window=model_cfg.length)
         # The initial global model is seeded, so two runs of one config start from the same weights.
         torch.manual_seed(self.cfg.seed)
         model = CondIModel(model_cfg)
@@ -189,7 +200,9 @@ class Coordinator:
             update_bytes=plain_update_payload_bytes(shapes, len(names)),
         )
         self._groups = groups
-        self._set_state(state)
+        sha = self._set_state(state)
+        if tensors is not None and sha != self.ckpt.state_sha256:
+            raise StoreError(f"{self.store.dir}: the checkpointed state changed when loaded into its model")
         log.info(
             "model: %s with %d parameters in %d tensors; window %s; plain update %d bytes",
             model_cfg.variant.value,

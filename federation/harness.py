@@ -80,11 +80,11 @@ PROFILES: dict[str, Profile] = {
         records_per_silo=150,
         seconds=2.5,
         model=_SMALL_MODEL,
-        training={"epochs_a": 1, "epochs_b": 3, "batch_size": 32, "window": 250},
+        training={"epochs_a": 1, "epochs_b": 4, "batch_size": 32, "window": 250},
         evaluation={"n_samples": 1, "steps": 3, "batch_size": 128},
         missingness={"ps": 0.5, "pw": 0.5, "pattern": "points", "seed": 0},
         # Milder label skew than the paper's 0.5, so that a few rounds show learning.
-        partition_alpha=2.0,
+        partition_alpha=5.0,
     ),
 }
 

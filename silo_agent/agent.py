@@ -120,7 +120,9 @@ class Heartbeats:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
-            self._client.heartbeat(self._key, self._status, self._progress)
+            self._client.heartbeat(
+                self._key, self._status, self._progress, timeout_s=max(1.0, self._interval)
+            )
 
     def __enter__(self) -> Heartbeats:
         self._thread.start()
@@ -254,6 +256,11 @@ class SiloAgent:
         except CoordinatorUnreachableError as exc:
             log.error("%s", exc)
             return 1
+        except grpc.RpcError as exc:
+            log.error(
+                "the coordinator refused silo %s (%s: %s)", self.cfg.silo_id, exc.code().name, exc.details()
+            )
+            return 2
         finally:
             self.client.close()
 
@@ -295,6 +302,8 @@ class SiloAgent:
                 log.warning(
                     "%s: the coordinator moved on (%s: %s)", key.describe(), exc.code().name, exc.details()
                 )
+                # Not taken up again: a task the coordinator turned down is not retried from scratch.
+                self._refused.add(key)
                 return
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise

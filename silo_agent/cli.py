@@ -148,7 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return run_check(args.config, args.json)
         return run_agent(args.config, args.verbose)
-    except (ConfigError, DataSourceError, LocalDataError, FileNotFoundError, TlsError, pki.PkiError) as err:
+    except (
+        ConfigError,
+        DataSourceError,
+        LocalDataError,
+        FileNotFoundError,
+        TlsError,
+        pki.PkiError,
+        ValueError,
+    ) as err:
         print(f"silo-agent: error: {err}", file=sys.stderr)
         return 2
 

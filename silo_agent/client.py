@@ -122,13 +122,13 @@ class CoordinatorClient:
         timeout = self.endpoint.rpc_timeout_s + wait_ms / 1000.0
         return self.retrying("GetTask", lambda: self.stub.GetTask(request, timeout=timeout))
 
-    def heartbeat(self, key: StageKey | None, status: str, progress: float) -> None:
+    def heartbeat(self, key: StageKey | None, status: str, progress: float, *, timeout_s: float) -> None:
         """A best-effort sign of life; failures are only logged (the task calls will retry)."""
         request = pb.HeartbeatRequest(status=status, progress=max(0.0, min(1.0, progress)))
         if key is not None:
             request.ref.CopyFrom(key.to_proto())
         try:
-            self.stub.Heartbeat(request, timeout=self.endpoint.rpc_timeout_s)
+            self.stub.Heartbeat(request, timeout=timeout_s)
         except grpc.RpcError as exc:
             log.debug("heartbeat failed (%s)", exc.code().name)
 

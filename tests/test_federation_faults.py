@@ -17,8 +17,8 @@ from federation.harness import HarnessOptions, HarnessResult, run_harness
 
 pytestmark = pytest.mark.slow
 
-# Fast failure detection for tests: heartbeats every 0.5 s, a silo silent for 6 s is gone.
-FAST = {"liveness_s": 6.0, "gather_s": 60.0, "train_s": 120.0, "evaluate_s": 120.0, "done_grace_s": 10.0}
+# Fast failure detection for tests: heartbeats every 0.5 s, a silo silent for 5 s is gone.
+FAST = {"liveness_s": 5.0, "gather_s": 60.0, "train_s": 120.0, "evaluate_s": 120.0, "done_grace_s": 10.0}
 
 
 def first_selection(silos: int, per_round: int, seed: int) -> list[str]:
@@ -86,12 +86,12 @@ def test_the_coordinator_killed_mid_round_resumes_without_losing_or_doubling_a_r
     opts = HarnessOptions(
         out=tmp_path / "run",
         silos=3,
-        rounds=3,
+        rounds=2,
         per_round=3,
         min_silos=2,
         kill_silo=("silo-3", 0, "train"),
         restart_coordinator_at=1,
-        timeouts={**FAST, "gather_s": 12.0},
+        timeouts={**FAST, "gather_s": 10.0},
         timeout_s=500,
     )
     result = run_harness(opts)
@@ -100,7 +100,7 @@ def test_the_coordinator_killed_mid_round_resumes_without_losing_or_doubling_a_r
     assert result.coordinator_starts == 2
     assert result.silo_exits == {"silo-1": 0, "silo-2": 0, "silo-3": 17}
     rows = _rows(result)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1]
     assert all(r["completed"] == ["silo-1", "silo-2"] for r in rows)
     assert rows[0]["selected"] == ["silo-1", "silo-2", "silo-3"] and rows[0]["attempt"] == 0
     # Round 1 was under way when the coordinator died: the restarted one ran it again as a new attempt.
@@ -109,6 +109,6 @@ def test_the_coordinator_killed_mid_round_resumes_without_losing_or_doubling_a_r
     assert "round 1, train pending, 1 rounds recorded" in coordinator_log
     assert "joining again" in _log(result, "silo-1") and "joining again" in _log(result, "silo-2")
     report = json.loads(result.report.read_text())
-    assert report["status"] == "complete" and report["rounds_completed"] == 3
+    assert report["status"] == "complete" and report["rounds_completed"] == 2
     assert report["final_test"]["n"] > 0
     assert (result.run_dir / "global_model.npz").is_file()
