@@ -102,8 +102,11 @@ def harness_case(
         "wall_s": round(wall, 1),
         "per_round": per_round,
         "mean_s": {k: round(statistics.fmean(r[k] for r in per_round), 3) for k in _TIMING},
+        # Per selected silo: the state for training (skipped when the silo holds it from the last
+        # evaluation), the state for evaluation, and the update.
         "bytes_per_silo_per_round": {
-            "download": statistics.fmean(row["bytes"]["download_per_silo"] for row in rows),
+            "train_download": statistics.fmean(row["bytes"]["download_per_silo"] for row in rows),
+            "eval_download": statistics.fmean(row["bytes"]["eval_download_per_silo"] for row in rows),
             "upload": statistics.fmean(row["bytes"]["upload_per_silo"] for row in rows),
         },
         "val_accuracy": [row["val"]["accuracy"] for row in rows],

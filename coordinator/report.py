@@ -2,7 +2,8 @@
 
 A round's row holds the pooled evaluation of the new global model on the silos' validation
 splits (and test splits in the last round), the training losses the silos reported, the time
-spent per stage and the bytes moved per silo. At the end the coordinator writes ``report.json``,
+spent per stage and the bytes moved per silo (state downloads for training and for evaluation,
+update uploads). At the end the coordinator writes ``report.json``,
 ``curves.png`` and ``global_model.npz`` (a condi checkpoint with the pooled normalizer, ready
 for ``condi predict``) into the run directory.
 """
@@ -84,6 +85,7 @@ def train_summary(round_index: int, train: TrainRecord) -> dict[str, Any]:
             "upload_s": _mean([u.upload_s for u in uploads.values()]),
             "aggregation_s": round(train.aggregation_s, 4),
         },
+        # A silo that already holds the state (from evaluating it) trains without downloading it.
         "bytes": {
             "state": train.state_bytes,
             "download_per_silo": _mean([train.download_bytes.get(s, 0) for s in uploads]),
@@ -93,13 +95,21 @@ def train_summary(round_index: int, train: TrainRecord) -> dict[str, Any]:
 
 
 def round_row(
-    summary: Mapping[str, Any], eval_attempt: int, eval_s: float, reports: Mapping[str, Mapping[str, Any]]
+    summary: Mapping[str, Any],
+    eval_attempt: int,
+    eval_s: float,
+    reports: Mapping[str, Mapping[str, Any]],
+    eval_download_bytes: Mapping[str, int],
 ) -> dict[str, Any]:
     """A round's metrics row: its training summary plus the pooled evaluation of the new global model."""
     row = dict(summary)
     row["eval_attempt"] = eval_attempt
     row["evaluated_by"] = sorted(reports)
     row["timing"] = {**row.get("timing", {}), "evaluate_stage_s": round(eval_s, 3)}
+    row["bytes"] = {
+        **row.get("bytes", {}),
+        "eval_download_per_silo": _mean([eval_download_bytes.get(s, 0) for s in reports]),
+    }
     for split in ("val", "test"):
         pooled = pool_split([r["splits"][split] for r in reports.values() if split in r.get("splits", {})])
         if pooled is not None:

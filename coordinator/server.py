@@ -530,7 +530,9 @@ class Coordinator:
 
     def _record(self, effect: Evaluated) -> list[Any]:
         summary = self.ckpt.pending_row or {"round": effect.round}
-        row = round_row(summary, effect.attempt, effect.stage_s, effect.reports)
+        with self._cond:
+            eval_bytes = dict(self._downloads.get((effect.round, effect.attempt, pb.STAGE_EVALUATE), {}))
+        row = round_row(summary, effect.attempt, effect.stage_s, effect.reports, eval_bytes)
         with self._cond:
             for silo, report in effect.reports.items():
                 self.ckpt.normalizers[silo] = report["normalizer"]

@@ -167,14 +167,7 @@ def _exit_hard(why: str) -> None:
 class SiloAgent:
     """One silo's participation in a federation run."""
 
-    def __init__(
-        self,
-        cfg: SiteConfig,
-        source: str | Path,
-        *,
-        faults: Faults | None = None,
-        data: LocalData | None = None,
-    ) -> None:
+    def __init__(self, cfg: SiteConfig, source: str | Path, *, faults: Faults | None = None) -> None:
         if cfg.coordinator is None or cfg.tls is None:
             raise ValueError(
                 f"{source}: coordinator and tls sections are needed to take part in a federation"
@@ -182,7 +175,7 @@ class SiloAgent:
         self.cfg = cfg
         self.source = str(source)
         self.faults = faults or Faults()
-        self.data = data
+        self.data: LocalData | None = None
         self.device = resolve_device(cfg.device)
         self.state = AgentState(cfg.state_dir)
         self.client: CoordinatorClient | None = None
@@ -236,8 +229,7 @@ class SiloAgent:
     def run(self) -> int:
         """Take part until the run is over: 0 when it ended, 1 when the coordinator was lost, 2 if refused."""
         assert self.cfg.coordinator is not None and self.cfg.tls is not None
-        if self.data is None:
-            self.data = load_local_data(self.cfg, self.source)
+        self.data = load_local_data(self.cfg, self.source)
         log.info(
             "silo %s: %d train / %d val / %d test samples; device %s",
             self.cfg.silo_id,

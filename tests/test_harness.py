@@ -53,7 +53,11 @@ def test_harness_cli_runs_a_small_federation_and_prints_the_report(tmp_path: Pat
         assert row["evaluated_by"] == ["silo-1", "silo-2", "silo-3"]
         assert 0.0 <= row["val"]["accuracy"] <= 1.0
         assert row["bytes"]["upload_per_silo"] > row["bytes"]["state"] > 0
+        assert row["bytes"]["eval_download_per_silo"] == row["bytes"]["state"]
         assert row["timing"]["aggregation_s"] >= 0
+    # Round 0 downloads the initial state; round 1 trains from the state its silos just evaluated.
+    assert rows[0]["bytes"]["download_per_silo"] == rows[0]["bytes"]["state"]
+    assert rows[1]["bytes"]["download_per_silo"] == 0
     assert "test" in rows[-1] and report["final_test"] == rows[-1]["test"]
 
     # The exported global model is a condi checkpoint with the pooled normalizer.
