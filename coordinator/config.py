@@ -8,8 +8,11 @@ check`` works without it). Paths are relative to the working directory.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -17,7 +20,10 @@ from condi_models.configfile import ConfigError, StrictModel, load_config
 from condi_models.evaluation import EvalOptions
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
+from federation.secagg.quantize import OverflowConfigError, check_overflow_bounds, choose_ring_bits
 from silo_agent.config import ADDRESS_PATTERN, SILO_ID_PATTERN
+
+logger = logging.getLogger(__name__)
 
 
 class ServerTls(StrictModel):
@@ -39,6 +45,39 @@ class StageTimeouts(StrictModel):
     done_grace_s: float = Field(
         default=30.0, ge=0, description="after the run, how long the coordinator waits for silos to learn it"
     )
+
+
+class AggregationConfig(StrictModel):
+    """How updates are combined: pairwise-masked secure sums (default) or in the clear."""
+
+    mode: Literal["secure", "plain"] = Field(
+        default="secure", description="plain lets the coordinator see every silo's update"
+    )
+    threshold: float | int = Field(
+        default=0.67,
+        description="silos that must reach unmasking: a fraction (0.5, 1] of the selected or a count >= 2",
+    )
+    clip_bound: float = Field(default=1.0, ge=1.0, description="largest |parameter delta| summed; larger are clipped")
+    frac_bits: int = Field(default=24, ge=1, le=40, description="fixed-point fraction bits of the secure sum")
+    ring_bits: Literal["auto", 32, 64] = Field(default="auto", description="ring of the secure sum")
+    weight_unit: float = Field(
+        default=10_000.0, gt=0, description="samples per unit weight; a silo's weight is capped at 1"
+    )
+
+    def threshold_for(self, selected: int) -> int:
+        """t for a round attempt with ``selected`` silos: more than half of them, at least 2."""
+        t = (
+            self.threshold
+            if isinstance(self.threshold, int)
+            else math.ceil(self.threshold * selected - 1e-9)
+        )
+        return min(selected, max(2, t, selected // 2 + 1))
+
+    def resolved_ring_bits(self, n_silos: int) -> int:
+        """The ring width: as configured, or the narrowest that cannot overflow for ``n_silos``."""
+        if self.ring_bits == "auto":
+            return choose_ring_bits(n_silos, self.clip_bound, self.frac_bits, 1.0)
+        return self.ring_bits
 
 
 class FederationConfig(StrictModel):
@@ -64,6 +103,7 @@ class FederationConfig(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -83,12 +123,57 @@ class FederationConfig(StrictModel):
                 f"timeouts.liveness_s ({self.timeouts.liveness_s:g}) must cover at least three poll "
                 f"intervals ({3 * self.poll_interval_ms} ms), or polling silos would be taken as gone"
             )
+        if self.secure:
+            self._check_secure()
+        elif "mode" not in self.aggregation.model_fields_set and self.aggregation.mode == "secure":
+            logger.warning("silos_per_round is 1: nothing to hide one update in, aggregation falls back to plain")
         return self
+
+    @property
+    def secure(self) -> bool:
+        """Whether rounds use secure aggregation: the mode, unless one silo per round leaves nothing to mask.
+
+        A federation.yaml that asks for ``mode: secure`` explicitly with ``silos_per_round: 1`` is refused.
+        """
+        agg = self.aggregation
+        explicit = "mode" in agg.model_fields_set
+        return agg.mode == "secure" and (explicit or self.silos_per_round >= 2)
+
+    def _check_secure(self) -> None:
+        agg = self.aggregation
+        if isinstance(agg.threshold, int):
+            if not self.silos_per_round / 2 < agg.threshold <= self.silos_per_round or agg.threshold < 2:
+                raise ValueError(
+                    f"aggregation.threshold: a count must be >= 2, more than half of silos_per_round "
+                    f"({self.silos_per_round}) and at most it, got {agg.threshold}"
+                )
+        elif not 0.5 < agg.threshold <= 1.0:
+            raise ValueError(f"aggregation.threshold: a fraction must be in (0.5, 1], got {agg.threshold}")
+        if self.silos_per_round < 2:
+            raise ValueError("aggregation.mode: secure needs silos_per_round >= 2, or set mode: plain")
+        try:
+            ring = agg.resolved_ring_bits(self.silos_per_round)
+            check_overflow_bounds(self.silos_per_round, agg.clip_bound, agg.frac_bits, ring, 1.0)
+        except OverflowConfigError as err:
+            raise ValueError(
+                f"aggregation.clip_bound/frac_bits/ring_bits with silos_per_round: the secure sum can overflow: {err}"
+            ) from err
+        # A single sample's weight must stay far above the rounding noise of the summed weights.
+        if self.silos_per_round * 2.0**-agg.frac_bits >= 0.5 / agg.weight_unit:
+            raise ValueError(
+                f"aggregation.frac_bits ({agg.frac_bits}) is too coarse for weight_unit ({agg.weight_unit:g}):"
+                " raise frac_bits or lower weight_unit"
+            )
 
 
 def load_federation_config(path: str | Path) -> FederationConfig:
-    """Read and validate a federation.yaml."""
-    return load_config(path, FederationConfig)
+    """Read and validate a federation.yaml; warns when aggregation is plain."""
+    cfg = load_config(path, FederationConfig)
+    if cfg.aggregation.mode == "plain":
+        logger.warning(
+            "%s: aggregation.mode is plain: the coordinator sees every silo's individual update", path
+        )
+    return cfg
 
 
 def federation_file_problems(cfg: FederationConfig, source: str | Path) -> list[str]:

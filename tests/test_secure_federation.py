@@ -1,0 +1,191 @@
+"""Secure aggregation as the federation uses it: silo vectors from real updates, sums back to FedAvg.
+
+Rounds run the real protocol state machines (X25519, ECDSA certificates from a dev PKI, AES-GCM,
+AES-CTR masks) in process; the coordinator side only ever touches masked vectors and the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from condi_models.aggregation import ParameterGroups, SecureLayout, SiloUpdate, fedavg
+from condi_models.configfile import ConfigError, parse_config
+from coordinator.config import FederationConfig, load_federation_config
+from federation import pki
+from federation.secagg import (
+    KeyRoster,
+    QuantConfig,
+    RoundAbort,
+    RoundConfig,
+    SecAggClient,
+    SecAggServer,
+    ca_cert_verifier,
+    decode_message,
+)
+
+GROUPS = ParameterGroups({"theta": "all", "w_mod": ("modality/0", "modality/1"), "stem": "modality/1"})
+SHAPES = {"theta": (4, 3), "w_mod": (2, 5), "stem": (6,)}
+STAGES = ("advert", "shares", "masked", "unmask")
+N = 5
+
+
+@pytest.fixture(scope="module")
+def silos(tmp_path_factory: pytest.TempPathFactory):
+    dev = pki.dev_pki(tmp_path_factory.mktemp("pki"), N)
+    verify = ca_cert_verifier(pki.load_certificate(dev.ca.cert))
+    keys = {sid: pki.load_private_key(p.key) for sid, p in dev.silos.items()}
+    certs = {sid: p.cert.read_bytes() for sid, p in dev.silos.items()}
+    return verify, keys, certs
+
+
+def _world(seed: int):
+    rng = np.random.default_rng(seed)
+    global_params = {n: rng.normal(size=s).astype(np.float32) for n, s in SHAPES.items()}
+    updates = {}
+    for i in range(N):
+        params = {n: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32) for n, v in global_params.items()}
+        # Silo 0 never observes modality 1: its rows and the stem must not move because of it.
+        weights = {"all": float(rng.integers(20, 400)), "modality/0": float(rng.integers(1, 300))}
+        weights["modality/1"] = 0.0 if i == 0 else float(rng.integers(1, 300))
+        updates[f"silo-{i + 1}"] = SiloUpdate(params, weights)
+    return global_params, updates
+
+
+def _secure_round(silos, layout, global_params, updates, drop, threshold=3, seed=0):
+    """One secure round; returns the new global state, or the abort notice."""
+    verify, keys, certs = silos
+    ids = sorted(updates)
+    config = RoundConfig("r7-a0", threshold, layout.vector_length, QuantConfig(layout.clip_bound, 24, 32))
+    wire = lambda m: decode_message(m.to_bytes())  # noqa: E731 - every message crosses the wire encoding
+    source = random.Random(seed).randbytes
+    clients = {
+        s: SecAggClient(config, s, keys[s], certs[s], verify, rounding_seed=seed + i, randbytes=source)
+        for i, s in enumerate(ids)
+    }
+    server = SecAggServer(config, ids, verify)
+
+    def alive(s: str, stage: str) -> bool:
+        return s not in drop or STAGES.index(drop[s]) > STAGES.index(stage)
+
+    for s in ids:
+        if alive(s, "advert"):
+            server.receive_advert(s, wire(clients[s].advertise()))
+    roster = server.close_adverts()
+    if isinstance(roster, RoundAbort):
+        return roster
+    assert isinstance(roster, KeyRoster)
+    for s in roster.silo_ids():
+        if alive(s, "shares"):
+            server.receive_shares(s, wire(clients[s].share_keys(wire(roster))))
+    deliveries = server.close_shares()
+    if isinstance(deliveries, RoundAbort):
+        return deliveries
+    for s, delivery in deliveries.items():
+        if alive(s, "masked"):
+            vector = layout.contribution(global_params, updates[s]).vector
+            server.receive_masked(s, wire(clients[s].masked_input(wire(delivery), vector)))
+    request = server.close_masked()
+    if isinstance(request, RoundAbort):
+        return request
+    for s in request.uploaded:
+        if alive(s, "unmask"):
+            server.receive_unmask(s, wire(clients[s].unmask(wire(request))))
+    result = server.finish()
+    if not result.completed:
+        return result
+    return layout.average(global_params, result.total), request.uploaded
+
+
+def _layout() -> SecureLayout:
+    return SecureLayout(GROUPS, SHAPES, clip_bound=1.0, weight_unit=1000.0)
+
+
+def _check_matches_fedavg(new, global_params, updates, uploaded, layout) -> None:
+    expected = fedavg(
+        global_params,
+        [SiloUpdate(updates[s].params, layout.ring_weights(updates[s].weights)) for s in uploaded],
+        GROUPS,
+    )
+    for name in SHAPES:
+        assert new[name].dtype == global_params[name].dtype
+        np.testing.assert_allclose(new[name], expected[name], atol=1e-4)
+
+
+@pytest.mark.parametrize("drop_stage", [None, *STAGES])
+def test_secure_round_gives_fedavg_of_the_uploaders(silos, drop_stage) -> None:
+    layout = _layout()
+    global_params, updates = _world(1)
+    drop = {} if drop_stage is None else {"silo-3": drop_stage}
+    out = _secure_round(silos, layout, global_params, updates, drop)
+    new, uploaded = out
+    # A silo that dropped before its masked vector arrived is left out of the average; one that
+    # dropped only at unmasking is still in it (its vector is in the sum).
+    assert ("silo-3" in uploaded) == (drop_stage in (None, "unmask"))
+    _check_matches_fedavg(new, global_params, updates, uploaded, layout)
+    # Silo 1 has no modality-1 weight: a modality-1 row moves only by the others' deltas.
+    assert not np.allclose(new["theta"], global_params["theta"])
+
+
+def test_group_nobody_trained_keeps_its_global_value(silos) -> None:
+    layout = _layout()
+    global_params, updates = _world(2)
+    for s, u in updates.items():
+        updates[s] = SiloUpdate(u.params, {**u.weights, "modality/1": 0.0})
+    new, _ = _secure_round(silos, layout, global_params, updates, {})
+    np.testing.assert_array_equal(new["stem"], global_params["stem"])
+    np.testing.assert_array_equal(new["w_mod"][1], global_params["w_mod"][1])
+    assert not np.array_equal(new["w_mod"][0], global_params["w_mod"][0])
+
+
+def test_fewer_than_threshold_survivors_abort_and_reveal_nothing(silos) -> None:
+    layout = _layout()
+    global_params, updates = _world(3)
+    for stage in STAGES:
+        drop = {"silo-1": stage, "silo-2": stage, "silo-4": stage}
+        out = _secure_round(silos, layout, global_params, updates, drop, threshold=3)
+        if isinstance(out, RoundAbort):
+            assert "3" in out.reason
+        else:
+            assert not out.completed and out.total is None, stage
+
+
+def test_clipping_is_counted_and_bounds_every_entry() -> None:
+    layout = _layout()
+    global_params, updates = _world(4)
+    u = updates["silo-2"]
+    big = {**u.params, "stem": global_params["stem"] + np.array([5, -5, 0, 0, 0, 0], dtype=np.float32)}
+    c = layout.contribution(global_params, SiloUpdate(big, {**u.weights, "all": 5000.0}))
+    assert c.clipped == 2
+    assert c.vector.shape == (layout.vector_length,) and np.max(np.abs(c.vector)) <= 1.0
+    assert c.vector[-3] == 1.0  # the "all" weight is capped at one weight unit
+    with pytest.raises(ValueError, match="non-finite"):
+        layout.contribution(global_params, SiloUpdate({**u.params, "stem": np.full(6, np.nan)}, u.weights))
+
+
+def test_federation_config_secure_by_default_and_checks_overflow(tmp_path: Path, caplog) -> None:
+    base = {"name": "f", "silos": ["a", "b", "c"], "silos_per_round": 3}
+    cfg = parse_config(base, FederationConfig, "x")
+    assert cfg.secure and cfg.aggregation.threshold_for(3) == 3 and cfg.aggregation.resolved_ring_bits(3) == 32
+    two = parse_config({**base, "aggregation": {"threshold": 2}}, FederationConfig, "x")
+    assert two.aggregation.threshold_for(3) == 2
+    for bad, key in (
+        ({"frac_bits": 31, "ring_bits": 32}, "aggregation.clip_bound/frac_bits/ring_bits"),
+        ({"threshold": 1}, "aggregation.threshold"),
+        ({"threshold": 0.5}, "aggregation.threshold"),
+        ({"frac_bits": 8}, "aggregation.frac_bits"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_config({**base, "aggregation": bad}, FederationConfig, "x")
+    path = tmp_path / "fed.yaml"
+    path.write_text("name: f\nsilos: [a, b]\nsilos_per_round: 2\naggregation: {mode: plain}\n")
+    with caplog.at_level(logging.WARNING, logger="coordinator.config"):
+        cfg = load_federation_config(path)
+    assert not cfg.secure and "sees every silo's individual update" in caplog.text
+    with pytest.raises(ConfigError, match="silos_per_round >= 2"):
+        parse_config({"name": "f", "silos": ["a"], "silos_per_round": 1, "min_silos": 1,
+                      "aggregation": {"mode": "secure"}}, FederationConfig, "x")
