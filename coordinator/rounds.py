@@ -31,17 +31,21 @@ submission for the same task is refused.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
+from federation import secagg
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.secagg_wire import secure_round_id
 from federation.settings import RoundSettings
 from federation.transfer import StageKey, stage_name
 
 Pending = Literal["train", "evaluate", "done"]
+# Stages whose task downloads the global state.
+_TRAINING_STAGES = (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS, pb.STAGE_EVALUATE)
 
 
 class Phase(enum.StrEnum):
@@ -49,6 +53,10 @@ class Phase(enum.StrEnum):
 
     GATHER = "gather"
     TRAIN = "train"
+    ADVERTISE = "advertise_keys"
+    SHARE = "share_keys"
+    MASKED = "masked_input"
+    UNMASK = "unmask"
     AGGREGATE = "aggregate"
     EVALUATE = "evaluate"
     RECORD = "record"
@@ -65,9 +73,30 @@ class ProtocolError(Exception):
         self.message = message
 
 
+# The secure stages in order, with the task each hands out; TRAIN's task in secure mode ends with
+# the advert, so the silo trains and then advertises fresh keys in one task.
+_SECURE = {
+    Phase.ADVERTISE: pb.STAGE_ADVERTISE_KEYS,
+    Phase.SHARE: pb.STAGE_SHARE_KEYS,
+    Phase.MASKED: pb.STAGE_MASKED_INPUT,
+    Phase.UNMASK: pb.STAGE_UNMASK,
+}
+_RUNNING = {Phase.TRAIN: pb.STAGE_TRAIN, Phase.EVALUATE: pb.STAGE_EVALUATE, **_SECURE}
+
+
+@dataclass(frozen=True)
+class SecurePlan:
+    """Secure aggregation settings: t for a selection size, stage deadline, encoding, the PKI check."""
+
+    threshold_for: Callable[[int], int]
+    stage_s: float
+    quant: secagg.QuantConfig
+    verify_cert: secagg.CertVerifier
+
+
 @dataclass(frozen=True)
 class RoundPlan:
-    """The round rules from federation.yaml."""
+    """The round rules from federation.yaml; ``secure`` set means updates are only ever summed masked."""
 
     allowed: tuple[str, ...]
     rounds: int
@@ -79,6 +108,7 @@ class RoundPlan:
     train_s: float
     evaluate_s: float
     liveness_s: float
+    secure: SecurePlan | None = None
 
     def __post_init__(self) -> None:
         if not self.allowed or len(set(self.allowed)) != len(self.allowed):
@@ -115,6 +145,7 @@ class Aggregate:
     selected: tuple[str, ...]
     updates: Mapping[str, Any]
     stage_s: float
+    total: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +202,8 @@ class TaskView:
     state_sha256: str
     settings: RoundSettings
     selected: tuple[str, ...]
+    round_id: str = ""
+    stage_input: Any = None
 
 
 @dataclass
@@ -220,6 +253,14 @@ class RoundMachine:
         self._accepted: dict[tuple[str, int, int, int, str], str] = {}
         self.failure: str | None = None
         self._first_gather = True
+        # Secure mode: the protocol server of the current attempt, the length of the summed vector
+        # (known once the model is), and what the secure stages learnt so far.
+        self._secagg: secagg.SecAggServer | None = None
+        self.vector_length: int | None = None
+        self._inputs: dict[str, Any] = {}
+        self._claims: dict[str, Any] = {}
+        self._train_started = 0.0
+        self._selected: tuple[str, ...] = ()
         if progress.pending == "done" or self.round >= plan.rounds:
             self.phase = Phase.DONE
             self._next: Pending = "done"
@@ -278,7 +319,7 @@ class RoundMachine:
         return StageKey(run_id=self.run_id, round=self.round, attempt=max(self.attempt, 0), stage=stage)
 
     def _settings(self, silo: str, stage: int) -> RoundSettings:
-        if stage == pb.STAGE_TRAIN:
+        if stage in (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS):
             index = self.plan.allowed.index(silo)
             return RoundSettings(train_seed=_derived_seed(self.plan.seed, 2, self.round, self.attempt, index))
         if stage == pb.STAGE_EVALUATE:
@@ -299,14 +340,30 @@ class RoundMachine:
         if stage == pb.STAGE_DONE:
             self._silos[silo].told_done = True
         remaining = 0.0 if self._stage is None else max(0.0, self._stage.deadline - now)
+        secure = self.phase in _SECURE and stage != pb.STAGE_WAIT
         return TaskView(
             key=self._key(stage),
             remaining_s=remaining,
             message=message,
-            state_sha256=self.state_sha256 if stage in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE) else "",
+            state_sha256=self.state_sha256 if stage in _TRAINING_STAGES else "",
             settings=self._settings(silo, stage),
-            selected=self._stage.members if self._stage is not None and self.phase == Phase.TRAIN else (),
+            selected=self._stage.members
+            if self._stage is not None and self.phase in (Phase.TRAIN, *_SECURE)
+            else (),
+            round_id=self._secagg.round_id if secure and self._secagg is not None else "",
+            stage_input=self._input_for(silo) if secure else None,
         )
+
+    def _input_for(self, silo: str) -> Any:
+        value = self._inputs.get(self.phase)
+        if isinstance(value, dict):
+            return value.get(silo)
+        return value
+
+    @property
+    def secure_config(self) -> secagg.RoundConfig | None:
+        """The protocol settings of the running secure attempt, or None."""
+        return None if self._secagg is None else self._secagg.config
 
     def _stage_for(self, silo: str, now: float) -> tuple[int, str]:
         r = f"round {self.round + 1} of {self.plan.rounds}"
@@ -324,7 +381,7 @@ class RoundMachine:
         if self.phase == Phase.RECORD:
             return pb.STAGE_WAIT, f"{r}: recording the evaluation"
         assert self._stage is not None
-        stage = pb.STAGE_TRAIN if self.phase == Phase.TRAIN else pb.STAGE_EVALUATE
+        stage = _RUNNING[self.phase]
         if silo not in self._stage.members:
             return pb.STAGE_WAIT, f"{r}: not selected for {stage_name(stage).lower()}"
         if silo in self._stage.received:
@@ -350,7 +407,7 @@ class RoundMachine:
                 "failed_precondition",
                 f"this call belongs to stage {stage_name(stage)}, the request names {key.describe()}",
             )
-        running = {Phase.TRAIN: pb.STAGE_TRAIN, Phase.EVALUATE: pb.STAGE_EVALUATE}.get(self.phase)
+        running = _RUNNING.get(self.phase)
         current = self._key(running if running is not None else pb.STAGE_WAIT)
         if running is None or (key.round, key.attempt, key.stage) != (
             current.round,
@@ -405,6 +462,29 @@ class RoundMachine:
             )
         return self._submit(silo, key, pb.STAGE_TRAIN, payload_sha256, update)
 
+    def accept_secure(self, silo: str, key: StageKey, digest: str, message: Any, claims: Any = None) -> bool:
+        """Record a secure-stage submission (advert, shares, masked vector, unmasking shares) and hand it
+        to the protocol server; returns True when it repeats one already accepted."""
+        stage = _RUNNING.get(self.phase)
+        if self.repeats(silo, key, digest):
+            return True
+        if stage is None or self.phase not in _SECURE or self._secagg is None:
+            raise ProtocolError("failed_precondition", f"no secure-aggregation stage is running for {key.describe()}")
+        self.check(silo, key, stage)
+        receive = {
+            Phase.ADVERTISE: self._secagg.receive_advert,
+            Phase.SHARE: self._secagg.receive_shares,
+            Phase.MASKED: self._secagg.receive_masked,
+            Phase.UNMASK: self._secagg.receive_unmask,
+        }[self.phase]
+        try:
+            receive(silo, message)
+        except (secagg.ProtocolError, secagg.MessageError) as exc:
+            raise ProtocolError("invalid_argument", f"{stage_name(stage)} from silo {silo!r}: {exc}") from exc
+        if claims is not None:
+            self._claims[silo] = claims
+        return self._submit(silo, key, stage, digest, None)
+
     def accept_metrics(self, silo: str, key: StageKey, digest: str, metrics: Any) -> bool:
         """Record a silo's evaluation report; returns True when it repeats one already accepted."""
         return self._submit(silo, key, pb.STAGE_EVALUATE, digest, metrics)
@@ -417,11 +497,18 @@ class RoundMachine:
             return self._tick_gather(now)
         if self.phase == Phase.TRAIN:
             return self._tick_train(now)
+        if self.phase in _SECURE:
+            return self._tick_secure(now)
         if self.phase == Phase.EVALUATE:
             return self._tick_evaluate(now)
         return []
 
     def _fail_attempt(self, message: str, now: float) -> list[Effect]:
+        if self._secagg is not None and self._secagg.result is None:
+            self._secagg.abort(message)
+        self._secagg = None
+        self._inputs = {}
+        self._claims = {}
         self.failures += 1
         if self.failures >= self.plan.max_attempts:
             self.phase = Phase.FAILED
@@ -444,8 +531,10 @@ class RoundMachine:
                 k = min(self.plan.silos_per_round, len(alive))
                 chosen = self._rng.choice(len(alive), size=k, replace=False)
                 members = tuple(sorted(alive[int(i)] for i in chosen))
-                self.phase = Phase.TRAIN
                 self._stage = _Stage(members=members, started=now, deadline=now + self.plan.train_s)
+                self.phase = Phase.TRAIN
+                if self.plan.secure is not None:
+                    return self._start_secure(members, now)
             else:
                 self.phase = Phase.EVALUATE
                 self._stage = _Stage(members=alive, started=now, deadline=now + self.plan.evaluate_s)
@@ -482,6 +571,74 @@ class RoundMachine:
             now,
         )
 
+    def _start_secure(self, members: tuple[str, ...], now: float) -> list[Effect]:
+        secure = self.plan.secure
+        assert secure is not None
+        self.phase = Phase.ADVERTISE
+        self._train_started = now
+        self._selected = members
+        t = secure.threshold_for(len(members))
+        if self.vector_length is None or len(members) < 2 or t > len(members):
+            return [
+                Persist(self.progress()),
+                *self._fail_attempt(
+                    f"round {self.round} attempt {self.attempt}: secure aggregation needs at least 2 selected "
+                    f"silos and t={t} of them, selected {', '.join(members)}",
+                    now,
+                ),
+            ]
+        config = secagg.RoundConfig(
+            secure_round_id(self.run_id, self.round, self.attempt), t, self.vector_length, secure.quant
+        )
+        self._secagg = secagg.SecAggServer(config, members, secure.verify_cert)
+        return [Persist(self.progress())]
+
+    def _tick_secure(self, now: float) -> list[Effect]:
+        stage, server, secure = self._stage, self._secagg, self.plan.secure
+        assert stage is not None and server is not None and secure is not None
+        alive = set(self.alive(now))
+        still_working = [s for s in stage.members if s not in stage.received and s in alive]
+        if still_working and now < stage.deadline:
+            return []
+        phase = self.phase
+        outcome: Any
+        if phase == Phase.ADVERTISE:
+            outcome, following = server.close_adverts(), Phase.SHARE
+        elif phase == Phase.SHARE:
+            outcome, following = server.close_shares(), Phase.MASKED
+        elif phase == Phase.MASKED:
+            outcome, following = server.close_masked(), Phase.UNMASK
+        else:
+            result = server.finish()
+            if not result.completed:
+                return self._fail_attempt(
+                    f"round {self.round} attempt {self.attempt}: secure aggregation did not complete "
+                    f"({result.reason}); nothing was revealed",
+                    now,
+                )
+            self.phase = Phase.AGGREGATE
+            self._secagg = None
+            claims = {s: self._claims.get(s, {}) for s in result.uploaded}
+            self._inputs, self._claims = {}, {}
+            stage_s = now - self._train_started
+            return [Aggregate(self.round, self.attempt, self._selected, claims, stage_s, result.total)]
+        if isinstance(outcome, secagg.RoundAbort):
+            return self._fail_attempt(
+                f"round {self.round} attempt {self.attempt}: secure aggregation aborted at {outcome.stage} "
+                f"({outcome.reason}); nothing was revealed",
+                now,
+            )
+        if phase == Phase.ADVERTISE:
+            members = outcome.silo_ids()
+        elif phase == Phase.SHARE:
+            members = tuple(sorted(outcome))
+        else:
+            members = outcome.uploaded
+        self._inputs[following] = outcome
+        self.phase = following
+        self._stage = _Stage(members=tuple(members), started=now, deadline=now + secure.stage_s)
+        return []
+
     def _tick_evaluate(self, now: float) -> list[Effect]:
         stage = self._stage
         assert stage is not None
@@ -517,7 +674,7 @@ class RoundMachine:
 
     def status(self, now: float) -> dict[str, Any]:
         """Progress for the operator: round, stage, who is selected and who is done."""
-        stage = self._stage if self.phase in (Phase.TRAIN, Phase.EVALUATE) else None
+        stage = self._stage if self.phase in _RUNNING else None
         return {
             "round": self.round,
             "rounds": self.plan.rounds,

@@ -189,3 +189,106 @@ def test_federation_config_secure_by_default_and_checks_overflow(tmp_path: Path,
     with pytest.raises(ConfigError, match="silos_per_round >= 2"):
         parse_config({"name": "f", "silos": ["a"], "silos_per_round": 1, "min_silos": 1,
                       "aggregation": {"mode": "secure"}}, FederationConfig, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# The coordinator's round machine driving the protocol (no sockets; messages cross the proto form)
+
+
+def _machine(silos, layout: SecureLayout, threshold: int = 3, max_attempts: int = 3):
+    from coordinator.rounds import RoundMachine, RoundPlan, RoundProgress, SecurePlan
+
+    verify, _, _ = silos
+    secure = SecurePlan(lambda n: min(n, threshold), 10.0, QuantConfig(1.0, 24, 32), verify)
+    plan = RoundPlan(
+        allowed=tuple(f"silo-{i + 1}" for i in range(N)), rounds=1, silos_per_round=N, min_silos=2,
+        max_attempts=max_attempts, seed=0, gather_s=5.0, train_s=10.0, evaluate_s=10.0, liveness_s=1000.0,
+        secure=secure,
+    )
+    machine = RoundMachine(plan, "run-1", RoundProgress.start(0), "sha", 0.0)
+    machine.vector_length = layout.vector_length
+    for sid in plan.allowed:
+        machine.join(sid, 0.0)
+    return machine
+
+
+def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[str, str], now: float):
+    """Run one attempt through the machine; a silo in ``drop`` never answers from that stage on."""
+    from coordinator.rounds import Phase
+    from federation import secagg_wire as sw
+    from federation.proto_gen.condi.v1 import federation_pb2 as pb
+    from federation.transfer import StageKey
+
+    _, keys, certs = silos
+    effects = machine.tick(now)
+    assert machine.phase == Phase.ADVERTISE, effects
+    clients: dict[str, SecAggClient] = {}
+    deliveries = {}
+    order = {Phase.ADVERTISE: "advert", Phase.SHARE: "shares", Phase.MASKED: "masked", Phase.UNMASK: "unmask"}
+    while machine.phase in order:
+        stage = order[machine.phase]
+        for sid in machine.plan.allowed:
+            view = machine.task_for(sid, now)
+            if view.key.stage in (pb.STAGE_WAIT,) or (sid in drop and STAGES.index(drop[sid]) <= STAGES.index(stage)):
+                continue
+            key = StageKey.from_proto(view.key.to_proto())
+            rid = view.round_id
+            if view.key.stage == pb.STAGE_ADVERTISE_KEYS:
+                config = machine.secure_config
+                clients[sid] = SecAggClient(config, sid, keys[sid], certs[sid], silos[0], rounding_seed=1)
+                data = clients[sid].advertise().to_bytes()
+                msg = sw.decode_advert(data, sid)
+            elif view.key.stage == pb.STAGE_SHARE_KEYS:
+                roster = sw.roster_from_proto(rid, sw.roster_to_proto(view.stage_input))
+                out = sw.share_keys_to_proto(clients[sid].share_keys(roster))
+                msg = sw.share_keys_from_proto(rid, sid, out)
+            elif view.key.stage == pb.STAGE_MASKED_INPUT:
+                deliveries[sid] = sw.delivery_from_proto(rid, sid, sw.delivery_to_proto(view.stage_input))
+                vector = layout.contribution(global_params, updates[sid]).vector
+                masked = clients[sid].masked_input(deliveries[sid], vector)
+                msg = decode_message(masked.to_bytes())
+            else:
+                request = sw.unmask_request_from_proto(rid, sw.unmask_request_to_proto(view.stage_input), deliveries[sid])
+                out = sw.unmask_response_to_proto(clients[sid].unmask(request))
+                msg = sw.unmask_response_from_proto(rid, sid, out)
+            digest = str(hash(msg.to_bytes()))
+            assert machine.accept_secure(sid, key, digest, msg, {"clipped": 0}) is False
+            assert machine.accept_secure(sid, key, digest, msg) is True
+        now += 11.0  # past the stage deadline: the dropped silos are waited for no longer
+        effects = machine.tick(now)
+    return effects, now
+
+
+@pytest.mark.parametrize("drop_stage", STAGES)
+def test_round_machine_secure_round_matches_fedavg(silos, drop_stage) -> None:
+    from coordinator.rounds import Aggregate, Phase
+
+    layout = _layout()
+    global_params, updates = _world(5)
+    machine = _machine(silos, layout)
+    effects, _ = _drive_attempt(machine, silos, layout, global_params, updates, {"silo-2": drop_stage}, 0.0)
+    assert machine.phase == Phase.AGGREGATE
+    (agg,) = effects
+    assert isinstance(agg, Aggregate) and agg.total is not None
+    uploaded = tuple(sorted(agg.updates))
+    assert ("silo-2" in uploaded) == (drop_stage == "unmask")
+    assert agg.selected == machine.plan.allowed
+    _check_matches_fedavg(layout.average(global_params, agg.total), global_params, updates, uploaded, layout)
+
+
+def test_round_machine_too_few_survivors_retry_with_fresh_round_id(silos) -> None:
+    from coordinator.rounds import Aggregate, Phase, Retry
+
+    layout = _layout()
+    global_params, updates = _world(6)
+    machine = _machine(silos, layout)
+    drop = {"silo-1": "masked", "silo-3": "masked", "silo-5": "unmask"}
+    effects, now = _drive_attempt(machine, silos, layout, global_params, updates, drop, 0.0)
+    assert machine.phase == Phase.GATHER and any(isinstance(e, Retry) for e in effects)
+    assert "nothing was revealed" in next(e for e in effects if isinstance(e, Retry)).message
+    assert not any(isinstance(e, Aggregate) for e in effects)
+    effects, _ = _drive_attempt(machine, silos, layout, global_params, updates, {}, now)
+    assert machine.attempt == 1 and isinstance(effects[0], Aggregate)
+    _check_matches_fedavg(
+        layout.average(global_params, effects[0].total), global_params, updates, tuple(sorted(updates)), layout
+    )
