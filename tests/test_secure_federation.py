@@ -6,6 +6,7 @@ AES-CTR masks) in process; the coordinator side only ever touches masked vectors
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -16,7 +17,10 @@ import pytest
 from condi_models.aggregation import ParameterGroups, SecureLayout, SiloUpdate, fedavg
 from condi_models.configfile import ConfigError, parse_config
 from coordinator.config import FederationConfig, load_federation_config
+from coordinator.rounds import Aggregate, Phase, Retry, RoundMachine, RoundPlan, RoundProgress, SecurePlan
 from federation import pki
+from federation import secagg_wire as sw
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import (
     KeyRoster,
     QuantConfig,
@@ -27,6 +31,7 @@ from federation.secagg import (
     ca_cert_verifier,
     decode_message,
 )
+from federation.transfer import StageKey
 
 GROUPS = ParameterGroups({"theta": "all", "w_mod": ("modality/0", "modality/1"), "stem": "modality/1"})
 SHAPES = {"theta": (4, 3), "w_mod": (2, 5), "stem": (6,)}
@@ -196,7 +201,6 @@ def test_federation_config_secure_by_default_and_checks_overflow(tmp_path: Path,
 
 
 def _machine(silos, layout: SecureLayout, threshold: int = 3, max_attempts: int = 3):
-    from coordinator.rounds import RoundMachine, RoundPlan, RoundProgress, SecurePlan
 
     verify, _, _ = silos
     secure = SecurePlan(lambda n: min(n, threshold), 10.0, QuantConfig(1.0, 24, 32), verify)
@@ -214,10 +218,6 @@ def _machine(silos, layout: SecureLayout, threshold: int = 3, max_attempts: int 
 
 def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[str, str], now: float):
     """Run one attempt through the machine; a silo in ``drop`` never answers from that stage on."""
-    from coordinator.rounds import Phase
-    from federation import secagg_wire as sw
-    from federation.proto_gen.condi.v1 import federation_pb2 as pb
-    from federation.transfer import StageKey
 
     _, keys, certs = silos
     effects = machine.tick(now)
@@ -248,10 +248,11 @@ def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[st
                 masked = clients[sid].masked_input(deliveries[sid], vector)
                 msg = decode_message(masked.to_bytes())
             else:
-                request = sw.unmask_request_from_proto(rid, sw.unmask_request_to_proto(view.stage_input), deliveries[sid])
+                survivors = sw.unmask_request_to_proto(view.stage_input)
+                request = sw.unmask_request_from_proto(rid, survivors, deliveries[sid])
                 out = sw.unmask_response_to_proto(clients[sid].unmask(request))
                 msg = sw.unmask_response_from_proto(rid, sid, out)
-            digest = str(hash(msg.to_bytes()))
+            digest = hashlib.sha256(msg.to_bytes()).hexdigest()
             assert machine.accept_secure(sid, key, digest, msg, {"clipped": 0}) is False
             assert machine.accept_secure(sid, key, digest, msg) is True
         now += 11.0  # past the stage deadline: the dropped silos are waited for no longer
@@ -261,7 +262,6 @@ def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[st
 
 @pytest.mark.parametrize("drop_stage", STAGES)
 def test_round_machine_secure_round_matches_fedavg(silos, drop_stage) -> None:
-    from coordinator.rounds import Aggregate, Phase
 
     layout = _layout()
     global_params, updates = _world(5)
@@ -277,7 +277,6 @@ def test_round_machine_secure_round_matches_fedavg(silos, drop_stage) -> None:
 
 
 def test_round_machine_too_few_survivors_retry_with_fresh_round_id(silos) -> None:
-    from coordinator.rounds import Aggregate, Phase, Retry
 
     layout = _layout()
     global_params, updates = _world(6)
