@@ -40,7 +40,7 @@ import numpy as np
 from federation import secagg
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg_wire import secure_round_id
-from federation.settings import RoundSettings
+from federation.settings import RoundSettings, SecureSettings
 from federation.transfer import StageKey, stage_name
 
 Pending = Literal["train", "evaluate", "done"]
@@ -92,6 +92,7 @@ class SecurePlan:
     stage_s: float
     quant: secagg.QuantConfig
     verify_cert: secagg.CertVerifier
+    weight_unit: float
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,18 @@ class RoundMachine:
     def _settings(self, silo: str, stage: int) -> RoundSettings:
         if stage in (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS):
             index = self.plan.allowed.index(silo)
-            return RoundSettings(train_seed=_derived_seed(self.plan.seed, 2, self.round, self.attempt, index))
+            seed = _derived_seed(self.plan.seed, 2, self.round, self.attempt, index)
+            secure = self.plan.secure
+            if stage == pb.STAGE_TRAIN or secure is None or self.vector_length is None:
+                return RoundSettings(train_seed=seed)
+            encoding = SecureSettings(
+                clip_bound=secure.quant.clip_bound,
+                frac_bits=secure.quant.frac_bits,
+                ring_bits=secure.quant.ring_bits,
+                weight_unit=secure.weight_unit,
+                vector_length=self.vector_length,
+            )
+            return RoundSettings(train_seed=seed, secagg=encoding)
         if stage == pb.STAGE_EVALUATE:
             return RoundSettings(
                 eval_seed=_derived_seed(self.plan.seed, 3, self.round),

@@ -74,22 +74,55 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class SecureSettings:
+    """How a silo encodes its update for the secure sum (see condi_models.aggregation.SecureLayout)."""
+
+    clip_bound: float
+    frac_bits: int
+    ring_bits: int
+    weight_unit: float
+    vector_length: int
+
+    @classmethod
+    def from_dict(cls, data: object) -> SecureSettings:
+        """Check the ``secagg`` object of a round settings document."""
+        fields = ("clip_bound", "frac_bits", "ring_bits", "weight_unit", "vector_length")
+        if not isinstance(data, dict) or sorted(data) != sorted(fields):
+            raise SettingsError(f"round settings: secagg must be an object with exactly {list(fields)}")
+        for key in ("frac_bits", "ring_bits", "vector_length"):
+            if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1:
+                raise SettingsError(f"round settings: secagg.{key} must be a positive integer")
+        for key in ("clip_bound", "weight_unit"):
+            if not isinstance(data[key], int | float) or isinstance(data[key], bool) or not data[key] > 0:
+                raise SettingsError(f"round settings: secagg.{key} must be a positive number")
+        return cls(
+            clip_bound=float(data["clip_bound"]),
+            frac_bits=data["frac_bits"],
+            ring_bits=data["ring_bits"],
+            weight_unit=float(data["weight_unit"]),
+            vector_length=data["vector_length"],
+        )
+
+
+@dataclass(frozen=True)
 class RoundSettings:
-    """What one task needs beyond its stage: seeds, and which local splits to evaluate."""
+    """What one task needs beyond its stage: seeds, which local splits to evaluate, the secure encoding."""
 
     train_seed: int | None = None
     eval_seed: int | None = None
     eval_splits: tuple[str, ...] = ()
+    secagg: SecureSettings | None = None
 
     def to_json(self) -> str:
         """The JSON document of Task.round_config_json."""
-        return json.dumps(
-            {
-                "train_seed": self.train_seed,
-                "eval_seed": self.eval_seed,
-                "eval_splits": list(self.eval_splits),
-            }
-        )
+        doc: dict[str, Any] = {
+            "train_seed": self.train_seed,
+            "eval_seed": self.eval_seed,
+            "eval_splits": list(self.eval_splits),
+        }
+        if self.secagg is not None:
+            doc["secagg"] = asdict(self.secagg)
+        return json.dumps(doc)
 
     @classmethod
     def from_json(cls, text: str) -> RoundSettings:
@@ -97,7 +130,7 @@ class RoundSettings:
         if not text:
             return cls()
         data = _object(text, "round settings")
-        unknown = sorted(set(data) - {"train_seed", "eval_seed", "eval_splits"})
+        unknown = sorted(set(data) - {"train_seed", "eval_seed", "eval_splits", "secagg"})
         if unknown:
             raise SettingsError(f"round settings: unknown keys {unknown}")
         splits = data.get("eval_splits", [])
@@ -109,4 +142,5 @@ class RoundSettings:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise SettingsError(f"round settings: {key} must be a non-negative integer")
             seeds[key] = value
-        return cls(eval_splits=tuple(splits), **seeds)
+        secure = SecureSettings.from_dict(data["secagg"]) if data.get("secagg") is not None else None
+        return cls(eval_splits=tuple(splits), secagg=secure, **seeds)

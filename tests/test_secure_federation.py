@@ -203,7 +203,7 @@ def test_federation_config_secure_by_default_and_checks_overflow(tmp_path: Path,
 def _machine(silos, layout: SecureLayout, threshold: int = 3, max_attempts: int = 3):
 
     verify, _, _ = silos
-    secure = SecurePlan(lambda n: min(n, threshold), 10.0, QuantConfig(1.0, 24, 32), verify)
+    secure = SecurePlan(lambda n: min(n, threshold), 10.0, QuantConfig(1.0, 24, 32), verify, 1000.0)
     plan = RoundPlan(
         allowed=tuple(f"silo-{i + 1}" for i in range(N)), rounds=1, silos_per_round=N, min_silos=2,
         max_attempts=max_attempts, seed=0, gather_s=5.0, train_s=10.0, evaluate_s=10.0, liveness_s=1000.0,
