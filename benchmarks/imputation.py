@@ -148,7 +148,7 @@ def ptbxl_splits(args: argparse.Namespace) -> tuple[ClinicalDataset, ClinicalDat
 def build_model(variant: Variant, dataset: ClinicalDataset, window: int, size: str, seed: int) -> CondIModel:
     """A freshly initialised model of ``variant``; the same seed gives every variant the same start."""
     torch.manual_seed(seed)
-    return CondIModel(ModelSpec(variant=variant, **MODEL_SIZES[size]).build(window, dataset))
+    return CondIModel(ModelSpec(variant=variant, **MODEL_SIZES[size]).build(dataset.info, window))
 
 
 def train(

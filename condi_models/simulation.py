@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from condi_models.aggregation import SiloUpdate, fedavg
 from condi_models.batches import PreparedSplit, prepare_split
 from condi_models.checkpoint import save_checkpoint
 from condi_models.configfile import StrictModel, load_config
-from condi_models.data.dataset import ClinicalDataset
+from condi_models.data.dataset import ClinicalDataset, DatasetInfo
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
 from condi_models.data.partition import Split, partition_silos, split_by_folds, split_by_patient
@@ -46,6 +46,14 @@ class SplitSpec(StrictModel):
     train_folds: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
     val_folds: list[int] = Field(default_factory=lambda: [7])
     test_folds: list[int] = Field(default_factory=lambda: [8])
+
+    def apply(self, dataset: ClinicalDataset, seed: int) -> Split:
+        """Split ``dataset`` as this section says (patient shuffles use ``seed``)."""
+        if self.scheme == "folds":
+            if dataset.folds is None:
+                raise ValueError(f"split.scheme: 'folds' needs a source with folds; {dataset.info.name} has none")
+            return split_by_folds(dataset.folds, self.train_folds, self.val_folds, self.test_folds)
+        return split_by_patient(dataset.patient_ids, self.fractions, seed)
 
 
 class FederationSpec(StrictModel):
@@ -77,13 +85,9 @@ class ModelSpec(StrictModel):
     classifier: dict[str, Any] = Field(default_factory=dict)
     diffusion: dict[str, Any] = Field(default_factory=dict)
 
-    def build(self, info_length: int, dataset: ClinicalDataset) -> ModelConfig:
-        """The full model config for ``dataset`` at input length ``info_length`` (the window)."""
-        from dataclasses import replace
-
-        base = ModelConfig.for_dataset(
-            replace(dataset.info, length=info_length), self.variant, self.tokens_per_channel
-        ).to_dict()
+    def build(self, info: DatasetInfo, length: int) -> ModelConfig:
+        """The full model config for data laid out as ``info``, at input length ``length`` (the window)."""
+        base = ModelConfig.for_dataset(replace(info, length=length), self.variant, self.tokens_per_channel).to_dict()
         base.update(embed_dim=self.embed_dim, cond_dim=self.cond_dim)
         for part in ("denoiser", "context", "classifier", "diffusion"):
             base[part] = {**base[part], **getattr(self, part)}
@@ -123,14 +127,6 @@ class SimulationResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _split(dataset: ClinicalDataset, spec: SplitSpec, seed: int) -> Split:
-    if spec.scheme == "folds":
-        if dataset.folds is None:
-            raise ValueError(f"split.scheme 'folds' needs a source with folds; {dataset.info.name} has none")
-        return split_by_folds(dataset.folds, spec.train_folds, spec.val_folds, spec.test_folds)
-    return split_by_patient(dataset.patient_ids, spec.fractions, seed)
-
-
 def _sub_seed(seed: int, *parts: int) -> int:
     """A seed for one (round, silo, ...) derived from the run seed, stable across processes."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
@@ -164,7 +160,7 @@ def run_simulation(
     out.mkdir(parents=True, exist_ok=True)
 
     dataset = load_source(cfg.data, origin=origin)
-    split = _split(dataset, cfg.split, cfg.seed)
+    split = cfg.split.apply(dataset, cfg.seed)
     train = dataset.subset(split.train)
     fed = cfg.federation
     silo_rows = partition_silos(
@@ -184,7 +180,7 @@ def run_simulation(
     window = min(window, dataset.info.length)
     training = cfg.training if cfg.training.window == window else _with_window(cfg.training, window)
 
-    model = CondIModel(cfg.model.build(window, dataset)).to(device)
+    model = CondIModel(cfg.model.build(dataset.info, window)).to(device)
     groups = aggregation_groups(model)
     global_state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
     selection = np.random.default_rng(_sub_seed(cfg.seed, 1))
@@ -209,7 +205,11 @@ def run_simulation(
             model.load_named_tensors({n: torch.from_numpy(v) for n, v in global_state.items()})
             try:
                 res = train_local(
-                    model, silos[k], training, seed=_sub_seed(cfg.seed, 2, rnd, k), device=device,
+                    model,
+                    silos[k],
+                    training,
+                    seed=_sub_seed(cfg.seed, 2, rnd, k),
+                    device=device,
                     privacy=privacy[k] if privacy else None,
                 )
             except BudgetExhausted as err:
@@ -289,6 +289,4 @@ def _silo_privacy(spec: PrivacySpec | None, folder: Path, n_silos: int) -> list[
 
 
 def _with_window(training: LocalTrainingConfig, window: int) -> LocalTrainingConfig:
-    from dataclasses import replace
-
     return replace(training, window=window)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
-from condi_models.data.dataset import ClinicalDataset, DatasetInfo
+from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.model import ModelConfig
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
@@ -30,9 +28,7 @@ def layout_mismatch(expected: DatasetInfo, got: DatasetInfo) -> str | None:
     if got.classes != expected.classes:
         return f"classes {list(got.classes)}, the federation's are {list(expected.classes)}"
     if got.sampling_rate_hz != expected.sampling_rate_hz:
-        return (
-            f"sampling rate {got.sampling_rate_hz:g} Hz, the federation's is {expected.sampling_rate_hz:g} Hz"
-        )
+        return f"sampling rate {got.sampling_rate_hz:g} Hz, the federation's is {expected.sampling_rate_hz:g} Hz"
     if got.length != expected.length:
         return f"records of {got.length} steps, the federation's have {expected.length}"
     want = [m.name for m in expected.modalities]
@@ -48,19 +44,6 @@ def layout_mismatch(expected: DatasetInfo, got: DatasetInfo) -> str | None:
     return None
 
 
-def _empty_dataset(info: DatasetInfo) -> ClinicalDataset:
-    """A dataset with the layout ``info`` and no samples, for builders that read only the layout."""
-    shape = (0, info.n_features, info.length)
-    return ClinicalDataset(
-        info=info,
-        x=np.zeros(shape, dtype=np.float32),
-        observed=np.zeros(shape, dtype=bool),
-        y=np.zeros(0, dtype=np.int64),
-        sample_ids=(),
-        patient_ids=(),
-    )
-
-
 def build_model_config(
     layout: DatasetInfo, spec: ModelSpec, training: LocalTrainingConfig
 ) -> tuple[ModelConfig, LocalTrainingConfig]:
@@ -71,4 +54,4 @@ def build_model_config(
     """
     window = layout.length if training.window is None else min(training.window, layout.length)
     resolved = training if training.window == window else dataclasses.replace(training, window=window)
-    return spec.build(window, _empty_dataset(layout)), resolved
+    return spec.build(layout, window), resolved

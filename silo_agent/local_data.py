@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from condi_models.batches import PreparedSplit, prepare_split
-from condi_models.data.dataset import ClinicalDataset, DatasetInfo
+from condi_models.data.dataset import DatasetInfo
 from condi_models.data.normalize import ChannelNormalizer
-from condi_models.data.partition import Split, partition_silos, split_by_folds, split_by_patient
+from condi_models.data.partition import partition_silos
 from condi_models.data.sources import load_source
-from condi_models.simulation import SplitSpec
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.transfer import data_summary
 from silo_agent.config import SiteConfig
@@ -62,16 +61,6 @@ class LocalData:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
-def _split(dataset: ClinicalDataset, spec: SplitSpec, seed: int, source: str) -> Split:
-    if spec.scheme == "folds":
-        if dataset.folds is None:
-            raise LocalDataError(
-                f"{source}: split.scheme: 'folds' needs a source with folds; {dataset.info.name} has none"
-            )
-        return split_by_folds(dataset.folds, spec.train_folds, spec.val_folds, spec.test_folds)
-    return split_by_patient(dataset.patient_ids, spec.fractions, seed)
-
-
 def load_local_data(cfg: SiteConfig, source: str | Path) -> LocalData:
     """Load and prepare the site's data as ``cfg`` says; ``source`` names site.yaml in errors."""
     where = str(source)
@@ -86,7 +75,10 @@ def load_local_data(cfg: SiteConfig, source: str | Path) -> LocalData:
             raise LocalDataError(f"{where}: partition: {exc}") from exc
         dataset = dataset.subset(shares[p.index])
         log.info("partition %d of %d: %d records", p.index, p.silos, len(dataset))
-    split = _split(dataset, cfg.split, cfg.seed, where)
+    try:
+        split = cfg.split.apply(dataset, cfg.seed)
+    except ValueError as exc:
+        raise LocalDataError(f"{where}: {exc}") from exc
     for name in ("train", "val", "test"):
         if len(getattr(split, name)) == 0:
             raise LocalDataError(
