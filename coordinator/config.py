@@ -41,6 +41,9 @@ class StageTimeouts(StrictModel):
     gather_s: float = Field(default=120.0, gt=0, description="a round waits this long for enough silos")
     train_s: float = Field(default=3600.0, gt=0, description="download, local training and upload")
     evaluate_s: float = Field(default=600.0, gt=0, description="evaluation of the new global model")
+    secure_stage_s: float = Field(
+        default=120.0, gt=0, description="each secure-aggregation stage after training (shares, masked input, unmask)"
+    )
     liveness_s: float = Field(default=60.0, gt=0, description="a silo silent this long is taken as gone")
     done_grace_s: float = Field(
         default=30.0, ge=0, description="after the run, how long the coordinator waits for silos to learn it"

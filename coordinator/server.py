@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2
 
-from condi_models.aggregation import SiloUpdate, fedavg
+from condi_models.aggregation import SecureLayout, SiloUpdate, fedavg
 from condi_models.checkpoint import atomic_write_bytes
 from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.model import CondIModel, ModelConfig
@@ -52,11 +52,14 @@ from coordinator.rounds import (
     RoundMachine,
     RoundPlan,
     RoundProgress,
+    SecurePlan,
     TaskView,
 )
 from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError
 from federation import identity, pki, tls, wire
+from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
 from federation.settings import RunSettings
 from federation.transfer import (
     PROTOCOL_VERSION,
@@ -72,7 +75,7 @@ from federation.transfer import (
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ("plain-aggregation",)
+CAPABILITIES = ("plain-aggregation", "secure-aggregation")
 _DRIVER_PERIOD_S = 0.25
 
 
@@ -122,7 +125,9 @@ class Coordinator:
             train_s=cfg.timeouts.train_s,
             evaluate_s=cfg.timeouts.evaluate_s,
             liveness_s=cfg.timeouts.liveness_s,
+            secure=self._secure_plan(cfg),
         )
+        self._secure_layout: SecureLayout | None = None
         loaded = self.store.load()
         tensors = None
         if loaded is None:
@@ -154,10 +159,24 @@ class Coordinator:
         self.machine = RoundMachine(
             self.plan, self.ckpt.run_id, self.ckpt.progress, self.ckpt.state_sha256, clock()
         )
+        if self._secure_layout is not None:
+            self.machine.vector_length = self._secure_layout.vector_length
         self._downloads: dict[tuple[int, int, int], dict[str, int]] = {}
         self._status_text = ""
         self._progress_line = ""
         self.outcome: tuple[str, str] | None = None
+
+    @staticmethod
+    def _secure_plan(cfg: FederationConfig) -> SecurePlan | None:
+        if not cfg.secure:
+            log.warning("aggregation is plain: the coordinator sees every silo's individual update")
+            return None
+        if cfg.tls is None:
+            raise ValueError("aggregation.mode secure needs tls.ca: peers' key adverts are checked against it")
+        agg = cfg.aggregation
+        quant = QuantConfig(agg.clip_bound, agg.frac_bits, agg.resolved_ring_bits(cfg.silos_per_round))
+        verify = ca_cert_verifier(pki.load_certificate(cfg.tls.ca))
+        return SecurePlan(agg.threshold_for, cfg.timeouts.secure_stage_s, quant, verify, agg.weight_unit)
 
     # ---- model and state ----------------------------------------------------------------
 
@@ -200,6 +219,11 @@ class Coordinator:
             update_bytes=plain_update_payload_bytes(shapes, len(names)),
         )
         self._groups = groups
+        if self.plan.secure is not None:
+            agg = self.cfg.aggregation
+            self._secure_layout = SecureLayout(groups, shapes, agg.clip_bound, agg.weight_unit)
+            if hasattr(self, "machine"):
+                self.machine.vector_length = self._secure_layout.vector_length
         sha = self._set_state(state)
         if tensors is not None and sha != self.ckpt.state_sha256:
             raise StoreError(f"{self.store.dir}: the checkpointed state changed when loaded into its model")
@@ -299,11 +323,21 @@ class Coordinator:
             poll_after_ms=self.cfg.poll_interval_ms,
             message=view.message,
             state_sha256=view.state_sha256,
-            aggregation=pb.AGGREGATION_MODE_PLAIN,
+            aggregation=pb.AGGREGATION_MODE_PLAIN if self.plan.secure is None else pb.AGGREGATION_MODE_SECURE,
             selected=list(view.selected),
         )
-        if view.key.stage in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE):
+        if view.key.stage in (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS, pb.STAGE_EVALUATE):
             task.round_config_json = view.settings.to_json()
+        config = self.machine.secure_config
+        if config is not None and view.round_id:
+            task.threshold = config.threshold
+        given = view.stage_input
+        if isinstance(given, KeyRoster):
+            task.key_roster.CopyFrom(sw.roster_to_proto(given))
+        elif isinstance(given, UnmaskRequest):
+            task.survivors.CopyFrom(sw.unmask_request_to_proto(given))
+        elif given is not None:
+            task.shares.CopyFrom(sw.delivery_to_proto(given))
         return task
 
     def get_task(self, silo: str, request: pb.TaskRequest) -> pb.Task:
@@ -329,10 +363,10 @@ class Coordinator:
         key = StageKey.from_proto(request.ref)
         with self._cond:
             self.machine.seen(silo, self.clock())
-            if key.stage not in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE):
+            if key.stage not in (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS, pb.STAGE_EVALUATE):
                 raise ProtocolError(
                     "failed_precondition",
-                    f"downloads belong to TRAIN or EVALUATE, not {stage_name(key.stage)}",
+                    f"downloads belong to TRAIN, ADVERTISE_KEYS or EVALUATE, not {stage_name(key.stage)}",
                 )
             self.machine.check(silo, key, key.stage)
             if request.state_sha256 != self.machine.state_sha256:
@@ -358,10 +392,13 @@ class Coordinator:
         return stream()
 
     def upload(self, silo: str, parts: Iterator[pb.UpdatePart]) -> pb.UploadReceipt:
-        """Receive, check and record a plain update of the silo's current TRAIN task."""
+        """Receive, check and record a plain update of the silo's current TRAIN task, or in secure mode
+        its masked vector of the MASKED_INPUT task."""
         model = self._model
         if model is None:
             raise ProtocolError("failed_precondition", "no model yet: no silo has joined")
+        if self.plan.secure is not None:
+            return self._upload_masked(silo, parts)
         started = self.clock()
 
         def check_header(header: pb.UpdateHeader, manifest: wire.Manifest) -> None:
@@ -433,6 +470,109 @@ class Coordinator:
             ref=header.ref, payload_sha256=received.manifest.payload_sha256, duplicate=duplicate
         )
 
+    def _upload_masked(self, silo: str, parts: Iterator[pb.UpdatePart]) -> pb.UploadReceipt:
+        started = self.clock()
+        layout = self._secure_layout
+        assert layout is not None and self.plan.secure is not None
+        ring_bits = self.plan.secure.quant.ring_bits
+        dtype = f"uint{ring_bits}"
+        expected = layout.vector_length * ring_bits // 8
+
+        def check_header(header: pb.UpdateHeader, manifest: wire.Manifest) -> None:
+            if header.encoding != pb.UPDATE_ENCODING_MASKED:
+                raise ProtocolError(
+                    "invalid_argument",
+                    f"update encoding {pb.UpdateEncoding.Name(header.encoding)}: this run aggregates securely; "
+                    "the coordinator takes masked vectors only",
+                )
+            key = StageKey.from_proto(header.ref)
+            with self._cond:
+                self.machine.seen(silo, self.clock())
+                if self.machine.repeats(silo, key, manifest.payload_sha256):
+                    return
+                self.machine.check(silo, key, pb.STAGE_MASKED_INPUT)
+            specs = manifest.tensors
+            if len(specs) != 1 or specs[0].dtype != dtype or tuple(specs[0].shape) != (layout.vector_length,):
+                raise ProtocolError(
+                    "invalid_argument",
+                    f"a masked vector is one {dtype} tensor of shape ({layout.vector_length},)",
+                )
+
+        received = receive_upload(
+            parts, max_chunk_bytes=self.max_chunk_bytes, max_payload_bytes=expected, check_header=check_header
+        )
+        header = received.header
+        key = StageKey.from_proto(header.ref)
+        claims = SiloUpload(
+            params={},
+            weights={"all": float(_claims(header.claims_json).get("samples", 0.0))},
+            claims=_claims(header.claims_json),
+            upload_s=self.clock() - started,
+            upload_bytes=received.manifest.payload_bytes,
+        )
+        with self._cond:
+            config = self.machine.secure_config
+            if config is None:
+                raise ProtocolError("failed_precondition", f"no secure round is running for {key.describe()}")
+            try:
+                masked = MaskedInput(config.round_id, silo, ring_bits, bytes(received.payload))
+            except MessageError as exc:
+                raise ProtocolError("invalid_argument", f"masked vector: {exc}") from exc
+            duplicate = self.machine.accept_secure(silo, key, received.manifest.payload_sha256, masked, claims)
+            self._cond.notify_all()
+        log.info(
+            "%s masked vector from silo %s for %s: %d bytes",
+            "duplicate" if duplicate else "accepted",
+            silo,
+            key.describe(),
+            received.manifest.payload_bytes,
+        )
+        return pb.UploadReceipt(
+            ref=header.ref, payload_sha256=received.manifest.payload_sha256, duplicate=duplicate
+        )
+
+    def _secure_call(self, silo: str, ref: pb.StageRef, stage: int, build: Callable[[str], Any]) -> pb.Receipt:
+        """One of AdvertiseKeys, ShareKeys, Unmask: rebuild the protocol message and give it to the machine."""
+        if self.plan.secure is None:
+            raise ProtocolError(
+                "unimplemented",
+                "this run aggregates in the clear (AGGREGATION_MODE_PLAIN); secure-aggregation calls are not served",
+            )
+        key = StageKey.from_proto(ref)
+        with self._cond:
+            self.machine.seen(silo, self.clock())
+            config = self.machine.secure_config
+            if key.stage != stage or config is None:
+                self.machine.check(silo, key, stage)
+                raise ProtocolError("failed_precondition", f"no secure round is running for {key.describe()}")
+            try:
+                message = build(config.round_id)
+            except MessageError as exc:
+                raise ProtocolError("invalid_argument", f"{stage_name(stage)}: {exc}") from exc
+            digest = hashlib.sha256(message.to_bytes()).hexdigest()
+            duplicate = self.machine.accept_secure(silo, key, digest, message)
+            self._cond.notify_all()
+        log.info("%s %s from silo %s", "duplicate" if duplicate else "accepted", stage_name(stage), silo)
+        return pb.Receipt(ref=ref, duplicate=duplicate)
+
+    def advertise_keys(self, silo: str, request: pb.AdvertiseKeysRequest) -> pb.Receipt:
+        """Stage 1: the silo's signed fresh public keys."""
+        return self._secure_call(
+            silo, request.ref, pb.STAGE_ADVERTISE_KEYS, lambda _rid: sw.decode_advert(request.signed_keys, silo)
+        )
+
+    def share_keys(self, silo: str, request: pb.ShareKeysRequest) -> pb.Receipt:
+        """Stage 2: the silo's encrypted shares for its peers."""
+        return self._secure_call(
+            silo, request.ref, pb.STAGE_SHARE_KEYS, lambda rid: sw.share_keys_from_proto(rid, silo, request.shares)
+        )
+
+    def unmask(self, silo: str, request: pb.UnmaskRequest) -> pb.Receipt:
+        """Stage 4: the shares that remove the masks of the sum."""
+        return self._secure_call(
+            silo, request.ref, pb.STAGE_UNMASK, lambda rid: sw.unmask_response_from_proto(rid, silo, request.shares)
+        )
+
     def report_metrics(self, silo: str, request: pb.MetricsReport) -> pb.Receipt:
         """Check and record a silo's evaluation of the current global state."""
         key = StageKey.from_proto(request.ref)
@@ -500,15 +640,22 @@ class Coordinator:
     def _aggregate(self, effect: Aggregate) -> None:
         assert self._model is not None
         t0 = self.clock()
-        updates = [SiloUpdate(params=u.params, weights=u.weights) for u in effect.updates.values()]
-        new_state = fedavg(self.global_state, updates, self._groups)
+        if effect.total is not None:
+            assert self._secure_layout is not None
+            # Only the sum of the masked vectors was ever unmasked: no individual update exists here.
+            new_state = self._secure_layout.average(self.global_state, effect.total)
+        else:
+            updates = [SiloUpdate(params=u.params, weights=u.weights) for u in effect.updates.values()]
+            new_state = fedavg(self.global_state, updates, self._groups)
         aggregation_s = self.clock() - t0
+        # In secure mode silos download and train in the ADVERTISE_KEYS task.
+        train_stage = pb.STAGE_TRAIN if effect.total is None else pb.STAGE_ADVERTISE_KEYS
         name, sha = self.store.save_state(effect.round, new_state)
         record = TrainRecord(
             attempt=effect.attempt,
             selected=effect.selected,
             uploads=effect.updates,
-            download_bytes=dict(self._downloads.get((effect.round, effect.attempt, pb.STAGE_TRAIN), {})),
+            download_bytes=dict(self._downloads.get((effect.round, effect.attempt, train_stage), {})),
             state_bytes=self._state_bytes,
             stage_s=effect.stage_s,
             aggregation_s=aggregation_s,
@@ -518,6 +665,16 @@ class Coordinator:
             self.machine.aggregated(sha, self.clock())
             self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
             self.ckpt.pending_row = train_summary(effect.round, record)
+            self.ckpt.pending_row["aggregation"] = "plain" if effect.total is None else "secure"
+            if effect.total is not None and self._secure_layout is not None:
+                names = self._groups.group_names()
+                if "all" in names:
+                    # The summed weights are the only sample count the coordinator learns.
+                    summed = float(effect.total[names.index("all") - len(names)])
+                    self.ckpt.pending_row["samples"] = round(summed * self._secure_layout.weight_unit)
+                self.ckpt.pending_row["clipped"] = int(
+                    sum(u.claims.get("clipped", 0) for u in effect.updates.values())
+                )
             self._checkpoint()
             self._cond.notify_all()
         log.info(

@@ -34,11 +34,8 @@ _CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
 }
-
-_SECURE_ONLY = (
-    "this run aggregates in the clear (AGGREGATION_MODE_PLAIN); secure-aggregation calls are not served"
-)
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -96,20 +93,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         return self._call(context, "Heartbeat", lambda silo: self.coordinator.heartbeat(silo, request))
 
     def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext) -> pb.Receipt:
-        self._refuse(
-            context,
-            "AdvertiseKeys",
-            identity_of(context).silo_id,
-            grpc.StatusCode.UNIMPLEMENTED,
-            _SECURE_ONLY,
-        )
+        return self._call(context, "AdvertiseKeys", lambda silo: self.coordinator.advertise_keys(silo, request))
 
     def ShareKeys(self, request: pb.ShareKeysRequest, context: grpc.ServicerContext) -> pb.Receipt:
-        self._refuse(
-            context, "ShareKeys", identity_of(context).silo_id, grpc.StatusCode.UNIMPLEMENTED, _SECURE_ONLY
-        )
+        return self._call(context, "ShareKeys", lambda silo: self.coordinator.share_keys(silo, request))
 
     def Unmask(self, request: pb.UnmaskRequest, context: grpc.ServicerContext) -> pb.Receipt:
-        self._refuse(
-            context, "Unmask", identity_of(context).silo_id, grpc.StatusCode.UNIMPLEMENTED, _SECURE_ONLY
-        )
+        return self._call(context, "Unmask", lambda silo: self.coordinator.unmask(silo, request))

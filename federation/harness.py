@@ -7,8 +7,11 @@ its own patient-disjoint Dirichlet share of it (synthetic 12-lead ECG by default
 PTB-XL with ``--data ptbxl``). It shows progress, waits for the run to end and returns where the
 report is.
 
+Secure aggregation is on unless ``--plain`` (then the coordinator sees every update, and says so).
+
 Fault injection: ``--kill-silo ID:ROUND:STAGE`` makes that silo exit hard in that round's
-``train`` or ``evaluate`` stage; ``--nan-update ID:ROUND`` makes it produce a NaN update (which it
+``train`` or ``evaluate`` stage, or in a secure stage (``advertise_keys``, ``share_keys``,
+``masked_input``, ``unmask``); ``--nan-update ID:ROUND`` makes it produce a NaN update (which it
 refuses to send); ``--restart-coordinator-at ROUND`` kills the coordinator with SIGKILL once an
 update of that round has arrived, and starts it again from its checkpoint.
 
@@ -105,6 +108,7 @@ class HarnessOptions:
     kill_silo: tuple[str, int, str] | None = None
     nan_update: tuple[str, int] | None = None
     restart_coordinator_at: int | None = None
+    secure: bool = True
     model: Mapping[str, Any] | None = None
     timeouts: Mapping[str, float] = field(default_factory=dict)
     max_attempts: int = 3
@@ -167,6 +171,7 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
         "evaluate_s": 300.0,
         "liveness_s": 10.0,
         "done_grace_s": 15.0,
+        "secure_stage_s": 60.0,
         **opts.timeouts,
     }
     federation = {
@@ -190,6 +195,7 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
         "model": dict(opts.model if opts.model is not None else profile.model),
         "training": dict(profile.training),
         "evaluation": dict(profile.evaluation),
+        "aggregation": {"mode": "secure" if opts.secure else "plain"},
     }
     if opts.data == "ptbxl":
         data: dict[str, Any] = {"source": "ptbxl", "path": str(opts.ptbxl_path.resolve())}
@@ -363,10 +369,15 @@ def run_harness(
 # Command line
 
 
+KILL_STAGES = ("train", "advertise_keys", "share_keys", "masked_input", "unmask", "evaluate")
+
+
 def _kill_spec(text: str) -> tuple[str, int, str]:
     parts = text.split(":")
-    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ("train", "evaluate"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ID:ROUND:STAGE with STAGE train or evaluate")
+    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in KILL_STAGES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ID:ROUND:STAGE with STAGE one of {', '.join(KILL_STAGES)}"
+        )
     return parts[0], int(parts[1]), parts[2]
 
 
@@ -393,6 +404,7 @@ def _harness(args: argparse.Namespace) -> int:
         kill_silo=args.kill_silo,
         nan_update=args.nan_update,
         restart_coordinator_at=args.restart_coordinator_at,
+        secure=not args.plain,
     )
     bar = tqdm(total=args.rounds, desc="federation", unit="round", file=sys.stderr)
 
@@ -425,8 +437,10 @@ def _harness(args: argparse.Namespace) -> int:
         return 1
     report = json.loads(result.report.read_text())
     accuracy = ", ".join(f"{a:.3f}" for a in report.get("val_accuracy_by_round", []))
+    mode = "secure aggregation" if opts.secure else "plain aggregation (the coordinator saw each update)"
     print(
-        f"{report['status']}: {report['message']}; validation accuracy by round: {accuracy}", file=sys.stderr
+        f"{report['status']}: {report['message']}; {mode}; validation accuracy by round: {accuracy}",
+        file=sys.stderr,
     )
     print(result.report)
     return 0 if result.coordinator_exit == 0 else 1
@@ -452,6 +466,9 @@ def add_harness_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--restart-coordinator-at", type=int, help="kill the coordinator mid-round ROUND and restart it"
+    )
+    p.add_argument(
+        "--plain", action="store_true", help="aggregate in the clear (default: secure aggregation)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_harness)

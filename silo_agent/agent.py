@@ -8,6 +8,11 @@ on what comes back:
   download), run :func:`condi_models.training.train_local` unchanged on the local training
   split, and upload the parameters and group weights; an update with NaN or infinity is never
   sent;
+- secure aggregation instead of the plain upload: ADVERTISE_KEYS trains the same way, encodes
+  the update as the secure vector (weighted clipped deltas and group weights, clipping counted)
+  and sends fresh keys signed with the silo's certificate key; SHARE_KEYS, MASKED_INPUT and
+  UNMASK drive :class:`federation.secagg.SecAggClient` with the task's inputs, peers' adverts
+  checked against the federation CA;
 - EVALUATE: take the new global state, evaluate it on the local validation (and, in the last
   round, test) split and report aggregate scores and the local normalization statistics;
 - DONE: exit.
@@ -19,7 +24,8 @@ with backoff (see :mod:`silo_agent.client`).
 
 For fault-injection tests the agent honours two environment variables: ``CONDI_FAULT_EXIT_AT=
 ROUND:STAGE`` (exit hard once the state of that round's ``train`` or ``evaluate`` task is
-loaded) and ``CONDI_FAULT_NAN_AT=ROUND`` (poison that round's update, which the agent then
+loaded; for the secure stages ``advertise_keys``, ``share_keys``, ``masked_input`` and ``unmask``,
+once the task arrives) and ``CONDI_FAULT_NAN_AT=ROUND`` (poison that round's update, which the agent then
 refuses to send).
 """
 
@@ -41,10 +47,12 @@ import grpc
 import numpy as np
 import torch
 
+from condi_models.aggregation import SecureLayout, SiloUpdate
 from condi_models.evaluation import EvalResult, evaluate
 from condi_models.nn.model import CondIModel, resolve_device
-from condi_models.training import TrainingProgress, aggregation_groups, train_local
-from federation import wire
+from condi_models.training import LocalResult, TrainingProgress, aggregation_groups, train_local
+from federation import pki, secagg, wire
+from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.settings import RoundSettings, RunSettings, SettingsError
 from federation.transfer import (
@@ -52,6 +60,7 @@ from federation.transfer import (
     NonFiniteUpdateError,
     StageKey,
     encode_plain_update,
+    stage_name,
 )
 from silo_agent.client import CoordinatorClient, CoordinatorUnreachableError
 from silo_agent.config import SiteConfig
@@ -67,7 +76,15 @@ _LONG_POLL_MS = 30_000
 _MOVED_ON = frozenset(
     {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
 )
-_STAGES = {"train": pb.STAGE_TRAIN, "evaluate": pb.STAGE_EVALUATE}
+_STAGES = {
+    "train": pb.STAGE_TRAIN,
+    "evaluate": pb.STAGE_EVALUATE,
+    "advertise_keys": pb.STAGE_ADVERTISE_KEYS,
+    "share_keys": pb.STAGE_SHARE_KEYS,
+    "masked_input": pb.STAGE_MASKED_INPUT,
+    "unmask": pb.STAGE_UNMASK,
+}
+_SECURE_STAGES = (pb.STAGE_ADVERTISE_KEYS, pb.STAGE_SHARE_KEYS, pb.STAGE_MASKED_INPUT, pb.STAGE_UNMASK)
 
 
 class JoinRefusedError(RuntimeError):
@@ -89,7 +106,9 @@ class Faults:
         if text:
             round_text, _, stage = text.partition(":")
             if not round_text.isdigit() or stage not in _STAGES:
-                raise ValueError(f"CONDI_FAULT_EXIT_AT={text!r}: expected ROUND:train or ROUND:evaluate")
+                raise ValueError(
+                    f"CONDI_FAULT_EXIT_AT={text!r}: expected ROUND:STAGE with STAGE one of {list(_STAGES)}"
+                )
             exit_at = (int(round_text), _STAGES[stage])
         nan = env.get("CONDI_FAULT_NAN_AT")
         if nan and not nan.isdigit():
@@ -157,6 +176,19 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+@dataclass
+class _SecureRound:
+    """This silo's side of one secure round attempt: the protocol client and what it will sum."""
+
+    key: StageKey
+    round_id: str
+    client: secagg.SecAggClient
+    vector: np.ndarray
+    base_sha256: str
+    claims: dict[str, Any]
+    delivery: secagg.ShareDelivery | None = None
+
+
 def _exit_hard(why: str) -> None:
     log.error("fault injection: %s; exiting hard", why)
     for handler in logging.getLogger().handlers:
@@ -184,6 +216,12 @@ class SiloAgent:
         self.model: CondIModel | None = None
         self.poll_interval_s = 2.0
         self._refused: set[StageKey] = set()
+        self._secure: _SecureRound | None = None
+        tls_cfg = cfg.tls
+        passphrase = pki.read_passphrase(tls_cfg.passphrase_file, tls_cfg.passphrase_env)
+        self._signing_key = pki.load_private_key(tls_cfg.key, passphrase)
+        self._cert_pem = Path(tls_cfg.cert).read_bytes()
+        self._verify_cert = secagg.ca_cert_verifier(pki.load_certificate(tls_cfg.ca))
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -192,7 +230,7 @@ class SiloAgent:
         request = pb.JoinRequest(
             protocol_version=PROTOCOL_VERSION,
             software_version=SOFTWARE,
-            capabilities=["gpu"] if self.device.type == "cuda" else [],
+            capabilities=["secure-aggregation", *(["gpu"] if self.device.type == "cuda" else [])],
             data=self.data.summary(),
         )
         reply = self.client.join(request)
@@ -274,7 +312,7 @@ class SiloAgent:
             if key.stage == pb.STAGE_DONE:
                 log.info("the run is over: %s", task.message)
                 return 0
-            workable = key.stage in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE)
+            workable = key.stage in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE, *_SECURE_STAGES)
             if workable and not self.state.is_done(key) and key not in self._refused:
                 self._work(task, key)
             elif key == last and time.monotonic() - asked < 0.05:
@@ -287,8 +325,10 @@ class SiloAgent:
             with Heartbeats(self.client, key, self.poll_interval_s) as beats:
                 if key.stage == pb.STAGE_TRAIN:
                     self._train(task, key, beats)
-                else:
+                elif key.stage == pb.STAGE_EVALUATE:
                     self._evaluate(task, key, beats)
+                else:
+                    self._secure_stage(task, key, beats)
         except grpc.RpcError as exc:
             if exc.code() in _MOVED_ON:
                 log.warning(
@@ -303,7 +343,7 @@ class SiloAgent:
                 "%s refused by the coordinator (%s: %s)", key.describe(), exc.code().name, exc.details()
             )
             self._refused.add(key)
-        except (SettingsError, wire.WireError) as exc:
+        except (SettingsError, wire.WireError, secagg.ProtocolError, secagg.MessageError) as exc:
             log.error("%s cannot be carried out: %s", key.describe(), exc)
             self._refused.add(key)
 
@@ -322,13 +362,19 @@ class SiloAgent:
             _exit_hard(f"stopping in {key.describe()}")
         return time.perf_counter() - t0, received
 
-    def _train(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
+    def _train_round(
+        self, task: pb.Task, key: StageKey, beats: Heartbeats
+    ) -> tuple[RoundSettings, dict[str, np.ndarray], LocalResult, dict[str, Any]]:
+        """Load the task's global state and train on it: the settings, the global parameters, the
+        local result and the claims about it."""
         assert self.client is not None and self.model is not None and self.settings is not None and self.data
         plan = RoundSettings.from_json(task.round_config_json)
         if plan.train_seed is None:
-            raise SettingsError("round settings: a TRAIN task needs train_seed")
+            raise SettingsError(f"round settings: a {stage_name(key.stage)} task needs train_seed")
         beats.update("downloading the global state", 0.0)
         download_s, received = self._load_global_state(task, key)
+        named = self.model.state_to_named_tensors()
+        start = {n: named[n].numpy().copy() for n in self._param_names}
         result = train_local(
             self.model,
             self.data.train,
@@ -337,6 +383,19 @@ class SiloAgent:
             device=self.device,
             progress=beats.training,
         )
+        claims = {
+            "phase_a_loss": _finite_or_none(result.phase_a_loss),
+            "phase_b_loss": _finite_or_none(result.phase_b_loss),
+            "phase_a_s": result.seconds_a,
+            "phase_b_s": result.seconds_b,
+            "download_s": download_s,
+            "download_bytes": received,
+        }
+        return plan, start, result, claims
+
+    def _train(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
+        assert self.client is not None and self.model is not None
+        _, _, result, claims = self._train_round(task, key, beats)
         named = self.model.state_to_named_tensors()
         params = {n: named[n].numpy() for n in self._param_names}
         if self.faults.nan_at_round == key.round:
@@ -352,14 +411,6 @@ class SiloAgent:
             log.error("refusing to send the update of %s: %s", key.describe(), exc)
             self._refused.add(key)
             return
-        claims = {
-            "phase_a_loss": _finite_or_none(result.phase_a_loss),
-            "phase_b_loss": _finite_or_none(result.phase_b_loss),
-            "phase_a_s": result.seconds_a,
-            "phase_b_s": result.seconds_b,
-            "download_s": download_s,
-            "download_bytes": received,
-        }
         header = pb.UpdateHeader(
             ref=key.to_proto(),
             encoding=pb.UPDATE_ENCODING_PLAIN,
@@ -380,6 +431,101 @@ class SiloAgent:
             result.seconds_a,
             result.seconds_b,
         )
+
+    def _secure_stage(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
+        assert self.client is not None and self.run_id is not None
+        if key.stage != pb.STAGE_ADVERTISE_KEYS and self.faults.exit_at == (key.round, key.stage):
+            _exit_hard(f"stopping in {key.describe()}")
+        if task.aggregation != pb.AGGREGATION_MODE_SECURE:
+            raise SettingsError(f"{key.describe()}: a secure-aggregation stage in a run that is not secure")
+        if not 2 * task.threshold > len(task.selected):
+            raise secagg.ProtocolError(
+                f"threshold t={task.threshold} is not more than half of the {len(task.selected)} selected silos"
+            )
+        timeout = self.client.endpoint.rpc_timeout_s
+        stub = self.client.stub
+        ref = key.to_proto()
+        if key.stage == pb.STAGE_ADVERTISE_KEYS:
+            advert = self._start_secure(task, key, beats)
+            request = pb.AdvertiseKeysRequest(ref=ref, signed_keys=advert.to_bytes())
+            receipt = self.client.retrying("AdvertiseKeys", lambda: stub.AdvertiseKeys(request, timeout=timeout))
+        else:
+            current = self._secure
+            if current is None or (current.key.round, current.key.attempt) != (key.round, key.attempt):
+                raise secagg.ProtocolError(f"{key.describe()}: this silo holds no keys of that round attempt")
+            rid = current.round_id
+            if key.stage == pb.STAGE_SHARE_KEYS:
+                shares = current.client.share_keys(sw.roster_from_proto(rid, task.key_roster))
+                share_request = pb.ShareKeysRequest(ref=ref, shares=sw.share_keys_to_proto(shares))
+                receipt = self.client.retrying("ShareKeys", lambda: stub.ShareKeys(share_request, timeout=timeout))
+            elif key.stage == pb.STAGE_MASKED_INPUT:
+                beats.update("uploading the masked update", 1.0)
+                current.delivery = sw.delivery_from_proto(rid, self.cfg.silo_id, task.shares)
+                masked = current.client.masked_input(current.delivery, current.vector)
+                dtype = np.dtype(f"<u{masked.ring_bits // 8}")
+                encoded = wire.encode_state({"masked": np.frombuffer(masked.data, dtype=dtype)})
+                header = pb.UpdateHeader(
+                    ref=ref,
+                    encoding=pb.UPDATE_ENCODING_MASKED,
+                    base_state_sha256=current.base_sha256,
+                    claims_json=json.dumps(current.claims),
+                )
+                receipt = self.client.upload(header, encoded)
+            else:
+                if current.delivery is None:
+                    raise secagg.ProtocolError(f"{key.describe()}: no masked input was sent in this attempt")
+                request_in = sw.unmask_request_from_proto(rid, task.survivors, current.delivery)
+                shares_out = sw.unmask_response_to_proto(current.client.unmask(request_in))
+                unmask_request = pb.UnmaskRequest(ref=ref, shares=shares_out)
+                receipt = self.client.retrying("Unmask", lambda: stub.Unmask(unmask_request, timeout=timeout))
+                self._secure = None
+        self.state.mark_done(key)
+        log.info(
+            "%s: %s", key.describe(), "already accepted" if receipt.duplicate else "accepted"
+        )
+
+    def _start_secure(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> secagg.KeyAdvert:
+        """Train, encode the update for the secure sum and make this attempt's protocol client."""
+        assert self.model is not None and self.run_id is not None
+        plan, start, result, claims = self._train_round(task, key, beats)
+        if plan.secagg is None:
+            raise SettingsError("round settings: an ADVERTISE_KEYS task needs the secagg encoding")
+        enc = plan.secagg
+        named = self.model.state_to_named_tensors()
+        params = {n: named[n].numpy() for n in self._param_names}
+        if self.faults.nan_at_round == key.round:
+            params[self._param_names[0]] = np.full_like(params[self._param_names[0]], np.nan)
+            log.warning("fault injection: poisoning the %s update with NaN", key.describe())
+        groups = aggregation_groups(self.model)
+        layout = SecureLayout(groups, {n: v.shape for n, v in start.items()}, enc.clip_bound, enc.weight_unit)
+        if layout.vector_length != enc.vector_length:
+            raise SettingsError(
+                f"round settings: secagg.vector_length {enc.vector_length}, this model gives {layout.vector_length}"
+            )
+        try:
+            contribution = layout.contribution(start, SiloUpdate(params, result.group_weights))
+        except ValueError as exc:
+            raise secagg.ProtocolError(f"refusing to send the update of {key.describe()}: {exc}") from exc
+        if contribution.clipped:
+            log.warning("%s: clipped %d update entries to +-%g", key.describe(), contribution.clipped, enc.clip_bound)
+        claims.update(clipped=contribution.clipped, samples=result.n_samples)
+        round_id = sw.secure_round_id(self.run_id, key.round, key.attempt)
+        config = secagg.RoundConfig(
+            round_id,
+            task.threshold,
+            enc.vector_length,
+            secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits),
+        )
+        client = secagg.SecAggClient(
+            config,
+            self.cfg.silo_id,
+            self._signing_key,
+            self._cert_pem,
+            self._verify_cert,
+            rounding_seed=plan.train_seed or 0,
+        )
+        self._secure = _SecureRound(key, round_id, client, contribution.vector, task.state_sha256, claims)
+        return client.advertise()
 
     def _evaluate(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
         assert self.client is not None and self.model is not None and self.settings is not None and self.data

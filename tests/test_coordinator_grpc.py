@@ -94,6 +94,8 @@ def _start(root: Path, material: pki.DevPki, allowed: list[str], **overrides: ob
         "model": SMALL_MODEL,
         "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": None},
         "evaluation": {"n_samples": 1, "steps": 2},
+        # These tests drive plain uploads by hand; secure rounds are tested in test_secure_federation.
+        "aggregation": {"mode": "plain"},
         **overrides,
     }
     cfg = parse_config(doc, FederationConfig, "federation.yaml")

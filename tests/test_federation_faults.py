@@ -61,6 +61,7 @@ def test_a_killed_silo_makes_the_round_retry_when_the_minimum_fails(tmp_path: Pa
         per_round=3,
         min_silos=3,
         kill_silo=(victim, 0, "train"),
+        secure=False,
         timeouts=FAST,
         timeout_s=400,
     )
@@ -91,6 +92,7 @@ def test_the_coordinator_killed_mid_round_resumes_without_losing_or_doubling_a_r
         min_silos=2,
         kill_silo=("silo-3", 0, "train"),
         restart_coordinator_at=1,
+        secure=False,
         timeouts={**FAST, "gather_s": 10.0},
         timeout_s=500,
     )
