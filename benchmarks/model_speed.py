@@ -5,7 +5,7 @@ Run from the repository root:
 Measures, at batch 32 of 12 x 250 windows: one Phase A step and one Phase B step (forward, backward,
 Adam), and one ``impute`` call with DDIM-10 and with DDPM-50. Prints JSON and writes it to
 benchmarks/results/model_speed[_<device>].json. Times are medians of ``--repeats`` after one
-warm-up; on a shared CPU they are noisy.
+warm-up (plus process CPU time, steadier on a shared CPU); on a shared CPU wall times are noisy.
 """
 
 from __future__ import annotations
@@ -26,18 +26,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median and min wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+    """Median and min wall time of ``fn`` over ``repeats`` runs after one warm-up.
+
+    Also the median process CPU time (all threads together): on a CPU shared with other work the
+    wall time swings, the CPU time much less; on an idle machine wall ~ cpu / threads.
+    """
     fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4)}
+        cpu.append(time.process_time() - c0)
+    return {
+        "median_s": round(statistics.median(times), 4),
+        "min_s": round(min(times), 4),
+        "cpu_median_s": round(statistics.median(cpu), 4),
+    }
 
 
 def main() -> None:

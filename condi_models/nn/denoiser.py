@@ -54,14 +54,18 @@ class AxisTransformerLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: int) -> torch.Tensor:
-        qkv = torch.stack([q, k, v], dim=0)
+        b, s1, s2, hidden = q.shape
+        dh = hidden // self.heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            if axis == 1:
+                t = t.transpose(1, 2)
+            return t.reshape(-1, t.shape[2], self.heads, dh).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2)
         if axis == 1:
-            qkv = qkv.transpose(2, 3)
-        _, b, s1, s2, hidden = qkv.shape
-        seq = qkv.reshape(3, b * s1, s2, self.heads, hidden // self.heads).transpose(2, 3)
-        out = F.scaled_dot_product_attention(seq[0], seq[1], seq[2])
-        out = out.transpose(1, 2).reshape(b, s1, s2, hidden)
-        return out.transpose(1, 2) if axis == 1 else out
+            return out.reshape(b, s2, s1, hidden).transpose(1, 2)
+        return out.reshape(b, s1, s2, hidden)
 
     def forward(self, h: torch.Tensor, axis: int) -> torch.Tensor:
         """h (B, S1, S2, H) -> same shape, attention along ``axis`` (1 or 2)."""
@@ -185,7 +189,7 @@ class Denoiser(nn.Module):
         point_dim = 3 + cfg.conv_channels + cfg.out_channels
         mix = cfg.point_mixer_dim
         if mix:
-            self.point_in = nn.Linear(point_dim, mix)
+            self.point_in = nn.Conv2d(point_dim, mix, 1)
             self.point_channel = nn.Embedding(n_features, mix)
             self.point_mixer = AxisTransformerLayer(mix, cfg.point_mixer_heads, 2 * mix, linear_values=True)
         self.conv_out = nn.Conv2d(point_dim + mix, cfg.conv_channels, (1, cfg.conv_kernel), padding=(0, pad))
@@ -245,10 +249,11 @@ class Denoiser(nn.Module):
 
         Leads are (near-)linear functions of one another at the same instant (Einthoven's law
         holds even for the noise), which patch tokens can only pass through approximately; this
-        light per-step path lets an exact pointwise cross-channel combination be learned.
+        light per-step path lets an exact pointwise cross-channel combination be learned. It works
+        in a (B, L, F, C) layout so the attention runs over the last-but-one axis without copies.
         """
         b, _, f, _ = points.shape
-        u = self.point_in(points.permute(0, 2, 3, 1))
+        u = self.point_in(points).permute(0, 3, 2, 1)
         index = torch.arange(f, device=u.device).expand(b, -1).contiguous()
-        u = u + self.point_channel(index)[:, :, None, :]
-        return self.point_mixer(u, axis=1).permute(0, 3, 1, 2)
+        u = u + self.point_channel(index)[:, None, :, :]
+        return self.point_mixer(u, axis=2).permute(0, 3, 2, 1)
