@@ -106,9 +106,12 @@ class HarnessOptions:
     profile: str = "tiny"
     seed: int = 0
     kill_silo: tuple[str, int, str] | None = None
+    # Further silos to kill, each at its own round and stage (one kill per silo).
+    kill_silos: tuple[tuple[str, int, str], ...] = ()
     nan_update: tuple[str, int] | None = None
     restart_coordinator_at: int | None = None
     secure: bool = True
+    threshold: float | int | None = None
     model: Mapping[str, Any] | None = None
     timeouts: Mapping[str, float] = field(default_factory=dict)
     max_attempts: int = 3
@@ -195,7 +198,10 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
         "model": dict(opts.model if opts.model is not None else profile.model),
         "training": dict(profile.training),
         "evaluation": dict(profile.evaluation),
-        "aggregation": {"mode": "secure" if opts.secure else "plain"},
+        "aggregation": {
+            "mode": "secure" if opts.secure else "plain",
+            **({} if opts.threshold is None else {"threshold": opts.threshold}),
+        },
     }
     if opts.data == "ptbxl":
         data: dict[str, Any] = {"source": "ptbxl", "path": str(opts.ptbxl_path.resolve())}
@@ -294,8 +300,10 @@ def run_harness(
     if out.exists() and any(out.iterdir()):
         raise HarnessError(f"{out} is not empty; give a new --out folder")
     ids = opts.silo_ids()
-    if opts.kill_silo is not None and opts.kill_silo[0] not in ids:
-        raise HarnessError(f"--kill-silo: no silo {opts.kill_silo[0]!r} (silos are {ids[0]} .. {ids[-1]})")
+    kills = {k[0]: k for k in ((opts.kill_silo,) if opts.kill_silo is not None else ()) + opts.kill_silos}
+    for victim in kills:
+        if victim not in ids:
+            raise HarnessError(f"--kill-silo: no silo {victim!r} (silos are {ids[0]} .. {ids[-1]})")
     if opts.nan_update is not None and opts.nan_update[0] not in ids:
         raise HarnessError(f"--nan-update: no silo {opts.nan_update[0]!r}")
     port = free_port()
@@ -308,8 +316,8 @@ def run_harness(
     silos: dict[str, _Process] = {}
     for sid in ids:
         env = {}
-        if opts.kill_silo is not None and opts.kill_silo[0] == sid:
-            env["CONDI_FAULT_EXIT_AT"] = f"{opts.kill_silo[1]}:{opts.kill_silo[2]}"
+        if sid in kills:
+            env["CONDI_FAULT_EXIT_AT"] = f"{kills[sid][1]}:{kills[sid][2]}"
         if opts.nan_update is not None and opts.nan_update[0] == sid:
             env["CONDI_FAULT_NAN_AT"] = str(opts.nan_update[1])
         silos[sid] = _start(
@@ -401,7 +409,7 @@ def _harness(args: argparse.Namespace) -> int:
         ptbxl_path=Path(args.ptbxl_path),
         profile=args.profile,
         seed=args.seed,
-        kill_silo=args.kill_silo,
+        kill_silos=tuple(args.kill_silo or ()),
         nan_update=args.nan_update,
         restart_coordinator_at=args.restart_coordinator_at,
         secure=not args.plain,
@@ -460,7 +468,12 @@ def add_harness_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ptbxl-path", default=str(DEFAULT_PTBXL), help="PTB-XL folder for --data ptbxl")
     p.add_argument("--profile", choices=sorted(PROFILES), default="tiny", help="data and model sizes")
-    p.add_argument("--kill-silo", type=_kill_spec, help="ID:ROUND:STAGE: that silo exits hard there")
+    p.add_argument(
+        "--kill-silo",
+        type=_kill_spec,
+        action="append",
+        help="ID:ROUND:STAGE: that silo exits hard there (repeat for several silos)",
+    )
     p.add_argument(
         "--nan-update", type=_nan_spec, help="ID:ROUND: that silo's update holds NaN (it refuses to send)"
     )

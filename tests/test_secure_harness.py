@@ -1,0 +1,62 @@
+"""Secure aggregation with real processes on loopback: silos dying at every secure stage, the run completing.
+
+One harness run with six silos and two rounds. Round 0 loses one silo while advertising keys and
+one before its masked input (the round still completes from the four that uploaded). Round 1
+loses one silo before it shares keys and one before unmasking, which leaves fewer than t
+unmasking responses: that attempt is aborted without a result and retried with the two silos
+left. The pure-level test of each stage alone is in test_secure_federation.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from federation.harness import HarnessOptions, run_harness
+
+pytestmark = pytest.mark.slow
+
+FAST = {"liveness_s": 5.0, "gather_s": 60.0, "train_s": 120.0, "evaluate_s": 120.0, "done_grace_s": 10.0}
+
+
+def test_silos_dropping_at_each_secure_stage_and_a_too_small_attempt_retried(tmp_path: Path) -> None:
+    kills = (
+        ("silo-1", 0, "advertise_keys"),
+        ("silo-2", 0, "masked_input"),
+        ("silo-3", 1, "share_keys"),
+        ("silo-4", 1, "unmask"),
+    )
+    opts = HarnessOptions(
+        out=tmp_path / "run",
+        silos=6,
+        rounds=2,
+        per_round=6,
+        min_silos=2,
+        kill_silos=kills,
+        threshold=0.6,
+        timeouts={**FAST, "secure_stage_s": 60.0},
+        max_attempts=3,
+        timeout_s=500,
+    )
+    result = run_harness(opts)
+    coordinator_log = (result.out / "logs" / "coordinator.log").read_text()
+    assert result.coordinator_exit == 0, coordinator_log[-3000:]
+    for victim, _, stage in kills:
+        assert result.silo_exits[victim] == 17, (victim, result.silo_exits)
+        log = (result.out / "logs" / f"{victim}.log").read_text()
+        assert "fault injection: stopping in round" in log and stage.upper() in log, log[-1500:]
+    assert result.silo_exits["silo-5"] == 0 and result.silo_exits["silo-6"] == 0
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert all(r["aggregation"] == "secure" for r in rows)
+    # Round 0: silo-1 never advertised, silo-2 never uploaded; the other four are in the sum.
+    assert rows[0]["attempt"] == 0 and rows[0]["completed"] == ["silo-3", "silo-4", "silo-5", "silo-6"]
+    # Round 0 has t = 4 of 6; round 1, attempt 0 (silos 3-6, t = 3): only silos 5 and 6 answered the unmask request.
+    assert rows[1]["attempt"] >= 1 and rows[1]["completed"] == ["silo-5", "silo-6"]
+    assert "secure aggregation did not complete" in coordinator_log and "nothing was revealed" in coordinator_log
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["status"] == "complete" and report["rounds_completed"] == 2
+    # The coordinator only ever logged masked vectors, never a plain update.
+    assert "masked vector from silo" in coordinator_log and " update from silo" not in coordinator_log
