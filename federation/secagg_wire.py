@@ -25,7 +25,7 @@ from federation.secagg.messages import (
     UnmaskResponse,
     decode_message,
 )
-from federation.secagg.shamir import SHARE_BYTES, Share
+from federation.secagg.shamir import SHARE_BYTES, ShamirError, Share
 
 
 def secure_round_id(run_id: str, round_index: int, attempt: int) -> str:
@@ -121,7 +121,10 @@ def _share_bytes(share: Share) -> bytes:
 def _share_from(data: bytes, owner: str) -> Share:
     if len(data) != 2 + SHARE_BYTES:
         raise MessageError(f"revealed share of {owner!r}: {len(data)} bytes, expected {2 + SHARE_BYTES}")
-    return Share(int.from_bytes(data[:2], "big"), int.from_bytes(data[2:], "big"))
+    try:
+        return Share(int.from_bytes(data[:2], "big"), int.from_bytes(data[2:], "big"))
+    except ShamirError as exc:
+        raise MessageError(f"revealed share of {owner!r}: {exc}") from exc
 
 
 def unmask_response_to_proto(response: UnmaskResponse) -> list[pb.RevealedShare]:

@@ -508,7 +508,16 @@ class SiloAgent:
             raise secagg.ProtocolError(f"refusing to send the update of {key.describe()}: {exc}") from exc
         if contribution.clipped:
             log.warning("%s: clipped %d update entries to +-%g", key.describe(), contribution.clipped, enc.clip_bound)
-        claims.update(clipped=contribution.clipped, samples=result.n_samples)
+        capped = sorted(g for g, w in result.group_weights.items() if w > enc.weight_unit)
+        if capped:
+            log.warning(
+                "%s: group weights %s exceed weight_unit %g samples and count as %g",
+                key.describe(),
+                capped,
+                enc.weight_unit,
+                enc.weight_unit,
+            )
+        claims.update(clipped=contribution.clipped, capped_weights=len(capped), samples=result.n_samples)
         round_id = sw.secure_round_id(self.run_id, key.round, key.attempt)
         config = secagg.RoundConfig(
             round_id,

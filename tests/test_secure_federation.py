@@ -23,6 +23,7 @@ from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import (
     KeyRoster,
+    MessageError,
     QuantConfig,
     RoundAbort,
     RoundConfig,
@@ -291,3 +292,24 @@ def test_round_machine_too_few_survivors_retry_with_fresh_round_id(silos) -> Non
     _check_matches_fedavg(
         layout.average(global_params, effects[0].total), global_params, updates, tuple(sorted(updates)), layout
     )
+
+
+def test_proto_mapping_refuses_substituted_ids_and_bad_lengths(silos) -> None:
+    verify, keys, certs = silos
+    config = RoundConfig("run/r0/a0", 2, 4, QuantConfig(1.0, 16, 32))
+    client = SecAggClient(config, "silo-1", keys["silo-1"], certs["silo-1"], verify, rounding_seed=0)
+    advert = client.advertise().to_bytes()
+    with pytest.raises(MessageError, match="the caller is 'silo-2'"):
+        sw.decode_advert(advert, "silo-2")
+    swapped = pb.AdvertisedKeys(silo_id="silo-1", certificate_pem=certs["silo-2"], signed_keys=advert)
+    roster = pb.KeyRoster(entries=[swapped])
+    with pytest.raises(MessageError, match="certificate of 'silo-1' differs"):
+        sw.roster_from_proto("run/r0/a0", roster)
+    with pytest.raises(MessageError, match="bytes, expected"):
+        sw.share_keys_from_proto("run/r0/a0", "silo-1", [pb.OutgoingShare(recipient="silo-2", ciphertext=b"x" * 10)])
+    bad_kind = pb.RevealedShare(owner="silo-2", kind=pb.SHARE_KIND_UNSPECIFIED, share=b"\x00\x01" + bytes(66))
+    with pytest.raises(MessageError, match="neither seed nor key"):
+        sw.unmask_response_from_proto("run/r0/a0", "silo-1", [bad_kind])
+    zero_x = pb.RevealedShare(owner="silo-2", kind=pb.SHARE_KIND_MASK_KEY, share=bytes(68))
+    with pytest.raises(MessageError, match="revealed share of 'silo-2'"):
+        sw.unmask_response_from_proto("run/r0/a0", "silo-1", [zero_x])
