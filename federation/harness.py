@@ -13,7 +13,8 @@ Fault injection: ``--kill-silo ID:ROUND:STAGE`` makes that silo exit hard in tha
 ``train`` or ``evaluate`` stage, or in a secure stage (``advertise_keys``, ``share_keys``,
 ``masked_input``, ``unmask``); ``--nan-update ID:ROUND`` makes it produce a NaN update (which it
 refuses to send); ``--restart-coordinator-at ROUND`` kills the coordinator with SIGKILL once an
-update of that round has arrived, and starts it again from its checkpoint.
+update (or, in secure mode, a secure-stage submission) of that round has arrived, and starts it
+again from its checkpoint.
 
 Run directory layout: ``pki/``, ``federation.yaml``, ``sites/<id>.yaml``, ``logs/<process>.log``,
 ``coordinator/`` (checkpoint, metrics.jsonl, status.json, events.jsonl, report.json,
@@ -337,7 +338,7 @@ def run_harness(
                 restart_pending
                 and status is not None
                 and status.get("round") == opts.restart_coordinator_at
-                and status.get("phase") == "train"
+                and status.get("phase") in ("train", "advertise_keys", "share_keys", "masked_input", "unmask")
                 and status.get("done")
             ):
                 log.warning(
