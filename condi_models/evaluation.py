@@ -128,9 +128,11 @@ def evaluate(
     truths, estimates, masks, draws = [], [], [], []
     score_imputation = opts.imputation_metrics and model.spec.diffusion and bool(split.hidden.any())
     for batch in iterate_batches(split, opts.batch_size, window=window, rng=None, device=device):
-        pred = model.predict(batch.x, batch.observed, sampling, gen)
+        keep_samples = score_imputation and sampling.n_samples > 1
+        pred = model.predict(batch.x, batch.observed, sampling, gen, return_samples=keep_samples)
         imp = pred.imputation
         if imp is None and score_imputation:
+            # A variant that imputes but classifies the observed data: score its imputer all the same.
             imp = model.impute(
                 batch.x,
                 batch.observed,
@@ -138,17 +140,8 @@ def evaluate(
                 sampling.steps,
                 sampling.method,
                 generator=gen,
-                return_samples=sampling.n_samples > 1,
-            )
-        elif imp is not None and score_imputation and sampling.n_samples > 1 and imp.samples is None:
-            imp = model.impute(
-                batch.x,
-                batch.observed,
-                sampling.n_samples,
-                sampling.steps,
-                sampling.method,
-                generator=gen,
-                return_samples=True,
+                return_samples=keep_samples,
+                clip_x0=sampling.clip_x0,
             )
         logits = pred.logits.detach()
         losses.append(float(torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")))

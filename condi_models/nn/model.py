@@ -547,15 +547,19 @@ class CondIModel(nn.Module):
         observed: torch.Tensor,
         sampling: SamplingOptions | None = None,
         generator: torch.Generator | None = None,
+        return_samples: bool = False,
     ) -> Prediction:
-        """Inference as the variant defines it: impute then classify x_hat, or classify x_O directly."""
+        """Inference as the variant defines it: impute then classify x_hat, or classify x_O directly.
+
+        ``return_samples`` keeps the imputation draws (for CRPS) on the returned imputation.
+        """
         with self._evaluating():
             if not self.spec.impute_for_classification:
                 return Prediction(logits=self.classify(x, observed), imputation=None)
             opts = sampling or SamplingOptions()
             imp = self.impute(
                 x, observed, opts.n_samples, opts.steps, opts.method, opts.quantiles, generator,
-                chunk_size=opts.chunk_size, eta=opts.eta, clip_x0=opts.clip_x0,
+                return_samples=return_samples, chunk_size=opts.chunk_size, eta=opts.eta, clip_x0=opts.clip_x0,
             )
             full = torch.ones_like(observed)
             logits = self.classify(imp.x_hat, full, availability=self.availability(observed))
