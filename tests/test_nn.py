@@ -34,6 +34,7 @@ from condi_models.nn.diffusion import (
     sample_quantiles,
 )
 from condi_models.nn.embeddings import ConditionEmbedding, condition_routing, modality_availability
+from condi_models.training import aggregation_groups
 
 torch.set_num_threads(1)
 
@@ -428,15 +429,17 @@ def test_import_errors_name_the_tensor():
 
 def test_aggregation_weights_follow_modality_ownership():
     model = CondIModel(tiny_config())
-    weights = model.aggregation_weights([True, False, True])
+    groups = aggregation_groups(model)
+    holds = {"all": 10.0, "modality/0": 4.0, "modality/1": 0.0, "modality/2": 7.0}
     params = dict(model.named_parameters())
+    weights = {n: groups.weight_array(n, tuple(params[n].shape), holds) for n in groups.assignment}
     for name, w in weights.items():
-        assert (w * params[name]).shape == params[name].shape
-    assert weights["w_mod.table.weight"].flatten().tolist() == [1.0, 0.0, 1.0]
-    assert weights["w_cond.table.weight"].flatten().tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+        assert (w * params[name].detach().numpy()).shape == tuple(params[name].shape)
+    assert weights["w_mod.table.weight"].flatten().tolist() == [4.0, 0.0, 7.0]
+    assert weights["w_cond.table.weight"].flatten().tolist() == [4, 4, 4, 0, 0, 0, 7, 7, 7]
     assert float(weights["context.stems.1.weight"]) == 0.0
-    assert float(weights["classifier.encoder.stems.2.weight"]) == 1.0
-    assert float(weights["denoiser.patch_in.weight"]) == 1.0
+    assert float(weights["classifier.encoder.stems.2.weight"]) == 7.0
+    assert float(weights["denoiser.patch_in.weight"]) == 10.0
     groups = model.parameter_groups().as_dict()
     assert "context.stems.1.weight" in groups["modality:1"]
 

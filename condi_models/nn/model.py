@@ -16,8 +16,7 @@ the silos that hold the modality:
   (= W_cond[i, m]) belongs to the *source* modality i, because under eq. 4 that row only ever
   receives gradient from samples in which modality i is observed.
 
-``aggregation_weights(holds)`` turns a silo's modality holdings into per-tensor weights that
-broadcast against each tensor.
+``condi_models.training.aggregation_groups`` turns this ownership into FedAvg weight groups.
 """
 
 from __future__ import annotations
@@ -605,27 +604,6 @@ class CondIModel(nn.Module):
             raise ValueError(f"phase must be 'a' or 'b', got {phase!r}")
         wanted = set(groups.phase_a if phase == "a" else groups.phase_b)
         return [p for n, p in self.named_parameters() if n in wanted]
-
-    def aggregation_weights(self, holds: Sequence[bool]) -> dict[str, torch.Tensor]:
-        """Per-tensor FedAvg weights (1 or 0, broadcastable to each tensor) for a silo's holdings.
-
-        ``holds[m]`` says whether the silo has modality m at all. Shared tensors weigh 1;
-        modality-owned tensors weigh holds[m]; row-owned tensors get an (rows, 1) column.
-        """
-        m = self.cfg.n_modalities
-        if len(holds) != m:
-            raise ValueError(f"holds must have one flag per modality ({m}), got {len(holds)}")
-        groups = self.parameter_groups()
-        out = {}
-        for name, _ in self.named_parameters():
-            if name in groups.modality_tensors:
-                out[name] = torch.tensor(float(bool(holds[groups.modality_tensors[name]])))
-            elif name in groups.modality_rows:
-                rows = [float(bool(holds[i])) for i in groups.modality_rows[name]]
-                out[name] = torch.tensor(rows).view(-1, 1)
-            else:
-                out[name] = torch.tensor(1.0)
-        return out
 
     def state_to_named_tensors(self) -> dict[str, torch.Tensor]:
         """All persistent state as {name: CPU tensor} (detached, contiguous copies)."""
