@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Self
@@ -210,17 +211,19 @@ class _Reader:
             )
 
 
-class _Message:
+class _Message(ABC):
     """Shared encode/decode plumbing; subclasses define ``KIND``, ``_encode`` and ``_decode``."""
 
     KIND: ClassVar[int]
 
+    @abstractmethod
     def _encode(self, w: _Writer) -> None:
-        raise NotImplementedError
+        """Write the message's fields after the header."""
 
     @classmethod
+    @abstractmethod
     def _decode(cls, r: _Reader) -> Self:
-        raise NotImplementedError
+        """Read the message's fields after the header."""
 
     def to_bytes(self) -> bytes:
         """The message's wire encoding."""
