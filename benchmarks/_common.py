@@ -53,6 +53,7 @@ class Target:
     bound: float
     kind: Literal["max", "min"]
     unit: str = ""
+    show_ratio: bool = True  # off for differences, where value / bound means nothing
 
     @property
     def met(self) -> bool | None:
@@ -68,7 +69,7 @@ class Target:
         status = {True: "met", False: "missed", None: "n/a"}[self.met]
         value = "n/a" if self.value is None else f"{self.value:.3f}{self.unit}"
         ratio = ""
-        if self.value is not None and self.bound != 0:
+        if self.show_ratio and self.value is not None and self.bound != 0:
             ratio = f"{self.value / self.bound:.2f}x of bound"
         return [self.name, value, f"{sign} {self.bound:g}{self.unit}", status, ratio]
 

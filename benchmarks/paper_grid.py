@@ -20,9 +20,13 @@ ECG windows are 250 steps (random crops in training, the centre crop in evaluati
 and ICU stays are used whole.
 
 Budget: the paper trains 70 rounds (30 for MIMIC-IV) of 3 local epochs at full size, far beyond
-two CPU cores. The defaults (``--rounds``, ``--epochs-a``, ``--epochs-b``, ``--model-size``, the
-dataset sizes) are chosen so one dataset's 24 cells take about an hour on two idle cores; the
-validation split is evaluated only after the last round. Raise them where there is more compute.
+two CPU cores. The defaults are the ``small`` model, 1 + 1 local epochs (Phase A + B) and
+``DEFAULT_ROUNDS`` rounds (ECG and PTB-XL 30, synthetic PSG 10, MIMIC-IV 30), synthetic PSG at
+25 Hz (Sleep-EDF is 100 Hz; 25 Hz keeps delta, theta and alpha), so that one dataset's 24 cells
+take at most about an hour on two cores. Measured per-cell costs give, on two idle cores: synthetic
+ECG about 35 min, PTB-XL about 25 min, synthetic PSG about 45 min, MIMIC-IV demo about 10 min; on
+a machine shared with other work (load 4-6 on 2 cores) allow up to twice that. The validation
+split is evaluated only after the last round. Raise the flags where there is more compute.
 
 Results go to benchmarks/results/paper_grid_<dataset>.json (``_quick`` with --quick) after every
 cell; a rerun with the same settings skips finished cells (``--restart`` discards them). Per
@@ -78,7 +82,7 @@ LABELS = {
 # The most severe and the mildest cell first, so an interrupted run can already be checked.
 CELLS = ((0.8, 0.8), (0.2, 0.2), (0.2, 0.8), (0.8, 0.2))
 DATASETS = ("synthetic_ecg", "ptbxl", "synthetic_psg", "mimic")
-DEFAULT_ROUNDS = {"synthetic_ecg": 10, "ptbxl": 10, "synthetic_psg": 8, "mimic": 10}
+DEFAULT_ROUNDS = {"synthetic_ecg": 30, "ptbxl": 30, "synthetic_psg": 10, "mimic": 30}
 
 QUICK = {
     "rounds": 1,
@@ -87,8 +91,7 @@ QUICK = {
     "model_size": "tiny",
     "ecg_records": 120,
     "psg_nights": 24,
-    "psg_epochs": 10,
-    "psg_fs": 50.0,
+    "psg_epochs": 30,
 }
 
 
@@ -220,11 +223,11 @@ def checks(dataset: str, cells: dict[str, Any], pattern: str) -> list[Target]:
     metric = "AUROC" if dataset == "mimic" else "accuracy"
     return [
         Target(f"{dataset} ps=pw=0.8: CondI - FedAvg zero-fill ({metric}, {pattern})",
-               diff(condi, get(Variant.FEDAVG_ZERO_FILL, 0.8, 0.8)), 3.0, "min"),
+               diff(condi, get(Variant.FEDAVG_ZERO_FILL, 0.8, 0.8)), 3.0, "min", " pts", False),
         Target(f"{dataset} ps=pw=0.8: CondI - PEPSY-style ({metric}, {pattern})",
-               diff(condi, get(Variant.PEPSY, 0.8, 0.8)), 0.0, "min"),
+               diff(condi, get(Variant.PEPSY, 0.8, 0.8)), 0.0, "min", " pts", False),
         Target(f"{dataset}: CondI drop from (0.2, 0.2) to (0.8, 0.8) ({metric}, {pattern})",
-               diff(get(Variant.CONDI, 0.2, 0.2), condi), 2.0, "max"),
+               diff(get(Variant.CONDI, 0.2, 0.2), condi), 2.0, "max", " pts", False),
     ]
 
 
@@ -256,13 +259,15 @@ def run_dataset(name: str, args: argparse.Namespace, device: torch.device) -> di
     s = settings(name, args)
     stored = {} if args.restart else read_json(out)
     if stored and stored.get("settings") != s:
+        old = stored.get("settings") or {}
+        changed = {k: (old.get(k), s.get(k)) for k in sorted(set(old) | set(s)) if old.get(k) != s.get(k)}
         raise SystemExit(
-            f"{out} holds a grid with other settings ({stored.get('settings')}); rerun with the same flags "
+            f"{out} holds a grid with other settings (stored, now: {changed}); rerun with the same flags "
             f"or pass --restart to discard it"
         )
     results: dict[str, Any] = stored or {"dataset": name, "settings": s, "cells": {}}
     cells = results["cells"]
-    todo = [(m, ps, pw) for ps, pw in CELLS for m in METHODS if m in args.method_list]
+    todo = [(m, ps, pw) for ps, pw in args.cell_list for m in METHODS if m in args.method_list]
     for i, (method, ps, pw) in enumerate(todo, 1):
         key = cell_key(method, ps, pw)
         if key in cells:
@@ -308,12 +313,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", help=f"comma-separated, from {','.join(DATASETS)} "
                         "(default: synthetic_ecg, synthetic_psg, and ptbxl / mimic when their paths are given)")
     parser.add_argument("--methods", default=",".join(m.value for m in METHODS), help="comma-separated variants")
+    parser.add_argument("--cells", default=",".join(f"{ps}:{pw}" for ps, pw in CELLS),
+                        help="comma-separated ps:pw pairs to run, in this order")
     parser.add_argument("--ptbxl", help="PTB-XL folder (ptbxl_database.csv, records100/)")
     parser.add_argument("--mimic", help="MIMIC-IV folder (hosp/, icu/)")
     parser.add_argument("--ecg-records", type=int, default=600, help="synthetic ECG records (one per patient)")
-    parser.add_argument("--psg-nights", type=int, default=40, help="synthetic PSG nights (two per subject)")
-    parser.add_argument("--psg-epochs", type=int, default=24, help="30 s epochs per synthetic night")
-    parser.add_argument("--psg-fs", type=float, default=50.0, help="synthetic PSG sampling rate (Hz)")
+    parser.add_argument("--psg-nights", type=int, default=36, help="synthetic PSG nights (two per subject)")
+    parser.add_argument("--psg-epochs", type=int, default=60, help="30 s epochs per synthetic night, from lights-off")
+    parser.add_argument("--psg-fs", type=float, default=25.0, help="synthetic PSG sampling rate (Hz)")
     parser.add_argument("--window", type=int, default=250, help="ECG window (steps)")
     parser.add_argument("--pattern", choices=["points", "blocks"], default="points")
     parser.add_argument("--rounds", type=int, help=f"federated rounds (default per dataset: {DEFAULT_ROUNDS})")
@@ -347,6 +354,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "mimic" in chosen and not args.mimic:
         parser.error("dataset mimic needs --mimic PATH")
     args.dataset_list = chosen
+    try:
+        args.cell_list = [tuple(float(v) for v in c.split(":")) for c in args.cells.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--cells: expected ps:pw pairs such as 0.8:0.8, got {args.cells!r}")
+    if any(len(c) != 2 or not all(0.0 <= v <= 1.0 for v in c) for c in args.cell_list):
+        parser.error(f"--cells: expected ps:pw pairs of fractions in [0, 1], got {args.cells!r}")
     try:
         args.method_list = [Variant(m.strip()) for m in args.methods.split(",") if m.strip()]
     except ValueError as err:
