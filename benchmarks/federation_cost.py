@@ -1,6 +1,6 @@
 """Federation cost: round time by stage, bytes per silo, and state transfer throughput over mutual TLS.
 
-Run from the repository root:  .venv/bin/python benchmarks/federation.py [--rounds 2] [--silos 3]
+Run from the repository root:  .venv/bin/python benchmarks/federation_cost.py [--rounds 2] [--silos 3]
 
 Two measurements, written to benchmarks/results/federation.json and printed:
 
@@ -13,7 +13,6 @@ Two measurements, written to benchmarks/results/federation.json and printed:
   the real coordinator and client code over loopback mutual TLS, repeated, in MB/s (10^6 bytes).
   Server and client share one process here, so this is a floor for two processes.
 """
-# ruff: noqa: E402  (the path fix below must run before the project imports)
 
 from __future__ import annotations
 
@@ -22,18 +21,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
-
-REPO = Path(__file__).resolve().parent.parent
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # Run as a script, this file's folder comes first on the path, and this file's name would
-    # shadow the federation package it measures.
-    sys.path[0] = str(REPO)
 
 import torch
 
@@ -51,6 +43,7 @@ from federation.transfer import PROTOCOL_VERSION, StageKey, data_summary, encode
 from silo_agent.client import CoordinatorClient
 from silo_agent.config import CoordinatorEndpoint, SiloTls
 
+REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "federation.json"
 
 # About 10M parameters on the 12-lead layout (9,979,701 with window 250).
@@ -207,7 +200,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {
-        "command": "benchmarks/federation.py "
+        "command": "benchmarks/federation_cost.py "
         + " ".join(f"--{k} {getattr(args, k)}" for k in ("silos", "rounds", "repeats")),
         "machine": {
             "platform": platform.platform(),
