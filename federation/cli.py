@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from condi_models.configfile import ConfigError
 from condi_models.predict import add_predict_parser
+from federation import logs
 from federation.certs_cli import add_certs_parser
 from federation.harness import add_harness_parser
 
@@ -79,11 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:

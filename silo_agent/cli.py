@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "check":
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        logs.configure(logging.DEBUG if args.verbose else logging.WARNING)
     elif args.config is None:
         parser.error("give --config site.yaml to take part, or use `silo-agent check --config ...`")
     try:
