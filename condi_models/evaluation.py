@@ -15,7 +15,14 @@ import torch
 from pydantic import ConfigDict
 
 from condi_models.batches import PreparedSplit, crop, iterate_batches
-from condi_models.metrics import ClassificationReport, ImputationReport, classification_metrics, imputation_metrics
+from condi_models.metrics import (
+    SCORE_BINS,
+    ClassificationReport,
+    ImputationReport,
+    classification_metrics,
+    imputation_metrics,
+    score_histograms,
+)
 from condi_models.nn.model import CondIModel, SamplingOptions
 
 
@@ -44,6 +51,8 @@ class EvalResult:
     loss: float
     classification: ClassificationReport
     imputation: ImputationReport | None
+    # (C, 2, SCORE_BINS) counts of binned class scores, for pooling AUROC across sites without scores.
+    score_histograms: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,7 +164,8 @@ def evaluate(
             if imp.samples is not None:
                 draws.append(imp.samples.cpu().numpy())
     y = np.concatenate(labels)
-    classification = classification_metrics(y, np.concatenate(probs), split.info.classes)
+    p = np.concatenate(probs)
+    classification = classification_metrics(y, p, split.info.classes)
     imputation = None
     if score_imputation:
         mask = np.concatenate(masks)
@@ -171,6 +181,7 @@ def evaluate(
         loss=float(np.sum(losses) / len(y)),
         classification=classification,
         imputation=imputation,
+        score_histograms=score_histograms(y, p, SCORE_BINS),
     )
 
 

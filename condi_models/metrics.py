@@ -26,6 +26,8 @@ from scipy.stats import rankdata
 
 # The quantile levels of CSDI's CRPS approximation: 0.05, 0.10, ..., 0.95.
 CRPS_QUANTILES = np.arange(1, 20) / 20.0
+# Bins of the class-score histograms sites report for a pooled AUROC (a 0.01 grid of probabilities).
+SCORE_BINS = 100
 
 
 def auroc(is_positive: np.ndarray, scores: np.ndarray) -> float:
@@ -65,6 +67,53 @@ def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float:
     precision = tp_at / (last_of_run + 1)
     recall_gain = np.diff(np.r_[0.0, tp_at]) / n_pos
     return float(np.sum(recall_gain * precision))
+
+
+def score_histograms(y_true: np.ndarray, probs: np.ndarray, n_bins: int) -> np.ndarray:
+    """Per class, counts of its one-vs-rest score in ``n_bins`` equal bins of [0, 1]: (C, 2, n_bins).
+
+    ``[c, 0]`` counts the samples of other classes, ``[c, 1]`` those of class ``c``. Sums of such
+    histograms over sites give the pooled AUROC of the binned scores (:func:`binned_macro_auroc`)
+    without any site's scores leaving it.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or y.shape != (p.shape[0],):
+        raise ValueError(f"probs: expected shape ({y.size}, C), got {p.shape}")
+    bins = np.clip((p * n_bins).astype(np.int64), 0, n_bins - 1)
+    out = np.zeros((p.shape[1], 2, n_bins), dtype=np.int64)
+    for c in range(p.shape[1]):
+        np.add.at(out[c], ((y == c).astype(np.int64), bins[:, c]), 1)
+    return out
+
+
+def binned_macro_auroc(histograms: np.ndarray) -> float | None:
+    """Macro AUROC from :func:`score_histograms` counts; None when no class has positives and negatives.
+
+    Scores in one bin tie and count one half, so this is the exact Mann-Whitney AUROC of the
+    scores rounded down to their bins.
+    """
+    h = np.asarray(histograms, dtype=np.float64)
+    areas = []
+    for neg, pos in h:
+        n_pos, n_neg = pos.sum(), neg.sum()
+        if n_pos == 0 or n_neg == 0:
+            continue
+        below = np.cumsum(neg) - neg
+        areas.append(float(np.sum(pos * (below + 0.5 * neg)) / (n_pos * n_neg)))
+    return float(np.mean(areas)) if areas else None
+
+
+def macro_f1_from_confusion(confusion: np.ndarray) -> float:
+    """Macro-F1 of a confusion matrix (rows true, columns predicted), over classes present or predicted."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    true, pred, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+    in_play = (true > 0) | (pred > 0)
+    precision = np.divide(tp, pred, out=np.zeros(len(tp)), where=pred > 0)
+    recall = np.divide(tp, true, out=np.zeros(len(tp)), where=true > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(len(tp)), where=denom > 0)
+    return float(f1[in_play].mean()) if in_play.any() else 0.0
 
 
 def _safe_ratio(num: float, den: float) -> float:

@@ -66,6 +66,10 @@ class AggregationConfig(StrictModel):
     weight_unit: float = Field(
         default=10_000.0, gt=0, description="samples per unit weight; a silo's weight is capped at 1"
     )
+    secure_metrics: bool = Field(
+        default=False,
+        description="evaluation reports go through a secure sum too: only pooled scores are learnt (secure mode)",
+    )
 
     def threshold_for(self, selected: int) -> int:
         """t for a round attempt with ``selected`` silos: more than half of them, at least 2."""
@@ -128,6 +132,8 @@ class FederationConfig(StrictModel):
             )
         if self.secure:
             self._check_secure()
+        elif self.aggregation.secure_metrics:
+            raise ValueError("aggregation.secure_metrics: needs aggregation.mode secure (and silos_per_round >= 2)")
         elif "mode" not in self.aggregation.model_fields_set and self.aggregation.mode == "secure":
             logger.warning("silos_per_round is 1: nothing to hide one update in, aggregation falls back to plain")
         return self

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from condi_models.data.normalize import ChannelNormalizer
+from condi_models.metrics import macro_f1_from_confusion
 
 
 class ReportError(ValueError):
@@ -65,18 +66,6 @@ def check_split_report(data: Any, n_classes: int, where: str) -> dict[str, Any]:
     return dict(data)
 
 
-def _macro_f1(confusion: np.ndarray) -> float:
-    true = confusion.sum(axis=1)
-    pred = confusion.sum(axis=0)
-    tp = np.diag(confusion)
-    in_play = (true > 0) | (pred > 0)
-    precision = np.divide(tp, pred, out=np.zeros(len(tp)), where=pred > 0)
-    recall = np.divide(tp, true, out=np.zeros(len(tp)), where=true > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(len(tp)), where=denom > 0)
-    return float(f1[in_play].mean()) if in_play.any() else 0.0
-
-
 def pool_split(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """One pooled score set from the silos' reports of the same split; None without reports."""
     if not reports:
@@ -89,7 +78,7 @@ def pool_split(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         "silos": len(reports),
         "loss": float(np.dot(n, [r["loss"] for r in reports]) / total),
         "accuracy": float(np.trace(confusion) / total),
-        "macro_f1": _macro_f1(confusion),
+        "macro_f1": macro_f1_from_confusion(confusion),
         "confusion_matrix": confusion.tolist(),
     }
     auroc = [

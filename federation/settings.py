@@ -75,18 +75,24 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class SecureSettings:
-    """How a silo encodes its update for the secure sum (see condi_models.aggregation.SecureLayout)."""
+    """How a silo encodes its vector for the secure sum.
+
+    ``content`` says what is summed: ``"update"``, the weighted update of
+    condi_models.aggregation.SecureLayout, or ``"metrics"``, the evaluation sums of
+    federation.secure_metrics.MetricsLayout.
+    """
 
     clip_bound: float
     frac_bits: int
     ring_bits: int
     weight_unit: float
     vector_length: int
+    content: str = "update"
 
     @classmethod
     def from_dict(cls, data: object) -> SecureSettings:
         """Check the ``secagg`` object of a round settings document."""
-        fields = ("clip_bound", "frac_bits", "ring_bits", "weight_unit", "vector_length")
+        fields = ("clip_bound", "frac_bits", "ring_bits", "weight_unit", "vector_length", "content")
         if not isinstance(data, dict) or sorted(data) != sorted(fields):
             raise SettingsError(f"round settings: secagg must be an object with exactly {list(fields)}")
         for key in ("frac_bits", "ring_bits", "vector_length"):
@@ -95,12 +101,15 @@ class SecureSettings:
         for key in ("clip_bound", "weight_unit"):
             if not isinstance(data[key], int | float) or isinstance(data[key], bool) or not data[key] > 0:
                 raise SettingsError(f"round settings: secagg.{key} must be a positive number")
+        if data["content"] not in ("update", "metrics"):
+            raise SettingsError("round settings: secagg.content must be 'update' or 'metrics'")
         return cls(
             clip_bound=float(data["clip_bound"]),
             frac_bits=data["frac_bits"],
             ring_bits=data["ring_bits"],
             weight_unit=float(data["weight_unit"]),
             vector_length=data["vector_length"],
+            content=data["content"],
         )
 
 

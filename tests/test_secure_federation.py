@@ -184,6 +184,7 @@ def test_federation_config_secure_by_default_and_checks_overflow(tmp_path: Path,
         ({"threshold": 1}, "aggregation.threshold"),
         ({"threshold": 0.5}, "aggregation.threshold"),
         ({"frac_bits": 8}, "aggregation.frac_bits"),
+        ({"mode": "plain", "secure_metrics": True}, "aggregation.secure_metrics"),
     ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             parse_config({**base, "aggregation": bad}, FederationConfig, "x")
