@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ SIZES_QUICK = (10_000, 100_000)
 NS_FULL = (3, 6, 12, 24)
 NS_QUICK = (3, 6)
 TEN_M = 10_000_000
+T = TypeVar("T")
 # The demo configuration of ``make demo``.
 DEMO = {"silos": 6, "per_round": 3, "profile": "demo"}
 
@@ -85,14 +86,17 @@ def load_1m() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """The smallest wall time of ``fn`` over ``repeats`` runs."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn: Callable[[], T]) -> tuple[T, float, float]:
+    """``fn()``, its wall time and its CPU time on this thread (the CPU time is what load cannot inflate)."""
+    w0, c0 = time.perf_counter(), time.thread_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.thread_time() - c0
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """The smallest wall time and the smallest CPU time of ``fn`` over ``repeats`` runs."""
+    runs = [timed(fn)[1:] for _ in range(repeats)]
+    return min(w for w, _ in runs), min(c for _, c in runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,12 +119,22 @@ def keystream(repeats: int, total_bytes: int) -> dict[str, Any]:
     one_s = best_time(lambda: apply_masks(acc, seeds[:1]), repeats)
     # With several streams each block of the vector stays in cache while every stream is added to it.
     six_s = best_time(lambda: apply_masks(acc, seeds), repeats)
+
+    def gbps(n_bytes: int, seconds: float) -> float:
+        return round(n_bytes / seconds / 1e9, 2)
+
     return {
         "bytes": total_bytes,
         "load_1m": load_1m(),
-        "raw_aes_ctr_gbps": round(total_bytes / raw_s / 1e9, 2),
-        "prg_apply_masks_one_stream_gbps": round(total_bytes / one_s / 1e9, 2),
-        "prg_apply_masks_six_streams_gbps": round(6 * total_bytes / six_s / 1e9, 2),
+        "raw_aes_ctr_gbps": gbps(total_bytes, raw_s[0]),
+        "prg_apply_masks_one_stream_gbps": gbps(total_bytes, one_s[0]),
+        "prg_apply_masks_six_streams_gbps": gbps(6 * total_bytes, six_s[0]),
+        # Per CPU second of this thread: what a core does when other work does not take it away.
+        "cpu": {
+            "raw_aes_ctr_gbps": gbps(total_bytes, raw_s[1]),
+            "prg_apply_masks_one_stream_gbps": gbps(total_bytes, one_s[1]),
+            "prg_apply_masks_six_streams_gbps": gbps(6 * total_bytes, six_s[1]),
+        },
     }
 
 
@@ -180,27 +194,23 @@ def run_round(fed: Federation, length: int, dropouts: int, agg: AggregationConfi
     if isinstance(deliveries, RoundAbort):
         raise RuntimeError(f"n={n}: the round aborted at the shares: {deliveries.reason}")
     expected = np.zeros(length, dtype=np.float64)
-    mask_times = []
+    mask_wall, mask_cpu = [], []
     for i, sid in enumerate(fed.ids):
         if sid in dropped:
             continue
         x = silo_input(seed * 1000 + i, length)
         delivery = _wire(deliveries[sid])
-        t0 = time.perf_counter()
-        masked = clients[sid].masked_input(delivery, x)
-        mask_times.append(time.perf_counter() - t0)
+        masked, wall, cpu = timed(lambda sid=sid, delivery=delivery, x=x: clients[sid].masked_input(delivery, x))
+        mask_wall.append(wall)
+        mask_cpu.append(cpu)
         expected += x
         server.receive_masked(sid, masked)
-    t0 = time.perf_counter()
-    request = server.close_masked()
-    sum_s = time.perf_counter() - t0
+    request, sum_s, _ = timed(server.close_masked)
     if isinstance(request, RoundAbort):
         raise RuntimeError(f"n={n}: the round aborted at the masked inputs: {request.reason}")
     for sid in request.uploaded:
         server.receive_unmask(sid, _wire(clients[sid].unmask(_wire(request))))
-    t0 = time.perf_counter()
-    result = server.finish()
-    unmask_s = time.perf_counter() - t0
+    result, unmask_s, unmask_cpu = timed(server.finish)
     if not result.completed or result.total is None:
         raise RuntimeError(f"n={n}, length {length}, {dropouts} dropouts: the round did not complete ({result.reason})")
     # Stochastic rounding moves each entry by less than one code unit per silo.
@@ -219,13 +229,39 @@ def run_round(fed: Federation, length: int, dropouts: int, agg: AggregationConfi
         "dropouts": dropouts,
         "dropped": sorted(dropped),
         "uploaders": len(request.uploaded),
-        "masked_input_s_median": round(statistics.median(mask_times), 4),
-        "masked_input_s_min": round(min(mask_times), 4),
-        "masked_input_s_max": round(max(mask_times), 4),
-        "sum_uploads_s": round(sum_s, 4),
-        "unmask_s": round(unmask_s, 4),
+        "masked_input_wall_s": mask_wall,
+        "masked_input_cpu_s": mask_cpu,
+        "sum_uploads_s": sum_s,
+        "unmask_s": unmask_s,
+        "unmask_cpu_s": unmask_cpu,
         "max_abs_error": error,
         "error_bound": tolerance,
+    }
+
+
+def measure_point(
+    fed: Federation, length: int, dropouts: int, agg: AggregationConfig, seed: int, repeats: int
+) -> dict[str, Any]:
+    """``repeats`` fresh rounds at one point: per-silo times pooled over all uploaders of all rounds,
+    coordinator times as the best and the median round."""
+    rounds = [run_round(fed, length, dropouts, agg, seed + r) for r in range(repeats)]
+    walls = [w for r in rounds for w in r["masked_input_wall_s"]]
+    cpus = [c for r in rounds for c in r["masked_input_cpu_s"]]
+    unmask = [r["unmask_s"] for r in rounds]
+    first = rounds[0]
+    return {
+        **{k: first[k] for k in ("n", "length", "threshold", "ring_bits", "dropouts", "uploaders")},
+        "rounds": repeats,
+        "masked_input_s_median": round(statistics.median(walls), 4),
+        "masked_input_s_min": round(min(walls), 4),
+        "masked_input_s_max": round(max(walls), 4),
+        "masked_input_cpu_s_median": round(statistics.median(cpus), 4),
+        "sum_uploads_s": round(min(r["sum_uploads_s"] for r in rounds), 4),
+        "unmask_s": round(min(unmask), 4),
+        "unmask_s_median": round(statistics.median(unmask), 4),
+        "unmask_cpu_s": round(min(r["unmask_cpu_s"] for r in rounds), 4),
+        "max_abs_error": max(r["max_abs_error"] for r in rounds),
+        "error_bound": min(r["error_bound"] for r in rounds),
         "load_1m": load_1m(),
     }
 
@@ -235,14 +271,23 @@ def primitives(n: int, length: int, agg: AggregationConfig, repeats: int) -> dic
     quant = QuantConfig(agg.clip_bound, agg.frac_bits, agg.resolved_ring_bits(n))
     x = silo_input(n, length)
     rng = np.random.default_rng(0)
-    quantize_s = best_time(lambda: quantize(x, quant, rng), repeats)
+    quantize_s, quantize_cpu = best_time(lambda: quantize(x, quant, rng), repeats)
     codes = quantize(x, quant, rng)
     masks = [(os.urandom(32), 1 if i % 2 else -1) for i in range(n)]
-    mask_s = best_time(lambda: apply_masks(codes, masks), repeats)
-    return {"n": n, "length": length, "quantize_s": round(quantize_s, 4), "mask_s": round(mask_s, 4)}
+    mask_s, mask_cpu = best_time(lambda: apply_masks(codes, masks), repeats)
+    return {
+        "n": n,
+        "length": length,
+        "quantize_s": round(quantize_s, 4),
+        "quantize_cpu_s": round(quantize_cpu, 4),
+        "mask_s": round(mask_s, 4),
+        "mask_cpu_s": round(mask_cpu, 4),
+    }
 
 
-def protocol(root: Path, ns: tuple[int, ...], sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
+def protocol(
+    root: Path, ns: tuple[int, ...], sizes: tuple[int, ...], repeats: int, round_repeats: int
+) -> dict[str, Any]:
     """Every (n, size) with no dropout and with n - t dropouts, plus the primitives at each point."""
     agg = AggregationConfig()
     rounds, prims = [], []
@@ -252,11 +297,11 @@ def protocol(root: Path, ns: tuple[int, ...], sizes: tuple[int, ...], repeats: i
         for length in sizes:
             prims.append(primitives(n, length, agg, repeats))
             for dropouts in sorted({0, n - t}):
-                row = run_round(fed, length, dropouts, agg, seed=len(rounds))
+                row = measure_point(fed, length, dropouts, agg, 100 * len(rounds), round_repeats)
                 rounds.append(row)
                 print(
                     f"n={n} t={t} length={length:,} dropouts={dropouts}: masked_input"
-                    f" {row['masked_input_s_median']:.3f} s (median), unmask {row['unmask_s']:.3f} s,"
+                    f" {row['masked_input_s_median']:.3f} s (median), unmask {row['unmask_s']:.3f} s (best),"
                     f" error {row['max_abs_error']:.2e} <= {row['error_bound']:.2e}",
                     flush=True,
                 )
@@ -323,7 +368,8 @@ def demo_bytes(root: Path) -> dict[str, Any]:
         num_examples=len(data.train),
         claims_json=json.dumps(claims),
     )
-    plain = _bytes(update_parts(plain_header, encode_plain_update(params, weights, names), cfg.max_chunk_bytes))
+    plain_encoded = encode_plain_update(params, weights, names)
+    plain = _bytes(update_parts(plain_header, plain_encoded, cfg.max_chunk_bytes))
 
     agg = cfg.aggregation
     n = cfg.silos_per_round
@@ -400,6 +446,10 @@ def demo_bytes(root: Path) -> dict[str, Any]:
         "plain_upload_bytes": plain,
         "masked_upload_bytes": masked_upload,
         "upload_ratio": round(masked_upload / plain, 4),
+        # The tensor bytes alone, without the header and its manifest (which lists every tensor when plain).
+        "plain_payload_bytes": plain_encoded.manifest.payload_bytes,
+        "masked_payload_bytes": encoded.manifest.payload_bytes,
+        "payload_ratio": round(encoded.manifest.payload_bytes / plain_encoded.manifest.payload_bytes, 5),
         "key_share_upload_bytes": {
             "advertise_keys": advertise.ByteSize(),
             "share_keys": share.ByteSize(),
@@ -480,25 +530,43 @@ def harness_run(out: Path, rounds: int, secure: bool, seed: int) -> dict[str, An
     }
 
 
-def harness(root: Path, rounds: int, seed: int) -> dict[str, Any]:
-    """Secure and plain harness runs of the demo configuration and the ratio of their stage times."""
-    secure = harness_run(root / "secure", rounds, True, seed)
-    plain = harness_run(root / "plain", rounds, False, seed)
+# Stages only secure aggregation has; its first stage (advertise_keys) is the training stage itself.
+SECURE_ONLY = ("share_keys", "masked_input", "unmask")
 
-    def mean(run: dict[str, Any], key: str) -> float:
-        return statistics.fmean(r[key] for r in run["rounds"])
 
-    train_s = {"secure": mean(secure, "train_stage_s"), "plain": mean(plain, "train_stage_s")}
-    round_s = {"secure": mean(secure, "round_s"), "plain": mean(plain, "round_s")}
+def harness(root: Path, rounds: int, pairs: int, seed: int) -> dict[str, Any]:
+    """``pairs`` secure and plain harness runs of the demo configuration, alternated so that changes in
+    the machine's load fall on both modes, and the ratios of their mean stage times."""
+    runs: dict[str, list[dict[str, Any]]] = {"secure": [], "plain": []}
+    for pair in range(1, pairs + 1):
+        for mode in ("secure", "plain"):
+            runs[mode].append(harness_run(root / f"{mode}-{pair}", rounds, mode == "secure", seed))
+    return summarize_harness(runs, rounds, seed)
+
+
+def summarize_harness(runs: dict[str, list[dict[str, Any]]], rounds: int, seed: int) -> dict[str, Any]:
+    """Mean stage times per mode over every round of every run, and their ratios."""
+
+    def mean(mode: str, value: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.fmean(value(r) for run in runs[mode] for r in run["rounds"])
+
+    train_s = {m: mean(m, lambda r: r["train_stage_s"]) for m in runs}
+    round_s = {m: mean(m, lambda r: r["round_s"]) for m in runs}
+    local_s = {m: mean(m, lambda r: r["phase_a_s"] + r["phase_b_s"]) for m in runs}
+    secure_only = mean("secure", lambda r: sum(r["phases_s"].get(p, 0.0) for p in SECURE_ONLY))
     return {
         "configuration": f"condi harness --silos {DEMO['silos']} --per-round {DEMO['per_round']}"
         f" --profile demo --rounds {rounds} --seed {seed} [--plain]",
-        "secure": secure,
-        "plain": plain,
+        "pairs": len(runs["secure"]),
+        **runs,
         "mean_train_stage_s": train_s,
         "mean_round_s": round_s,
+        "mean_local_training_s": local_s,
+        "mean_secure_only_stages_s": round(secure_only, 3),
         "train_stage_ratio": round(train_s["secure"] / train_s["plain"], 3),
         "round_ratio": round(round_s["secure"] / round_s["plain"], 3),
+        # The plain training stage plus the stages secure aggregation adds, over the plain stage.
+        "secure_only_overhead_ratio": round((train_s["plain"] + secure_only) / train_s["plain"], 3),
     }
 
 
@@ -518,24 +586,43 @@ def targets(report: Mapping[str, Any]) -> list[Target]:
     unmask = _find(proto.get("rounds", []), n=6, length=TEN_M, dropouts=1)
     demo = report.get("bytes")
     runs = report.get("harness")
+
+    def get(row: Mapping[str, Any] | None, key: str) -> float | None:
+        return row[key] if row else None
+
+    gbps = " GB/s"
     return [
+        Target("keystream, raw AES-256-CTR, wall", ks["raw_aes_ctr_gbps"], 3.0, "min", gbps),
+        Target("keystream, raw AES-256-CTR, CPU time", ks["cpu"]["raw_aes_ctr_gbps"], 3.0, "min", gbps),
         Target(
-            "keystream, prg.apply_masks one stream (keystream + add)",
+            "keystream, prg.apply_masks one stream (+ add), wall",
             ks["prg_apply_masks_one_stream_gbps"],
             3.0,
             "min",
-            " GB/s",
+            gbps,
         ),
-        Target("keystream, raw AES-256-CTR", ks["raw_aes_ctr_gbps"], 3.0, "min", " GB/s"),
-        Target("quantization, 10M parameters", prim["quantize_s"] if prim else None, 0.1, "max", " s"),
-        Target("masking, 10M parameters, n = 6", prim["mask_s"] if prim else None, 0.2, "max", " s"),
         Target(
-            "unmasking, 10M parameters, n = 6, one dropout", unmask["unmask_s"] if unmask else None, 0.5, "max", " s"
+            "keystream, prg.apply_masks one stream (+ add), CPU time",
+            ks["cpu"]["prg_apply_masks_one_stream_gbps"],
+            3.0,
+            "min",
+            gbps,
         ),
-        Target("upload bytes secure / plain (demo)", demo["upload_ratio"] if demo else None, 1.05, "max"),
+        Target("quantization, 10M parameters, wall", get(prim, "quantize_s"), 0.1, "max", " s"),
+        Target("quantization, 10M parameters, CPU time", get(prim, "quantize_cpu_s"), 0.1, "max", " s"),
+        Target("masking, 10M parameters, n = 6, wall", get(prim, "mask_s"), 0.2, "max", " s"),
+        Target("masking, 10M parameters, n = 6, CPU time", get(prim, "mask_cpu_s"), 0.2, "max", " s"),
+        Target("unmasking, 10M parameters, n = 6, one dropout, wall", get(unmask, "unmask_s"), 0.5, "max", " s"),
         Target(
-            "training-stage time secure / plain (demo harness)",
-            runs["train_stage_ratio"] if runs else None,
+            "unmasking, 10M parameters, n = 6, one dropout, CPU time", get(unmask, "unmask_cpu_s"), 0.5, "max", " s"
+        ),
+        Target("upload bytes secure / plain (demo)", get(demo, "upload_ratio"), 1.05, "max"),
+        Target(
+            "training-stage time secure / plain (demo harness), measured", get(runs, "train_stage_ratio"), 1.15, "max"
+        ),
+        Target(
+            "training-stage time, plain + secure-only stages over plain (demo harness)",
+            get(runs, "secure_only_overhead_ratio"),
             1.15,
             "max",
         ),
@@ -548,14 +635,17 @@ def tables(report: Mapping[str, Any]) -> str:
     ks = report["keystream"]
     out.append(
         markdown_table(
-            ["keystream, one core", "GB/s"],
+            ["keystream, one core", "GB/s (wall)", "GB/s (CPU time)"],
             [
-                ["raw AES-256-CTR (`update_into` a reused 256 KiB buffer)", fmt(ks["raw_aes_ctr_gbps"], 2)],
-                ["`prg.apply_masks`, one stream (keystream + ring add)", fmt(ks["prg_apply_masks_one_stream_gbps"], 2)],
-                [
-                    "`prg.apply_masks`, six streams (keystream bytes + ring adds per second)",
-                    fmt(ks["prg_apply_masks_six_streams_gbps"], 2),
-                ],
+                [label, fmt(ks[key], 2), fmt(ks["cpu"][key], 2)]
+                for label, key in (
+                    ("raw AES-256-CTR (`update_into` a reused 256 KiB buffer)", "raw_aes_ctr_gbps"),
+                    ("`prg.apply_masks`, one stream (keystream + ring add)", "prg_apply_masks_one_stream_gbps"),
+                    (
+                        "`prg.apply_masks`, six streams (keystream bytes + ring adds per second)",
+                        "prg_apply_masks_six_streams_gbps",
+                    ),
+                )
             ],
         )
     )
@@ -571,11 +661,12 @@ def tables(report: Mapping[str, Any]) -> str:
                     str(r["threshold"]),
                     f"{r['length'] / 1e6:g}M",
                     str(r["dropouts"]),
-                    fmt(p["quantize_s"], 4),
-                    fmt(p["mask_s"], 4),
-                    f"{fmt(r['masked_input_s_median'], 4)} ({fmt(r['masked_input_s_max'], 4)})",
+                    f"{fmt(p['quantize_s'], 4)} / {fmt(p['quantize_cpu_s'], 4)}",
+                    f"{fmt(p['mask_s'], 4)} / {fmt(p['mask_cpu_s'], 4)}",
+                    f"{fmt(r['masked_input_s_median'], 4)} / {fmt(r['masked_input_cpu_s_median'], 4)}"
+                    f" (max {fmt(r['masked_input_s_max'], 3)})",
                     fmt(r["sum_uploads_s"], 4),
-                    fmt(r["unmask_s"], 4),
+                    f"{fmt(r['unmask_s'], 4)} / {fmt(r['unmask_cpu_s'], 4)} (median {fmt(r['unmask_s_median'], 3)})",
                     f"{r['max_abs_error']:.1e} <= {r['error_bound']:.1e}",
                 ]
             )
@@ -586,11 +677,11 @@ def tables(report: Mapping[str, Any]) -> str:
                     "t",
                     "params",
                     "dropouts",
-                    "quantize (s)",
-                    "mask n streams (s)",
-                    "silo masked_input, median (max) (s)",
+                    "quantize, wall / CPU (s)",
+                    "mask, n streams, wall / CPU (s)",
+                    "silo `masked_input`, median wall / CPU (s)",
                     "coordinator sum of uploads (s)",
-                    "coordinator unmask `finish()` (s)",
+                    "coordinator unmask `finish()`, best wall / CPU (s)",
                     "sum error",
                 ],
                 rows,
@@ -607,6 +698,11 @@ def tables(report: Mapping[str, Any]) -> str:
                     ["plain update upload (UpdatePart stream)", f"{demo['plain_upload_bytes']:,}"],
                     ["masked update upload (UpdatePart stream)", f"{demo['masked_upload_bytes']:,}"],
                     ["ratio masked / plain", f"{demo['upload_ratio']:.4f}"],
+                    [
+                        "tensor payload alone, plain / masked (ratio)",
+                        f"{demo['plain_payload_bytes']:,} / {demo['masked_payload_bytes']:,}"
+                        f" ({demo['payload_ratio']:.5f})",
+                    ],
                     ["AdvertiseKeysRequest", f"{keys['advertise_keys']:,}"],
                     ["ShareKeysRequest", f"{keys['share_keys']:,}"],
                     ["UnmaskRequest", f"{keys['unmask']:,}"],
@@ -622,19 +718,21 @@ def tables(report: Mapping[str, Any]) -> str:
     if runs:
         rows = []
         for mode in ("secure", "plain"):
-            for r in runs[mode]["rounds"]:
-                phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items())
-                rows.append(
-                    [
-                        mode,
-                        str(r["round"]),
-                        fmt(r["train_stage_s"], 2),
-                        fmt(r["phase_a_s"] + r["phase_b_s"], 2),
-                        fmt(r["evaluate_stage_s"], 2),
-                        fmt(r["round_s"], 2),
-                        phases,
-                    ]
-                )
+            for index, run in enumerate(runs[mode], start=1):
+                for r in run["rounds"]:
+                    phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items())
+                    rows.append(
+                        [
+                            f"{mode} {index}",
+                            str(r["round"]),
+                            fmt(r["train_stage_s"], 2),
+                            fmt(r["phase_a_s"] + r["phase_b_s"], 2),
+                            fmt(r["evaluate_stage_s"], 2),
+                            fmt(r["round_s"], 2),
+                            phases,
+                            f"{run['load_1m_before']} / {run['load_1m_after']}",
+                        ]
+                    )
         out.append(
             markdown_table(
                 [
@@ -645,6 +743,7 @@ def tables(report: Mapping[str, Any]) -> str:
                     "evaluation (s)",
                     "round (s)",
                     "phases (s)",
+                    "load (1 min) at start / end of run",
                 ],
                 rows,
             )
@@ -666,10 +765,16 @@ def tables(report: Mapping[str, Any]) -> str:
                         fmt(runs["round_ratio"]),
                     ],
                     [
-                        "load average (1 min) before / after",
-                        f"{runs['secure']['load_1m_before']} / {runs['secure']['load_1m_after']}",
-                        f"{runs['plain']['load_1m_before']} / {runs['plain']['load_1m_after']}",
+                        "local training, phase A + B per silo (s)",
+                        fmt(runs["mean_local_training_s"]["secure"], 2),
+                        fmt(runs["mean_local_training_s"]["plain"], 2),
+                        fmt(runs["mean_local_training_s"]["secure"] / runs["mean_local_training_s"]["plain"]),
+                    ],
+                    [
+                        "stages only secure aggregation has (share keys, masked input, unmask) (s)",
+                        fmt(runs["mean_secure_only_stages_s"], 2),
                         "",
+                        f"{fmt(runs['secure_only_overhead_ratio'])} (plain training stage + these, over it)",
                     ],
                 ],
             )
@@ -690,7 +795,13 @@ def main() -> None:
         "--sizes", type=_csv_ints, default=None, help="vector lengths, comma-separated (default 1e6,1e7)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="best-of count for keystream and primitives")
+    parser.add_argument(
+        "--round-repeats", type=int, default=None, help="protocol rounds per (n, size, dropouts) (default 3)"
+    )
     parser.add_argument("--harness-rounds", type=int, default=None, help="rounds per harness run (default 3)")
+    parser.add_argument(
+        "--harness-pairs", type=int, default=1, help="secure/plain harness run pairs, alternated (default 1)"
+    )
     parser.add_argument("--skip-harness", action="store_true", help="do not run the secure/plain harness pair")
     parser.add_argument("--seed", type=int, default=0, help="harness seed")
     parser.add_argument(
@@ -703,6 +814,7 @@ def main() -> None:
     ns = args.ns or (NS_QUICK if args.quick else NS_FULL)
     sizes = args.sizes or (SIZES_QUICK if args.quick else SIZES_FULL)
     harness_rounds = args.harness_rounds or (1 if args.quick else 3)
+    round_repeats = args.round_repeats or (1 if args.quick else 3)
     out = args.out or RESULTS / ("secagg_quick.json" if args.quick else "secagg.json")
     runs_dir = args.runs_dir or Path("runs") / f"secagg-{time.strftime('%Y%m%d-%H%M%S')}"
     torch.set_num_threads(1)
@@ -716,7 +828,10 @@ def main() -> None:
                 f"--ns {','.join(map(str, ns))}",
                 f"--sizes {','.join(map(str, sizes))}",
                 f"--repeats {args.repeats}",
-                "--skip-harness" if args.skip_harness else f"--harness-rounds {harness_rounds}",
+                f"--round-repeats {round_repeats}",
+                "--skip-harness"
+                if args.skip_harness
+                else f"--harness-rounds {harness_rounds} --harness-pairs {args.harness_pairs}",
             )
             if a
         ),
@@ -726,11 +841,11 @@ def main() -> None:
     report["keystream"] = keystream(args.repeats, (1 << 24) if args.quick else (1 << 28))
     print(f"keystream: {report['keystream']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        report["protocol"] = protocol(Path(tmp), ns, sizes, args.repeats)
+        report["protocol"] = protocol(Path(tmp), ns, sizes, args.repeats, round_repeats)
         report["bytes"] = demo_bytes(Path(tmp))
     print(f"demo bytes: {report['bytes']}", flush=True)
     if not args.skip_harness:
-        report["harness"] = harness(runs_dir.resolve(), harness_rounds, args.seed)
+        report["harness"] = harness(runs_dir.resolve(), harness_rounds, args.harness_pairs, args.seed)
     report["targets"] = [t.to_dict() for t in targets(report)]
     write_json(out, report)
     print(tables(report))
