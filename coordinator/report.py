@@ -3,7 +3,8 @@
 A round's row holds the pooled evaluation of the new global model on the silos' validation
 splits (and test splits in the last round), the training losses the silos reported, the time
 spent per stage and the bytes moved per silo (state downloads for training and for evaluation,
-update uploads). At the end the coordinator writes ``report.json``,
+update uploads) and, from silos training with differential privacy, the epsilon each says it has
+spent so far (its claim; the coordinator cannot check it). At the end the coordinator writes ``report.json``,
 ``curves.png`` and ``global_model.npz`` (a condi checkpoint with the pooled normalizer, ready
 for ``condi predict``) into the run directory.
 """
@@ -69,7 +70,7 @@ def _weighted_loss(uploads: Mapping[str, SiloUpload], key: str) -> float | None:
 def train_summary(round_index: int, train: TrainRecord) -> dict[str, Any]:
     """The training half of a round's row: who trained, losses, stage times, bytes per silo."""
     uploads = train.uploads
-    return {
+    summary: dict[str, Any] = {
         "round": round_index,
         "attempt": train.attempt,
         "selected": list(train.selected),
@@ -92,6 +93,16 @@ def train_summary(round_index: int, train: TrainRecord) -> dict[str, Any]:
             "upload_per_silo": _mean([u.upload_bytes for u in uploads.values()]),
         },
     }
+    epsilon = {s: float(u.claims["epsilon"]) for s, u in sorted(uploads.items()) if "epsilon" in u.claims}
+    if epsilon:
+        summary["epsilon"] = epsilon
+    return summary
+
+
+def epsilon_by_silo(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float | None]]:
+    """Each DP silo's claimed epsilon spent after every recorded round (None where it did not train)."""
+    silos = sorted({s for r in rows for s in r.get("epsilon", {})})
+    return {s: [r.get("epsilon", {}).get(s) for r in rows] for s in silos}
 
 
 def round_row(
@@ -128,8 +139,13 @@ def write_report(
     model: CondIModel | None,
     normalizer: ChannelNormalizer | None,
     layout: DatasetInfo | None,
+    departed: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write report.json, curves.png and, when a model exists, global_model.npz; returns the report path."""
+    """Write report.json, curves.png and, when a model exists, global_model.npz; returns the report path.
+
+    ``departed`` names the silos that left the run and why; report.json lists them, and the
+    epsilon each DP silo claimed per round under ``privacy``.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     final = next((dict(r["test"]) for r in reversed(rows) if "test" in r), None)
     accuracy = [r["val"]["accuracy"] for r in rows if "val" in r]
@@ -143,7 +159,11 @@ def write_report(
         "val_accuracy_by_round": accuracy,
         "rounds": list(rows),
         "files": {"metrics": "metrics.jsonl", "curves": "curves.png"},
+        "departed": dict(departed or {}),
     }
+    epsilon = epsilon_by_silo(rows)
+    if epsilon:
+        report["privacy"] = {"epsilon_by_silo": epsilon}
     if model is not None and normalizer is not None and layout is not None:
         save_checkpoint(
             run_dir / "global_model.npz",

@@ -217,6 +217,8 @@ class _Submission:
 class _Silo:
     last_seen: float
     told_done: bool = False
+    # Why the silo left the run for good (it said so), or None while it takes part.
+    departed: str | None = None
 
 
 @dataclass
@@ -287,9 +289,13 @@ class RoundMachine:
         self._stage = _Stage(members=(), started=now, deadline=now + self.plan.gather_s)
 
     def alive(self, now: float) -> tuple[str, ...]:
-        """Joined silos heard from within the liveness window, sorted."""
+        """Joined silos heard from within the liveness window that have not left the run, sorted."""
         return tuple(
-            sorted(s for s, info in self._silos.items() if now - info.last_seen <= self.plan.liveness_s)
+            sorted(
+                s
+                for s, info in self._silos.items()
+                if info.departed is None and now - info.last_seen <= self.plan.liveness_s
+            )
         )
 
     def joined(self) -> tuple[str, ...]:
@@ -301,6 +307,18 @@ class RoundMachine:
         if silo not in self.plan.allowed:
             raise ProtocolError("permission_denied", f"silo {silo!r} is not in this federation's allow-list")
         self._silos[silo] = _Silo(last_seen=now)
+
+    def depart(self, silo: str, reason: str, now: float) -> None:
+        """``silo`` leaves the run for good (e.g. its privacy budget is spent): from now on it is not
+        alive, so it is not selected and a running stage does not wait for it; joining again undoes it."""
+        self._require_joined(silo)
+        info = self._silos[silo]
+        info.departed = reason
+        info.last_seen = now
+
+    def departed(self) -> dict[str, str]:
+        """Silos that left the run, with their reasons."""
+        return {s: info.departed for s, info in sorted(self._silos.items()) if info.departed is not None}
 
     def seen(self, silo: str, now: float) -> None:
         """Any authenticated call from ``silo``: it is alive."""
@@ -534,7 +552,8 @@ class RoundMachine:
         assert self._stage is not None
         alive = self.alive(now)
         need = self.plan.min_silos if self._next == "train" else 1
-        everyone = len(alive) == len(self.plan.allowed)
+        # Silos that left the run are not waited for.
+        everyone = len(alive) + len(self.departed()) >= len(self.plan.allowed)
         past_deadline = now >= self._stage.deadline
         if len(alive) >= need and (everyone or past_deadline or not self._first_gather):
             self._first_gather = False
@@ -697,4 +716,5 @@ class RoundMachine:
             "done": sorted(stage.received) if stage else [],
             "remaining_s": round(max(0.0, stage.deadline - now), 1) if stage else None,
             "failure": self.failure,
+            "departed": self.departed(),
         }

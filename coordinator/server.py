@@ -262,6 +262,9 @@ class Coordinator:
             capabilities=list(CAPABILITIES),
             poll_interval_ms=self.cfg.poll_interval_ms,
             max_chunk_bytes=self.max_chunk_bytes,
+            rounds=self.plan.rounds,
+            silos_per_round=self.plan.silos_per_round,
+            allowed_silos=len(self.plan.allowed),
         )
 
         def refuse(reason: str) -> pb.JoinReply:
@@ -618,16 +621,31 @@ class Coordinator:
         return pb.Receipt(ref=request.ref, duplicate=duplicate)
 
     def heartbeat(self, silo: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
-        """A sign of life; the reply names the caller and its current task."""
+        """A sign of life; the reply names the caller and its current task. With ``leaving`` set the
+        silo leaves the run for good: it is marked departed at once, so no stage waits for it."""
         reply = pb.HeartbeatReply(silo_id=silo)
         with self._cond:
             now = self.clock()
             self.machine.seen(silo, now)
-            if silo in self.machine.joined():
+            if request.leaving:
+                self._depart(silo, request.leaving[:500], now)
+            elif silo in self.machine.joined():
                 reply.current.CopyFrom(self.machine.task_for(silo, now).key.to_proto())
         if request.status:
             log.debug("silo %s: %s (%.0f%%)", silo, request.status[:200], 100 * request.progress)
         return reply
+
+    def _depart(self, silo: str, reason: str, now: float) -> None:
+        """Mark ``silo`` as gone for good (caller holds the lock); logged and written to events.jsonl."""
+        self.machine.depart(silo, reason, now)
+        self._cond.notify_all()
+        log.warning(
+            "silo %s leaves the run in round %d: %s",
+            silo,
+            self.machine.round,
+            reason,
+            extra={"event": {"event": "silo_departed", "silo": silo, "round": self.machine.round, "reason": reason}},
+        )
 
     # ---- driver -----------------------------------------------------------------------------
 
@@ -796,6 +814,7 @@ class Coordinator:
                     list(self.ckpt.normalizers.values()), self._model.settings.layout.n_features
                 )
             rows = list(self.ckpt.rows)
+            departed = self.machine.departed()
         return write_report(
             self.run_dir,
             federation=self.cfg.name,
@@ -806,6 +825,7 @@ class Coordinator:
             model=model,
             normalizer=normalizer,
             layout=self.ckpt.layout,
+            departed=departed,
         )
 
     def _tell_silos_done(self) -> None:

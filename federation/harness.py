@@ -8,13 +8,18 @@ PTB-XL with ``--data ptbxl``). It shows progress, waits for the run to end and r
 report is.
 
 Secure aggregation is on unless ``--plain`` (then the coordinator sees every update, and says so).
+``--dp`` trains every silo with DP-SGD: each site.yaml gets a ``privacy:`` section with
+``--dp-epsilon`` (default 8) and ``--dp-delta`` (default 1e-5), and ``--dp-planned-rounds`` when
+given (else each silo plans for its expected share of the rounds); the summary gives the epsilon
+each silo spent.
 
 Fault injection: ``--kill-silo ID:ROUND:STAGE`` makes that silo exit hard in that round's
 ``train`` or ``evaluate`` stage, or in a secure stage (``advertise_keys``, ``share_keys``,
 ``masked_input``, ``unmask``); ``--nan-update ID:ROUND`` makes it produce a NaN update (which it
 refuses to send); ``--restart-coordinator-at ROUND`` kills the coordinator with SIGKILL once an
 update (or, in secure mode, a secure-stage submission) of that round has arrived, and starts it
-again from its checkpoint.
+again from its checkpoint. ``--restart-killed`` starts a silo killed by ``--kill-silo`` again (without
+the fault), on the same state directory.
 
 Run directory layout: ``pki/``, ``federation.yaml``, ``sites/<id>.yaml``, ``logs/<process>.log``,
 ``coordinator/`` (checkpoint, metrics.jsonl, status.json, events.jsonl, report.json,
@@ -117,6 +122,22 @@ class HarnessOptions:
     timeouts: Mapping[str, float] = field(default_factory=dict)
     max_attempts: int = 3
     timeout_s: float = 1800.0
+    restart_killed: bool = False
+    dp: bool = False
+    dp_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+    dp_planned_rounds: int | None = None
+    # Per-silo changes to the privacy section (e.g. a smaller planned_rounds for one silo).
+    privacy_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def privacy(self, silo: str) -> dict[str, Any] | None:
+        """The ``privacy:`` section of ``silo``'s site.yaml, or None without ``dp``."""
+        if not self.dp:
+            return None
+        section: dict[str, Any] = {"target_epsilon": self.dp_epsilon, "delta": self.dp_delta}
+        if self.dp_planned_rounds is not None:
+            section["planned_rounds"] = self.dp_planned_rounds
+        return {**section, **self.privacy_overrides.get(silo, {})}
 
     def silo_ids(self) -> list[str]:
         """silo-1 .. silo-N."""
@@ -243,6 +264,9 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
         }
         if profile.missingness is not None:
             site["simulated_missingness"] = dict(profile.missingness)
+        privacy = opts.privacy(sid)
+        if privacy is not None:
+            site["privacy"] = privacy
         sites[sid] = _write_yaml(out / "sites" / f"{sid}.yaml", site)
     return _write_yaml(out / "federation.yaml", federation), sites
 
@@ -307,6 +331,9 @@ def run_harness(
             raise HarnessError(f"--kill-silo: no silo {victim!r} (silos are {ids[0]} .. {ids[-1]})")
     if opts.nan_update is not None and opts.nan_update[0] not in ids:
         raise HarnessError(f"--nan-update: no silo {opts.nan_update[0]!r}")
+    unknown = sorted(set(opts.privacy_overrides) - set(ids))
+    if unknown or (opts.privacy_overrides and not opts.dp):
+        raise HarnessError(f"privacy overrides need dp and known silos; got {sorted(opts.privacy_overrides)}")
     port = free_port()
     fed_yaml, sites = write_configs(opts, port)
     run_dir = out / "coordinator"
@@ -324,6 +351,7 @@ def run_harness(
         silos[sid] = _start(
             sid, ["-m", "silo_agent.cli", "--config", str(sites[sid])], logs_dir / f"{sid}.log", env
         )
+    to_restart = set(kills) if opts.restart_killed else set()
     restart_pending = opts.restart_coordinator_at is not None
     deadline = time.monotonic() + opts.timeout_s
     last_status: dict[str, Any] | None = None
@@ -350,6 +378,15 @@ def run_harness(
                 coordinator = _start("coordinator", coordinator_args, logs_dir / "coordinator.log", {})
                 starts += 1
                 restart_pending = False
+            for sid in sorted(to_restart):
+                # Exit code 17 is the agent's fault-injection exit.
+                if silos[sid].popen.poll() == 17:
+                    log.warning("%s was killed as asked; starting it again on its state directory", sid)
+                    silos[sid].log.close()
+                    silos[sid] = _start(
+                        sid, ["-m", "silo_agent.cli", "--config", str(sites[sid])], logs_dir / f"{sid}.log", {}
+                    )
+                    to_restart.discard(sid)
             if coordinator.popen.poll() is not None:
                 break
             if time.monotonic() > deadline:
@@ -414,6 +451,11 @@ def _harness(args: argparse.Namespace) -> int:
         nan_update=args.nan_update,
         restart_coordinator_at=args.restart_coordinator_at,
         secure=not args.plain,
+        restart_killed=args.restart_killed,
+        dp=args.dp,
+        dp_epsilon=args.dp_epsilon,
+        dp_delta=args.dp_delta,
+        dp_planned_rounds=args.dp_planned_rounds,
     )
     bar = tqdm(total=args.rounds, desc="federation", unit="round", file=sys.stderr)
 
@@ -448,11 +490,29 @@ def _harness(args: argparse.Namespace) -> int:
     accuracy = ", ".join(f"{a:.3f}" for a in report.get("val_accuracy_by_round", []))
     mode = "secure aggregation" if opts.secure else "plain aggregation (the coordinator saw each update)"
     print(
-        f"{report['status']}: {report['message']}; {mode}; validation accuracy by round: {accuracy}",
+        f"{report['status']}: {report['message']}; {mode}; {dp_summary(opts, report)}; "
+        f"validation accuracy by round: {accuracy}",
         file=sys.stderr,
     )
     print(result.report)
     return 0 if result.coordinator_exit == 0 else 1
+
+
+def dp_summary(opts: HarnessOptions, report: Mapping[str, Any]) -> str:
+    """The summary's words on differential privacy: off, or the epsilon each silo last claimed."""
+    if not opts.dp:
+        return "no differential privacy"
+    by_silo = report.get("privacy", {}).get("epsilon_by_silo", {})
+    spent = []
+    for sid, values in by_silo.items():
+        claimed = [v for v in values if v is not None]
+        spent.append(f"{sid} {claimed[-1]:.4g}" if claimed else f"{sid} none")
+    departed = report.get("departed") or {}
+    left = f", left the run: {', '.join(sorted(departed))}" if departed else ""
+    return (
+        f"DP-SGD at epsilon {opts.dp_epsilon:g}, delta {opts.dp_delta:g} "
+        f"(epsilon spent: {', '.join(spent) or 'none reported'}{left})"
+    )
 
 
 def add_harness_parser(sub: argparse._SubParsersAction) -> None:
@@ -483,6 +543,18 @@ def add_harness_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--plain", action="store_true", help="aggregate in the clear (default: secure aggregation)"
+    )
+    p.add_argument(
+        "--restart-killed", action="store_true", help="start a silo killed by --kill-silo again on its state"
+    )
+    p.add_argument("--dp", action="store_true", help="train every silo with DP-SGD (privacy: in each site.yaml)")
+    p.add_argument("--dp-epsilon", type=float, default=8.0, help="--dp: target epsilon per silo (default 8)")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="--dp: delta (default 1e-5)")
+    p.add_argument(
+        "--dp-planned-rounds",
+        type=int,
+        default=None,
+        help="--dp: rounds each silo plans for (default: its expected share of the rounds)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_harness)

@@ -17,6 +17,13 @@ on what comes back:
   round, test) split and report aggregate scores and the local normalization statistics;
 - DONE: exit.
 
+With ``privacy:`` in site.yaml the private phases train with DP-SGD
+(:class:`condi_models.privacy.SiloPrivacy`): the budget's ledger is ``privacy-ledger.json`` and
+the sampling and noise are keyed by ``dp.secret``, both in the state directory, so the spending
+carries over restarts (and every run this state directory takes part in). Each update claims the
+epsilon spent so far. When the next round would pass the budget the agent trains nothing, tells
+the coordinator it leaves the run (``HeartbeatRequest.leaving``) and exits with status 0.
+
 While working it sends heartbeats, so the coordinator knows it is alive. Tasks whose result the
 coordinator acknowledged are recorded in the state directory and not repeated after a restart.
 A coordinator that restarted asks the agent to join again; one that cannot be reached is retried
@@ -50,6 +57,7 @@ import torch
 from condi_models.aggregation import SecureLayout, SiloUpdate
 from condi_models.evaluation import EvalResult, evaluate
 from condi_models.nn.model import CondIModel, resolve_device
+from condi_models.privacy import BudgetExhausted, SiloPrivacy, load_or_create_secret
 from condi_models.training import LocalResult, TrainingProgress, aggregation_groups, train_local
 from federation import pki, secagg, wire
 from federation import secagg_wire as sw
@@ -63,7 +71,7 @@ from federation.transfer import (
     stage_name,
 )
 from silo_agent.client import CoordinatorClient, CoordinatorUnreachableError
-from silo_agent.config import SiteConfig
+from silo_agent.config import SiteConfig, expected_rounds
 from silo_agent.local_data import LocalData, load_local_data
 from silo_agent.state import AgentState
 
@@ -85,6 +93,8 @@ _STAGES = {
     "unmask": pb.STAGE_UNMASK,
 }
 _SECURE_STAGES = (pb.STAGE_ADVERTISE_KEYS, pb.STAGE_SHARE_KEYS, pb.STAGE_MASKED_INPUT, pb.STAGE_UNMASK)
+LEDGER_FILE = "privacy-ledger.json"
+SECRET_FILE = "dp.secret"
 
 
 class JoinRefusedError(RuntimeError):
@@ -217,6 +227,7 @@ class SiloAgent:
         self.poll_interval_s = 2.0
         self._refused: set[StageKey] = set()
         self._secure: _SecureRound | None = None
+        self.privacy: SiloPrivacy | None = None
         tls_cfg = cfg.tls
         passphrase = pki.read_passphrase(tls_cfg.passphrase_file, tls_cfg.passphrase_env)
         self._signing_key = pki.load_private_key(tls_cfg.key, passphrase)
@@ -253,6 +264,8 @@ class SiloAgent:
             self._state_bytes = sum(v.numel() * v.element_size() for v in state.values())
         self.run_id = reply.run_id
         self.state.enter_run(reply.run_id)
+        if self.cfg.privacy is not None and self.privacy is None:
+            self.privacy = self._open_privacy(reply)
         self.poll_interval_s = max(0.05, reply.poll_interval_ms / 1000.0)
         log.info(
             "joined run %s of federation %s as %s (coordinator %s)",
@@ -261,6 +274,66 @@ class SiloAgent:
             reply.silo_id,
             reply.software_version,
         )
+
+    def _open_privacy(self, reply: pb.JoinReply) -> SiloPrivacy:
+        """The silo's DP-SGD budget, its ledger and secret in the state directory; planned rounds from
+        site.yaml, else from the run's participation plan in the JoinReply."""
+        site = self.cfg.privacy
+        assert site is not None
+        planned = site.planned_rounds
+        if planned is None:
+            try:
+                planned = expected_rounds(reply.rounds, reply.silos_per_round, reply.allowed_silos)
+            except ValueError as exc:
+                raise SettingsError(
+                    f"{self.source}: privacy.planned_rounds is not set and the coordinator sent no participation "
+                    f"plan ({exc}); set privacy.planned_rounds"
+                ) from None
+            log.info(
+                "privacy: planning for %d rounds (%d rounds, %d of %d silos per round; set privacy.planned_rounds "
+                "to change it)",
+                planned,
+                reply.rounds,
+                reply.silos_per_round,
+                reply.allowed_silos,
+            )
+        root = Path(self.cfg.state_dir)
+        privacy = SiloPrivacy(
+            site.spec(planned), root / LEDGER_FILE, secret=load_or_create_secret(root / SECRET_FILE)
+        )
+        spec = privacy.spec
+        log.info(
+            "privacy: DP-SGD on phases %s, target epsilon %g at delta %g, max grad norm %g, %s accountant; "
+            "spent so far %.4g over %d rounds (ledger %s)",
+            "+".join(spec.phases),
+            spec.target_epsilon,
+            spec.delta,
+            spec.max_grad_norm,
+            spec.accountant,
+            privacy.epsilon_spent(),
+            privacy.ledger.rounds,
+            privacy.ledger.path,
+        )
+        return privacy
+
+    def _leave(self, exc: BudgetExhausted) -> int:
+        """The budget is spent: tell the coordinator this silo leaves the run, then end with status 0."""
+        assert self.client is not None
+        log.warning("%s", exc)
+        reason = (
+            f"privacy budget spent: epsilon {exc.spent:.4g} of {exc.target:g} over {exc.rounds_done} of "
+            f"{exc.planned_rounds} planned rounds"
+        )
+        timeout = self.client.endpoint.rpc_timeout_s
+        request = pb.HeartbeatRequest(status="leaving", leaving=reason)
+        try:
+            self.client.retrying("Heartbeat", lambda: self.client.stub.Heartbeat(request, timeout=timeout))
+        except (grpc.RpcError, CoordinatorUnreachableError) as err:
+            # The coordinator then stops waiting for this silo once its liveness window passes.
+            detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
+            log.warning("could not tell the coordinator that this silo leaves (%s)", detail)
+        log.info("silo %s leaves the run: %s", self.cfg.silo_id, reason)
+        return 0
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -280,6 +353,8 @@ class SiloAgent:
         try:
             self._join()
             return self._loop()
+        except BudgetExhausted as exc:
+            return self._leave(exc)
         except JoinRefusedError as exc:
             log.error("the coordinator refused silo %s: %s", self.cfg.silo_id, exc)
             return 2
@@ -382,6 +457,7 @@ class SiloAgent:
             seed=plan.train_seed,
             device=self.device,
             progress=beats.training,
+            privacy=self.privacy,
         )
         claims = {
             "phase_a_loss": _finite_or_none(result.phase_a_loss),
@@ -391,6 +467,22 @@ class SiloAgent:
             "download_s": download_s,
             "download_bytes": received,
         }
+        if "epsilon" in result.extra:
+            claims.update(
+                epsilon=result.extra["epsilon"],
+                delta=result.extra["delta"],
+                noise_multiplier=result.extra["noise_multiplier"],
+            )
+            assert self.privacy is not None
+            log.info(
+                "%s: DP-SGD epsilon spent %.4g of %g (delta %g) after %d rounds; noise multiplier %.4g",
+                key.describe(),
+                result.extra["epsilon"],
+                self.privacy.spec.target_epsilon,
+                result.extra["delta"],
+                self.privacy.ledger.rounds,
+                result.extra["noise_multiplier"],
+            )
         return plan, start, result, claims
 
     def _train(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:

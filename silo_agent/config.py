@@ -4,10 +4,15 @@ Every key has a default except ``silo_id`` and ``data``; ``coordinator`` and ``t
 to take part in a federation (``silo-agent check`` works without them). Paths are relative to
 the working directory. Secrets never live here: key passphrases come from files or environment
 variables.
+
+``privacy:`` turns on DP-SGD (see :mod:`condi_models.privacy`); its keys are those of
+:class:`~condi_models.privacy.PrivacySpec`, except that ``planned_rounds`` may be left out: the
+agent then plans for its expected participation in the run it joins.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +21,7 @@ from pydantic import Field, model_validator
 from condi_models.configfile import ConfigError, StrictModel, load_config
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.sources import DataSource
+from condi_models.privacy import PHASES, PrivacySpec
 from condi_models.simulation import SplitSpec
 
 SILO_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -70,6 +76,47 @@ class PartitionSpec(StrictModel):
         return self
 
 
+class SitePrivacy(StrictModel):
+    """DP-SGD for this silo: the PrivacySpec keys, with ``planned_rounds`` optional."""
+
+    target_epsilon: float = Field(description="epsilon the silo may spend over every round it takes part in")
+    delta: float = Field(default=1e-5, description="delta of the (epsilon, delta) guarantee; below 1/records")
+    max_grad_norm: float = Field(default=1.0, description="per-record gradient clipping norm")
+    phases: tuple[str, ...] = Field(default=PHASES, description="which of Phase A ('a') and B ('b') train privately")
+    accountant: str = Field(default="rdp", description="'rdp' (Renyi DP) or 'prv'")
+    planned_rounds: int | None = Field(
+        default=None,
+        description="rounds this silo plans to take part in; default: its expected share of the run's rounds",
+    )
+
+    @model_validator(mode="after")
+    def _valid_spec(self) -> SitePrivacy:
+        # PrivacySpec holds the rules; any planned round count checks the other keys.
+        self.spec(self.planned_rounds or 1)
+        return self
+
+    def spec(self, planned_rounds: int) -> PrivacySpec:
+        """The PrivacySpec of this section, with ``planned_rounds`` where the section leaves it out."""
+        return PrivacySpec(
+            target_epsilon=self.target_epsilon,
+            planned_rounds=self.planned_rounds if self.planned_rounds is not None else planned_rounds,
+            delta=self.delta,
+            max_grad_norm=self.max_grad_norm,
+            phases=self.phases,
+            accountant=self.accountant,
+        )
+
+
+def expected_rounds(rounds: int, silos_per_round: int, allowed_silos: int) -> int:
+    """Rounds a silo expects to train in when ``silos_per_round`` of ``allowed_silos`` are drawn each round."""
+    if min(rounds, silos_per_round, allowed_silos) < 1:
+        raise ValueError(
+            f"cannot plan participation from rounds={rounds}, silos_per_round={silos_per_round}, "
+            f"allowed_silos={allowed_silos}"
+        )
+    return max(1, math.ceil(rounds * min(silos_per_round, allowed_silos) / allowed_silos))
+
+
 class SiteConfig(StrictModel):
     """A silo's configuration (site.yaml)."""
 
@@ -85,6 +132,9 @@ class SiteConfig(StrictModel):
     seed: int = Field(default=0, description="seeds the local split")
     coordinator: CoordinatorEndpoint | None = None
     tls: SiloTls | None = None
+    privacy: SitePrivacy | None = Field(
+        default=None, description="DP-SGD with a budget kept in state_dir (none when absent)"
+    )
 
     @model_validator(mode="after")
     def _tls_with_coordinator(self) -> SiteConfig:

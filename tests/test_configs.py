@@ -39,6 +39,15 @@ def test_good_site_config_parses(tmp_path):
     assert cfg.device == "auto"
 
 
+def test_site_privacy_section_leaves_planned_rounds_to_the_run(tmp_path):
+    cfg = load_site_config(_write(tmp_path, GOOD_SITE + "privacy:\n  target_epsilon: 3\n  phases: [b]\n"))
+    assert cfg.privacy.planned_rounds is None
+    spec = cfg.privacy.spec(4)
+    assert (spec.target_epsilon, spec.planned_rounds, spec.delta, spec.phases) == (3.0, 4, 1e-5, ("b",))
+    fixed = load_site_config(_write(tmp_path, GOOD_SITE + "privacy:\n  target_epsilon: 3\n  planned_rounds: 2\n"))
+    assert fixed.privacy.spec(4).planned_rounds == 2
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -50,6 +59,10 @@ def test_good_site_config_parses(tmp_path):
         (GOOD_SITE.replace("silo_id: hospital-a\n", ""), "silo_id: required key is missing"),
         (GOOD_SITE.replace("hospital-a", "Hospital A"), "silo_id"),
         (GOOD_SITE.replace("synthetic_ecg", "floppy_disk"), "data"),
+        (GOOD_SITE + "privacy:\n  target_epsilon: 8\n  noise: 1.1\n", "privacy.noise: unknown key"),
+        (GOOD_SITE + "privacy:\n  target_epsilon: 0\n", "privacy.target_epsilon must be > 0"),
+        (GOOD_SITE + "privacy:\n  delta: 0.001\n", "privacy.target_epsilon: required key is missing"),
+        (GOOD_SITE + "privacy:\n  target_epsilon: 8\n  phases: [a, c]\n", "privacy.phases must name"),
         ("silo_id: [unclosed\n", "not valid YAML at line"),
         ("- just\n- a list\n", "expected a mapping"),
     ],

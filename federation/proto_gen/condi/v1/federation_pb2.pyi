@@ -124,7 +124,7 @@ class JoinRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., data: _Optional[_Union[DataSummary, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("accepted", "reason", "silo_id", "federation_name", "run_id", "protocol_version", "software_version", "capabilities", "model_config_json", "poll_interval_ms", "max_chunk_bytes")
+    __slots__ = ("accepted", "reason", "silo_id", "federation_name", "run_id", "protocol_version", "software_version", "capabilities", "model_config_json", "poll_interval_ms", "max_chunk_bytes", "rounds", "silos_per_round", "allowed_silos")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SILO_ID_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,9 @@ class JoinReply(_message.Message):
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     POLL_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SILOS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_SILOS_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     silo_id: str
@@ -147,7 +150,10 @@ class JoinReply(_message.Message):
     model_config_json: str
     poll_interval_ms: int
     max_chunk_bytes: int
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., silo_id: _Optional[str] = ..., federation_name: _Optional[str] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., model_config_json: _Optional[str] = ..., poll_interval_ms: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    rounds: int
+    silos_per_round: int
+    allowed_silos: int
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., silo_id: _Optional[str] = ..., federation_name: _Optional[str] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., model_config_json: _Optional[str] = ..., poll_interval_ms: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., silos_per_round: _Optional[int] = ..., allowed_silos: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("ref", "wait_ms")
@@ -334,14 +340,16 @@ class MetricsReport(_message.Message):
     def __init__(self, ref: _Optional[_Union[StageRef, _Mapping]] = ..., metrics_json: _Optional[str] = ..., secure_sum: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("ref", "status", "progress")
+    __slots__ = ("ref", "status", "progress", "leaving")
     REF_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     ref: StageRef
     status: str
     progress: float
-    def __init__(self, ref: _Optional[_Union[StageRef, _Mapping]] = ..., status: _Optional[str] = ..., progress: _Optional[float] = ...) -> None: ...
+    leaving: str
+    def __init__(self, ref: _Optional[_Union[StageRef, _Mapping]] = ..., status: _Optional[str] = ..., progress: _Optional[float] = ..., leaving: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("silo_id", "current")
