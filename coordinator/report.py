@@ -111,20 +111,30 @@ def round_row(
     eval_s: float,
     reports: Mapping[str, Mapping[str, Any]],
     eval_download_bytes: Mapping[str, int],
+    *,
+    secure_sum: tuple[tuple[str, ...], Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """A round's metrics row: its training summary plus the pooled evaluation of the new global model."""
+    """A round's metrics row: its training summary plus the pooled evaluation of the new global model.
+
+    The pooled scores come from the silos' clear ``reports``, or with ``secure_sum`` =
+    (silos summed, pooled splits) from a secure sum of metrics, where no silo's own scores exist.
+    """
     row = dict(summary)
+    evaluated_by = sorted(reports) if secure_sum is None else sorted(secure_sum[0])
     row["eval_attempt"] = eval_attempt
-    row["evaluated_by"] = sorted(reports)
+    row["evaluated_by"] = evaluated_by
     row["timing"] = {**row.get("timing", {}), "evaluate_stage_s": round(eval_s, 3)}
     row["bytes"] = {
         **row.get("bytes", {}),
-        "eval_download_per_silo": _mean([eval_download_bytes.get(s, 0) for s in reports]),
+        "eval_download_per_silo": _mean([eval_download_bytes.get(s, 0) for s in evaluated_by]),
     }
     for split in ("val", "test"):
-        pooled = pool_split([r["splits"][split] for r in reports.values() if split in r.get("splits", {})])
+        if secure_sum is None:
+            pooled = pool_split([r["splits"][split] for r in reports.values() if split in r.get("splits", {})])
+        else:
+            pooled = secure_sum[1].get(split)
         if pooled is not None:
-            row[split] = pooled
+            row[split] = dict(pooled)
     return row
 
 

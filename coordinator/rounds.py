@@ -18,7 +18,10 @@ A round goes GATHER -> TRAIN -> AGGREGATE -> GATHER -> EVALUATE -> RECORD -> nex
   under the next attempt number, until ``max_attempts`` failures end the run with a message that
   names the round, the silos and what was missing.
 - EVALUATE: every connected silo evaluates the new global state on its own held-out data; the
-  stage ends when all reported, the others went silent, or at the deadline.
+  stage ends when all reported, the others went silent, or at the deadline. With secure metrics
+  the silos instead evaluate in a secure attempt of their own (ADVERTISE_KEYS .. UNMASK over a
+  vector of metric sums), so only the pooled scores are learnt; it needs two connected silos and
+  is retried like a training attempt when it cannot complete.
 - AGGREGATE and RECORD: the driver averages the updates or records the round and checkpoints;
   :meth:`RoundMachine.aggregated` and :meth:`RoundMachine.next_round` move on.
 
@@ -40,6 +43,7 @@ import numpy as np
 from federation import secagg
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg_wire import secure_round_id
+from federation.secure_metrics import METRICS_QUANT, MetricsLayout
 from federation.settings import RoundSettings, SecureSettings
 from federation.transfer import StageKey, stage_name
 
@@ -93,6 +97,8 @@ class SecurePlan:
     quant: secagg.QuantConfig
     verify_cert: secagg.CertVerifier
     weight_unit: float
+    # Evaluation reports go through a secure sum too, so only pooled scores are learnt.
+    metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,8 @@ class Evaluated:
     participants: tuple[str, ...]
     reports: Mapping[str, Any]
     stage_s: float
+    # Secure metrics: the unmasked sum of the participants' metrics vectors (reports is then empty).
+    total: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +272,10 @@ class RoundMachine:
         self._claims: dict[str, Any] = {}
         self._train_started = 0.0
         self._selected: tuple[str, ...] = ()
+        # What the running secure attempt sums: a model update, or evaluation metrics; and the
+        # (classes, channels) the metrics vector is laid out for, once the data layout is known.
+        self._purpose: Literal["update", "metrics"] = "update"
+        self.metrics_shape: tuple[int, int] | None = None
         if progress.pending == "done" or self.round >= plan.rounds:
             self.phase = Phase.DONE
             self._next: Pending = "done"
@@ -342,6 +354,20 @@ class RoundMachine:
             index = self.plan.allowed.index(silo)
             seed = _derived_seed(self.plan.seed, 2, self.round, self.attempt, index)
             secure = self.plan.secure
+            if stage == pb.STAGE_ADVERTISE_KEYS and self._purpose == "metrics":
+                layout = self.metrics_layout(self.round)
+                quant = METRICS_QUANT
+                encoding = SecureSettings(
+                    clip_bound=quant.clip_bound,
+                    frac_bits=quant.frac_bits,
+                    ring_bits=quant.ring_bits,
+                    weight_unit=1.0,
+                    vector_length=layout.vector_length,
+                    content="metrics",
+                )
+                return RoundSettings(
+                    eval_seed=self._eval_seed(), eval_splits=self.eval_splits(self.round), secagg=encoding
+                )
             if stage == pb.STAGE_TRAIN or secure is None or self.vector_length is None:
                 return RoundSettings(train_seed=seed)
             encoding = SecureSettings(
@@ -353,11 +379,23 @@ class RoundMachine:
             )
             return RoundSettings(train_seed=seed, secagg=encoding)
         if stage == pb.STAGE_EVALUATE:
-            return RoundSettings(
-                eval_seed=_derived_seed(self.plan.seed, 3, self.round),
-                eval_splits=self.eval_splits(self.round),
-            )
+            return RoundSettings(eval_seed=self._eval_seed(), eval_splits=self.eval_splits(self.round))
         return RoundSettings()
+
+    def _eval_seed(self) -> int:
+        return _derived_seed(self.plan.seed, 3, self.round)
+
+    @property
+    def secure_metrics(self) -> bool:
+        """Whether evaluation reports are summed securely instead of sent in the clear."""
+        return self.plan.secure is not None and self.plan.secure.metrics
+
+    def metrics_layout(self, round_index: int) -> MetricsLayout:
+        """The metrics vector silos sum in ``round_index`` (secure metrics only)."""
+        if self.metrics_shape is None:
+            raise RuntimeError("the metrics layout needs the data layout, which no silo has brought yet")
+        classes, features = self.metrics_shape
+        return MetricsLayout(classes, features, self.eval_splits(round_index))
 
     def eval_splits(self, round_index: int) -> tuple[str, ...]:
         """The local splits silos evaluate in ``round_index``: validation, and test in the last round."""
@@ -551,7 +589,7 @@ class RoundMachine:
     def _tick_gather(self, now: float) -> list[Effect]:
         assert self._stage is not None
         alive = self.alive(now)
-        need = self.plan.min_silos if self._next == "train" else 1
+        need = self.plan.min_silos if self._next == "train" else 2 if self.secure_metrics else 1
         # Silos that left the run are not waited for.
         everyone = len(alive) + len(self.departed()) >= len(self.plan.allowed)
         past_deadline = now >= self._stage.deadline
@@ -565,10 +603,12 @@ class RoundMachine:
                 self._stage = _Stage(members=members, started=now, deadline=now + self.plan.train_s)
                 self.phase = Phase.TRAIN
                 if self.plan.secure is not None:
-                    return self._start_secure(members, now)
+                    return self._start_secure(members, now, "update")
             else:
                 self.phase = Phase.EVALUATE
                 self._stage = _Stage(members=alive, started=now, deadline=now + self.plan.evaluate_s)
+                if self.secure_metrics:
+                    return self._start_secure(alive, now, "metrics")
             return [Persist(self.progress())]
         if past_deadline:
             waiting = "training" if self._next == "train" else "evaluation"
@@ -602,27 +642,37 @@ class RoundMachine:
             now,
         )
 
-    def _start_secure(self, members: tuple[str, ...], now: float) -> list[Effect]:
+    def _start_secure(
+        self, members: tuple[str, ...], now: float, purpose: Literal["update", "metrics"]
+    ) -> list[Effect]:
+        """Begin a secure attempt over ``members``: training and the update sum, or evaluation and the metrics sum."""
         secure = self.plan.secure
         assert secure is not None
         self.phase = Phase.ADVERTISE
+        self._purpose = purpose
         self._train_started = now
         self._selected = members
         t = secure.threshold_for(len(members))
-        if self.vector_length is None or len(members) < 2 or t > len(members):
+        if purpose == "update":
+            length, quant = self.vector_length, secure.quant
+        else:
+            length = None if self.metrics_shape is None else self.metrics_layout(self.round).vector_length
+            quant = METRICS_QUANT
+        if length is None or len(members) < 2 or t > len(members):
             return [
                 Persist(self.progress()),
                 *self._fail_attempt(
-                    f"round {self.round} attempt {self.attempt}: secure aggregation needs at least 2 selected "
-                    f"silos and t={t} of them, selected {', '.join(members)}",
+                    f"round {self.round} attempt {self.attempt}: {self._secure_name()} needs at least 2 "
+                    f"silos and t={t} of them, had {', '.join(members)}",
                     now,
                 ),
             ]
-        config = secagg.RoundConfig(
-            secure_round_id(self.run_id, self.round, self.attempt), t, self.vector_length, secure.quant
-        )
+        config = secagg.RoundConfig(secure_round_id(self.run_id, self.round, self.attempt), t, length, quant)
         self._secagg = secagg.SecAggServer(config, members, secure.verify_cert)
         return [Persist(self.progress())]
+
+    def _secure_name(self) -> str:
+        return "secure aggregation" if self._purpose == "update" else "secure evaluation"
 
     def _tick_secure(self, now: float) -> list[Effect]:
         stage, server, secure = self._stage, self._secagg, self.plan.secure
@@ -643,19 +693,24 @@ class RoundMachine:
             result = server.finish()
             if not result.completed:
                 return self._fail_attempt(
-                    f"round {self.round} attempt {self.attempt}: secure aggregation did not complete "
+                    f"round {self.round} attempt {self.attempt}: {self._secure_name()} did not complete "
                     f"({result.reason}); nothing was revealed",
                     now,
                 )
-            self.phase = Phase.AGGREGATE
             self._secagg = None
+            if self._purpose == "metrics":
+                self.phase = Phase.RECORD
+                self._inputs, self._claims = {}, {}
+                stage_s = now - self._train_started
+                return [Evaluated(self.round, self.attempt, result.uploaded, {}, stage_s, result.total)]
+            self.phase = Phase.AGGREGATE
             claims = {s: self._claims.get(s, {}) for s in result.uploaded}
             self._inputs, self._claims = {}, {}
             stage_s = now - self._train_started
             return [Aggregate(self.round, self.attempt, self._selected, claims, stage_s, result.total)]
         if isinstance(outcome, secagg.RoundAbort):
             return self._fail_attempt(
-                f"round {self.round} attempt {self.attempt}: secure aggregation aborted at {outcome.stage} "
+                f"round {self.round} attempt {self.attempt}: {self._secure_name()} aborted at {outcome.stage} "
                 f"({outcome.reason}); nothing was revealed",
                 now,
             )

@@ -60,6 +60,7 @@ from federation import identity, pki, tls, wire
 from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
+from federation.secure_metrics import decode_metrics
 from federation.settings import RunSettings
 from federation.transfer import (
     PROTOCOL_VERSION,
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 
 CAPABILITIES = ("plain-aggregation", "secure-aggregation")
 _DRIVER_PERIOD_S = 0.25
+# Key of the pooled normalizer statistics when evaluation metrics are summed securely.
+SECURE_SUM_SILOS = "(secure sum)"
 
 
 def software_version() -> str:
@@ -161,6 +164,8 @@ class Coordinator:
         )
         if self._secure_layout is not None:
             self.machine.vector_length = self._secure_layout.vector_length
+        if self.ckpt.layout is not None:
+            self.machine.metrics_shape = (len(self.ckpt.layout.classes), self.ckpt.layout.n_features)
         self._downloads: dict[tuple[int, int, int], dict[str, int]] = {}
         self._status_text = ""
         self._progress_line = ""
@@ -176,7 +181,9 @@ class Coordinator:
         agg = cfg.aggregation
         quant = QuantConfig(agg.clip_bound, agg.frac_bits, agg.resolved_ring_bits(cfg.silos_per_round))
         verify = ca_cert_verifier(pki.load_certificate(cfg.tls.ca))
-        return SecurePlan(agg.threshold_for, cfg.timeouts.secure_stage_s, quant, verify, agg.weight_unit)
+        return SecurePlan(
+            agg.threshold_for, cfg.timeouts.secure_stage_s, quant, verify, agg.weight_unit, agg.secure_metrics
+        )
 
     # ---- model and state ----------------------------------------------------------------
 
@@ -224,6 +231,8 @@ class Coordinator:
             self._secure_layout = SecureLayout(groups, shapes, agg.clip_bound, agg.weight_unit)
             if hasattr(self, "machine"):
                 self.machine.vector_length = self._secure_layout.vector_length
+        if hasattr(self, "machine"):
+            self.machine.metrics_shape = (len(layout.classes), layout.n_features)
         sha = self._set_state(state)
         if tensors is not None and sha != self.ckpt.state_sha256:
             raise StoreError(f"{self.store.dir}: the checkpointed state changed when loaded into its model")
@@ -475,11 +484,17 @@ class Coordinator:
 
     def _upload_masked(self, silo: str, parts: Iterator[pb.UpdatePart]) -> pb.UploadReceipt:
         started = self.clock()
-        layout = self._secure_layout
-        assert layout is not None and self.plan.secure is not None
-        ring_bits = self.plan.secure.quant.ring_bits
+        with self._cond:
+            running = self.machine.secure_config
+        # The running attempt fixes the shape: a model update, or the metrics of a secure evaluation.
+        # Between attempts only a retried update can arrive, to be answered as a duplicate.
+        if running is not None:
+            length, ring_bits = running.vector_length, running.quant.ring_bits
+        else:
+            assert self._secure_layout is not None and self.plan.secure is not None
+            length, ring_bits = self._secure_layout.vector_length, self.plan.secure.quant.ring_bits
         dtype = f"uint{ring_bits}"
-        expected = layout.vector_length * ring_bits // 8
+        expected = length * ring_bits // 8
 
         def check_header(header: pb.UpdateHeader, manifest: wire.Manifest) -> None:
             if header.encoding != pb.UPDATE_ENCODING_MASKED:
@@ -495,11 +510,8 @@ class Coordinator:
                     return
                 self.machine.check(silo, key, pb.STAGE_MASKED_INPUT)
             specs = manifest.tensors
-            if len(specs) != 1 or specs[0].dtype != dtype or tuple(specs[0].shape) != (layout.vector_length,):
-                raise ProtocolError(
-                    "invalid_argument",
-                    f"a masked vector is one {dtype} tensor of shape ({layout.vector_length},)",
-                )
+            if len(specs) != 1 or specs[0].dtype != dtype or tuple(specs[0].shape) != (length,):
+                raise ProtocolError("invalid_argument", f"a masked vector is one {dtype} tensor of shape ({length},)")
 
         received = receive_upload(
             parts, max_chunk_bytes=self.max_chunk_bytes, max_payload_bytes=expected, check_header=check_header
@@ -705,12 +717,22 @@ class Coordinator:
 
     def _record(self, effect: Evaluated) -> list[Any]:
         summary = self.ckpt.pending_row or {"round": effect.round}
+        stage = pb.STAGE_EVALUATE if effect.total is None else pb.STAGE_ADVERTISE_KEYS
         with self._cond:
-            eval_bytes = dict(self._downloads.get((effect.round, effect.attempt, pb.STAGE_EVALUATE), {}))
-        row = round_row(summary, effect.attempt, effect.stage_s, effect.reports, eval_bytes)
+            eval_bytes = dict(self._downloads.get((effect.round, effect.attempt, stage), {}))
+            layout = None if effect.total is None else self.machine.metrics_layout(effect.round)
+        secure_sum = None
+        if layout is not None:
+            assert effect.total is not None
+            pooled = decode_metrics(layout, effect.total, len(effect.participants))
+            secure_sum = (effect.participants, pooled["splits"])
+        row = round_row(summary, effect.attempt, effect.stage_s, effect.reports, eval_bytes, secure_sum=secure_sum)
         with self._cond:
             for silo, report in effect.reports.items():
                 self.ckpt.normalizers[silo] = report["normalizer"]
+            if secure_sum is not None:
+                # Only the pooled statistics of the silos that evaluated exist; they replace any earlier.
+                self.ckpt.normalizers = {SECURE_SUM_SILOS: pooled["normalizer"]}
             self.ckpt.rows.append(row)
             self.ckpt.pending_row = None
             effects = self.machine.next_round(self.clock())
@@ -723,7 +745,7 @@ class Coordinator:
             effect.round + 1,
             self.plan.rounds,
             "n/a" if val is None else f"{val['accuracy']:.3f}",
-            len(effect.reports),
+            len(row["evaluated_by"]),
             extra={"event": {"event": "round_done", "round": effect.round, "val": val}},
         )
         return effects

@@ -62,6 +62,7 @@ from condi_models.training import LocalResult, TrainingProgress, aggregation_gro
 from federation import pki, secagg, wire
 from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.secure_metrics import METRICS_QUANT, MetricsEncodingError, MetricsLayout, encode_metrics
 from federation.settings import RoundSettings, RunSettings, SettingsError
 from federation.transfer import (
     PROTOCOL_VERSION,
@@ -538,7 +539,11 @@ class SiloAgent:
         stub = self.client.stub
         ref = key.to_proto()
         if key.stage == pb.STAGE_ADVERTISE_KEYS:
-            advert = self._start_secure(task, key, beats)
+            plan = RoundSettings.from_json(task.round_config_json)
+            if plan.secagg is not None and plan.secagg.content == "metrics":
+                advert = self._start_secure_metrics(task, key, plan, beats)
+            else:
+                advert = self._start_secure(task, key, beats)
             request = pb.AdvertiseKeysRequest(ref=ref, signed_keys=advert.to_bytes())
             receipt = self.client.retrying("AdvertiseKeys", lambda: stub.AdvertiseKeys(request, timeout=timeout))
         else:
@@ -628,17 +633,51 @@ class SiloAgent:
         self._secure = _SecureRound(key, round_id, client, contribution.vector, task.state_sha256, claims)
         return client.advertise()
 
-    def _evaluate(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
-        assert self.client is not None and self.model is not None and self.settings is not None and self.data
-        plan = RoundSettings.from_json(task.round_config_json)
+    def _start_secure_metrics(
+        self, task: pb.Task, key: StageKey, plan: RoundSettings, beats: Heartbeats
+    ) -> secagg.KeyAdvert:
+        """Evaluate, write the scores as a vector of sums and make this attempt's protocol client."""
+        assert self.run_id is not None and self.data and self.settings is not None
+        enc = plan.secagg
+        assert enc is not None
+        layout = MetricsLayout(len(self.settings.layout.classes), self.settings.layout.n_features, plan.eval_splits)
+        quant = secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits)
+        if enc.vector_length != layout.vector_length or quant != METRICS_QUANT:
+            raise SettingsError(
+                f"round settings: a metrics sum of {enc.vector_length} entries in {quant}; this silo lays its "
+                f"scores out as {layout.vector_length} entries in {METRICS_QUANT}"
+            )
+        results = self._evaluate_splits(task, key, plan, beats)
+        try:
+            vector = encode_metrics(layout, results, self.data.normalizer_report())
+        except MetricsEncodingError as exc:
+            raise secagg.ProtocolError(f"refusing to send the metrics of {key.describe()}: {exc}") from exc
+        round_id = sw.secure_round_id(self.run_id, key.round, key.attempt)
+        client = secagg.SecAggClient(
+            secagg.RoundConfig(round_id, task.threshold, layout.vector_length, quant),
+            self.cfg.silo_id,
+            self._signing_key,
+            self._cert_pem,
+            self._verify_cert,
+            rounding_seed=plan.eval_seed or 0,
+        )
+        self._secure = _SecureRound(key, round_id, client, vector, task.state_sha256, {})
+        log.info("%s: evaluated %s; the scores go into a secure sum", key.describe(), ", ".join(plan.eval_splits))
+        return client.advertise()
+
+    def _evaluate_splits(
+        self, task: pb.Task, key: StageKey, plan: RoundSettings, beats: Heartbeats
+    ) -> dict[str, EvalResult]:
+        """Load the task's global state and evaluate it on each local split the round names."""
+        assert self.model is not None and self.settings is not None and self.data
         if plan.eval_seed is None or not plan.eval_splits:
-            raise SettingsError("round settings: an EVALUATE task needs eval_seed and eval_splits")
+            raise SettingsError(f"round settings: evaluation in {key.describe()} needs eval_seed and eval_splits")
         beats.update("downloading the global state", 0.0)
         self._load_global_state(task, key)
-        splits = {}
+        results = {}
         for i, name in enumerate(plan.eval_splits):
             beats.update(f"evaluating on the {name} split", i / len(plan.eval_splits))
-            result = evaluate(
+            results[name] = evaluate(
                 self.model,
                 self.data.split(name),
                 window=self.settings.training.window,
@@ -646,7 +685,12 @@ class SiloAgent:
                 seed=plan.eval_seed,
                 device=self.device,
             )
-            splits[name] = split_report(result)
+        return results
+
+    def _evaluate(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
+        assert self.client is not None and self.data
+        plan = RoundSettings.from_json(task.round_config_json)
+        splits = {name: split_report(r) for name, r in self._evaluate_splits(task, key, plan, beats).items()}
         metrics = {"splits": splits, "normalizer": self.data.normalizer_report()}
         receipt = self.client.report_metrics(
             pb.MetricsReport(ref=key.to_proto(), metrics_json=json.dumps(metrics))
