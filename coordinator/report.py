@@ -150,11 +150,13 @@ def write_report(
     normalizer: ChannelNormalizer | None,
     layout: DatasetInfo | None,
     departed: Mapping[str, str] | None = None,
+    aggregation: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write report.json, curves.png and, when a model exists, global_model.npz; returns the report path.
 
     ``departed`` names the silos that left the run and why; report.json lists them, and the
-    epsilon each DP silo claimed per round under ``privacy``.
+    epsilon each DP silo claimed per round under ``privacy``. ``aggregation`` says how updates
+    (and, with secure metrics, evaluation scores) were combined.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     final = next((dict(r["test"]) for r in reversed(rows) if "test" in r), None)
@@ -170,6 +172,7 @@ def write_report(
         "rounds": list(rows),
         "files": {"metrics": "metrics.jsonl", "curves": "curves.png"},
         "departed": dict(departed or {}),
+        "aggregation": dict(aggregation or {}),
     }
     epsilon = epsilon_by_silo(rows)
     if epsilon:

@@ -848,7 +848,19 @@ class Coordinator:
             normalizer=normalizer,
             layout=self.ckpt.layout,
             departed=departed,
+            aggregation=self._aggregation_summary(),
         )
+
+    def _aggregation_summary(self) -> dict[str, Any]:
+        """How the run combined what silos sent, in words for the report's reader."""
+        if self.plan.secure is None:
+            return {"mode": "plain", "secure_metrics": False, "note": "the coordinator saw every silo's update"}
+        learnt = "updates and evaluation scores" if self.machine.secure_metrics else "updates"
+        return {
+            "mode": "secure",
+            "secure_metrics": self.machine.secure_metrics,
+            "note": f"the coordinator learnt only sums of the silos' {learnt}",
+        }
 
     def _tell_silos_done(self) -> None:
         """Keep answering until every connected silo has learnt the run is over, or the grace ends."""

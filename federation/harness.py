@@ -7,7 +7,8 @@ its own patient-disjoint Dirichlet share of it (synthetic 12-lead ECG by default
 PTB-XL with ``--data ptbxl``). It shows progress, waits for the run to end and returns where the
 report is.
 
-Secure aggregation is on unless ``--plain`` (then the coordinator sees every update, and says so).
+Secure aggregation is on unless ``--plain`` (then the coordinator sees every update, and says so);
+``--secure-metrics`` sums the silos' evaluation scores securely as well.
 ``--dp`` trains every silo with DP-SGD: each site.yaml gets a ``privacy:`` section with
 ``--dp-epsilon`` (default 8) and ``--dp-delta`` (default 1e-5), and ``--dp-planned-rounds`` when
 given (else each silo plans for its expected share of the rounds); the summary gives the epsilon
@@ -117,6 +118,8 @@ class HarnessOptions:
     nan_update: tuple[str, int] | None = None
     restart_coordinator_at: int | None = None
     secure: bool = True
+    # Evaluation scores go through a secure sum too (secure mode only).
+    secure_metrics: bool = False
     threshold: float | int | None = None
     model: Mapping[str, Any] | None = None
     timeouts: Mapping[str, float] = field(default_factory=dict)
@@ -222,6 +225,7 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
         "evaluation": dict(profile.evaluation),
         "aggregation": {
             "mode": "secure" if opts.secure else "plain",
+            **({"secure_metrics": True} if opts.secure_metrics else {}),
             **({} if opts.threshold is None else {"threshold": opts.threshold}),
         },
     }
@@ -451,6 +455,7 @@ def _harness(args: argparse.Namespace) -> int:
         nan_update=args.nan_update,
         restart_coordinator_at=args.restart_coordinator_at,
         secure=not args.plain,
+        secure_metrics=args.secure_metrics,
         restart_killed=args.restart_killed,
         dp=args.dp,
         dp_epsilon=args.dp_epsilon,
@@ -489,6 +494,8 @@ def _harness(args: argparse.Namespace) -> int:
     report = json.loads(result.report.read_text())
     accuracy = ", ".join(f"{a:.3f}" for a in report.get("val_accuracy_by_round", []))
     mode = "secure aggregation" if opts.secure else "plain aggregation (the coordinator saw each update)"
+    if opts.secure_metrics:
+        mode += ", evaluation scores summed securely"
     print(
         f"{report['status']}: {report['message']}; {mode}; {dp_summary(opts, report)}; "
         f"validation accuracy by round: {accuracy}",
@@ -543,6 +550,11 @@ def add_harness_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--plain", action="store_true", help="aggregate in the clear (default: secure aggregation)"
+    )
+    p.add_argument(
+        "--secure-metrics",
+        action="store_true",
+        help="evaluation scores go through the secure sum too: the coordinator learns only pooled ones",
     )
     p.add_argument(
         "--restart-killed", action="store_true", help="start a silo killed by --kill-silo again on its state"

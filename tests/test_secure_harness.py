@@ -60,3 +60,27 @@ def test_silos_dropping_at_each_secure_stage_and_a_too_small_attempt_retried(tmp
     assert report["status"] == "complete" and report["rounds_completed"] == 2
     # The coordinator only ever logged masked vectors, never a plain update.
     assert "masked vector from silo" in coordinator_log and " update from silo" not in coordinator_log
+
+
+def test_secure_metrics_leave_the_coordinator_only_pooled_scores(tmp_path: Path) -> None:
+    opts = HarnessOptions(
+        out=tmp_path / "run", silos=3, rounds=2, per_round=3, min_silos=2, secure_metrics=True,
+        timeouts={**FAST, "secure_stage_s": 60.0}, timeout_s=500,
+    )
+    result = run_harness(opts)
+    coordinator_log = (result.out / "logs" / "coordinator.log").read_text()
+    assert result.coordinator_exit == 0, coordinator_log[-3000:]
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["status"] == "complete"
+    assert report["aggregation"]["mode"] == "secure" and report["aggregation"]["secure_metrics"] is True
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        # Every silo's scores are in the pooled sum; no silo's own scores reached the coordinator.
+        assert row["val"]["secure_sum"] is True and row["val"]["silos"] == 3, row["val"]
+        assert row["evaluated_by"] == ["silo-1", "silo-2", "silo-3"]
+        assert sum(map(sum, row["val"]["confusion_matrix"])) == row["val"]["n"]
+    assert "test" in rows[-1] and rows[-1]["test"]["secure_sum"] is True
+    assert report["final_test"]["n"] == rows[-1]["test"]["n"]
+    assert "metrics from silo" not in coordinator_log and "secure evaluation" not in coordinator_log
+    # The exported model carries the normalizer pooled from the secure sum.
+    assert (result.run_dir / "global_model.npz").is_file()
