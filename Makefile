@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/condi harness --silos 6 --per-round 3 --rounds 8 --profile demo
+	$(BIN)/condi harness --silos 6 --per-round 3 --rounds 8 --profile demo --secure-metrics
 
 test: $(STAMP)
 	$(BIN)/ruff check .
