@@ -8,23 +8,26 @@ Run from the repository root:
 Five parts, each printed as a markdown table and kept in the JSON:
 
 1. Keystream: the raw AES-256-CTR keystream the PRG is built on, and ``prg.apply_masks`` with one
-   stream (keystream plus ring addition), single-threaded.
+   and with six streams (keystream plus ring addition), single-threaded.
 2. Protocol rounds: for every n in ``--ns`` and size in ``--sizes``, a full round of the real
    :class:`SecAggClient` / :class:`SecAggServer` (X25519, ECDSA-signed adverts against a throwaway
    dev CA, AES-GCM shares, Shamir) with no dropout and with n - t silos dropping after ShareKeys,
    ``t`` and the quantization as the coordinator's defaults choose them. Timed: every uploader's
    ``masked_input`` (the silo's whole stage: open shares, derive pair seeds, quantize, mask), the
    coordinator's ``close_masked`` (summing the uploads) and ``finish`` (recovering seeds and keys,
-   removing the masks, dequantizing). The unmasked sum is checked against the plaintext sum
-   within the quantization error; a mismatch stops the run. Quantization and masking alone are
-   timed separately through the same library functions (best of ``--repeats``).
+   removing the masks, dequantizing), over ``--round-repeats`` fresh rounds per point. The
+   unmasked sum is checked against the plaintext sum within the quantization error; a mismatch
+   stops the run. Quantization and masking alone are timed separately through the same library
+   functions (best of ``--repeats``).
 3. The issue's goals as a targets table.
 4. Upload bytes of one silo in the demo configuration (``make demo``), secure vs plain, from the
    protobuf messages the silo agent sends (``ByteSize`` summed), key and share traffic apart.
-5. ``condi harness`` in the demo configuration run twice with one seed, secure and ``--plain``:
-   per-round stage times from the coordinator's metrics.jsonl and events.jsonl.
+5. ``condi harness`` in the demo configuration with one seed, secure and ``--plain`` alternated
+   ``--harness-pairs`` times: per-round stage times from the coordinator's metrics.jsonl and
+   events.jsonl (``--skip-harness`` leaves this part out).
 
-The machine is often shared, so the 1-minute load average is recorded before and after each part.
+The machine is often shared, so single-threaded timings are given as wall and CPU (thread) time,
+and the 1-minute load average is recorded with each part.
 """
 
 from __future__ import annotations
