@@ -472,39 +472,56 @@ def _timestamp(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
-def phase_starts(events_path: Path) -> dict[int, dict[str, float]]:
-    """For each round, when each phase was first reported (seconds since the epoch), from events.jsonl."""
-    starts: dict[int, dict[str, float]] = {}
+def phase_sequence(events_path: Path) -> dict[int, list[tuple[str, float]]]:
+    """For each round, its phases in the order reported, each with its start (seconds since the epoch).
+
+    Read from the progress events in events.jsonl; a phase is one run of equal consecutive phases, so
+    the secure stages of a round's evaluation (secure metrics) come out apart from its training's.
+    """
+    sequence: dict[int, list[tuple[str, float]]] = {}
     for line in events_path.read_text().splitlines():
         event = json.loads(line)
         if event.get("event") != "progress":
             continue
-        phases = starts.setdefault(int(event["round"]), {})
-        phases.setdefault(event["phase"], _timestamp(event["time"]))
-    return starts
+        phases = sequence.setdefault(int(event["round"]), [])
+        if not phases or phases[-1][0] != event["phase"]:
+            phases.append((event["phase"], _timestamp(event["time"])))
+    return sequence
 
 
-SECURE_PHASES = ("advertise_keys", "share_keys", "masked_input", "unmask", "aggregate", "evaluate", "record")
-PLAIN_PHASES = ("train", "aggregate", "evaluate", "record")
+def phase_durations(phases: list[tuple[str, float]]) -> tuple[dict[str, float], float]:
+    """Seconds per phase from the round's training task to its recorded evaluation, and their sum.
+
+    Phases after the aggregation of the updates belong to the evaluation and are named ``eval <phase>``.
+    """
+    names = [p for p, _ in phases]
+    first = next(i for i, p in enumerate(names) if p in ("train", "advertise_keys"))
+    last = names.index("record", first)
+    durations: dict[str, float] = {}
+    evaluating = False
+    for (phase, t0), (_, t1) in itertools.pairwise(phases[first : last + 1]):
+        label = f"eval {phase}" if evaluating and phase != "evaluate" else phase
+        evaluating = evaluating or phase == "aggregate"
+        durations[label] = round(durations.get(label, 0.0) + t1 - t0, 3)
+    return durations, round(phases[last][1] - phases[first][1], 3)
 
 
-def harness_run(out: Path, rounds: int, secure: bool, seed: int) -> dict[str, Any]:
+def harness_run(out: Path, rounds: int, secure: bool, secure_metrics: bool, seed: int) -> dict[str, Any]:
     """One ``condi harness`` run in the demo configuration; per-round stage times from its run directory."""
     load_before = load_1m()
     t0 = time.perf_counter()
-    result = run_harness(HarnessOptions(out=out, rounds=rounds, seed=seed, secure=secure, **DEMO))
+    options = HarnessOptions(
+        out=out, rounds=rounds, seed=seed, secure=secure, secure_metrics=secure and secure_metrics, **DEMO
+    )
+    result = run_harness(options)
     wall = time.perf_counter() - t0
     if result.report is None or result.coordinator_exit != 0:
         raise RuntimeError(f"harness run in {out} failed (coordinator exit {result.coordinator_exit}); see {out}/logs")
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    starts = phase_starts(result.run_dir / "events.jsonl")
-    order = SECURE_PHASES if secure else PLAIN_PHASES
+    sequence = phase_sequence(result.run_dir / "events.jsonl")
     per_round = []
     for row in rows:
-        phases = starts[row["round"]]
-        present = [p for p in order if p in phases]
-        # Each phase lasts until the next one of the round is reported; "record" closes the round.
-        durations = {a: round(phases[b] - phases[a], 3) for a, b in itertools.pairwise(present)}
+        durations, round_s = phase_durations(sequence[row["round"]])
         timing = row["timing"]
         per_round.append(
             {
@@ -518,13 +535,14 @@ def harness_run(out: Path, rounds: int, secure: bool, seed: int) -> dict[str, An
                 "phase_a_s": timing["phase_a_s"],
                 "phase_b_s": timing["phase_b_s"],
                 "upload_per_silo_bytes": row["bytes"]["upload_per_silo"],
-                "round_s": round(phases["record"] - phases[present[0]], 3),
+                "round_s": round_s,
                 "phases_s": durations,
                 "val_accuracy": row.get("val", {}).get("accuracy"),
             }
         )
     return {
         "secure": secure,
+        "secure_metrics": options.secure_metrics,
         "run_dir": str(out),
         "wall_s": round(wall, 1),
         "load_1m_before": load_before,
@@ -537,13 +555,13 @@ def harness_run(out: Path, rounds: int, secure: bool, seed: int) -> dict[str, An
 SECURE_ONLY = ("share_keys", "masked_input", "unmask")
 
 
-def harness(root: Path, rounds: int, pairs: int, seed: int) -> dict[str, Any]:
+def harness(root: Path, rounds: int, pairs: int, secure_metrics: bool, seed: int) -> dict[str, Any]:
     """``pairs`` secure and plain harness runs of the demo configuration, alternated so that changes in
     the machine's load fall on both modes, and the ratios of their mean stage times."""
     runs: dict[str, list[dict[str, Any]]] = {"secure": [], "plain": []}
     for pair in range(1, pairs + 1):
         for mode in ("secure", "plain"):
-            runs[mode].append(harness_run(root / f"{mode}-{pair}", rounds, mode == "secure", seed))
+            runs[mode].append(harness_run(root / f"{mode}-{pair}", rounds, mode == "secure", secure_metrics, seed))
     return summarize_harness(runs, rounds, seed)
 
 
@@ -555,15 +573,19 @@ def summarize_harness(runs: dict[str, list[dict[str, Any]]], rounds: int, seed: 
 
     train_s = {m: mean(m, lambda r: r["train_stage_s"]) for m in runs}
     round_s = {m: mean(m, lambda r: r["round_s"]) for m in runs}
+    evaluate_s = {m: mean(m, lambda r: r["evaluate_stage_s"]) for m in runs}
     local_s = {m: mean(m, lambda r: r["phase_a_s"] + r["phase_b_s"]) for m in runs}
     secure_only = mean("secure", lambda r: sum(r["phases_s"].get(p, 0.0) for p in SECURE_ONLY))
     return {
         "configuration": f"condi harness --silos {DEMO['silos']} --per-round {DEMO['per_round']}"
-        f" --profile demo --rounds {rounds} --seed {seed} [--plain]",
+        f" --profile demo --rounds {rounds} --seed {seed}"
+        + (" --secure-metrics" if runs["secure"][0]["secure_metrics"] else "")
+        + " / the same with --plain",
         "pairs": len(runs["secure"]),
         **runs,
         "mean_train_stage_s": train_s,
         "mean_round_s": round_s,
+        "mean_evaluate_stage_s": evaluate_s,
         "mean_local_training_s": local_s,
         "mean_secure_only_stages_s": round(secure_only, 3),
         "train_stage_ratio": round(train_s["secure"] / train_s["plain"], 3),
@@ -762,6 +784,12 @@ def tables(report: Mapping[str, Any]) -> str:
                         fmt(runs["train_stage_ratio"]),
                     ],
                     [
+                        "evaluation stage (s)",
+                        fmt(runs["mean_evaluate_stage_s"]["secure"], 2),
+                        fmt(runs["mean_evaluate_stage_s"]["plain"], 2),
+                        fmt(runs["mean_evaluate_stage_s"]["secure"] / runs["mean_evaluate_stage_s"]["plain"]),
+                    ],
+                    [
                         "round, training to record (s)",
                         fmt(runs["mean_round_s"]["secure"], 2),
                         fmt(runs["mean_round_s"]["plain"], 2),
@@ -806,6 +834,11 @@ def main() -> None:
         "--harness-pairs", type=int, default=1, help="secure/plain harness run pairs, alternated (default 1)"
     )
     parser.add_argument("--skip-harness", action="store_true", help="do not run the secure/plain harness pair")
+    parser.add_argument(
+        "--no-secure-metrics",
+        action="store_true",
+        help="secure harness runs sum only the updates securely (make demo sums evaluation scores securely too)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="harness seed")
     parser.add_argument(
         "--runs-dir", type=Path, default=None, help="where harness runs go (default runs/secagg-<time>)"
@@ -835,6 +868,7 @@ def main() -> None:
                 "--skip-harness"
                 if args.skip_harness
                 else f"--harness-rounds {harness_rounds} --harness-pairs {args.harness_pairs}",
+                "--no-secure-metrics" if args.no_secure_metrics else "",
             )
             if a
         ),
@@ -848,7 +882,9 @@ def main() -> None:
         report["bytes"] = demo_bytes(Path(tmp))
     print(f"demo bytes: {report['bytes']}", flush=True)
     if not args.skip_harness:
-        report["harness"] = harness(runs_dir.resolve(), harness_rounds, args.harness_pairs, args.seed)
+        report["harness"] = harness(
+            runs_dir.resolve(), harness_rounds, args.harness_pairs, not args.no_secure_metrics, args.seed
+        )
     report["targets"] = [t.to_dict() for t in targets(report)]
     write_json(out, report)
     print(tables(report))
