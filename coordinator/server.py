@@ -786,12 +786,16 @@ class Coordinator:
         while not finished and not self._stopping.is_set():
             with self._cond:
                 now = self.clock()
+                before = (self.machine.round, self.machine.attempt, self.machine.phase)
                 effects = self.machine.tick(now)
                 for effect in effects:
                     if isinstance(effect, Persist):
                         self._checkpoint()
                     elif isinstance(effect, Retry):
                         log.warning("retrying round %d: %s", effect.round, effect.message)
+                if (self.machine.round, self.machine.attempt, self.machine.phase) != before:
+                    # Silos holding a GetTask long poll learn their new task now, not when the poll ends.
+                    self._cond.notify_all()
                 self._write_status(now)
             queue = [e for e in effects if not isinstance(e, Persist | Retry)]
             while queue:
