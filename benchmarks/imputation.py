@@ -4,6 +4,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/imputation.py [--ptbxl ../shared/data/ptbxl]   # tables, samplers, throughput
     .venv/bin/python benchmarks/imputation.py --features                       # feature reconstruction
     .venv/bin/python benchmarks/imputation.py --quick [--features]             # smoke run, a few minutes
+    .venv/bin/python benchmarks/imputation.py --throughput-only --out FILE     # throughput alone, ~1 min
 
 Data: synthetic 12-lead ECG (``--records``), split by patient 70/15/15, standardized per channel
 with statistics of the training split; windows of ``--window`` steps (random crops in training,
@@ -47,6 +48,7 @@ and the issue's targets (met / missed) are printed at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -533,6 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, model and budget")
     parser.add_argument("--features", action="store_true", help="run the feature reconstruction analysis only")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="measure only impute-and-classify throughput (for a quiet machine), into its own section")
     parser.add_argument("--ptbxl", help="PTB-XL folder (ptbxl_database.csv, records100/) for its MAE table")
     parser.add_argument("--ptbxl-records", type=int, help="use the first N PTB-XL records (default all)")
     parser.add_argument("--records", type=int, default=600, help="synthetic ECG records (one per patient)")
@@ -584,6 +588,13 @@ def main(argv: list[str] | None = None) -> None:
     results = read_json(out)
     t0 = time.perf_counter()
     settings = {k: v for k, v in vars(args).items() if k not in ("pw_list",)}
+    if args.throughput_only:
+        train_ds, test_ds = synthetic_splits(args)
+        section = throughput(test_ds, ChannelNormalizer.fit(train_ds.x, train_ds.observed), args)
+        results["throughput_only"] = {**section, "machine": machine(device), "load_average": list(os.getloadavg())}
+        write_json(out, results)
+        log(f"wrote {out}: {[round(r['records_per_s'], 2) for r in section['rows']]} records/s")
+        return
     if args.features:
         results["features"] = features_section(args, device)
         results["features"]["settings"] = settings
