@@ -1,4 +1,4 @@
-"""Small hand-built datasets for tests that need no loader."""
+"""Small hand-built datasets for tests that need no loader, and silo identities from a dev PKI."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo, Modality
+from federation import pki
+from federation.secagg import ca_cert_verifier
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,3 +44,12 @@ def toy_dataset(
         sample_ids=tuple(f"toy/{i}" for i in range(n)),
         patient_ids=tuple(f"p{i // records_per_patient}" for i in range(n)),
     )
+
+
+def secagg_identities(folder: Path, n: int):
+    """A dev PKI for ``n`` silos in ``folder``: (CA verifier, signing key per silo, certificate PEM per silo)."""
+    dev = pki.dev_pki(folder, n)
+    verify = ca_cert_verifier(pki.load_certificate(dev.ca.cert))
+    keys = {sid: pki.load_private_key(p.key) for sid, p in dev.silos.items()}
+    certs = {sid: p.cert.read_bytes() for sid, p in dev.silos.items()}
+    return verify, keys, certs

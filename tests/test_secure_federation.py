@@ -18,7 +18,6 @@ from condi_models.aggregation import ParameterGroups, SecureLayout, SiloUpdate, 
 from condi_models.configfile import ConfigError, parse_config
 from coordinator.config import FederationConfig, load_federation_config
 from coordinator.rounds import Aggregate, Phase, Retry, RoundMachine, RoundPlan, RoundProgress, SecurePlan
-from federation import pki
 from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import (
@@ -29,10 +28,10 @@ from federation.secagg import (
     RoundConfig,
     SecAggClient,
     SecAggServer,
-    ca_cert_verifier,
     decode_message,
 )
 from federation.transfer import StageKey
+from tests.helpers import secagg_identities
 
 GROUPS = ParameterGroups({"theta": "all", "w_mod": ("modality/0", "modality/1"), "stem": "modality/1"})
 SHAPES = {"theta": (4, 3), "w_mod": (2, 5), "stem": (6,)}
@@ -42,11 +41,7 @@ N = 5
 
 @pytest.fixture(scope="module")
 def silos(tmp_path_factory: pytest.TempPathFactory):
-    dev = pki.dev_pki(tmp_path_factory.mktemp("pki"), N)
-    verify = ca_cert_verifier(pki.load_certificate(dev.ca.cert))
-    keys = {sid: pki.load_private_key(p.key) for sid, p in dev.silos.items()}
-    certs = {sid: p.cert.read_bytes() for sid, p in dev.silos.items()}
-    return verify, keys, certs
+    return secagg_identities(tmp_path_factory.mktemp("pki"), N)
 
 
 def _world(seed: int):

@@ -25,10 +25,9 @@ from condi_models.metrics import (
 )
 from coordinator.pooling import pool_normalizers, pool_split
 from coordinator.rounds import Evaluated, Phase, RoundMachine, RoundPlan, RoundProgress, SecurePlan
-from federation import pki
 from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
-from federation.secagg import QuantConfig, SecAggClient, ca_cert_verifier, decode_message, dequantize, quantize
+from federation.secagg import QuantConfig, SecAggClient, decode_message, dequantize, quantize
 from federation.secure_metrics import (
     METRICS_CLIP,
     METRICS_QUANT,
@@ -40,6 +39,7 @@ from federation.secure_metrics import (
 from federation.settings import RoundSettings
 from federation.transfer import StageKey
 from silo_agent.agent import split_report
+from tests.helpers import secagg_identities
 
 CLASSES = ("a", "b", "c")
 FEATURES = 4
@@ -136,11 +136,7 @@ N = 4
 
 @pytest.fixture(scope="module")
 def silos(tmp_path_factory: pytest.TempPathFactory):
-    dev = pki.dev_pki(tmp_path_factory.mktemp("pki"), N)
-    verify = ca_cert_verifier(pki.load_certificate(dev.ca.cert))
-    keys = {sid: pki.load_private_key(p.key) for sid, p in dev.silos.items()}
-    certs = {sid: p.cert.read_bytes() for sid, p in dev.silos.items()}
-    return verify, keys, certs
+    return secagg_identities(tmp_path_factory.mktemp("pki"), N)
 
 
 def _machine(verify) -> RoundMachine:
