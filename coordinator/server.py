@@ -720,17 +720,17 @@ class Coordinator:
         stage = pb.STAGE_EVALUATE if effect.total is None else pb.STAGE_ADVERTISE_KEYS
         with self._cond:
             eval_bytes = dict(self._downloads.get((effect.round, effect.attempt, stage), {}))
-            layout = None if effect.total is None else self.machine.metrics_layout(effect.round)
-        secure_sum = None
-        if layout is not None:
-            assert effect.total is not None
-            pooled = decode_metrics(layout, effect.total, len(effect.participants))
-            secure_sum = (effect.participants, pooled["splits"])
+            pooled = (
+                None
+                if effect.total is None
+                else decode_metrics(self.machine.metrics_layout(effect.round), effect.total, len(effect.participants))
+            )
+        secure_sum = None if pooled is None else (effect.participants, pooled["splits"])
         row = round_row(summary, effect.attempt, effect.stage_s, effect.reports, eval_bytes, secure_sum=secure_sum)
         with self._cond:
             for silo, report in effect.reports.items():
                 self.ckpt.normalizers[silo] = report["normalizer"]
-            if secure_sum is not None:
+            if pooled is not None:
                 # Only the pooled statistics of the silos that evaluated exist; they replace any earlier.
                 self.ckpt.normalizers = {SECURE_SUM_SILOS: pooled["normalizer"]}
             self.ckpt.rows.append(row)

@@ -615,22 +615,30 @@ class SiloAgent:
                 enc.weight_unit,
             )
         claims.update(clipped=contribution.clipped, capped_weights=len(capped), samples=result.n_samples)
+        quant = secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits)
+        return self._begin_secure(task, key, quant, contribution.vector, claims, plan.train_seed or 0)
+
+    def _begin_secure(
+        self,
+        task: pb.Task,
+        key: StageKey,
+        quant: secagg.QuantConfig,
+        vector: np.ndarray,
+        claims: dict[str, Any],
+        rounding_seed: int,
+    ) -> secagg.KeyAdvert:
+        """This attempt's protocol client for summing ``vector``; returns its signed key advert."""
+        assert self.run_id is not None
         round_id = sw.secure_round_id(self.run_id, key.round, key.attempt)
-        config = secagg.RoundConfig(
-            round_id,
-            task.threshold,
-            enc.vector_length,
-            secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits),
-        )
         client = secagg.SecAggClient(
-            config,
+            secagg.RoundConfig(round_id, task.threshold, vector.size, quant),
             self.cfg.silo_id,
             self._signing_key,
             self._cert_pem,
             self._verify_cert,
-            rounding_seed=plan.train_seed or 0,
+            rounding_seed=rounding_seed,
         )
-        self._secure = _SecureRound(key, round_id, client, contribution.vector, task.state_sha256, claims)
+        self._secure = _SecureRound(key, round_id, client, vector, task.state_sha256, claims)
         return client.advertise()
 
     def _start_secure_metrics(
@@ -652,18 +660,8 @@ class SiloAgent:
             vector = encode_metrics(layout, results, self.data.normalizer_report())
         except MetricsEncodingError as exc:
             raise secagg.ProtocolError(f"refusing to send the metrics of {key.describe()}: {exc}") from exc
-        round_id = sw.secure_round_id(self.run_id, key.round, key.attempt)
-        client = secagg.SecAggClient(
-            secagg.RoundConfig(round_id, task.threshold, layout.vector_length, quant),
-            self.cfg.silo_id,
-            self._signing_key,
-            self._cert_pem,
-            self._verify_cert,
-            rounding_seed=plan.eval_seed or 0,
-        )
-        self._secure = _SecureRound(key, round_id, client, vector, task.state_sha256, {})
         log.info("%s: evaluated %s; the scores go into a secure sum", key.describe(), ", ".join(plan.eval_splits))
-        return client.advertise()
+        return self._begin_secure(task, key, quant, vector, {}, plan.eval_seed or 0)
 
     def _evaluate_splits(
         self, task: pb.Task, key: StageKey, plan: RoundSettings, beats: Heartbeats
