@@ -138,6 +138,7 @@ def settings(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "eval_samples": args.eval_samples,
         "eval_steps": args.eval_steps,
         "seed": args.seed,
+        "gaussian_prior": not args.no_prior,
     }
 
 
@@ -158,7 +159,7 @@ def experiment(s: dict[str, Any], method: Variant, ps: float, pw: float, device:
             "silos": s["silos"], "silos_per_round": s["silos_per_round"], "rounds": s["rounds"],
             "partition": "dirichlet", "alpha": s["alpha"], "eval_every": s["rounds"],
         },
-        "model": {"variant": method.value, **MODEL_SIZES[s["model_size"]]},
+        "model": {"variant": method.value, "gaussian_prior": s["gaussian_prior"], **MODEL_SIZES[s["model_size"]]},
         "training": {"epochs_a": s["epochs_a"], "epochs_b": s["epochs_b"], "batch_size": s["batch_size"],
                      "window": s["window"]},
         "evaluation": {"n_samples": s["eval_samples"], "steps": s["eval_steps"], "method": "ddim"},
@@ -330,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs-b", type=int, default=1, help="local Phase B epochs per round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--no-prior", action="store_true",
+                        help="diffusion imputers without their Gaussian prior (the imputer before it existed)")
     parser.add_argument("--eval-samples", type=int, default=1, help="imputation draws per window at evaluation")
     parser.add_argument("--eval-steps", type=int, default=10, help="DDIM steps at evaluation")
     parser.add_argument("--threads", type=int, default=2)

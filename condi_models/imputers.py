@@ -191,37 +191,18 @@ class RidgeImputer:
     def fit(self, x: np.ndarray, observed: np.ndarray) -> RidgeImputer:
         """Standardize channels, start from pairwise-complete moments, refine them by EM."""
         _check_arrays(x, observed)
-        n, f, length = x.shape
+        f = x.shape[1]
         means = _channel_means(x, observed)
         centered = np.where(observed, x - means[None, :, None], 0.0)
         counts = observed.sum(axis=(0, 2))
         var = np.divide((centered**2).sum(axis=(0, 2)), counts, out=np.zeros(f), where=counts > 0)
         # A constant or never-observed channel keeps unit scale so standardizing never divides by 0.
         scales = np.where(var > 0, np.sqrt(var), 1.0)
-        z_rows = (centered / scales[None, :, None]).transpose(0, 2, 1).reshape(n * length, f)
-        obs_rows = observed.transpose(0, 2, 1).reshape(n * length, f)
-        cov = _nearest_psd(_pairwise_covariance(z_rows, obs_rows))
-
-        useful = np.flatnonzero(obs_rows.any(axis=1))
-        groups = _group_by_pattern(obs_rows[useful])
-        if groups.patterns.shape[0] * f * f > _STATS_BUDGET_ENTRIES:
-            keep = np.random.default_rng(self.seed).choice(
-                useful.size, size=max(1, _STATS_BUDGET_ENTRIES // (f * f)), replace=False
-            )
-            useful = useful[np.sort(keep)]
-            groups = _group_by_pattern(obs_rows[useful])
-            log.info("ridge imputer: EM on %d sampled time steps to bound memory", useful.size)
-        s1, s2 = _group_moments(z_rows[useful], groups)
-
-        mu = np.zeros(f)
-        iterations, change = 0, np.inf
-        while iterations < self.max_iter and change >= self.tol:
-            new_mu, new_cov = _em_step(mu, cov, groups, s1, s2, self.alpha)
-            change = max(np.abs(new_mu - mu).max(), np.abs(new_cov - cov).max())
-            mu, cov = new_mu, new_cov
-            iterations += 1
-        if change >= self.tol and self.max_iter:
-            log.info("ridge imputer: EM stopped at max_iter=%d before reaching tol", self.max_iter)
+        z = centered / scales[None, :, None]
+        start = _nearest_psd(_pairwise_covariance(*_rows_of(z, observed)))
+        mu, cov, iterations = gaussian_em(
+            z, observed, np.zeros(f), start, self.max_iter, alpha=self.alpha, tol=self.tol, seed=self.seed
+        )
         self.fitted = _GaussianFit(means=means, scales=scales, mu=mu, cov=cov, em_iterations=iterations)
         return self
 
@@ -234,9 +215,7 @@ class RidgeImputer:
         n, f, length = x.shape
 
         # One row per (sample, time step): its observed subset and standardized values (0 where missing).
-        obs_rows = observed.transpose(0, 2, 1).reshape(n * length, f)
-        z = np.where(observed, (x - g.means[None, :, None]) / g.scales[None, :, None], 0.0)
-        z_rows = z.transpose(0, 2, 1).reshape(n * length, f)
+        z_rows, obs_rows = _rows_of((x - g.means[None, :, None]) / g.scales[None, :, None], observed)
         n_obs = obs_rows.sum(axis=1)
         todo = np.flatnonzero((n_obs > 0) & (n_obs < f))
         groups = _group_by_pattern(obs_rows[todo])
@@ -260,6 +239,63 @@ class RidgeImputer:
 # Upper bounds on float64 entries per array (8 bytes each): a batch of gains 8 MiB, EM statistics 64 MiB.
 _GAIN_BATCH_ENTRIES = 1 << 20
 _STATS_BUDGET_ENTRIES = 1 << 23
+
+
+def _rows_of(x: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, F, L) arrays as (N * L, F) rows, one per (sample, time step); 0.0 at unobserved entries."""
+    n, f, length = x.shape
+    values = np.where(observed, x, 0.0).astype(np.float64)
+    return values.transpose(0, 2, 1).reshape(n * length, f), observed.transpose(0, 2, 1).reshape(n * length, f)
+
+
+def gaussian_em(
+    x: np.ndarray,
+    observed: np.ndarray,
+    mu: np.ndarray,
+    cov: np.ndarray,
+    iterations: int,
+    *,
+    alpha: float = 1e-3,
+    tol: float = 0.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """EM for the per-time-step Gaussian of the F channels of (N, F, L) data with missing entries.
+
+    Starts from (``mu``, ``cov``) and runs at most ``iterations`` EM steps (fewer once no entry
+    moves by ``tol`` or more); returns the new mean, covariance and the steps taken. Every time
+    step counts, those with no observed channel too (their expectation is the current Gaussian),
+    so one step's moments from several silos, averaged with their record counts as weights, are
+    exactly one step on the pooled records. Runs on per-pattern sufficient statistics; when their
+    size (patterns x F x F) would exceed a fixed budget, on a random subset of time steps drawn
+    with ``seed``.
+    """
+    _check_arrays(x, observed)
+    f = x.shape[1]
+    if mu.shape != (f,) or cov.shape != (f, f):
+        raise ValueError(f"gaussian_em: expected a mean ({f},) and covariance ({f}, {f}), got {mu.shape}, {cov.shape}")
+    if not observed.any():
+        raise ValueError(f"gaussian_em: the data {x.shape} has no observed entry to learn from")
+    z_rows, obs_rows = _rows_of(x, observed)
+    useful = np.arange(z_rows.shape[0])
+    groups = _group_by_pattern(obs_rows[useful])
+    if groups.patterns.shape[0] * f * f > _STATS_BUDGET_ENTRIES:
+        keep = np.random.default_rng(seed).choice(
+            useful.size, size=min(useful.size, max(1, _STATS_BUDGET_ENTRIES // (f * f))), replace=False
+        )
+        useful = useful[np.sort(keep)]
+        groups = _group_by_pattern(obs_rows[useful])
+        log.info("gaussian EM: %d sampled time steps to bound memory", useful.size)
+    s1, s2 = _group_moments(z_rows[useful], groups)
+    mu, cov = mu.astype(np.float64), cov.astype(np.float64)
+    done, change = 0, np.inf
+    while done < iterations and change >= tol:
+        new_mu, new_cov = _em_step(mu, cov, groups, s1, s2, alpha)
+        change = max(np.abs(new_mu - mu).max(), np.abs(new_cov - cov).max())
+        mu, cov = new_mu, new_cov
+        done += 1
+    if change >= tol and iterations and tol > 0:
+        log.info("gaussian EM: stopped at %d iterations before reaching tol", iterations)
+    return mu, cov, done
 
 
 def _pairwise_covariance(z_rows: np.ndarray, obs_rows: np.ndarray) -> np.ndarray:

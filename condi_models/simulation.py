@@ -84,11 +84,14 @@ class ModelSpec(StrictModel):
     context: dict[str, Any] = Field(default_factory=dict)
     classifier: dict[str, Any] = Field(default_factory=dict)
     diffusion: dict[str, Any] = Field(default_factory=dict)
+    gaussian_prior: bool = Field(
+        default=True, description="diffuse the residual around the cross-channel Gaussian prior (condi_models.nn.prior)"
+    )
 
     def build(self, info: DatasetInfo, length: int) -> ModelConfig:
         """The full model config for data laid out as ``info``, at input length ``length`` (the window)."""
         base = ModelConfig.for_dataset(replace(info, length=length), self.variant, self.tokens_per_channel).to_dict()
-        base.update(embed_dim=self.embed_dim, cond_dim=self.cond_dim)
+        base.update(embed_dim=self.embed_dim, cond_dim=self.cond_dim, gaussian_prior=self.gaussian_prior)
         for part in ("denoiser", "context", "classifier", "diffusion"):
             base[part] = {**base[part], **getattr(self, part)}
         return ModelConfig.from_dict(base)

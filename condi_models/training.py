@@ -22,6 +22,7 @@ from pydantic import ConfigDict
 from condi_models.aggregation import ParameterGroups
 from condi_models.batches import PreparedSplit, crop, iterate_batches
 from condi_models.evaluation import impute_split
+from condi_models.imputers import gaussian_em
 from condi_models.nn.model import CondIModel
 from condi_models.privacy import PrivateRound, SiloPrivacy
 
@@ -42,6 +43,7 @@ class LocalTrainingConfig:
     window: int | None = 250
     phase_b_input: Literal["observed", "imputed"] = "observed"
     impute_steps: int = 10
+    prior_em_iterations: int = 20
 
     def __post_init__(self) -> None:
         if self.epochs_a < 0 or self.epochs_b < 0:
@@ -50,6 +52,8 @@ class LocalTrainingConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr_a <= 0 or self.lr_b <= 0:
             raise ValueError("learning rates must be > 0")
+        if self.prior_em_iterations < 0:
+            raise ValueError(f"prior_em_iterations must be >= 0, got {self.prior_em_iterations}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,20 @@ def group_weights(split: PreparedSplit) -> dict[str, float]:
     for m, count in enumerate(split.modality_counts()):
         weights[f"modality/{m}"] = float(count)
     return weights
+
+
+def refit_prior(model: CondIModel, split: PreparedSplit, iterations: int, seed: int) -> int:
+    """EM on the silo's observed training entries from the model's current Gaussian prior.
+
+    Returns the EM steps taken (0 when the model has no prior or the split nothing observed).
+    The moments it leaves are what the silo reports for averaging; see ``condi_models.nn.prior``.
+    """
+    if model.prior is None or iterations == 0 or not split.observed.any():
+        return 0
+    mu, cov = model.prior.moments()
+    mu, cov, done = gaussian_em(split.x, split.observed, mu, cov, iterations, seed=seed)
+    model.prior.set_moments(mu, cov)
+    return done
 
 
 def _run_phase(
@@ -189,6 +207,8 @@ def train_local(
 ) -> LocalResult:
     """Phase A for ``cfg.epochs_a`` epochs, then Phase B for ``cfg.epochs_b``, on ``split``.
 
+    Before Phase A the imputer's Gaussian prior is refitted by ``cfg.prior_em_iterations`` EM
+    steps on the split (not under ``privacy``: its moments would leave the silo unnoised).
     With ``privacy`` the phases it names train with DP-SGD; the budget is checked first
     (:class:`~condi_models.privacy.BudgetExhausted` before anything trains), the round is
     recorded in the silo's ledger afterwards, and ``extra`` reports the epsilon spent so far.
@@ -209,6 +229,9 @@ def train_local(
     private_a = rnd if rnd is not None and "a" in rnd.phases else None
     private_b = rnd if rnd is not None and "b" in rnd.phases else None
     t0 = time.perf_counter()
+    # The prior's moments leave the silo unnoised, so a private round keeps the global ones.
+    if privacy is None and cfg.epochs_a > 0:
+        refit_prior(model, split, cfg.prior_em_iterations, seed)
     loss_a = _run_phase("A", model, split, cfg, cfg.epochs_a, rng, generator, device, progress, private=private_a)
     t1 = time.perf_counter()
     train_x = None

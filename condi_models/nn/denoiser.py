@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from condi_models.nn.embeddings import from_tokens, n_patches, pad_time, sinusoidal_table, to_tokens
+from condi_models.nn.prior import PriorEstimate
 
 
 class AxisTransformerLayer(nn.Module):
@@ -167,18 +168,24 @@ class Denoiser(nn.Module):
 
     Inputs are kept apart as CSDI does: the clean conditioning values in one input channel, the
     noisy latent at the non-conditioning entries in another, and the conditioning mask in a third;
-    a conditioning entry is never noised. Side information per token is the patch position code,
-    a learned channel embedding and the sample context c (from the MoE encoder and W_cond).
+    a conditioning entry is never noised. With ``prior_input`` two more carry the prior's mean and
+    log scale, of which the latent is a standardized residual (``condi_models.nn.prior``). Side information per token
+    is the patch position code, a learned channel embedding and the sample context c (from the MoE
+    encoder and W_cond).
     """
 
-    def __init__(self, cfg: DenoiserConfig, n_features: int, n_steps: int, context_dim: int) -> None:
+    def __init__(
+        self, cfg: DenoiserConfig, n_features: int, n_steps: int, context_dim: int, prior_input: bool = False
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.n_features = n_features
         self.context_dim = context_dim
+        self.prior_input = prior_input
+        n_in = 5 if prior_input else 3
         pad = cfg.conv_kernel // 2
-        self.conv_in = nn.Conv2d(3, cfg.conv_channels, (1, cfg.conv_kernel), padding=(0, pad))
-        self.patch_in = nn.Linear((3 + cfg.conv_channels) * cfg.patch_size, cfg.hidden)
+        self.conv_in = nn.Conv2d(n_in, cfg.conv_channels, (1, cfg.conv_kernel), padding=(0, pad))
+        self.patch_in = nn.Linear((n_in + cfg.conv_channels) * cfg.patch_size, cfg.hidden)
         self.channel_embed = nn.Embedding(n_features, cfg.channel_embed_dim)
         side_dim = cfg.time_embed_dim + cfg.channel_embed_dim + context_dim
         self.side_in = nn.Linear(side_dim, cfg.hidden)
@@ -186,7 +193,7 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(cfg, side_dim) for _ in range(cfg.n_blocks))
         self.skip_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.patch_out = nn.Linear(cfg.hidden, cfg.out_channels * cfg.patch_size)
-        point_dim = 3 + cfg.conv_channels + cfg.out_channels
+        point_dim = n_in + cfg.conv_channels + cfg.out_channels
         mix = cfg.point_mixer_dim
         if mix:
             self.point_in = nn.Conv2d(point_dim, mix, 1)
@@ -222,10 +229,19 @@ class Denoiser(nn.Module):
         cond_mask: torch.Tensor,
         t: torch.Tensor,
         context: torch.Tensor | None,
+        prior: PriorEstimate | None = None,
     ) -> torch.Tensor:
-        """Noise estimate (B, F, L) from noisy latent, conditioning values and mask (all (B, F, L))."""
+        """Noise estimate (B, F, L) from noisy latent, conditioning values and mask (all (B, F, L)).
+
+        ``prior`` is required exactly when the denoiser was built with ``prior_input``.
+        """
         b, _, length = noisy.shape
-        inp = torch.stack([cond_values, noisy, cond_mask.to(noisy.dtype)], dim=1)
+        if (prior is not None) != self.prior_input:
+            raise ValueError(f"denoiser built with prior_input={self.prior_input} got prior={prior is not None}")
+        planes = [cond_values, noisy, cond_mask.to(noisy.dtype)]
+        if prior is not None:
+            planes += [prior.mean, prior.scale.log()]
+        inp = torch.stack(planes, dim=1)
         inp = pad_time(inp, self.cfg.patch_size)
         full = F.silu(self.conv_in(inp))
         side = self.side_information(b, length, context)

@@ -55,6 +55,7 @@ from condi_models.nn.embeddings import (
     modality_fraction,
     n_patches,
 )
+from condi_models.nn.prior import GaussianPrior, PriorEstimate
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class VariantSpec:
     ``diffusion``: a Phase A imputer exists; ``diffusion_wcond`` / ``diffusion_context``: it is
     conditioned on c_cond (W_cond) / on c_O (MoE encoder); ``impute_for_classification``:
     inference classifies the imputed sample; ``fuse_mod`` / ``fuse_cond``: W_mod[m] /
-    omega_cond(b, m) join omega_ins(b, m) in the fusion; ``missing_pool``: PEPSY-style fill.
+    omega_cond(b, m) join omega_ins(b, m) in the fusion; ``missing_pool``: PEPSY-style fill;
+    ``diffusion_prior``: the imputer diffuses the residual around the cross-channel Gaussian
+    prior (``condi_models.nn.prior``), when the config enables it.
     """
 
     diffusion: bool
@@ -88,6 +91,7 @@ class VariantSpec:
     fuse_mod: bool
     fuse_cond: bool
     missing_pool: bool
+    diffusion_prior: bool = True
 
     @property
     def uses_wcond(self) -> bool:
@@ -107,7 +111,8 @@ VARIANTS: dict[Variant, VariantSpec] = {
     Variant.NO_IMPUTATION_NO_WCOND: VariantSpec(False, False, False, False, True, False, False),
     Variant.FEDAVG_ZERO_FILL: VariantSpec(False, False, False, False, False, False, False),
     Variant.PEPSY: VariantSpec(False, False, False, False, True, False, True),
-    Variant.CSDI_UNIMODAL: VariantSpec(True, False, False, True, False, False, False),
+    # The CSDI-style baseline has no cross-modal conditioning, so no cross-channel prior either.
+    Variant.CSDI_UNIMODAL: VariantSpec(True, False, False, True, False, False, False, diffusion_prior=False),
 }
 
 
@@ -126,6 +131,7 @@ class ModelConfig:
     context: ContextConfig = field(default_factory=ContextConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    gaussian_prior: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -349,8 +355,13 @@ class CondIModel(nn.Module):
         context_dim = (cfg.context.out_dim if self.context is not None else 0) + (
             cfg.cond_dim if self.cond_proj is not None else 0
         )
+        self.prior = (
+            GaussianPrior(cfg.n_features) if spec.diffusion and spec.diffusion_prior and cfg.gaussian_prior else None
+        )
         self.denoiser = (
-            Denoiser(cfg.denoiser, cfg.n_features, cfg.diffusion.steps, context_dim) if spec.diffusion else None
+            Denoiser(cfg.denoiser, cfg.n_features, cfg.diffusion.steps, context_dim, self.prior is not None)
+            if spec.diffusion
+            else None
         )
         self.classifier = Classifier(
             cfg.classifier, cfg.channel_modality, m, d, spec.fusion_parts, cfg.n_classes, spec.missing_pool
@@ -400,6 +411,32 @@ class CondIModel(nn.Module):
             parts.append(c_cond[:, None, :].expand(b, n, -1))
         return torch.cat(parts, dim=-1) if parts else None
 
+    def prior_estimate(self, values: torch.Tensor, cond_mask: torch.Tensor) -> PriorEstimate | None:
+        """What the imputer's latent is a standardized residual of (None without a prior)."""
+        return None if self.prior is None else self.prior.conditional(values, cond_mask)
+
+    def _eps(
+        self,
+        denoiser: Denoiser,
+        z: torch.Tensor,
+        values: torch.Tensor,
+        cond: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None,
+        prior: PriorEstimate | None,
+    ) -> torch.Tensor:
+        """The noise estimate: the network's, plus with a prior the one that is exact under it.
+
+        If the standardized residual were N(0, 1), E[eps | z_t] = sqrt(1 - alpha_bar_t) z_t. The
+        network adds its correction to that, so an untrained one (its head starts at zero)
+        samples the prior's Gaussian posterior, and training moves away from it only where the
+        data say the residual is not that Gaussian.
+        """
+        eps = denoiser(z, values, cond, t, context, prior)
+        if prior is None:
+            return eps
+        return eps + (1.0 - self.schedule.alpha_bars[t]).sqrt().view(-1, 1, 1) * z
+
     def phase_a_draw(
         self,
         x: torch.Tensor,
@@ -418,13 +455,19 @@ class CondIModel(nn.Module):
         return PhaseADraw(cond_mask=cond, t=t, noise=randn_like_on(x.shape, x, generator))
 
     def phase_a_loss_for(self, x: torch.Tensor, observed: torch.Tensor, draw: PhaseADraw) -> torch.Tensor:
-        """Eq. 7 for a given draw: noise error on the held-out observed entries, mean over samples."""
+        """Eq. 7 for a given draw: noise error on the held-out observed entries, mean over samples.
+
+        With the Gaussian prior the diffused quantity is (x - m) / s, the standardized residual
+        around the prior's estimate from the conditioning entries.
+        """
         denoiser = self._require_diffusion()
         self._check(x, observed)
         cond = draw.cond_mask & observed
         values = x * cond
-        z = self.schedule.add_noise(x * observed, draw.t, draw.noise) * (~cond)
-        eps = denoiser(z, values, cond, draw.t, self.diffusion_context(values, cond))
+        prior = self.prior_estimate(values, cond)
+        x0 = x * observed if prior is None else prior.to_residual(x) * observed
+        z = self.schedule.add_noise(x0, draw.t, draw.noise) * (~cond)
+        eps = self._eps(denoiser, z, values, cond, draw.t, self.diffusion_context(values, cond), prior)
         return masked_noise_loss(eps, draw.noise, observed & ~cond)
 
     def phase_a_loss(
@@ -475,6 +518,7 @@ class CondIModel(nn.Module):
         with self._evaluating():
             values = x * observed
             context = self.diffusion_context(values, observed)
+            prior = self.prior_estimate(values, observed)
             chunk = opts.chunk_size or opts.n_samples
             draws = []
             for start in range(0, opts.n_samples, chunk):
@@ -482,15 +526,20 @@ class CondIModel(nn.Module):
                 rep_values = values.repeat(k, 1, 1)
                 rep_cond = observed.repeat(k, 1, 1)
                 rep_context = None if context is None else context.repeat(k, 1, 1)
+                rep_prior = None if prior is None else prior.repeat(k)
 
-                def eps_fn(z: torch.Tensor, t: torch.Tensor, v=rep_values, c=rep_cond, ctx=rep_context) -> torch.Tensor:
-                    return denoiser(z, v, c, t, ctx)
+                def eps_fn(
+                    z: torch.Tensor, t: torch.Tensor, v=rep_values, c=rep_cond, ctx=rep_context, p=rep_prior
+                ) -> torch.Tensor:
+                    return self._eps(denoiser, z, v, c, t, ctx, p)
 
                 target = ~rep_cond
                 if opts.method == "ddpm":
                     z = ddpm_sample(eps_fn, self.schedule, target, generator, opts.clip_x0)
                 else:
                     z = ddim_sample(eps_fn, self.schedule, target, opts.steps, generator, opts.eta, opts.clip_x0)
+                if rep_prior is not None:
+                    z = rep_prior.from_residual(z)
                 draws.append(z.view(k, b, f, length))
             samples = torch.cat(draws, dim=0)
             levels = (0.5, *opts.quantiles)

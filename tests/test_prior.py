@@ -1,0 +1,121 @@
+"""The Gaussian prior under the diffusion imputer: conditional mean, federated EM, where it is refitted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from condi_models.aggregation import ParameterGroups, SiloUpdate, fedavg
+from condi_models.imputers import gaussian_em
+from condi_models.nn.model import CondIModel, Variant
+from condi_models.nn.prior import SCALE_FLOOR, GaussianPrior
+from tests.test_nn import tiny_config
+
+
+def low_rank_series(rng: np.random.Generator, n: int, f: int = 6, length: int = 40) -> np.ndarray:
+    """(n, f, length): every channel a fixed mix of two latent sinusoids plus a little noise."""
+    mix = rng.normal(size=(f, 2))
+    t = np.arange(length) / length
+    phase = rng.uniform(0, 2 * np.pi, size=(n, 1))
+    latent = np.stack([np.sin(2 * np.pi * 3 * t + phase), np.cos(2 * np.pi * 5 * t + 2 * phase)], axis=1)
+    return (np.einsum("fk,nkl->nfl", mix, latent) + 0.05 * rng.normal(size=(n, f, length))).astype(np.float32)
+
+
+def test_conditional_mean_and_scale_are_the_ridge_regression_on_the_observed_channels_of_each_instant():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 4))
+    cov, mu = a @ a.T + 0.1 * np.eye(4), rng.normal(size=4)
+    prior = GaussianPrior(4)
+    prior.set_moments(mu, cov)
+    x = torch.randn(3, 4, 7)
+    mask = torch.rand(3, 4, 7) > 0.5
+    est = prior.conditional(x * mask, mask)
+    got, got_scale = est.mean.double().numpy(), est.scale.double().numpy()
+    for b in range(3):
+        for t in range(7):
+            o = mask[b, :, t].numpy()
+            want, var = mu.copy(), np.diag(cov).copy()
+            if o.any():
+                gain = np.linalg.solve(cov[np.ix_(o, o)] + prior.ridge * np.eye(o.sum()), cov[np.ix_(o, ~o)])
+                want[~o] = mu[~o] + (x[b, o, t].double().numpy() - mu[o]) @ gain
+                want[o] = x[b, o, t].double().numpy()
+                var[~o] -= np.einsum("om,om->m", cov[np.ix_(o, ~o)], gain)
+            want_scale = np.where(o, 1.0, np.sqrt(np.maximum(var, SCALE_FLOOR**2)))
+            np.testing.assert_allclose(got[b, :, t], want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got_scale[b, :, t], want_scale, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(est.from_residual(est.to_residual(x)).numpy(), x.numpy(), atol=1e-5)
+
+
+def test_a_fresh_prior_is_the_channel_mean_and_keeps_observed_entries():
+    x = torch.randn(2, 5, 9)
+    mask = torch.rand(2, 5, 9) > 0.4
+    out = GaussianPrior(5).conditional(x * mask, mask).mean
+    assert torch.equal(out[mask], x[mask])
+    assert torch.all(out[~mask] == 0.0)
+
+
+def test_averaged_em_moments_from_silos_are_one_em_step_on_the_pooled_records():
+    rng = np.random.default_rng(1)
+    x = low_rank_series(rng, 30)
+    observed = rng.random(x.shape) > 0.6
+    x = np.where(observed, x, 0.0).astype(np.float32)
+    start_mu, start_cov = np.zeros(6), np.eye(6)
+    pooled_mu, pooled_cov, _ = gaussian_em(x, observed, start_mu, start_cov, 1)
+
+    parts = [slice(0, 8), slice(8, 30)]
+    updates = []
+    for part in parts:
+        mu, cov, _ = gaussian_em(x[part], observed[part], start_mu, start_cov, 1)
+        prior = GaussianPrior(6)
+        prior.set_moments(mu, cov)
+        params = {n: p.detach().double().numpy() for n, p in prior.named_parameters()}
+        updates.append(SiloUpdate(params=params, weights={"all": float(x[part].shape[0])}))
+    groups = ParameterGroups({"mean": "all", "second_moment": "all"})
+    fresh = {n: p.detach().double().numpy() for n, p in GaussianPrior(6).named_parameters()}
+    merged = fedavg(fresh, updates, groups)
+    global_prior = GaussianPrior(6).double()
+    global_prior.load_state_dict({n: torch.from_numpy(v) for n, v in merged.items()})
+    got_mu, got_cov = global_prior.moments()
+    np.testing.assert_allclose(got_mu, pooled_mu, atol=1e-9)
+    np.testing.assert_allclose(got_cov, pooled_cov, atol=1e-9)
+
+
+def test_fitted_prior_recovers_missing_channels_of_correlated_series():
+    rng = np.random.default_rng(2)
+    series = low_rank_series(rng, 80)
+    train, test = series[:60], series[60:]
+    obs_train, obs_test = rng.random(train.shape) > 0.5, rng.random(test.shape) > 0.5
+    mu, cov, _ = gaussian_em(np.where(obs_train, train, 0.0), obs_train, np.zeros(6), np.eye(6), 30)
+    prior = GaussianPrior(6)
+    prior.set_moments(mu, cov)
+    est = prior.conditional(torch.from_numpy(np.where(obs_test, test, 0.0)), torch.from_numpy(obs_test)).mean
+    hidden = ~obs_test
+    mean_fill_mae = np.abs(test[hidden] - train.mean(axis=(0, 2), keepdims=True).repeat(20, 0).repeat(40, 2)[hidden])
+    prior_mae = np.abs(test[hidden] - est.numpy()[hidden])
+    # Two latent signals, half of 6 channels observed: nine instants in ten pin both down.
+    assert prior_mae.mean() < 0.35 * mean_fill_mae.mean()
+
+
+def test_set_moments_refuses_wrong_shapes_and_non_finite_values():
+    prior = GaussianPrior(3)
+    with pytest.raises(ValueError, match=r"shaped \(3,\) and \(3, 3\)"):
+        prior.set_moments(np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="finite"):
+        prior.set_moments(np.array([0.0, np.nan, 0.0]), np.eye(3))
+
+
+@pytest.mark.parametrize(("variant", "enabled", "has_prior"), [
+    (Variant.CONDI, True, True),
+    (Variant.CONDI, False, False),
+    (Variant.CSDI_UNIMODAL, True, False),
+    (Variant.FEDAVG_ZERO_FILL, True, False),
+])
+def test_which_models_carry_a_prior(variant, enabled, has_prior):
+    cfg = dataclasses.replace(tiny_config(variant), gaussian_prior=enabled)
+    model = CondIModel(cfg)
+    assert (model.prior is not None) == has_prior
+    if model.denoiser is not None:
+        assert model.denoiser.prior_input == has_prior
