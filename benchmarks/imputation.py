@@ -255,7 +255,8 @@ def imputation_table(
         models = {}
         for variant in MODELS:
             label = f"{name} {variant.value} {pattern}"
-            model = build_model(variant, train_ds, args.window, args.model_size, args.seed, not args.no_prior).to(device)
+            model = build_model(variant, train_ds, args.window, args.model_size, args.seed, not args.no_prior)
+            model = model.to(device)
             training[f"{variant.value}/{pattern}"] = train(model, train_split, args, device, label)
             models[variant.value] = model
         trained[pattern] = models[Variant.CONDI.value]

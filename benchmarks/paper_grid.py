@@ -139,6 +139,7 @@ def settings(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "eval_steps": args.eval_steps,
         "seed": args.seed,
         "gaussian_prior": not args.no_prior,
+        "phase_b_input": args.phase_b_input,
     }
 
 
@@ -161,7 +162,7 @@ def experiment(s: dict[str, Any], method: Variant, ps: float, pw: float, device:
         },
         "model": {"variant": method.value, "gaussian_prior": s["gaussian_prior"], **MODEL_SIZES[s["model_size"]]},
         "training": {"epochs_a": s["epochs_a"], "epochs_b": s["epochs_b"], "batch_size": s["batch_size"],
-                     "window": s["window"]},
+                     "window": s["window"], "phase_b_input": s["phase_b_input"]},
         "evaluation": {"n_samples": s["eval_samples"], "steps": s["eval_steps"], "method": "ddim"},
     }
     return parse_config(raw, ExperimentConfig, f"paper_grid {raw['name']}")
@@ -303,7 +304,8 @@ def report(name: str, results: dict[str, Any]) -> str:
         f"**{name}** — {metric} (%) of the final global model; {s['pattern']} missingness, K = {s['silos']}, "
         f"{s['silos_per_round']} per round, Dirichlet {s['alpha']}, {s['rounds']} rounds of {s['epochs_a']} + "
         f"{s['epochs_b']} local epochs (Phase A + B), model size '{s['model_size']}', seed {s['seed']}; "
-        f"test set of {'/'.join(str(n) for n in n_test)} samples"
+        f"imputer Gaussian prior {'on' if s.get('gaussian_prior') else 'off'}, classifier trained on "
+        f"{s.get('phase_b_input', 'observed')} data; test set of {'/'.join(str(n) for n in n_test)} samples"
         + (f" (accuracy standard error up to {100 * max(ses):.1f} points)" if ses else "")
         + f"; {results.get('seconds_total', 0) / 60:.0f} min in all."
     )
@@ -331,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs-b", type=int, default=1, help="local Phase B epochs per round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--phase-b-input", choices=["observed", "imputed"], default="observed",
+                        help="what the classifier trains on: the observed entries (the paper) or the imputed sample")
     parser.add_argument("--no-prior", action="store_true",
                         help="diffusion imputers without their Gaussian prior (the imputer before it existed)")
     parser.add_argument("--eval-samples", type=int, default=1, help="imputation draws per window at evaluation")

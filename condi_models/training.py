@@ -23,7 +23,7 @@ from condi_models.aggregation import ParameterGroups
 from condi_models.batches import PreparedSplit, crop, iterate_batches
 from condi_models.evaluation import impute_split
 from condi_models.imputers import gaussian_em
-from condi_models.nn.model import CondIModel
+from condi_models.nn.model import CondIModel, SamplingOptions
 from condi_models.privacy import PrivateRound, SiloPrivacy
 
 
@@ -236,7 +236,8 @@ def train_local(
     t1 = time.perf_counter()
     train_x = None
     if cfg.phase_b_input == "imputed" and model.spec.diffusion:
-        train_x = impute_split(model, split, steps=cfg.impute_steps, seed=seed, device=device).x_hat
+        sampling = SamplingOptions(n_samples=1, steps=cfg.impute_steps)
+        train_x = impute_split(model, split, sampling=sampling, seed=seed, device=device).x_hat
     loss_b = _run_phase("B", model, split, cfg, cfg.epochs_b, rng, generator, device, progress, train_x, private_b)
     t2 = time.perf_counter()
     extra: dict[str, float] = {}

@@ -459,6 +459,8 @@ def test_aggregation_weights_follow_modality_ownership():
 def test_config_round_trip_and_errors():
     cfg = tiny_config(Variant.PEPSY)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    older = {k: v for k, v in tiny_config().to_dict().items() if k != "gaussian_prior"}
+    assert ModelConfig.from_dict(older).gaussian_prior is False  # written before the prior existed
     with pytest.raises(ValueError, match="unknown key"):
         ModelConfig.from_dict({**cfg.to_dict(), "hiddn": 3})
     with pytest.raises(ValueError, match=r"'denoiser'.*unknown key.*hiden"):

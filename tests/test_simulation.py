@@ -71,6 +71,20 @@ def test_run_writes_report_curves_and_checkpoint(first_run):
     x = torch.zeros(2, 12, 100)
     obs = torch.ones(2, 12, 100, dtype=torch.bool)
     assert ckpt.model.classify(x, obs).shape == (2, 5)
+    # The silos' EM moments were averaged into the global prior: leads correlate, so not identity.
+    second = ckpt.model.prior.second_moment.detach()
+    assert second.shape == (12, 12)
+    assert (second - torch.diag(torch.diagonal(second))).abs().max() > 0.3
+
+
+def test_classifier_can_train_on_imputed_samples(tmp_path):
+    cfg = _cfg(
+        training={**TINY["training"], "phase_b_input": "imputed", "impute_steps": 2},
+        federation={"silos": 3, "silos_per_round": 1, "rounds": 1},
+    )
+    res = run_simulation(cfg, run_dir=tmp_path)
+    assert np.isfinite(res.rounds[0]["phase_b_loss"])
+    assert 0.0 <= res.final["test"]["accuracy"] <= 1.0
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path, first_run):

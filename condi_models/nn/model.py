@@ -6,9 +6,10 @@ ablations are the same class with parts switched off by ``Variant``, so they run
 same training and federation code.
 
 Parameter exchange is by plain ``{name: tensor}`` dicts (never pickle). Groups for aggregation:
-``theta`` is every network weight except the shared embeddings, ``w_mod`` and ``w_cond`` are
-those embeddings. Modality-specific parts are tagged so a federation can average them only over
-the silos that hold the modality:
+``theta`` is every network weight except the shared embeddings, and the moments of the Gaussian
+prior under the imputer (fitted by EM, not by an optimizer; ``condi_models.nn.prior``);
+``w_mod`` and ``w_cond`` are those embeddings. Modality-specific parts are tagged so a federation
+can average them only over the silos that hold the modality:
 
 - whole tensors owned by one modality: the per-modality stems of the context encoder and of the
   instance encoder (a silo without the modality feeds them only zeros);
@@ -213,6 +214,8 @@ class ModelConfig:
         for key, sub in nested.items():
             if key in kwargs:
                 kwargs[key] = sub(**_checked_fields(sub, kwargs[key], f"model config '{key}'"))
+        # A config written before the prior existed describes a model without one.
+        kwargs.setdefault("gaussian_prior", False)
         kwargs["channel_modality"] = tuple(kwargs["channel_modality"])
         kwargs["modality_names"] = tuple(kwargs.get("modality_names", ()))
         return cls(**kwargs)
