@@ -276,16 +276,15 @@ def gaussian_em(
     if not observed.any():
         raise ValueError(f"gaussian_em: the data {x.shape} has no observed entry to learn from")
     z_rows, obs_rows = _rows_of(x, observed)
-    useful = np.arange(z_rows.shape[0])
-    groups = _group_by_pattern(obs_rows[useful])
+    groups = _group_by_pattern(obs_rows)
     if groups.patterns.shape[0] * f * f > _STATS_BUDGET_ENTRIES:
-        keep = np.random.default_rng(seed).choice(
-            useful.size, size=min(useful.size, max(1, _STATS_BUDGET_ENTRIES // (f * f))), replace=False
-        )
-        useful = useful[np.sort(keep)]
-        groups = _group_by_pattern(obs_rows[useful])
-        log.info("gaussian EM: %d sampled time steps to bound memory", useful.size)
-    s1, s2 = _group_moments(z_rows[useful], groups)
+        n_rows = z_rows.shape[0]
+        keep = np.sort(np.random.default_rng(seed).choice(
+            n_rows, size=min(n_rows, max(1, _STATS_BUDGET_ENTRIES // (f * f))), replace=False
+        ))
+        z_rows, groups = z_rows[keep], _group_by_pattern(obs_rows[keep])
+        log.info("gaussian EM: %d sampled time steps to bound memory", keep.size)
+    s1, s2 = _group_moments(z_rows, groups)
     mu, cov = mu.astype(np.float64), cov.astype(np.float64)
     done, change = 0, np.inf
     while done < iterations and change >= tol:

@@ -169,9 +169,9 @@ class Denoiser(nn.Module):
     Inputs are kept apart as CSDI does: the clean conditioning values in one input channel, the
     noisy latent at the non-conditioning entries in another, and the conditioning mask in a third;
     a conditioning entry is never noised. With ``prior_input`` two more carry the prior's mean and
-    log scale, of which the latent is a standardized residual (``condi_models.nn.prior``). Side information per token
-    is the patch position code, a learned channel embedding and the sample context c (from the MoE
-    encoder and W_cond).
+    log scale, of which the latent is a standardized residual (``condi_models.nn.prior``). Side
+    information per token is the patch position code, a learned channel embedding and the sample
+    context c (from the MoE encoder and W_cond).
     """
 
     def __init__(

@@ -4,20 +4,22 @@ Phase A's diffusion model does not generate a missing entry from scratch; it gen
 standardized residual (x - m(x_O)) / s(x_O) around a cheap estimate. Here m is the conditional
 mean of a Gaussian over the F channels at one time step, given the channels observed at that
 step, m_miss = mu_m + C_mo (C_oo + ridge I)^-1 (x_o - mu_o), i.e. ridge regression of each
-missing channel on the observed ones, and s is the conditional standard deviation under the same
-Gaussian, so the residual the network learns is on the unit scale the noise schedule assumes
-whatever the prior already explains. The leads of an ECG (and the co-recorded channels of a PSG or an
-ICU stay, to a lesser degree) are near-linear functions of one another at each instant, so m
-recovers much of a missing channel, and what is left for the network (shape in time, nonlinear
-relations, the spread of the posterior) lies at a scale far below the signal's. Without it a
-network trained for the few hundred steps a CPU allows imputes worse than the channel mean.
+missing channel on the observed ones, and s is the conditional standard deviation under the
+same Gaussian, so the residual the network learns is on the unit scale the noise schedule
+assumes, whatever the prior already explains. The leads of an ECG (and the co-recorded channels
+of a PSG or an ICU stay, to a lesser degree) are near-linear functions of one another at each
+instant, so m recovers much of a missing channel, and what is left for the network (shape in
+time, nonlinear relations, the spread of the posterior) lies at a scale far below the signal's.
+Without it a network trained for the few hundred steps a CPU allows imputes worse than the
+channel mean.
 
 The Gaussian's mean and second moment are parameters outside every optimizer. A silo refits
 them by EM on its own training data at the start of a round, starting from the global values
-(``condi_models.training``); sample-weighted federated averaging of the silos' moments is then
-one EM step over the pooled data, so the federation fits the Gaussian it would fit centrally.
-A fresh model holds mean 0 and second moment I, under which m is 0, the channel mean of
-standardized data, and the imputer is plain diffusion.
+(``condi_models.training``), and federated averaging merges the silos' moments by sample count.
+With one local EM step that average is exactly one EM step over the pooled records; with several
+(the default) it is EM's counterpart of FedAvg's local epochs. A fresh model holds mean 0 and
+second moment I, under which m is 0, the channel mean of standardized data, and the imputer is
+plain diffusion.
 """
 
 from __future__ import annotations
