@@ -333,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs-b", type=int, default=1, help="local Phase B epochs per round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
-    parser.add_argument("--phase-b-input", choices=["observed", "imputed"], default="observed",
+    parser.add_argument("--phase-b-input", choices=["observed", "imputed", "prior"], default="observed",
                         help="what the classifier trains on: the observed entries (the paper) or the imputed sample")
     parser.add_argument("--no-prior", action="store_true",
                         help="diffusion imputers without their Gaussian prior (the imputer before it existed)")

@@ -41,7 +41,7 @@ class LocalTrainingConfig:
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
     window: int | None = 250
-    phase_b_input: Literal["observed", "imputed"] = "observed"
+    phase_b_input: Literal["observed", "imputed", "prior"] = "observed"
     impute_steps: int = 10
     prior_em_iterations: int = 20
 
@@ -169,6 +169,12 @@ def _run_phase(
                     # clipped gradients; its own pattern makes the draw CSDI's random strategy.
                     borrowed = batch.observed if private is not None else None
                     loss = model.phase_a_loss(batch.x, batch.observed, generator=generator, borrowed_masks=borrowed)
+                elif cfg.phase_b_input == "prior" and model.prior is not None and model.spec.impute_for_classification:
+                    # The prior's conditional mean is a cheap stand-in for the imputation the
+                    # classifier meets at inference; eq. 4 still routes by what was observed.
+                    x_in = model.prior_estimate(batch.x * batch.observed, batch.observed).mean
+                    logits = model.classify(x_in, torch.ones_like(batch.observed), model.availability(batch.observed))
+                    loss = torch.nn.functional.cross_entropy(logits, batch.y)
                 elif train_x is None:
                     loss = model.phase_b_loss(batch.x, batch.observed, batch.y)
                 else:
