@@ -20,7 +20,7 @@ import torch
 from pydantic import ConfigDict
 
 from condi_models.aggregation import ParameterGroups
-from condi_models.batches import PreparedSplit, crop, iterate_batches
+from condi_models.batches import Batch, PreparedSplit, crop, iterate_batches
 from condi_models.evaluation import impute_split
 from condi_models.imputers import gaussian_em
 from condi_models.nn.model import CondIModel, SamplingOptions
@@ -124,6 +124,25 @@ def refit_prior(model: CondIModel, split: PreparedSplit, iterations: int, seed: 
     return done
 
 
+def _phase_b_input(
+    model: CondIModel, batch: Batch, cfg: LocalTrainingConfig, train_x: np.ndarray | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What the classifier trains on: (values, mask, modality availability or None for the mask's).
+
+    Observed entries as the paper does, unless ``train_x`` holds imputed records or
+    ``phase_b_input`` is ``prior`` (the prior's conditional mean, a cheap stand-in for the
+    imputation the classifier meets at inference). Filled inputs are whole; eq. 4 still routes by
+    what was observed.
+    """
+    if train_x is not None:
+        filled = torch.from_numpy(crop(train_x, batch.index, batch.start, batch.x.shape[-1])).to(device)
+    elif cfg.phase_b_input == "prior" and model.prior is not None and model.spec.impute_for_classification:
+        filled = model.prior_estimate(batch.x, batch.observed).mean
+    else:
+        return batch.x, batch.observed, None
+    return filled, torch.ones_like(batch.observed), model.availability(batch.observed)
+
+
 def _run_phase(
     phase: Literal["A", "B"],
     model: CondIModel,
@@ -169,19 +188,9 @@ def _run_phase(
                     # clipped gradients; its own pattern makes the draw CSDI's random strategy.
                     borrowed = batch.observed if private is not None else None
                     loss = model.phase_a_loss(batch.x, batch.observed, generator=generator, borrowed_masks=borrowed)
-                elif cfg.phase_b_input == "prior" and model.prior is not None and model.spec.impute_for_classification:
-                    # The prior's conditional mean is a cheap stand-in for the imputation the
-                    # classifier meets at inference; eq. 4 still routes by what was observed.
-                    x_in = model.prior_estimate(batch.x * batch.observed, batch.observed).mean
-                    logits = model.classify(x_in, torch.ones_like(batch.observed), model.availability(batch.observed))
-                    loss = torch.nn.functional.cross_entropy(logits, batch.y)
-                elif train_x is None:
-                    loss = model.phase_b_loss(batch.x, batch.observed, batch.y)
                 else:
-                    # Imputed inputs are whole; eq. 4 still routes by what was observed.
-                    x_imp = torch.from_numpy(crop(train_x, batch.index, batch.start, batch.x.shape[-1])).to(device)
-                    logits = model.classify(x_imp, torch.ones_like(batch.observed), model.availability(batch.observed))
-                    loss = torch.nn.functional.cross_entropy(logits, batch.y)
+                    x_in, mask, availability = _phase_b_input(model, batch, cfg, train_x, device)
+                    loss = torch.nn.functional.cross_entropy(model.classify(x_in, mask, availability), batch.y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"phase {phase} loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}"
