@@ -152,13 +152,13 @@ def ptbxl_splits(args: argparse.Namespace) -> tuple[ClinicalDataset, ClinicalDat
 # ---- models ----------------------------------------------------------------------------------
 
 
-def build_model(
-    variant: Variant, dataset: ClinicalDataset, window: int, size: str, seed: int, prior: bool = True
-) -> CondIModel:
+def build_model(variant: Variant, dataset: ClinicalDataset, args: argparse.Namespace) -> CondIModel:
     """A freshly initialised model of ``variant``; the same seed gives every variant the same start."""
-    torch.manual_seed(seed)
-    spec = ModelSpec(variant=variant, gaussian_prior=prior, **MODEL_SIZES[size])
-    return CondIModel(spec.build(dataset.info, window))
+    torch.manual_seed(args.seed)
+    spec = ModelSpec(
+        variant=variant, gaussian_prior=not args.no_prior, prior_lags=args.prior_lags, **MODEL_SIZES[args.model_size]
+    )
+    return CondIModel(spec.build(dataset.info, args.window))
 
 
 def train(
@@ -255,7 +255,7 @@ def imputation_table(
         models = {}
         for variant in MODELS:
             label = f"{name} {variant.value} {pattern}"
-            model = build_model(variant, train_ds, args.window, args.model_size, args.seed, not args.no_prior)
+            model = build_model(variant, train_ds, args)
             model = model.to(device)
             training[f"{variant.value}/{pattern}"] = train(model, train_split, args, device, label)
             models[variant.value] = model
@@ -320,7 +320,8 @@ def throughput(test_ds: ClinicalDataset, norm: ChannelNormalizer, args: argparse
     torch.set_num_threads(args.throughput_threads)
     try:
         cpu = torch.device("cpu")
-        model = build_model(Variant.CONDI, test_ds, args.window, "default", args.seed).to(cpu)
+        default_size = argparse.Namespace(**{**vars(args), "model_size": "default"})
+        model = build_model(Variant.CONDI, test_ds, default_size).to(cpu)
         split = prepare_split(test_ds, norm, MissingnessSpec(ps=TRAIN_PS, pw=TRAIN_PW, seed=args.seed))
         n, f, length = split.x.shape
         per_record = length // args.window
@@ -369,7 +370,7 @@ def features_section(args: argparse.Namespace, device: torch.device) -> dict[str
     train_split = prepare_split(
         train_ds, norm, MissingnessSpec(ps=TRAIN_PS, pw=TRAIN_PW, pattern="points", seed=args.seed)
     )
-    model = build_model(Variant.CONDI, train_ds, args.window, args.model_size, args.seed, not args.no_prior).to(device)
+    model = build_model(Variant.CONDI, train_ds, args).to(device)
     training = train(model, train_split, args, device, "features condi", epochs_b=args.epochs_b)
     # Every lead of every test sample loses FEATURE_PW of its time steps (the paper's 20%).
     miss = MissingnessSpec(ps=1.0, pw=FEATURE_PW, modality_prob=1.0, pattern="points", seed=args.seed)
@@ -552,6 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="default")
     parser.add_argument("--no-prior", action="store_true",
                         help="CondI without its Gaussian prior: diffuse x itself, not the residual around m(x_O)")
+    parser.add_argument("--prior-lags", type=int, default=ModelSpec().prior_lags,
+                        help="neighbouring instants on each side the prior conditions on (0: the same instant only)")
     parser.add_argument("--samples", type=int, default=5, help="imputation draws per window")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps of the imputation table")
     parser.add_argument("--pws", default="0.2,0.5,0.8", help="within-modality missing fractions to evaluate")

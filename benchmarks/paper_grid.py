@@ -61,7 +61,7 @@ from _common import (
 
 from condi_models.configfile import parse_config
 from condi_models.nn.model import Variant, resolve_device
-from condi_models.simulation import ExperimentConfig, run_simulation
+from condi_models.simulation import ExperimentConfig, ModelSpec, run_simulation
 
 METHODS = (
     Variant.FEDAVG_ZERO_FILL,
@@ -139,6 +139,7 @@ def settings(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "eval_steps": args.eval_steps,
         "seed": args.seed,
         "gaussian_prior": not args.no_prior,
+        "prior_lags": args.prior_lags,
         "phase_b_input": args.phase_b_input,
     }
 
@@ -160,7 +161,10 @@ def experiment(s: dict[str, Any], method: Variant, ps: float, pw: float, device:
             "silos": s["silos"], "silos_per_round": s["silos_per_round"], "rounds": s["rounds"],
             "partition": "dirichlet", "alpha": s["alpha"], "eval_every": s["rounds"],
         },
-        "model": {"variant": method.value, "gaussian_prior": s["gaussian_prior"], **MODEL_SIZES[s["model_size"]]},
+        "model": {
+            "variant": method.value, "gaussian_prior": s["gaussian_prior"], "prior_lags": s.get("prior_lags", 0),
+            **MODEL_SIZES[s["model_size"]],
+        },
         "training": {"epochs_a": s["epochs_a"], "epochs_b": s["epochs_b"], "batch_size": s["batch_size"],
                      "window": s["window"], "phase_b_input": s["phase_b_input"]},
         "evaluation": {"n_samples": s["eval_samples"], "steps": s["eval_steps"], "method": "ddim"},
@@ -294,6 +298,14 @@ def run_dataset(name: str, args: argparse.Namespace, device: torch.device) -> di
     return results
 
 
+def prior_words(s: dict[str, Any]) -> str:
+    """How a grid's settings describe the imputer's prior (grids stored before lags had none)."""
+    if not s.get("gaussian_prior"):
+        return "off"
+    lags = s.get("prior_lags", 0)
+    return f"on (+/- {lags} instants)" if lags else "on (same instant)"
+
+
 def report(name: str, results: dict[str, Any]) -> str:
     s = results["settings"]
     cells = results["cells"]
@@ -304,7 +316,7 @@ def report(name: str, results: dict[str, Any]) -> str:
         f"**{name}** — {metric} (%) of the final global model; {s['pattern']} missingness, K = {s['silos']}, "
         f"{s['silos_per_round']} per round, Dirichlet {s['alpha']}, {s['rounds']} rounds of {s['epochs_a']} + "
         f"{s['epochs_b']} local epochs (Phase A + B), model size '{s['model_size']}', seed {s['seed']}; "
-        f"imputer Gaussian prior {'on' if s.get('gaussian_prior') else 'off'}, classifier trained on "
+        f"imputer Gaussian prior {prior_words(s)}, classifier trained on "
         f"{s.get('phase_b_input', 'observed')} data; test set of {'/'.join(str(n) for n in n_test)} samples"
         + (f" (accuracy standard error up to {100 * max(ses):.1f} points)" if ses else "")
         + f"; {results.get('seconds_total', 0) / 60:.0f} min in all."
@@ -337,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what the classifier trains on: the observed entries (the paper) or the imputed sample")
     parser.add_argument("--no-prior", action="store_true",
                         help="diffusion imputers without their Gaussian prior (the imputer before it existed)")
+    parser.add_argument("--prior-lags", type=int, default=ModelSpec().prior_lags,
+                        help="neighbouring instants on each side the prior conditions on (0: the same instant only)")
     parser.add_argument("--eval-samples", type=int, default=1, help="imputation draws per window at evaluation")
     parser.add_argument("--eval-steps", type=int, default=10, help="DDIM steps at evaluation")
     parser.add_argument("--threads", type=int, default=2)

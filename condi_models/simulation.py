@@ -87,11 +87,17 @@ class ModelSpec(StrictModel):
     gaussian_prior: bool = Field(
         default=True, description="diffuse the residual around the cross-channel Gaussian prior (condi_models.nn.prior)"
     )
+    prior_lags: int = Field(
+        default=2, ge=0, description="the prior also conditions on the instants up to this many steps before and after"
+    )
 
     def build(self, info: DatasetInfo, length: int) -> ModelConfig:
         """The full model config for data laid out as ``info``, at input length ``length`` (the window)."""
         base = ModelConfig.for_dataset(replace(info, length=length), self.variant, self.tokens_per_channel).to_dict()
-        base.update(embed_dim=self.embed_dim, cond_dim=self.cond_dim, gaussian_prior=self.gaussian_prior)
+        base.update(
+            embed_dim=self.embed_dim, cond_dim=self.cond_dim,
+            gaussian_prior=self.gaussian_prior, prior_lags=self.prior_lags,
+        )
         for part in ("denoiser", "context", "classifier", "diffusion"):
             base[part] = {**base[part], **getattr(self, part)}
         return ModelConfig.from_dict(base)

@@ -119,7 +119,8 @@ def refit_prior(model: CondIModel, split: PreparedSplit, iterations: int, seed: 
     if model.prior is None or iterations == 0 or not split.observed.any():
         return 0
     mu, cov = model.prior.moments()
-    mu, cov, done = gaussian_em(split.x, split.observed, mu, cov, iterations, seed=seed)
+    x, observed = model.prior.stack(torch.from_numpy(split.x), torch.from_numpy(split.observed))
+    mu, cov, done = gaussian_em(x.numpy(), observed.numpy(), mu, cov, iterations, seed=seed)
     model.prior.set_moments(mu, cov)
     return done
 

@@ -150,7 +150,8 @@ def test_phase_a_loss_decreases_on_correlated_sines(prior):
     x = torch.cat([torch.sin(t + phase), torch.sin(t + phase + 0.5)], dim=1)
     observed = torch.ones_like(x, dtype=torch.bool)
     if prior:
-        mu, cov, _ = gaussian_em(x.numpy(), observed.numpy(), np.zeros(2), np.eye(2), 20)
+        xs, obs = model.prior.stack(x, observed)
+        mu, cov, _ = gaussian_em(xs.numpy(), obs.numpy(), *model.prior.moments(), 20)
         model.prior.set_moments(mu, cov)
 
     def eval_loss() -> float:
@@ -461,6 +462,10 @@ def test_config_round_trip_and_errors():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     older = {k: v for k, v in tiny_config().to_dict().items() if k != "gaussian_prior"}
     assert ModelConfig.from_dict(older).gaussian_prior is False  # written before the prior existed
+    one_instant = {k: v for k, v in tiny_config().to_dict().items() if k != "prior_lags"}
+    assert ModelConfig.from_dict(one_instant).prior_lags == 0  # written before the prior had lags
+    with pytest.raises(ValueError, match="prior_lags must be >= 0"):
+        dataclasses.replace(cfg, prior_lags=-1)
     with pytest.raises(ValueError, match="unknown key"):
         ModelConfig.from_dict({**cfg.to_dict(), "hiddn": 3})
     with pytest.raises(ValueError, match=r"'denoiser'.*unknown key.*hiden"):

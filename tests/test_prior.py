@@ -49,6 +49,65 @@ def test_conditional_mean_and_scale_are_the_ridge_regression_on_the_observed_cha
     np.testing.assert_allclose(est.from_residual(est.to_residual(x)).numpy(), x.numpy(), atol=1e-5)
 
 
+def test_stack_lays_out_neighbouring_instants_with_the_edges_missing():
+    x = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)
+    mask = torch.ones(2, 3, 5, dtype=torch.bool)
+    sv, sm = GaussianPrior(3, lags=1).stack(x, mask)
+    assert sv.shape == sm.shape == (2, 9, 5)
+    assert torch.equal(sv[:, 3:6], x)  # the centre block is the instant itself
+    assert torch.equal(sv[:, 0:3, 1:], x[:, :, :-1])  # block 0 is the instant before
+    assert torch.equal(sv[:, 6:9, :-1], x[:, :, 1:])  # block 2 the instant after
+    assert not sm[:, 0:3, 0].any() and not sm[:, 6:9, -1].any()  # beyond the record: missing
+
+
+def test_lagged_conditional_is_the_gaussian_conditional_given_the_observed_entries_of_the_window():
+    rng = np.random.default_rng(3)
+    f, lags, length = 3, 1, 6
+    d = f * (2 * lags + 1)
+    a = rng.normal(size=(d, d))
+    cov, mu = a @ a.T + 0.1 * np.eye(d), rng.normal(size=d)
+    prior = GaussianPrior(f, lags=lags).double()
+    prior.set_moments(mu, cov)
+    x = torch.randn(2, f, length, dtype=torch.float64)
+    mask = torch.rand(2, f, length) > 0.5
+    est = prior.conditional(x * mask, mask)
+    xn, mn = x.numpy(), mask.numpy()
+    centre = np.arange(lags * f, (lags + 1) * f)
+    for b in range(2):
+        for t in range(length):
+            window, obs = np.zeros(d), np.zeros(d, dtype=bool)
+            for j in range(2 * lags + 1):
+                if 0 <= t + j - lags < length:
+                    window[j * f:(j + 1) * f] = xn[b, :, t + j - lags]
+                    obs[j * f:(j + 1) * f] = mn[b, :, t + j - lags]
+            want, var = mu[centre].copy(), np.diag(cov)[centre].copy()
+            miss = centre[~obs[centre]]
+            if obs.any() and miss.size:
+                gain = np.linalg.solve(cov[np.ix_(obs, obs)] + prior.ridge * np.eye(obs.sum()), cov[np.ix_(obs, miss)])
+                want[miss - lags * f] = mu[miss] + (window[obs] - mu[obs]) @ gain
+                var[miss - lags * f] -= np.einsum("om,om->m", cov[np.ix_(obs, miss)], gain)
+            want = np.where(obs[centre], window[centre], want)
+            want_scale = np.where(obs[centre], 1.0, np.sqrt(np.maximum(var, SCALE_FLOOR**2)))
+            np.testing.assert_allclose(est.mean[b, :, t].numpy(), want, rtol=1e-8, atol=1e-10)
+            np.testing.assert_allclose(est.scale[b, :, t].numpy(), want_scale, rtol=1e-8, atol=1e-10)
+
+
+def test_neighbouring_instants_recover_scattered_missing_entries_better_than_the_instant_alone():
+    rng = np.random.default_rng(4)
+    series = low_rank_series(rng, 80)
+    train, test = series[:60], series[60:]
+    obs_train, obs_test = rng.random(train.shape) > 0.85, rng.random(test.shape) > 0.85
+    errors = {}
+    for lags in (0, 2):
+        prior = GaussianPrior(6, lags=lags)
+        x, o = prior.stack(torch.from_numpy(np.where(obs_train, train, 0.0)), torch.from_numpy(obs_train))
+        prior.set_moments(*gaussian_em(x.numpy(), o.numpy(), *prior.moments(), 30)[:2])
+        est = prior.conditional(torch.from_numpy(np.where(obs_test, test, 0.0)), torch.from_numpy(obs_test)).mean
+        errors[lags] = np.abs(test - est.numpy())[~obs_test].mean()
+    # One observed channel in seven per instant cannot pin two latent signals; its neighbours can.
+    assert errors[2] < 0.6 * errors[0]
+
+
 def test_a_fresh_prior_is_the_channel_mean_and_keeps_observed_entries():
     x = torch.randn(2, 5, 9)
     mask = torch.rand(2, 5, 9) > 0.4
@@ -100,6 +159,10 @@ def test_fitted_prior_recovers_missing_channels_of_correlated_series():
 
 
 def test_set_moments_refuses_wrong_shapes_and_non_finite_values():
+    with pytest.raises(ValueError, match="lags must be >= 0"):
+        GaussianPrior(3, lags=-1)
+    with pytest.raises(ValueError, match=r"shaped \(9,\) and \(9, 9\)"):
+        GaussianPrior(3, lags=1).set_moments(np.zeros(3), np.eye(3))
     prior = GaussianPrior(3)
     with pytest.raises(ValueError, match=r"shaped \(3,\) and \(3, 3\)"):
         prior.set_moments(np.zeros(4), np.eye(4))

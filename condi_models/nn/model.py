@@ -133,6 +133,7 @@ class ModelConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     gaussian_prior: bool = True
+    prior_lags: int = 2
 
     def __post_init__(self) -> None:
         try:
@@ -159,6 +160,8 @@ class ModelConfig:
         for name in ("length", "embed_dim", "cond_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prior_lags < 0:
+            raise ValueError(f"prior_lags must be >= 0, got {self.prior_lags}")
 
     @property
     def n_features(self) -> int:
@@ -214,8 +217,10 @@ class ModelConfig:
         for key, sub in nested.items():
             if key in kwargs:
                 kwargs[key] = sub(**_checked_fields(sub, kwargs[key], f"model config '{key}'"))
-        # A config written before the prior existed describes a model without one.
+        # A config written before the prior existed describes a model without one, and one
+        # written before the prior looked at neighbouring instants, a prior over one instant.
         kwargs.setdefault("gaussian_prior", False)
+        kwargs.setdefault("prior_lags", 0)
         kwargs["channel_modality"] = tuple(kwargs["channel_modality"])
         kwargs["modality_names"] = tuple(kwargs.get("modality_names", ()))
         return cls(**kwargs)
@@ -359,7 +364,9 @@ class CondIModel(nn.Module):
             cfg.cond_dim if self.cond_proj is not None else 0
         )
         self.prior = (
-            GaussianPrior(cfg.n_features) if spec.diffusion and spec.diffusion_prior and cfg.gaussian_prior else None
+            GaussianPrior(cfg.n_features, cfg.prior_lags)
+            if spec.diffusion and spec.diffusion_prior and cfg.gaussian_prior
+            else None
         )
         self.denoiser = (
             Denoiser(cfg.denoiser, cfg.n_features, cfg.diffusion.steps, context_dim, self.prior is not None)
