@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +288,14 @@ def gaussian_em(
     s1, s2 = _group_moments(z_rows, groups)
     mu, cov = mu.astype(np.float64), cov.astype(np.float64)
     done, change = 0, np.inf
-    while done < iterations and change >= tol:
-        new_mu, new_cov = _em_step(mu, cov, groups, s1, s2, alpha)
-        change = max(np.abs(new_mu - mu).max(), np.abs(new_cov - cov).max())
-        mu, cov = new_mu, new_cov
-        done += 1
+    # One BLAS thread: the products are small, and a BLAS pool that spins on cores other
+    # processes hold (a silo beside its peers, a benchmark beside the tests) made a refit 10x slower.
+    with threadpool_limits(limits=1, user_api="blas"):
+        while done < iterations and change >= tol:
+            new_mu, new_cov = _em_step(mu, cov, groups, s1, s2, alpha)
+            change = max(np.abs(new_mu - mu).max(), np.abs(new_cov - cov).max())
+            mu, cov = new_mu, new_cov
+            done += 1
     if change >= tol and iterations and tol > 0:
         log.info("gaussian EM: stopped at %d iterations before reaching tol", iterations)
     return mu, cov, done
@@ -356,20 +360,25 @@ def _em_step(
     for p0 in range(0, groups.patterns.shape[0], batch):
         pats = groups.patterns[p0 : p0 + batch]
         counts = groups.sizes[p0 : p0 + batch].astype(np.float64)
-        gain = _conditional_gains(cov, pats, alpha)
+        gain, rhs = _conditional_gains(cov, pats, alpha)
         a = gain + eye[None] * pats[:, None, :]
-        c = np.where(pats, 0.0, mu) - np.einsum("f,bfg->bg", mu, gain)
-        s1a = np.einsum("bf,bfg->bg", s1[p0 : p0 + batch], a)
-        missing = ~pats
-        cond = (cov[None] - np.einsum("fg,bgh->bfh", cov, gain)) * (missing[:, :, None] & missing[:, None, :])
+        c = np.where(pats, 0.0, mu) - (mu @ gain)
+        s1a = (s1[p0 : p0 + batch, None, :] @ a)[:, 0, :]
+        missing = (~pats).astype(np.float64)
         sum_x += s1a.sum(axis=0) + counts @ c
         cross = s1a.T @ c
+        # Sums over patterns of per-pattern products, each as one (F, bF) @ (bF, F) product:
+        # with a window of instants (F of 60) per-pattern products were the whole cost of a refit.
+        # sum_b A_b^T S2_b A_b, and the conditional covariance of each pattern's missing block,
+        # C_mm - C_mo G_om, weighted by the pattern's rows (rhs_b^T G_b is 0 outside m x m).
+        weighted_gain = (gain * counts[:, None, None]).reshape(-1, f)
         sum_xx += (
-            np.einsum("bfg,bfh,bhk->gk", a, s2[p0 : p0 + batch], a, optimize=True)
+            a.reshape(-1, f).T @ (s2[p0 : p0 + batch] @ a).reshape(-1, f)
             + cross
             + cross.T
-            + np.einsum("b,bg,bk->gk", counts, c, c)
-            + np.einsum("b,bfg->fg", counts, cond)
+            + (c * counts[:, None]).T @ c
+            + cov * ((missing * counts[:, None]).T @ missing)
+            - rhs.reshape(-1, f).T @ weighted_gain
         )
     new_mu = sum_x / total_n
     new_cov = sum_xx / total_n - np.outer(new_mu, new_mu)
@@ -380,20 +389,21 @@ def _gains_by_group(cov: np.ndarray, patterns: np.ndarray, alpha: float) -> Iter
     """(group index, gain) for every pattern, solving in batches so memory stays bounded when F is large."""
     batch = max(1, _GAIN_BATCH_ENTRIES // cov.size)
     for p0 in range(0, patterns.shape[0], batch):
-        yield from enumerate(_conditional_gains(cov, patterns[p0 : p0 + batch], alpha), start=p0)
+        yield from enumerate(_conditional_gains(cov, patterns[p0 : p0 + batch], alpha)[0], start=p0)
 
 
-def _conditional_gains(cov: np.ndarray, patterns: np.ndarray, alpha: float) -> np.ndarray:
+def _conditional_gains(cov: np.ndarray, patterns: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """Per pattern (observed subset o), the (F, F) matrix G with z @ G = z_o (C_oo + alpha I)^-1 C_om.
 
-    Rows outside o and columns outside m are zero. Solving the full F x F system with identity on the
+    Returns G and the right-hand side it solved, C_om in place (0 elsewhere). In both, rows outside
+    o and columns outside m are zero. Solving the full F x F system with identity on the
     missing block keeps every pattern the same shape, so all of them go through one batched solve.
     """
     eye = np.eye(cov.shape[0])
     both_observed = patterns[:, :, None] & patterns[:, None, :]
     lhs = np.where(both_observed, cov + alpha * eye, eye)
     rhs = np.where(patterns[:, :, None] & ~patterns[:, None, :], cov, 0.0)
-    return np.linalg.solve(lhs, rhs)
+    return np.linalg.solve(lhs, rhs), rhs
 
 
 IMPUTERS = {"mean": MeanImputer, "interpolation": LinearInterpolationImputer, "ridge": RidgeImputer}

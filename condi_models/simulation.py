@@ -88,7 +88,7 @@ class ModelSpec(StrictModel):
         default=True, description="diffuse the residual around the cross-channel Gaussian prior (condi_models.nn.prior)"
     )
     prior_lags: int = Field(
-        default=2, ge=0, description="the prior also conditions on the instants up to this many steps before and after"
+        default=0, ge=0, description="the prior also conditions on the instants up to this many steps before and after"
     )
 
     def build(self, info: DatasetInfo, length: int) -> ModelConfig:

@@ -133,7 +133,7 @@ class ModelConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     gaussian_prior: bool = True
-    prior_lags: int = 2
+    prior_lags: int = 0
 
     def __post_init__(self) -> None:
         try:

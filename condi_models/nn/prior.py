@@ -2,7 +2,7 @@
 
 Phase A's diffusion model does not generate a missing entry from scratch; it generates the
 standardized residual (x - m(x_O)) / s(x_O) around a cheap estimate. Here m is the conditional
-mean of a Gaussian over the F channels at the instants t - k .. t + k (k = ``lags``, 2 by
+mean of a Gaussian over the F channels at the instants t - k .. t + k (k = ``lags``, 0 by
 default), given the entries observed among them, m_miss = mu_m + C_mo (C_oo + ridge I)^-1
 (x_o - mu_o): ridge regression of each missing entry on the observed channels at the same instant
 and at its neighbours. s is the conditional standard deviation under the same Gaussian, so the
@@ -15,7 +15,10 @@ scale far below the signal's. Without it a network trained for the few hundred s
 allows imputes worse than the channel mean. With k = 0 the prior is the cross-channel ridge of
 ``condi_models.imputers``; the neighbours matter where single entries are missing (synthetic
 ECG points at pw = 0.8: MAE of m 0.077 with k = 0, 0.053 with k = 2; PTB-XL 0.210 and 0.114)
-and little in long gaps, where the neighbours are missing too.
+and little in long gaps, where the neighbours are missing too. They cost: the Gaussian has
+D = F (2k + 1) dimensions and its EM refit and per-row solves grow as D^3 (12 leads, k = 2: a
+silo's refit takes seconds instead of a fraction of one, the prior of a batch of 32 windows
+0.3 s instead of 0.03 s), so k is opt-in, ``model: {prior_lags: 2}``.
 
 The Gaussian's mean and second moment are parameters outside every optimizer. A silo refits
 them by EM on its own training data at the start of a round, starting from the global values
