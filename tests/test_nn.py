@@ -139,10 +139,12 @@ def test_historical_mask_borrows_pattern_and_falls_back_when_it_hides_nothing():
     assert torch.any(~cond[1])  # sample 1's borrowed pattern hides nothing: random draw instead
 
 
-@pytest.mark.parametrize("prior", [False, True])
-def test_phase_a_loss_decreases_on_correlated_sines(prior):
+@pytest.mark.parametrize(("prior", "lags"), [(False, 0), (True, 0), (True, 2)])
+def test_phase_a_loss_decreases_on_correlated_sines(prior, lags):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny_config(channel_modality=(0, 1), length=32), gaussian_prior=prior)
+    cfg = dataclasses.replace(
+        tiny_config(channel_modality=(0, 1), length=32), gaussian_prior=prior, prior_lags=lags
+    )
     model = CondIModel(cfg)
     g = torch.Generator().manual_seed(0)
     phase = torch.rand(64, 1, 1, generator=g) * 2 * math.pi

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from condi_models.aggregation import ParameterGroups, SiloUpdate, fedavg
+from condi_models.data.synthetic_ecg import generate_ecg
 from condi_models.imputers import gaussian_em
-from condi_models.nn.model import CondIModel, Variant
+from condi_models.nn.model import CondIModel, ModelConfig, Variant
 from condi_models.nn.prior import SCALE_FLOOR, GaussianPrior
+from condi_models.simulation import ModelSpec
 from tests.test_nn import tiny_config
 
 
@@ -182,3 +184,12 @@ def test_which_models_carry_a_prior(variant, enabled, has_prior):
     assert (model.prior is not None) == has_prior
     if model.denoiser is not None:
         assert model.denoiser.prior_input == has_prior
+
+
+def test_prior_lags_reach_the_model_from_an_experiment_config_and_survive_a_round_trip():
+    info = generate_ecg(2, seed=0).info
+    cfg = ModelSpec(prior_lags=2).build(info, 100)
+    assert cfg.prior_lags == 2 and ModelConfig.from_dict(cfg.to_dict()) == cfg
+    model = CondIModel(cfg)
+    assert model.prior.mean.shape == (12 * 5,) and model.prior.lags == 2
+    assert ModelSpec().build(info, 100).prior_lags == 0  # opt-in: the window costs D^3
