@@ -83,7 +83,6 @@ class GaussianPrior(nn.Module):
             raise ValueError(f"prior lags must be >= 0, got {lags}")
         self.ridge = ridge
         self.lags = lags
-        self.n_channels = n_features
         dim = n_features * (2 * lags + 1)
         self.mean = nn.Parameter(torch.zeros(dim), requires_grad=False)
         self.second_moment = nn.Parameter(torch.eye(dim), requires_grad=False)
