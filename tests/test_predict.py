@@ -31,12 +31,11 @@ from condi_models.predict import (
     InputError,
     PredictOptions,
     add_predict_parser,
-    decimate_with_gaps,
     load_record,
     predict_records,
-    stitch_bounds,
-    window_starts,
 )
+from condi_models.predict.inputs import decimate_with_gaps
+from condi_models.predict.pipeline import stitch_bounds, window_starts
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,27 @@
+"""``condi predict``: apply a trained checkpoint to clinical records, imputing missing parts and classifying.
+
+- :mod:`.inputs` reads a WFDB record, a Sleep-EDF PSG or a MIMIC-IV stay onto the checkpoint's layout;
+- :mod:`.options` holds the sampler settings and the missingness simulated for demonstration;
+- :mod:`.pipeline` windows, imputes, classifies and writes ``imputed.npz`` and ``prediction.json``;
+- :mod:`.figure` draws ``record.png``;
+- :mod:`.cli` is the command (``condi predict`` or ``python -m condi_models.predict``).
+"""
+
+from condi_models.predict.cli import add_predict_parser, main
+from condi_models.predict.inputs import InputError, LoadedRecord, load_record
+from condi_models.predict.options import HideSpec, PredictOptions
+from condi_models.predict.pipeline import RecordResult, SegmentPrediction, predict_record, predict_records
+
+__all__ = [
+    "HideSpec",
+    "InputError",
+    "LoadedRecord",
+    "PredictOptions",
+    "RecordResult",
+    "SegmentPrediction",
+    "add_predict_parser",
+    "load_record",
+    "main",
+    "predict_record",
+    "predict_records",
+]
