@@ -17,9 +17,10 @@ is a modality; an affected sample loses a fraction pw of the time steps of about
   They are scored on the test split at ps = ``--eval-ps`` (default 0.8, the training setting) and
   pw in ``--pws`` against mean, linear interpolation and cross-channel ridge, all fitted on the
   training split's observed entries. MAE and RMSE of the point estimate (median of ``--samples``
-  DDIM draws), CRPS of the draws (exact CRPS of their empirical distribution; for a point estimate
-  it equals the MAE). Units: standardized (per-channel z-scores). Only windows with hidden entries
-  are imputed (the others have nothing to score).
+  DDIM draws, antithetic unless ``--independent-draws``), CRPS of the draws (exact CRPS of their
+  empirical distribution; for a point estimate it equals the MAE). Units: standardized
+  (per-channel z-scores). Only windows with hidden entries are imputed (the others have nothing
+  to score).
 - Samplers: DDPM-50 against DDIM-10 and DDIM-20 for the CondI points model at ps = pw = 0.8:
   wall time of one batch of ``--sampler-windows`` windows and its MAE.
 - Throughput: impute-and-classify (``CondIModel.predict``) on the CPU at the default PTB-XL model
@@ -51,7 +52,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,9 @@ def train(
 
 
 def sampling(args: argparse.Namespace, method: str = "ddim", steps: int | None = None) -> SamplingOptions:
-    return SamplingOptions(n_samples=args.samples, method=method, steps=steps or args.steps)
+    return SamplingOptions(
+        n_samples=args.samples, method=method, steps=steps or args.steps, antithetic=not args.independent_draws
+    )
 
 
 def model_imputation(
@@ -280,7 +283,8 @@ def imputation_table(
     section = {
         "train_missingness": {"ps": TRAIN_PS, "pw": TRAIN_PW},
         "eval_ps": args.eval_ps,
-        "sampling": {"method": "ddim", "steps": args.steps, "n_samples": args.samples},
+        "sampling": {"method": "ddim", "steps": args.steps, "n_samples": args.samples,
+                     "antithetic": not args.independent_draws},
         "train_records": len(train_ds),
         "test_records": len(test_ds),
         "training": training,
@@ -386,7 +390,7 @@ def features_section(args: argparse.Namespace, device: torch.device) -> dict[str
             observed = torch.from_numpy(win.observed[sl]).to(device)
             truth = torch.from_numpy(win.truth[sl]).to(device)
             full = torch.ones_like(observed)
-            imp = model.impute(x, observed, n_samples=args.samples, steps=args.steps, generator=gen)
+            imp = model.impute(x, observed, **asdict(sampling(args)), generator=gen)
             inputs = {
                 "clean": (truth, full, None),
                 "zero_filled": (x, observed, None),
@@ -413,7 +417,8 @@ def features_section(args: argparse.Namespace, device: torch.device) -> dict[str
         "windows": len(win),
         "hidden": {"ps": 1.0, "pw": FEATURE_PW, "modality_prob": 1.0, "pattern": "points"},
         "feature_dim": int(arrays["clean"].shape[1]),
-        "sampling": {"method": "ddim", "steps": args.steps, "n_samples": args.samples},
+        "sampling": {"method": "ddim", "steps": args.steps, "n_samples": args.samples,
+                     "antithetic": not args.independent_draws},
         "training": training,
         "summary": summary,
         "accuracy": accuracy,
@@ -482,7 +487,8 @@ def report(results: dict[str, Any]) -> str:
         parts.append(
             f"**{title}** — imputation of hidden entries, standardized units; trained at ps = pw = 0.8 "
             f"of the pattern, evaluated at ps = {section['eval_ps']}; CondI / CSDI: median of "
-            f"{s['n_samples']} DDIM-{s['steps']} draws (CRPS of the draws; for point methods CRPS = MAE)."
+            f"{s['n_samples']} {'antithetic' if s.get('antithetic') else 'independent'} DDIM-{s['steps']} draws "
+            "(CRPS of the draws; for point methods CRPS = MAE)."
         )
         rows = []
         for r in section["rows"]:
@@ -557,6 +563,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="neighbouring instants on each side the prior conditions on (0: the same instant only)")
     parser.add_argument("--samples", type=int, default=5, help="imputation draws per window")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps of the imputation table")
+    parser.add_argument("--independent-draws", action="store_true",
+                        help="independent draws (default: antithetic pairs plus the centre path)")
     parser.add_argument("--pws", default="0.2,0.5,0.8", help="within-modality missing fractions to evaluate")
     parser.add_argument("--eval-ps", type=float, default=0.8, help="sample-level missing probability at test")
     parser.add_argument("--test-windows", type=int, help="at most this many test windows per cell (default all)")

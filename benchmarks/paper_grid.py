@@ -137,6 +137,7 @@ def settings(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "model_size": args.model_size,
         "eval_samples": args.eval_samples,
         "eval_steps": args.eval_steps,
+        "antithetic": not args.independent_draws,
         "seed": args.seed,
         "gaussian_prior": not args.no_prior,
         "prior_lags": args.prior_lags,
@@ -167,7 +168,8 @@ def experiment(s: dict[str, Any], method: Variant, ps: float, pw: float, device:
         },
         "training": {"epochs_a": s["epochs_a"], "epochs_b": s["epochs_b"], "batch_size": s["batch_size"],
                      "window": s["window"], "phase_b_input": s["phase_b_input"]},
-        "evaluation": {"n_samples": s["eval_samples"], "steps": s["eval_steps"], "method": "ddim"},
+        "evaluation": {"n_samples": s["eval_samples"], "steps": s["eval_steps"], "method": "ddim",
+                       "antithetic": s.get("antithetic", False)},
     }
     return parse_config(raw, ExperimentConfig, f"paper_grid {raw['name']}")
 
@@ -306,6 +308,16 @@ def prior_words(s: dict[str, Any]) -> str:
     return f"on (+/- {lags} instants)" if lags else "on (same instant)"
 
 
+def draws_words(s: dict[str, Any]) -> str:
+    """How a grid's settings describe the imputation draws at evaluation (grids stored before had independent ones)."""
+    n, steps = s.get("eval_samples", 1), s.get("eval_steps", 10)
+    if not s.get("antithetic", False):
+        return f"evaluated on {n} independent DDIM-{steps} draw{'s' if n > 1 else ''}"
+    if n == 1:
+        return f"evaluated on the DDIM-{steps} centre path"
+    return f"evaluated on {n} antithetic DDIM-{steps} draws"
+
+
 def report(name: str, results: dict[str, Any]) -> str:
     s = results["settings"]
     cells = results["cells"]
@@ -317,7 +329,8 @@ def report(name: str, results: dict[str, Any]) -> str:
         f"{s['silos_per_round']} per round, Dirichlet {s['alpha']}, {s['rounds']} rounds of {s['epochs_a']} + "
         f"{s['epochs_b']} local epochs (Phase A + B), model size '{s['model_size']}', seed {s['seed']}; "
         f"imputer Gaussian prior {prior_words(s)}, classifier trained on "
-        f"{s.get('phase_b_input', 'observed')} data; test set of {'/'.join(str(n) for n in n_test)} samples"
+        f"{s.get('phase_b_input', 'observed')} data; {draws_words(s)}; "
+        f"test set of {'/'.join(str(n) for n in n_test)} samples"
         + (f" (accuracy standard error up to {100 * max(ses):.1f} points)" if ses else "")
         + f"; {results.get('seconds_total', 0) / 60:.0f} min in all."
     )
@@ -353,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="neighbouring instants on each side the prior conditions on (0: the same instant only)")
     parser.add_argument("--eval-samples", type=int, default=1, help="imputation draws per window at evaluation")
     parser.add_argument("--eval-steps", type=int, default=10, help="DDIM steps at evaluation")
+    parser.add_argument("--independent-draws", action="store_true",
+                        help="independent imputation draws at evaluation (default: antithetic, one draw = centre path)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)

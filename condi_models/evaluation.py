@@ -7,7 +7,7 @@ classifies the imputed sample; the no-imputation variants classify the observed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -35,12 +35,16 @@ class EvalOptions:
     n_samples: int = 1
     method: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 10
+    antithetic: bool = True
     batch_size: int = 64
     max_samples: int | None = None
     imputation_metrics: bool = True
 
     def sampling(self, quantiles: tuple[float, ...] = (0.05, 0.95)) -> SamplingOptions:
-        return SamplingOptions(n_samples=self.n_samples, method=self.method, steps=self.steps, quantiles=quantiles)
+        return SamplingOptions(
+            n_samples=self.n_samples, method=self.method, steps=self.steps, quantiles=quantiles,
+            antithetic=self.antithetic,
+        )
 
 
 @dataclass(frozen=True)
@@ -96,14 +100,7 @@ def impute_split(
     xs, draws, idx, starts = [], [], [], []
     for batch in iterate_batches(split, batch_size, window=window, rng=None, device=device):
         imp = model.impute(
-            batch.x,
-            batch.observed,
-            n_samples=opts.n_samples,
-            steps=opts.steps,
-            method=opts.method,
-            quantiles=opts.quantiles,
-            generator=gen,
-            return_samples=keep_samples,
+            batch.x, batch.observed, **asdict(opts), generator=gen, return_samples=keep_samples
         )
         xs.append(imp.x_hat.cpu().numpy())
         if keep_samples:
@@ -143,14 +140,7 @@ def evaluate(
         if imp is None and score_imputation:
             # A variant that imputes but classifies the observed data: score its imputer all the same.
             imp = model.impute(
-                batch.x,
-                batch.observed,
-                sampling.n_samples,
-                sampling.steps,
-                sampling.method,
-                generator=gen,
-                return_samples=keep_samples,
-                clip_x0=sampling.clip_x0,
+                batch.x, batch.observed, **asdict(sampling), generator=gen, return_samples=keep_samples
             )
         logits = pred.logits.detach()
         losses.append(float(torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")))

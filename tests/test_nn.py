@@ -30,9 +30,11 @@ from condi_models.nn import (
 from condi_models.nn.diffusion import (
     DiffusionConfig,
     NoiseSchedule,
+    antithetic_noise,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
+    iid_noise,
     sample_quantiles,
 )
 from condi_models.nn.embeddings import ConditionEmbedding, condition_routing, modality_availability
@@ -197,9 +199,9 @@ def test_ddpm_and_ddim_agree_with_the_known_gaussian_conditional():
     var = 1 - rho**2
     eps_fn = gaussian_eps(schedule, mean, var)
     target = torch.ones(n, 1, 4, dtype=torch.bool)
-    ddpm = ddpm_sample(eps_fn, schedule, target, torch.Generator().manual_seed(0))
-    ddim = ddim_sample(eps_fn, schedule, target, 50, torch.Generator().manual_seed(1))
-    ddim10 = ddim_sample(eps_fn, schedule, target, 10, torch.Generator().manual_seed(2))
+    ddpm = ddpm_sample(eps_fn, schedule, target, iid_noise(torch.Generator().manual_seed(0)))
+    ddim = ddim_sample(eps_fn, schedule, target, 50, iid_noise(torch.Generator().manual_seed(1)))
+    ddim10 = ddim_sample(eps_fn, schedule, target, 10, iid_noise(torch.Generator().manual_seed(2)))
     sd = math.sqrt(var)
     for samples in (ddpm, ddim, ddim10):
         assert torch.allclose(samples.median(0).values[0], rho * x1, atol=0.05)
@@ -218,7 +220,7 @@ def test_ddim_with_a_wrong_sign_noise_model_is_far_off():
     schedule = NoiseSchedule(DiffusionConfig())
     mean = torch.full((500, 1, 1), 1.0)
     good = gaussian_eps(schedule, mean, 0.1)
-    out = ddim_sample(lambda z, t: -good(z, t), schedule, torch.ones(500, 1, 1), 10, torch.Generator())
+    out = ddim_sample(lambda z, t: -good(z, t), schedule, torch.ones(500, 1, 1), 10, iid_noise(torch.Generator()))
     assert abs(float(out.median()) - 1.0) > 0.5
 
 
@@ -230,13 +232,49 @@ def test_clipping_bounds_a_bad_noise_model(sampler):
     def bad(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return -3.0 * z
 
-    gen = torch.Generator().manual_seed(0)
+    noise = iid_noise(torch.Generator().manual_seed(0))
     if sampler == "ddim":
-        free, bounded = (ddim_sample(bad, schedule, target, 10, gen, clip=c) for c in (None, 4.0))
+        free, bounded = (ddim_sample(bad, schedule, target, 10, noise, clip=c) for c in (None, 4.0))
     else:
-        free, bounded = (ddpm_sample(bad, schedule, target, gen, clip=c) for c in (None, 4.0))
+        free, bounded = (ddpm_sample(bad, schedule, target, noise, clip=c) for c in (None, 4.0))
     assert float(free.abs().max()) > 4.0
     assert float(bounded.abs().max()) <= 4.0 + 1e-5
+
+
+def test_antithetic_noise_pairs_the_copies_and_keeps_one_centre_path():
+    noise = antithetic_noise(5, torch.Generator().manual_seed(0))
+    e = noise(torch.zeros(5 * 3, 2, 4))  # five stacked copies of a batch of three
+    assert torch.equal(e[6:12], -e[0:6]) and torch.equal(e[12:], torch.zeros(3, 2, 4))
+    assert not torch.equal(e[0:3], e[3:6])
+    assert not torch.equal(noise(torch.zeros(15, 2, 4)), e)  # every call draws afresh
+    with pytest.raises(ValueError, match="do not split into 5 stacked copies"):
+        noise(torch.zeros(7, 2, 4))
+    with pytest.raises(ValueError, match="at least one copy"):
+        antithetic_noise(0, None)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_antithetic_draws_of_a_centred_gaussian_have_median_zero(sampler):
+    # For a zero-mean Gaussian target (the prior's standardized residual under an untrained head)
+    # both samplers are odd maps of their noise, so pairs mirror about zero and the median of an
+    # odd antithetic set is zero exactly; the median of independent draws scatters.
+    schedule = NoiseSchedule(DiffusionConfig())
+    copies, rows, var = 5, 300, 0.5
+    eps_fn = gaussian_eps(schedule, torch.zeros(copies * rows, 1, 1), var)
+    target = torch.ones(copies * rows, 1, 1, dtype=torch.bool)
+
+    def draws(noise) -> torch.Tensor:
+        if sampler == "ddim":
+            return ddim_sample(eps_fn, schedule, target, 50, noise).view(copies, rows)
+        return ddpm_sample(eps_fn, schedule, target, noise).view(copies, rows)
+
+    anti = draws(antithetic_noise(copies, torch.Generator().manual_seed(0)))
+    iid = draws(iid_noise(torch.Generator().manual_seed(0)))
+    assert float(anti.median(0).values.abs().max()) < 1e-6
+    assert float(iid.median(0).values.abs().mean()) > 0.1
+    # The paired draws still carry the target's spread.
+    sd = math.sqrt(var)
+    assert 0.8 * sd < float(anti[:4].pow(2).mean().sqrt()) < 1.2 * sd
 
 
 def test_schedule_is_quadratic_and_ends_near_pure_noise():
@@ -272,7 +310,7 @@ def test_impute_keeps_observed_entries_and_is_seeded(method):
     assert torch.equal(a.quantiles[:, observed], x[observed].expand(2, -1))
     assert torch.equal(a.samples[:, observed], x[observed].expand(4, -1))
     assert torch.equal(a.samples, b.samples) and torch.equal(a.x_hat, b.x_hat)
-    assert not torch.equal(a.x_hat[~observed], c.x_hat[~observed])
+    assert not torch.equal(a.samples[:, ~observed], c.samples[:, ~observed])
     assert torch.all(a.quantiles[0] <= a.median) and torch.all(a.median <= a.quantiles[1])
     assert model.training  # impute restores the mode it found
 
@@ -283,6 +321,28 @@ def test_impute_in_chunks_gives_the_requested_number_of_samples():
     out = model.impute(x, observed, n_samples=5, steps=3, chunk_size=2, return_samples=True,
                        generator=torch.Generator().manual_seed(0))
     assert out.samples.shape == (5, 2, 4, 24)
+
+
+def test_antithetic_imputation_of_a_fresh_model_is_its_prior_mean():
+    # An untrained head samples the prior's Gaussian posterior exactly, so the antithetic median
+    # is the prior's conditional mean; one draw is the centre path alone, and chunking keeps pairs.
+    model = CondIModel(tiny_config())
+    f = model.cfg.n_features
+    a = torch.randn(f, f, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    model.prior.set_moments(np.linspace(-1.0, 1.0, f), (a @ a.T + 0.5 * torch.eye(f, dtype=torch.float64)).numpy())
+    x, observed, _ = random_batch(model.cfg, 3, 5)
+    prior_mean = model.prior_estimate(x * observed, observed).mean
+    hidden = ~observed
+
+    def median(**kwargs) -> torch.Tensor:
+        return model.impute(x, observed, steps=4, generator=torch.Generator().manual_seed(6), **kwargs).median
+
+    five = median(n_samples=5)
+    assert torch.allclose(five[hidden], prior_mean[hidden], atol=1e-4)
+    assert torch.allclose(median(n_samples=1)[hidden], prior_mean[hidden], atol=1e-4)
+    assert torch.allclose(median(n_samples=5, chunk_size=3)[hidden], prior_mean[hidden], atol=1e-4)
+    independent = median(n_samples=5, antithetic=False)
+    assert float((independent[hidden] - prior_mean[hidden]).abs().mean()) > 0.05
 
 
 def test_imputation_does_not_see_hidden_values():

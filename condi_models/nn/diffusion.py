@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Standard normal noise shaped like its argument; the samplers draw every noise they use from one.
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,35 @@ def randn_like_on(shape: Sequence[int], like: torch.Tensor, generator: torch.Gen
     """
     device = generator.device if generator is not None else like.device
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def iid_noise(generator: torch.Generator | None) -> NoiseFn:
+    """Independent standard normal noise from ``generator``."""
+    return lambda like: randn_like_on(like.shape, like, generator)
+
+
+def antithetic_noise(copies: int, generator: torch.Generator | None) -> NoiseFn:
+    """Noise for ``copies`` copies of a batch stacked along dim 0, in antithetic pairs.
+
+    With p = copies // 2, copy i < p gets fresh noise e_i and copy p + i gets -e_i, at every call
+    (the start noise and each step's); with an odd count the last copy gets zero, the sampler's
+    centre path. Each paired copy is still an exact draw of the sampler; a pair is symmetric about
+    the centre where the model is Gaussian, so the median of a set varies far less between seeds
+    than that of independent draws, and with one copy the sampler runs the centre path alone.
+    """
+    if copies < 1:
+        raise ValueError(f"antithetic noise needs at least one copy, got {copies}")
+    pairs = copies // 2
+
+    def noise(like: torch.Tensor) -> torch.Tensor:
+        if like.shape[0] % copies:
+            raise ValueError(f"{like.shape[0]} rows do not split into {copies} stacked copies")
+        rows = like.shape[0] // copies
+        e = randn_like_on((pairs * rows, *like.shape[1:]), like, generator)
+        centre = torch.zeros(((copies - 2 * pairs) * rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        return torch.cat([e, -e, centre], dim=0)
+
+    return noise
 
 
 def rand_on(shape: Sequence[int], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -161,7 +192,7 @@ def ddpm_sample(
     eps_fn: EpsFn,
     schedule: NoiseSchedule,
     target: torch.Tensor,
-    generator: torch.Generator | None,
+    noise: NoiseFn,
     clip: float | None = None,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling through all T steps; returns z_0, zero outside ``target``.
@@ -170,7 +201,7 @@ def ddpm_sample(
     variance beta_tilde_t (CSDI's choice); written through x0 so that ``clip`` can apply.
     """
     w = target.to(schedule.betas.dtype)
-    z = randn_like_on(w.shape, w, generator) * w
+    z = noise(w) * w
     one = torch.ones((), dtype=w.dtype, device=w.device)
     for t in range(schedule.steps - 1, -1, -1):
         tt = torch.full((w.shape[0],), t, dtype=torch.long, device=w.device)
@@ -180,7 +211,7 @@ def ddpm_sample(
         z = (ab_prev.sqrt() * beta * x0 + alpha.sqrt() * (1.0 - ab_prev) * z) / (1.0 - ab)
         if t > 0:
             sigma = ((1.0 - ab_prev) / (1.0 - ab) * beta).sqrt()
-            z = z + sigma * randn_like_on(w.shape, w, generator)
+            z = z + sigma * noise(w)
         z = z * w
     return z
 
@@ -191,7 +222,7 @@ def ddim_sample(
     schedule: NoiseSchedule,
     target: torch.Tensor,
     steps: int,
-    generator: torch.Generator | None,
+    noise: NoiseFn,
     eta: float = 0.0,
     clip: float | None = None,
 ) -> torch.Tensor:
@@ -199,7 +230,7 @@ def ddim_sample(
     w = target.to(schedule.betas.dtype)
     ts = ddim_timesteps(schedule.steps, steps)
     one = torch.ones((), dtype=w.dtype, device=w.device)
-    z = randn_like_on(w.shape, w, generator) * w
+    z = noise(w) * w
     for i, t in enumerate(ts):
         tt = torch.full((w.shape[0],), t, dtype=torch.long, device=w.device)
         ab = schedule.alpha_bars[t]
@@ -208,7 +239,7 @@ def ddim_sample(
         sigma = eta * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)).sqrt()
         z = ab_prev.sqrt() * x0 + (1.0 - ab_prev - sigma**2).clamp_min(0.0).sqrt() * eps
         if eta > 0 and i + 1 < len(ts):
-            z = z + sigma * randn_like_on(w.shape, w, generator)
+            z = z + sigma * noise(w)
         z = z * w
     return z
 

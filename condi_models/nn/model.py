@@ -42,8 +42,10 @@ from condi_models.nn.denoiser import Denoiser, DenoiserConfig
 from condi_models.nn.diffusion import (
     DiffusionConfig,
     NoiseSchedule,
+    antithetic_noise,
     ddim_sample,
     ddpm_sample,
+    iid_noise,
     make_training_mask,
     masked_noise_loss,
     randn_like_on,
@@ -244,7 +246,11 @@ def _checked_fields(cls: type, data: Mapping[str, Any], where: str) -> dict[str,
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to impute: sampler, its steps, number of samples and reported quantiles."""
+    """How to impute: sampler, its steps, number of samples and reported quantiles.
+
+    ``antithetic`` draws the samples in antithetic pairs, plus the centre path for an odd count
+    (see ``antithetic_noise``); False draws them independently.
+    """
 
     n_samples: int = 10
     method: str = "ddim"
@@ -253,6 +259,7 @@ class SamplingOptions:
     chunk_size: int | None = None
     eta: float = 0.0
     clip_x0: float | None = 10.0
+    antithetic: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in ("ddim", "ddpm"):
@@ -513,15 +520,18 @@ class CondIModel(nn.Module):
         chunk_size: int | None = None,
         eta: float = 0.0,
         clip_x0: float | None = 10.0,
+        antithetic: bool = True,
     ) -> Imputation:
         """Draw ``n_samples`` imputations of the unobserved entries; median point estimate and quantiles.
 
         ``method='ddim'`` uses ``steps`` of the T steps (deterministic given the start noise when
         eta = 0); ``'ddpm'`` runs all T ancestral steps and ignores ``steps``. Samples are drawn
-        ``chunk_size`` copies of the batch at a time (all at once by default). ``clip_x0`` bounds
-        the sampler's intermediate clean-value estimates (standardized units; None: no bound).
+        ``chunk_size`` copies of the batch at a time (all at once by default; an even number when
+        ``antithetic``, so that pairs stay together). ``clip_x0`` bounds the sampler's
+        intermediate clean-value estimates (standardized units; None: no bound). ``antithetic``:
+        see ``SamplingOptions``.
         """
-        opts = SamplingOptions(n_samples, method, steps, tuple(quantiles), chunk_size, eta, clip_x0)
+        opts = SamplingOptions(n_samples, method, steps, tuple(quantiles), chunk_size, eta, clip_x0, antithetic)
         denoiser = self._require_diffusion()
         self._check(x, observed)
         b, f, length = x.shape
@@ -530,6 +540,9 @@ class CondIModel(nn.Module):
             context = self.diffusion_context(values, observed)
             prior = self.prior_estimate(values, observed)
             chunk = opts.chunk_size or opts.n_samples
+            if opts.antithetic and chunk < opts.n_samples:
+                # Only the last chunk may be odd, so there is one centre path at most.
+                chunk = max(2, chunk - chunk % 2)
             draws = []
             for start in range(0, opts.n_samples, chunk):
                 k = min(chunk, opts.n_samples - start)
@@ -544,10 +557,11 @@ class CondIModel(nn.Module):
                     return self._eps(denoiser, z, v, c, t, ctx, p)
 
                 target = ~rep_cond
+                noise = antithetic_noise(k, generator) if opts.antithetic else iid_noise(generator)
                 if opts.method == "ddpm":
-                    z = ddpm_sample(eps_fn, self.schedule, target, generator, opts.clip_x0)
+                    z = ddpm_sample(eps_fn, self.schedule, target, noise, opts.clip_x0)
                 else:
-                    z = ddim_sample(eps_fn, self.schedule, target, opts.steps, generator, opts.eta, opts.clip_x0)
+                    z = ddim_sample(eps_fn, self.schedule, target, opts.steps, noise, opts.eta, opts.clip_x0)
                 if rep_prior is not None:
                     z = rep_prior.from_residual(z)
                 draws.append(z.view(k, b, f, length))
@@ -616,8 +630,7 @@ class CondIModel(nn.Module):
                 return Prediction(logits=self.classify(x, observed), imputation=None)
             opts = sampling or SamplingOptions()
             imp = self.impute(
-                x, observed, opts.n_samples, opts.steps, opts.method, opts.quantiles, generator,
-                return_samples=return_samples, chunk_size=opts.chunk_size, eta=opts.eta, clip_x0=opts.clip_x0,
+                x, observed, **dataclasses.asdict(opts), generator=generator, return_samples=return_samples
             )
             full = torch.ones_like(observed)
             logits = self.classify(imp.x_hat, full, availability=self.availability(observed))

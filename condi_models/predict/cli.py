@@ -28,6 +28,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=5, help="imputation samples per window (default 5)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10; DDPM runs all T)")
     parser.add_argument("--method", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
+    parser.add_argument(
+        "--independent-draws",
+        action="store_true",
+        help="draw the samples independently (default: antithetic pairs plus the centre path, see the README)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler and of --hide (default 0)")
     parser.add_argument(
         "--hide",
@@ -54,6 +59,7 @@ def options_from_args(args: argparse.Namespace) -> PredictOptions:
         n_samples=args.samples,
         steps=args.steps,
         method=args.method,
+        antithetic=not args.independent_draws,
         seed=args.seed,
         hide=hide,
         batch_size=args.batch_size,

@@ -60,6 +60,7 @@ class PredictOptions:
     n_samples: int = 5
     steps: int = 10
     method: str = "ddim"
+    antithetic: bool = True
     seed: int = 0
     hide: HideSpec | None = None
     quantiles: tuple[float, float] = (0.05, 0.95)
@@ -80,7 +81,8 @@ class PredictOptions:
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(
-            n_samples=self.n_samples, method=self.method, steps=self.steps, quantiles=self.quantiles
+            n_samples=self.n_samples, method=self.method, steps=self.steps, quantiles=self.quantiles,
+            antithetic=self.antithetic,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +90,7 @@ class PredictOptions:
             "samples": self.n_samples,
             "steps": self.steps,
             "method": self.method,
+            "draws": "antithetic" if self.antithetic else "independent",
             "seed": self.seed,
             "quantiles": list(self.quantiles),
             "hide": None if self.hide is None else self.hide.describe(),

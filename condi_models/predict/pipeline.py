@@ -268,7 +268,7 @@ def _title(
     how = f"model {variant}"
     if imputed:
         sampler = opts.method.upper() + (f"-{opts.steps}" if opts.method == "ddim" else "")
-        how += f"; {opts.n_samples} samples, {sampler}"
+        how += f"; {opts.n_samples} {'antithetic' if opts.antithetic else 'independent'} samples, {sampler}"
         how += f", band {opts.quantiles[0]:g}-{opts.quantiles[1]:g} quantiles, seed {opts.seed}"
     else:
         how += " (classifies the observed data; no imputation)"
