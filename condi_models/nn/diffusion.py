@@ -82,9 +82,11 @@ def antithetic_noise(copies: int, generator: torch.Generator | None) -> NoiseFn:
 
     With p = copies // 2, copy i < p gets fresh noise e_i and copy p + i gets -e_i, at every call
     (the start noise and each step's); with an odd count the last copy gets zero, the sampler's
-    centre path. Each paired copy is still an exact draw of the sampler; a pair is symmetric about
-    the centre where the model is Gaussian, so the median of a set varies far less between seeds
-    than that of independent draws, and with one copy the sampler runs the centre path alone.
+    centre path. Each paired copy is still an exact draw of the sampler. Where the target is a
+    centred Gaussian (the prior's residual under an untrained head) the sampler is an odd map of
+    its noise, so a pair mirrors about the centre path; a trained model bends pairs less than
+    independent draws scatter, so the median of a set varies far less between seeds. With one
+    copy the sampler runs the centre path alone.
     """
     if copies < 1:
         raise ValueError(f"antithetic noise needs at least one copy, got {copies}")
