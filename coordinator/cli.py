@@ -4,6 +4,9 @@
 every round completed, 1 when the run failed or was stopped, 2 on a configuration error).
 ``coordinator check --config federation.yaml`` validates the file and prints the round plan;
 files it names that do not exist yet are listed on stderr.
+
+For fault tests, ``CONDI_COORDINATOR_EXIT_AT=ROUND:STAGE`` makes the coordinator exit hard (status 17)
+right after it accepts the first submission of that round's stage, as a crash mid-stage would.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from condi_models.configfile import ConfigError
 from coordinator.config import federation_file_problems, load_federation_config
 from federation import logs
+from federation.faults import COORDINATOR_EXIT_AT, parse_exit_at
 from federation.tls import TlsError
 
 
@@ -45,9 +50,14 @@ def _serve(config: str, verbose: bool) -> int:
     from coordinator.store import StoreError
 
     cfg = load_federation_config(config)
+    try:
+        exit_at = parse_exit_at(COORDINATOR_EXIT_AT, os.environ.get(COORDINATOR_EXIT_AT))
+    except ValueError as err:
+        print(f"coordinator: error: {err}", file=sys.stderr)
+        return 2
     logs.configure(logging.DEBUG if verbose else logging.INFO, Path(cfg.run_dir) / "events.jsonl")
     try:
-        return serve(cfg, config)
+        return serve(cfg, config, exit_at=exit_at)
     except (StoreError, TlsError) as err:
         logging.getLogger("coordinator").error("%s", err)
         print(f"coordinator: error: {err}", file=sys.stderr)

@@ -58,6 +58,7 @@ from coordinator.rounds import (
 from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError
 from federation import identity, pki, tls, wire
 from federation import secagg_wire as sw
+from federation.faults import exit_hard
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
 from federation.secure_metrics import decode_metrics
@@ -109,9 +110,17 @@ class _Model:
 class Coordinator:
     """The coordinator's state and the operations gRPC handlers call (thread-safe)."""
 
-    def __init__(self, cfg: FederationConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        exit_at: tuple[int, int] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.clock = clock
+        # Fault injection (tests, the harness): (round, stage) at whose first accepted submission to die.
+        self.exit_at = exit_at
         self.run_dir = Path(cfg.run_dir)
         self.store = CheckpointStore(self.run_dir)
         self.max_chunk_bytes = cfg.max_chunk_bytes
@@ -468,6 +477,7 @@ class Coordinator:
             duplicate = self.machine.accept_update(
                 silo, key, header.base_state_sha256, received.manifest.payload_sha256, record
             )
+            self._fault_point(silo, key, duplicate)
             self._cond.notify_all()
         log.info(
             "%s update from silo %s for %s: %d samples, %d bytes in %.2f s",
@@ -534,6 +544,7 @@ class Coordinator:
             except MessageError as exc:
                 raise ProtocolError("invalid_argument", f"masked vector: {exc}") from exc
             duplicate = self.machine.accept_secure(silo, key, received.manifest.payload_sha256, masked, claims)
+            self._fault_point(silo, key, duplicate)
             self._cond.notify_all()
         log.info(
             "%s masked vector from silo %s for %s: %d bytes",
@@ -566,6 +577,7 @@ class Coordinator:
                 raise ProtocolError("invalid_argument", f"{stage_name(stage)}: {exc}") from exc
             digest = hashlib.sha256(message.to_bytes()).hexdigest()
             duplicate = self.machine.accept_secure(silo, key, digest, message)
+            self._fault_point(silo, key, duplicate)
             self._cond.notify_all()
         log.info("%s %s from silo %s", "duplicate" if duplicate else "accepted", stage_name(stage), silo)
         return pb.Receipt(ref=ref, duplicate=duplicate)
@@ -620,6 +632,7 @@ class Coordinator:
         }
         with self._cond:
             duplicate = self.machine.accept_metrics(silo, key, digest, report)
+            self._fault_point(silo, key, duplicate)
             self._cond.notify_all()
         val = report["splits"]["val"]
         log.info(
@@ -631,6 +644,15 @@ class Coordinator:
             val["n"],
         )
         return pb.Receipt(ref=request.ref, duplicate=duplicate)
+
+    def _fault_point(self, silo: str, key: StageKey, duplicate: bool) -> None:
+        """Die, as a crash would, on accepting the first submission of the injected round and stage.
+
+        Called with the lock held, before the driver can act on the submission: the round is then
+        always mid-stage when the process ends, however fast the silos are.
+        """
+        if not duplicate and self.exit_at == (key.round, key.stage):
+            exit_hard(log, f"stopping in {key.describe()} after accepting the submission of silo {silo}")
 
     def heartbeat(self, silo: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         """A sign of life; the reply names the caller and its current task. With ``leaving`` set the
@@ -899,12 +921,14 @@ def _claims(text: str) -> dict[str, Any]:
 class CoordinatorServer:
     """A :class:`Coordinator` behind a mutual-TLS gRPC server with per-call identity and health service."""
 
-    def __init__(self, cfg: FederationConfig, source: str | Path) -> None:
+    def __init__(
+        self, cfg: FederationConfig, source: str | Path, *, exit_at: tuple[int, int] | None = None
+    ) -> None:
         from coordinator.servicer import FederationServicer
 
         check_federation_files(cfg, source)
         assert cfg.tls is not None
-        self.coordinator = Coordinator(cfg)
+        self.coordinator = Coordinator(cfg, exit_at=exit_at)
         ca = pki.load_certificate(cfg.tls.ca)
         interceptor = identity.IdentityInterceptor(ca, identity.RevocationList(cfg.tls.crl, ca), cfg.silos)
         credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
@@ -930,9 +954,10 @@ class CoordinatorServer:
         self._bound.server.stop(grace=2).wait()
 
 
-def serve(cfg: FederationConfig, source: str | Path) -> int:
-    """Run the coordinator of ``cfg`` until the run ends; returns the exit code."""
-    server = CoordinatorServer(cfg, source)
+def serve(cfg: FederationConfig, source: str | Path, *, exit_at: tuple[int, int] | None = None) -> int:
+    """Run the coordinator of ``cfg`` until the run ends; returns the exit code. ``exit_at`` injects a
+    crash at a (round, stage) for fault tests."""
+    server = CoordinatorServer(cfg, source, exit_at=exit_at)
     server.start()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -17,10 +17,11 @@ each silo spent.
 Fault injection: ``--kill-silo ID:ROUND:STAGE`` makes that silo exit hard in that round's
 ``train`` or ``evaluate`` stage, or in a secure stage (``advertise_keys``, ``share_keys``,
 ``masked_input``, ``unmask``); ``--nan-update ID:ROUND`` makes it produce a NaN update (which it
-refuses to send); ``--restart-coordinator-at ROUND`` kills the coordinator with SIGKILL once an
-update (or, in secure mode, a secure-stage submission) of that round has arrived, and starts it
-again from its checkpoint. ``--restart-killed`` starts a silo killed by ``--kill-silo`` again (without
-the fault), on the same state directory.
+refuses to send); ``--restart-coordinator-at ROUND[:STAGE]`` makes the coordinator exit hard right
+after it accepts the first submission of that round's stage (``train`` by default; in secure mode
+a secure stage), and starts it again from its checkpoint. Both faults are injected at a named
+point, not by racing a poll, so a fault run always hits them. ``--restart-killed`` starts a silo
+killed by ``--kill-silo`` again (without the fault), on the same state directory.
 
 Run directory layout: ``pki/``, ``federation.yaml``, ``sites/<id>.yaml``, ``logs/<process>.log``,
 ``coordinator/`` (checkpoint, metrics.jsonl, status.json, events.jsonl, report.json,
@@ -45,7 +46,7 @@ from typing import IO, Any, Literal
 
 import yaml
 
-from federation import pki
+from federation import faults, pki
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ class HarnessOptions:
     # Further silos to kill, each at its own round and stage (one kill per silo).
     kill_silos: tuple[tuple[str, int, str], ...] = ()
     nan_update: tuple[str, int] | None = None
-    restart_coordinator_at: int | None = None
+    # (round, stage): the coordinator dies on that stage's first accepted submission and is restarted.
+    restart_coordinator_at: tuple[int, str] | None = None
     secure: bool = True
     # Evaluation scores go through a secure sum too (secure mode only).
     secure_metrics: bool = False
@@ -338,25 +340,29 @@ def run_harness(
     unknown = sorted(set(opts.privacy_overrides) - set(ids))
     if unknown or (opts.privacy_overrides and not opts.dp):
         raise HarnessError(f"privacy overrides need dp and known silos; got {sorted(opts.privacy_overrides)}")
+    crash = opts.restart_coordinator_at
+    if crash is not None and crash[1] not in faults.STAGES:
+        raise HarnessError(f"--restart-coordinator-at: stage {crash[1]!r} is not one of {list(faults.STAGES)}")
     port = free_port()
     fed_yaml, sites = write_configs(opts, port)
     run_dir = out / "coordinator"
     logs_dir = out / "logs"
     coordinator_args = ["-m", "coordinator.cli", "--config", str(fed_yaml)]
-    coordinator = _start("coordinator", coordinator_args, logs_dir / "coordinator.log", {})
+    crash_env = {} if crash is None else {faults.COORDINATOR_EXIT_AT: f"{crash[0]}:{crash[1]}"}
+    coordinator = _start("coordinator", coordinator_args, logs_dir / "coordinator.log", crash_env)
     starts = 1
     silos: dict[str, _Process] = {}
     for sid in ids:
         env = {}
         if sid in kills:
-            env["CONDI_FAULT_EXIT_AT"] = f"{kills[sid][1]}:{kills[sid][2]}"
+            env[faults.SILO_EXIT_AT] = f"{kills[sid][1]}:{kills[sid][2]}"
         if opts.nan_update is not None and opts.nan_update[0] == sid:
             env["CONDI_FAULT_NAN_AT"] = str(opts.nan_update[1])
         silos[sid] = _start(
             sid, ["-m", "silo_agent.cli", "--config", str(sites[sid])], logs_dir / f"{sid}.log", env
         )
     to_restart = set(kills) if opts.restart_killed else set()
-    restart_pending = opts.restart_coordinator_at is not None
+    restart_pending = crash is not None
     deadline = time.monotonic() + opts.timeout_s
     last_status: dict[str, Any] | None = None
     try:
@@ -366,25 +372,14 @@ def run_harness(
                 last_status = status
                 if progress is not None:
                     progress(status)
-            if (
-                restart_pending
-                and status is not None
-                and status.get("round") == opts.restart_coordinator_at
-                and status.get("phase") in ("train", "advertise_keys", "share_keys", "masked_input", "unmask")
-                and status.get("done")
-            ):
-                log.warning(
-                    "killing the coordinator in round %s (mid-round) and restarting it", status["round"]
-                )
-                coordinator.popen.kill()
-                coordinator.popen.wait()
+            if restart_pending and coordinator.popen.poll() == faults.FAULT_EXIT_CODE:
+                log.warning("the coordinator stopped at its injected fault (round %d %s); restarting it", *crash)
                 coordinator.log.close()
                 coordinator = _start("coordinator", coordinator_args, logs_dir / "coordinator.log", {})
                 starts += 1
                 restart_pending = False
             for sid in sorted(to_restart):
-                # Exit code 17 is the agent's fault-injection exit.
-                if silos[sid].popen.poll() == 17:
+                if silos[sid].popen.poll() == faults.FAULT_EXIT_CODE:
                     log.warning("%s was killed as asked; starting it again on its state directory", sid)
                     silos[sid].log.close()
                     silos[sid] = _start(
@@ -419,16 +414,23 @@ def run_harness(
 # Command line
 
 
-KILL_STAGES = ("train", "advertise_keys", "share_keys", "masked_input", "unmask", "evaluate")
-
-
 def _kill_spec(text: str) -> tuple[str, int, str]:
     parts = text.split(":")
-    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in KILL_STAGES:
+    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in faults.STAGES:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected ID:ROUND:STAGE with STAGE one of {', '.join(KILL_STAGES)}"
+            f"{text!r}: expected ID:ROUND:STAGE with STAGE one of {', '.join(faults.STAGES)}"
         )
     return parts[0], int(parts[1]), parts[2]
+
+
+def _crash_spec(text: str) -> tuple[int, str]:
+    round_text, _, stage = text.partition(":")
+    stage = stage or "train"
+    if not round_text.isdigit() or stage not in faults.STAGES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ROUND or ROUND:STAGE with STAGE one of {', '.join(faults.STAGES)}"
+        )
+    return int(round_text), stage
 
 
 def _nan_spec(text: str) -> tuple[str, int]:
@@ -546,7 +548,10 @@ def add_harness_parser(sub: argparse._SubParsersAction) -> None:
         "--nan-update", type=_nan_spec, help="ID:ROUND: that silo's update holds NaN (it refuses to send)"
     )
     p.add_argument(
-        "--restart-coordinator-at", type=int, help="kill the coordinator mid-round ROUND and restart it"
+        "--restart-coordinator-at",
+        type=_crash_spec,
+        help="ROUND[:STAGE]: the coordinator crashes on that stage's first submission (default train) "
+        "and is restarted from its checkpoint",
     )
     p.add_argument(
         "--plain", action="store_true", help="aggregate in the clear (default: secure aggregation)"

@@ -61,6 +61,7 @@ from condi_models.privacy import BudgetExhausted, SiloPrivacy, load_or_create_se
 from condi_models.training import LocalResult, TrainingProgress, aggregation_groups, train_local
 from federation import pki, secagg, wire
 from federation import secagg_wire as sw
+from federation.faults import SILO_EXIT_AT, exit_hard, parse_exit_at
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secure_metrics import METRICS_QUANT, MetricsEncodingError, MetricsLayout, encode_metrics
 from federation.settings import RoundSettings, RunSettings, SettingsError
@@ -85,14 +86,6 @@ _LONG_POLL_MS = 30_000
 _MOVED_ON = frozenset(
     {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
 )
-_STAGES = {
-    "train": pb.STAGE_TRAIN,
-    "evaluate": pb.STAGE_EVALUATE,
-    "advertise_keys": pb.STAGE_ADVERTISE_KEYS,
-    "share_keys": pb.STAGE_SHARE_KEYS,
-    "masked_input": pb.STAGE_MASKED_INPUT,
-    "unmask": pb.STAGE_UNMASK,
-}
 _SECURE_STAGES = (pb.STAGE_ADVERTISE_KEYS, pb.STAGE_SHARE_KEYS, pb.STAGE_MASKED_INPUT, pb.STAGE_UNMASK)
 LEDGER_FILE = "privacy-ledger.json"
 SECRET_FILE = "dp.secret"
@@ -112,15 +105,7 @@ class Faults:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Faults:
         """Read ``CONDI_FAULT_EXIT_AT=ROUND:STAGE`` and ``CONDI_FAULT_NAN_AT=ROUND``."""
-        exit_at = None
-        text = env.get("CONDI_FAULT_EXIT_AT")
-        if text:
-            round_text, _, stage = text.partition(":")
-            if not round_text.isdigit() or stage not in _STAGES:
-                raise ValueError(
-                    f"CONDI_FAULT_EXIT_AT={text!r}: expected ROUND:STAGE with STAGE one of {list(_STAGES)}"
-                )
-            exit_at = (int(round_text), _STAGES[stage])
+        exit_at = parse_exit_at(SILO_EXIT_AT, env.get(SILO_EXIT_AT))
         nan = env.get("CONDI_FAULT_NAN_AT")
         if nan and not nan.isdigit():
             raise ValueError(f"CONDI_FAULT_NAN_AT={nan!r}: expected a round number")
@@ -198,13 +183,6 @@ class _SecureRound:
     base_sha256: str
     claims: dict[str, Any]
     delivery: secagg.ShareDelivery | None = None
-
-
-def _exit_hard(why: str) -> None:
-    log.error("fault injection: %s; exiting hard", why)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    os._exit(17)
 
 
 class SiloAgent:
@@ -435,7 +413,7 @@ class SiloAgent:
         tensors = wire.decode_state(encoded.manifest, encoded.payload, self._expected, finite=True)
         self.model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
         if self.faults.exit_at == (key.round, key.stage):
-            _exit_hard(f"stopping in {key.describe()}")
+            exit_hard(log, f"stopping in {key.describe()}")
         return time.perf_counter() - t0, received
 
     def _train_round(
@@ -528,7 +506,7 @@ class SiloAgent:
     def _secure_stage(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
         assert self.client is not None and self.run_id is not None
         if key.stage != pb.STAGE_ADVERTISE_KEYS and self.faults.exit_at == (key.round, key.stage):
-            _exit_hard(f"stopping in {key.describe()}")
+            exit_hard(log, f"stopping in {key.describe()}")
         if task.aggregation != pb.AGGREGATION_MODE_SECURE:
             raise SettingsError(f"{key.describe()}: a secure-aggregation stage in a run that is not secure")
         if not 2 * task.threshold > len(task.selected):

@@ -91,7 +91,7 @@ def test_the_coordinator_killed_mid_round_resumes_without_losing_or_doubling_a_r
         per_round=3,
         min_silos=2,
         kill_silo=("silo-3", 0, "train"),
-        restart_coordinator_at=1,
+        restart_coordinator_at=(1, "train"),
         secure=False,
         timeouts={**FAST, "gather_s": 10.0},
         timeout_s=500,
@@ -110,6 +110,8 @@ def test_the_coordinator_killed_mid_round_resumes_without_losing_or_doubling_a_r
     assert coordinator_log.count("resuming run") == 1
     assert "round 1, train pending, 1 rounds recorded" in coordinator_log
     assert "joining again" in _log(result, "silo-1") and "joining again" in _log(result, "silo-2")
+    # The crash came at its injected point: right after round 1's first accepted update.
+    assert coordinator_log.count("fault injection: stopping in round 1 attempt 0 TRAIN after accepting") == 1
     report = json.loads(result.report.read_text())
     assert report["status"] == "complete" and report["rounds_completed"] == 2
     assert report["final_test"]["n"] > 0

@@ -198,6 +198,17 @@ def test_fault_flags_are_parsed_strictly() -> None:
             Faults.from_env(bad)
 
 
+def test_the_coordinator_refuses_a_malformed_fault_point(
+    material: pki.DevPki, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    path = tmp_path / "federation.yaml"
+    path.write_text(yaml.safe_dump(_fed_doc(material, tmp_path / "run")))
+    monkeypatch.setenv("CONDI_COORDINATOR_EXIT_AT", "1:upload")
+    assert coordinator_main(["--config", str(path)]) == 2
+    assert "CONDI_COORDINATOR_EXIT_AT='1:upload': expected ROUND:STAGE" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_client_retries_with_backoff_then_gives_up(material: pki.DevPki) -> None:
     endpoint = CoordinatorEndpoint(
         address=f"127.0.0.1:{_free_port()}", rpc_timeout_s=1.0, max_backoff_s=0.4, give_up_after_s=1.5

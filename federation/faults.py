@@ -1,0 +1,48 @@
+"""Deterministic fault injection for fault tests and the harness, shared by coordinator and silo.
+
+A fault test must hit its fault every time, so a process is told where to die instead of being
+killed by a poll that races it: ``ROUND:STAGE`` names the point, and the process exits with
+:data:`FAULT_EXIT_CODE` when it gets there. Where exactly "there" is depends on the side: the silo
+stops once that stage's task is in hand (see :mod:`silo_agent.agent`), the coordinator once it
+has accepted the stage's first submission of that round (see :mod:`coordinator.server`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
+
+# The exit status of a process that stopped at its injected fault; the harness restarts on it.
+FAULT_EXIT_CODE = 17
+# The environment variables that carry ROUND:STAGE to each side.
+SILO_EXIT_AT = "CONDI_FAULT_EXIT_AT"
+COORDINATOR_EXIT_AT = "CONDI_COORDINATOR_EXIT_AT"
+
+STAGES = {
+    "train": pb.STAGE_TRAIN,
+    "evaluate": pb.STAGE_EVALUATE,
+    "advertise_keys": pb.STAGE_ADVERTISE_KEYS,
+    "share_keys": pb.STAGE_SHARE_KEYS,
+    "masked_input": pb.STAGE_MASKED_INPUT,
+    "unmask": pb.STAGE_UNMASK,
+}
+
+
+def parse_exit_at(variable: str, text: str | None) -> tuple[int, int] | None:
+    """``ROUND:STAGE`` from environment variable ``variable`` as (round, proto stage); None when unset."""
+    if not text:
+        return None
+    round_text, _, stage = text.partition(":")
+    if not round_text.isdigit() or stage not in STAGES:
+        raise ValueError(f"{variable}={text!r}: expected ROUND:STAGE with STAGE one of {list(STAGES)}")
+    return int(round_text), STAGES[stage]
+
+
+def exit_hard(logger: logging.Logger, why: str) -> None:
+    """Log why, flush every handler and end the process at once, as a crash would (no cleanup)."""
+    logger.error("fault injection: %s; exiting hard", why)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(FAULT_EXIT_CODE)
