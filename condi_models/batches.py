@@ -62,6 +62,13 @@ def prepare_split(
     )
 
 
+def fit_visible(dataset: ClinicalDataset, missingness: MissingnessSpec | None) -> ChannelNormalizer:
+    """The normalizer of what stays visible once ``missingness`` has hidden its share of ``dataset``
+    (masks are fixed per sample, so these are the entries :func:`prepare_split` keeps)."""
+    observed = dataset.observed if missingness is None else simulate_missingness(dataset, missingness).data.observed
+    return ChannelNormalizer.fit(dataset.x, observed)
+
+
 @dataclass(frozen=True)
 class Batch:
     """Model inputs for one batch, as tensors on the target device."""
@@ -82,6 +89,20 @@ def window_starts(n: int, length: int, window: int, rng: np.random.Generator | N
     return rng.integers(0, length - window + 1, size=n)
 
 
+def record_window_starts(length: int, window: int, stride: int | None = None) -> np.ndarray:
+    """Starts of the windows that cover a record of ``length`` steps: every ``stride`` steps (the
+    window by default), plus one ending at the record's end when the stride does not reach it."""
+    if window > length:
+        raise ValueError(f"window of {window} steps is longer than the records ({length} steps)")
+    step = window if stride is None else stride
+    if step < 1:
+        raise ValueError(f"window stride must be >= 1, got {step}")
+    starts = list(range(0, length - window + 1, step))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return np.asarray(starts, dtype=np.int64)
+
+
 def crop(arr: np.ndarray, index: np.ndarray, start: np.ndarray, window: int) -> np.ndarray:
     """Rows ``index`` of a (N, F, L) array, each cut to ``window`` steps from its ``start``."""
     steps = start[:, None] + np.arange(window)[None, :]
@@ -95,12 +116,19 @@ def iterate_batches(
     window: int | None,
     rng: np.random.Generator | None,
     device: torch.device,
+    offset: int | None = None,
 ) -> Iterator[Batch]:
-    """Batches over the split: shuffled with random crops when ``rng`` is given, else in order."""
+    """Batches over the split: shuffled with random crops when ``rng`` is given, else in order with
+    the centre crop, or the window starting at ``offset`` when given."""
     n, _, length = split.x.shape
     w = length if window is None else window
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    starts = window_starts(n, length, w, rng)
+    if offset is not None and rng is None:
+        if not 0 <= offset <= length - w:
+            raise ValueError(f"window offset {offset} does not fit a {w}-step window in {length} steps")
+        starts = np.full(n, offset, dtype=np.int64)
+    else:
+        starts = window_starts(n, length, w, rng)
     for lo in range(0, n, batch_size):
         idx = order[lo : lo + batch_size]
         st = starts[idx]

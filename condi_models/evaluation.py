@@ -1,8 +1,13 @@
 """Evaluate a model on a prepared split: classification, and imputation on the hidden truth.
 
-Evaluation windows are the fixed centre crop, the sampler is seeded, so two evaluations of the
-same model give the same numbers. Inference is what the variant defines: CondI imputes and
-classifies the imputed sample; the no-imputation variants classify the observed data.
+A record longer than the model's window is classified as PTB-XL benchmarks do: every window
+that tiles it (``window_stride`` apart, the last one ending at the record's end) is imputed and
+classified, and the record's class probabilities are the mean over its windows. Figures of the
+single windows are reported beside the record-level ones. With ``record_level: false`` only the
+centre crop is scored (the cheaper, older protocol). Windows are fixed and the sampler is seeded,
+so two evaluations of the same model give the same numbers. Inference is what the variant
+defines: CondI imputes and classifies the imputed sample; the no-imputation variants classify the
+observed data.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import ConfigDict
 
-from condi_models.batches import PreparedSplit, crop, iterate_batches
+from condi_models.batches import PreparedSplit, crop, iterate_batches, record_window_starts
 from condi_models.metrics import (
     SCORE_BINS,
     ClassificationReport,
@@ -39,6 +44,8 @@ class EvalOptions:
     batch_size: int = 64
     max_samples: int | None = None
     imputation_metrics: bool = True
+    record_level: bool = True
+    window_stride: int | None = None
 
     def sampling(self, quantiles: tuple[float, ...] = (0.05, 0.95)) -> SamplingOptions:
         return SamplingOptions(
@@ -53,16 +60,19 @@ class EvalResult:
 
     n_samples: int
     loss: float
-    classification: ClassificationReport
+    classification: ClassificationReport  # one prediction per record (mean over its windows)
     imputation: ImputationReport | None
     # (C, 2, SCORE_BINS) counts of binned class scores, for pooling AUROC across sites without scores.
     score_histograms: np.ndarray | None = None
+    # Every window scored as a sample of its own; None when each record was one window.
+    windows: ClassificationReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "n_samples": self.n_samples,
             "loss": self.loss,
             "classification": self.classification.to_dict(),
+            "windows": None if self.windows is None else self.windows.to_dict(),
             "imputation": None if self.imputation is None else self.imputation.to_dict(),
         }
 
@@ -124,38 +134,51 @@ def evaluate(
     seed: int,
     device: torch.device,
 ) -> EvalResult:
-    """Classify ``split`` as the variant defines inference; score imputation where the model imputes."""
+    """Classify ``split`` as the variant defines inference; score imputation where the model imputes.
+
+    ``loss`` is the mean cross-entropy of the single windows.
+    """
     if opts.max_samples is not None and len(split) > opts.max_samples:
         split = _head(split, opts.max_samples)
     gen = _generator(seed, device)
     sampling = opts.sampling()
     model.to(device)
-    probs, labels, losses = [], [], []
+    length = split.x.shape[-1]
+    w = length if window is None else window
+    offsets: list[int | None] = [None]
+    if opts.record_level and w < length:
+        offsets = [int(o) for o in record_window_starts(length, w, opts.window_stride)]
+    window_probs, losses = [], []
     truths, estimates, masks, draws = [], [], [], []
     score_imputation = opts.imputation_metrics and model.spec.diffusion and bool(split.hidden.any())
-    for batch in iterate_batches(split, opts.batch_size, window=window, rng=None, device=device):
-        keep_samples = score_imputation and sampling.n_samples > 1
-        pred = model.predict(batch.x, batch.observed, sampling, gen, return_samples=keep_samples)
-        imp = pred.imputation
-        if imp is None and score_imputation:
-            # A variant that imputes but classifies the observed data: score its imputer all the same.
-            imp = model.impute(
-                batch.x, batch.observed, **asdict(sampling), generator=gen, return_samples=keep_samples
-            )
-        logits = pred.logits.detach()
-        losses.append(float(torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")))
-        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-        labels.append(batch.y.cpu().numpy())
-        if score_imputation:
-            w = batch.x.shape[-1]
-            truths.append(crop(split.truth, batch.index, batch.start, w))
-            masks.append(crop(split.hidden, batch.index, batch.start, w))
-            estimates.append(imp.x_hat.cpu().numpy())
-            if imp.samples is not None:
-                draws.append(imp.samples.cpu().numpy())
-    y = np.concatenate(labels)
-    p = np.concatenate(probs)
-    classification = classification_metrics(y, p, split.info.classes)
+    keep_samples = score_imputation and sampling.n_samples > 1
+    for offset in offsets:
+        probs = []
+        for batch in iterate_batches(split, opts.batch_size, window=window, rng=None, device=device, offset=offset):
+            pred = model.predict(batch.x, batch.observed, sampling, gen, return_samples=keep_samples)
+            imp = pred.imputation
+            if imp is None and score_imputation:
+                # A variant that imputes but classifies the observed data: score its imputer all the same.
+                imp = model.impute(
+                    batch.x, batch.observed, **asdict(sampling), generator=gen, return_samples=keep_samples
+                )
+            logits = pred.logits.detach()
+            losses.append(float(torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")))
+            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+            if score_imputation:
+                truths.append(crop(split.truth, batch.index, batch.start, w))
+                masks.append(crop(split.hidden, batch.index, batch.start, w))
+                estimates.append(imp.x_hat.cpu().numpy())
+                if imp.samples is not None:
+                    draws.append(imp.samples.cpu().numpy())
+        window_probs.append(np.concatenate(probs))
+    y = split.y
+    p = np.mean(window_probs, axis=0)
+    classes = split.info.classes
+    classification = classification_metrics(y, p, classes)
+    windows = None
+    if len(offsets) > 1:
+        windows = classification_metrics(np.tile(y, len(offsets)), np.concatenate(window_probs), classes)
     imputation = None
     if score_imputation:
         mask = np.concatenate(masks)
@@ -168,10 +191,11 @@ def evaluate(
             )
     return EvalResult(
         n_samples=len(y),
-        loss=float(np.sum(losses) / len(y)),
+        loss=float(np.sum(losses) / (len(y) * len(offsets))),
         classification=classification,
         imputation=imputation,
         score_histograms=score_histograms(y, p, SCORE_BINS),
+        windows=windows,
     )
 
 

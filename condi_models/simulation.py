@@ -4,6 +4,14 @@
 the silo agent and the same averaging rule as the coordinator; only the transport is missing.
 Every random choice (split, partition, masks, selection, initialisation, batches, noise) derives
 from ``seed``, so two runs with the same config give the same metrics.
+
+What a federation pools before round 0 is pooled here the same way: each silo's per-channel
+(count, mean, std) of what stays visible after the simulated hiding, summed into one normalizer
+that every silo trains with and evaluation uses, and the per-class training counts behind the
+balanced class weights. The server optimizer (``federation.server_optimizer``) turns each
+round's average into the next global model. With ``federation.model_selection:
+best_val_auroc`` the round whose global model scored the best validation macro AUROC is kept and
+exported, and the test split is read once, at the end, on that model.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 from pydantic import Field, model_validator
 
 from condi_models.aggregation import SiloUpdate, fedavg
-from condi_models.batches import PreparedSplit, prepare_split
+from condi_models.batches import PreparedSplit, fit_visible, prepare_split
 from condi_models.checkpoint import save_checkpoint
 from condi_models.configfile import StrictModel, load_config
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo
@@ -33,7 +41,8 @@ from condi_models.evaluation import EvalOptions, EvalResult, evaluate
 from condi_models.nn.model import CondIModel, ModelConfig, Variant, resolve_device
 from condi_models.privacy import BudgetExhausted, PrivacySpec, SiloPrivacy
 from condi_models.reports import write_round_curves
-from condi_models.training import LocalTrainingConfig, aggregation_groups, train_local
+from condi_models.server_optimizer import ServerOptimizer, ServerOptimizerConfig
+from condi_models.training import LocalTrainingConfig, aggregation_groups, round_lr_scale, train_local
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,11 @@ class FederationSpec(StrictModel):
     partition: Literal["dirichlet", "iid"] = "dirichlet"
     alpha: float = Field(default=0.5, gt=0)
     eval_every: int = Field(default=1, ge=1, description="evaluate the global model every N rounds")
+    server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
+    model_selection: Literal["last", "best_val_auroc"] = Field(
+        default="best_val_auroc",
+        description="export the last round's model, or the evaluated round's with the best validation macro AUROC",
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> FederationSpec:
@@ -148,7 +162,11 @@ def _summary(result: EvalResult) -> dict[str, Any]:
         "accuracy": c.accuracy,
         "macro_f1": c.macro_f1,
         "macro_auroc": c.macro_auroc,
+        "recall": {m.name: m.recall for m in c.per_class},
     }
+    if result.windows is not None:
+        row["window_accuracy"] = result.windows.accuracy
+        row["window_macro_auroc"] = result.windows.macro_auroc
     if result.imputation is not None:
         row["imputation_mae"] = result.imputation.mae
         row["imputation_rmse"] = result.imputation.rmse
@@ -175,14 +193,12 @@ def run_simulation(
     silo_rows = partition_silos(
         train.y, train.patient_ids, fed.silos, scheme=fed.partition, alpha=fed.alpha, seed=cfg.seed
     )
-    # Each silo standardizes with its own training statistics, as a deployed silo does; held-out
-    # data and the exported model use the pool of the silos' (count, mean, std).
+    # One normalizer from the silos' (count, mean, std) of their visible training entries, used
+    # by every silo, by evaluation and by the exported model.
     silo_data = [train.subset(r) for r in silo_rows]
-    silo_norms = [ChannelNormalizer.fit(d.x, d.observed) for d in silo_data]
-    normalizer = ChannelNormalizer.pool(silo_norms)
-    silos: list[PreparedSplit] = [
-        prepare_split(d, n, cfg.missingness) for d, n in zip(silo_data, silo_norms, strict=True)
-    ]
+    normalizer = ChannelNormalizer.pool([fit_visible(d, cfg.missingness) for d in silo_data])
+    silos: list[PreparedSplit] = [prepare_split(d, normalizer, cfg.missingness) for d in silo_data]
+    class_counts = sum(np.bincount(d.y, minlength=len(dataset.info.classes)) for d in silo_data)
     val = prepare_split(dataset.subset(split.val), normalizer, cfg.missingness)
     test = prepare_split(dataset.subset(split.test), normalizer, cfg.missingness)
     window = cfg.training.window if cfg.training.window is not None else dataset.info.length
@@ -192,6 +208,8 @@ def run_simulation(
     model = CondIModel(cfg.model.build(dataset.info, window)).to(device)
     groups = aggregation_groups(model)
     global_state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
+    server = ServerOptimizer(fed.server_optimizer, [n for n, p in model.named_parameters() if p.requires_grad])
+    best: tuple[float, int, dict[str, np.ndarray]] | None = None
     selection = np.random.default_rng(_sub_seed(cfg.seed, 1))
     log.info(
         "simulation %s: %d train / %d val / %d test samples, silos %s",
@@ -220,6 +238,8 @@ def run_simulation(
                     seed=_sub_seed(cfg.seed, 2, rnd, k),
                     device=device,
                     privacy=privacy[k] if privacy else None,
+                    lr_scale=round_lr_scale(training, rnd - 1, fed.rounds),
+                    class_counts=class_counts,
                 )
             except BudgetExhausted as err:
                 # As a deployed silo does: it sits the round out and the others carry on.
@@ -233,7 +253,7 @@ def run_simulation(
             if "epsilon" in res.extra:
                 epsilons[str(k)] = res.extra["epsilon"]
         if updates:
-            global_state = fedavg(global_state, updates, groups)
+            global_state = server.step(global_state, fedavg(global_state, updates, groups))
         row: dict[str, Any] = {
             "round": rnd,
             "silos": [k for k in chosen if k not in declined],
@@ -248,6 +268,10 @@ def run_simulation(
             row["val"] = _summary(
                 evaluate(model, val, window=window, opts=cfg.evaluation, seed=_sub_seed(cfg.seed, 3), device=device)
             )
+            score = row["val"]["macro_auroc"]
+            score = -np.inf if score is None else score
+            if best is None or score > best[0]:
+                best = (score, rnd, global_state)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         rounds.append(row)
         with metrics_path.open("a") as fh:
@@ -255,6 +279,9 @@ def run_simulation(
         if progress is not None:
             progress(row)
 
+    chosen_round = fed.rounds
+    if fed.model_selection == "best_val_auroc" and best is not None:
+        _, chosen_round, global_state = best
     model.load_named_tensors({n: torch.from_numpy(v) for n, v in global_state.items()})
     final_eval = evaluate(model, test, window=window, opts=cfg.evaluation, seed=_sub_seed(cfg.seed, 4), device=device)
     final = {
@@ -262,6 +289,8 @@ def run_simulation(
         "variant": cfg.model.variant.value,
         "dataset": dataset.info.name,
         "rounds": fed.rounds,
+        "selected_round": chosen_round,
+        "model_selection": fed.model_selection,
         "test": _summary(final_eval),
         "test_full": final_eval.to_dict(),
         "silo_sizes": [len(s) for s in silos],
@@ -277,7 +306,11 @@ def run_simulation(
             "rounds": [p.ledger.rounds for p in privacy],
         }
     save_checkpoint(
-        out / "global_model.npz", model, normalizer, dataset.info, {"experiment": cfg.name, "rounds": fed.rounds}
+        out / "global_model.npz",
+        model,
+        normalizer,
+        dataset.info,
+        {"experiment": cfg.name, "rounds": fed.rounds, "selected_round": chosen_round},
     )
     (out / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     (out / "report.json").write_text(json.dumps({"final": final, "rounds": rounds}, indent=2) + "\n")

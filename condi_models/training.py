@@ -3,7 +3,24 @@
 :func:`train_local` is the function both the in-process simulation and the silo agent call,
 unchanged. It starts from whatever parameters the model holds (the global state of the round),
 trains on the silo's prepared data, and reports the sample and per-group weights that federated
-averaging needs. Optimizers are fresh every round, as in FedAvg.
+averaging needs.
+
+How much a silo trains per round: each phase runs its epochs, but never fewer than
+``min_local_steps`` optimizer steps, so a silo of 7 records (one batch per epoch) still moves its
+model (it makes more passes over its data). Optimizers are fresh every round, as in FedAvg; each
+phase warms its learning rate up over ``warmup_steps`` (Adam's first steps from empty moments are
+the largest), and the coordinator scales the rate per round (:func:`round_lr_scale`, cosine decay
+by default).
+
+Label skew: a silo whose records are mostly one class would each round pull the classifier
+towards "my majority". ``class_weighting: logit_adjusted`` trains Phase B on logits shifted by
+log(local prior / federation prior): under label shift the silo's Bayes posterior is the
+federation's times that ratio, so the unshifted logits learn the federation's posterior from
+every silo alike; a class the silo lacks drops out of its softmax, so the silo leaves that class
+alone instead of pushing it down (the restricted softmax of FedRS, Li and Zhan, KDD 2021).
+``balanced`` instead weighs the loss by the inverse of the pooled class counts. Both read the
+federation's pooled counts; without them the silo's own counts stand in (``balanced``) or the
+adjustment is the identity (``logit_adjusted``).
 """
 
 from __future__ import annotations
@@ -26,6 +43,9 @@ from condi_models.imputers import gaussian_em
 from condi_models.nn.model import CondIModel, SamplingOptions
 from condi_models.privacy import PrivateRound, SiloPrivacy
 
+# Logit shift of a class a silo has no record of: exp(-30) ~ 1e-13, out of the softmax.
+ABSENT_CLASS_SHIFT = -30.0
+
 
 @dataclass(frozen=True)
 class LocalTrainingConfig:
@@ -44,10 +64,19 @@ class LocalTrainingConfig:
     phase_b_input: Literal["observed", "imputed", "prior"] = "observed"
     impute_steps: int = 10
     prior_em_iterations: int = 20
+    min_local_steps: int = 0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_ratio: float = 0.1
+    class_weighting: Literal["none", "balanced", "logit_adjusted"] = "none"
 
     def __post_init__(self) -> None:
         if self.epochs_a < 0 or self.epochs_b < 0:
             raise ValueError("epochs_a and epochs_b must be >= 0")
+        if self.min_local_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("min_local_steps and warmup_steps must be >= 0")
+        if not 0.0 < self.lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_min_ratio must be in (0, 1], got {self.lr_min_ratio}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr_a <= 0 or self.lr_b <= 0:
@@ -82,6 +111,60 @@ class LocalResult:
     seconds_a: float
     seconds_b: float
     extra: dict[str, float] = field(default_factory=dict)
+
+
+def phase_epochs(cfg: LocalTrainingConfig, epochs: int, n_samples: int) -> int:
+    """Passes over ``n_samples`` records one phase makes: ``epochs``, or more to reach ``min_local_steps``."""
+    if epochs == 0 or n_samples == 0:
+        return 0
+    per_epoch = math.ceil(n_samples / cfg.batch_size)
+    return max(epochs, math.ceil(cfg.min_local_steps / per_epoch))
+
+
+def round_lr_scale(cfg: LocalTrainingConfig, round_index: int, rounds: int) -> float:
+    """The learning-rate factor of round ``round_index`` (0-based) of ``rounds``: 1 throughout for
+    ``constant``; for ``cosine`` from 1 in the first round down to ``lr_min_ratio`` in the last."""
+    if cfg.lr_schedule == "constant" or rounds <= 1:
+        return 1.0
+    done = min(max(round_index, 0), rounds - 1) / (rounds - 1)
+    return cfg.lr_min_ratio + (1.0 - cfg.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def class_weights(counts: np.ndarray) -> np.ndarray:
+    """Inverse-frequency weights with mean 1 over the classes present; an absent class weighs 1.
+
+    ``counts`` (C,) are training samples per class, pooled over the federation where possible.
+    The largest weight is at most 10 x the smallest, so a class of one record cannot dominate the loss.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size < 2 or not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError(f"class counts must be a 1-D array of >= 2 finite non-negative numbers, got {counts}")
+    present = counts > 0
+    if not present.any():
+        return np.ones_like(counts)
+    raw = np.where(present, counts[present].sum() / (present.sum() * np.maximum(counts, 1.0)), 1.0)
+    raw = np.minimum(raw, 10.0 * raw[present].min())
+    return raw / raw[present].mean() * present + (~present)
+
+
+def logit_adjustment(local_counts: np.ndarray, pooled_counts: np.ndarray) -> np.ndarray:
+    """Per class, log(local prior / pooled prior); a class the silo lacks gets ``ABSENT_CLASS_SHIFT``.
+
+    Shifted that far, an absent class drops out of the silo's softmax (its gradient is ~0): the
+    silo has nothing to say about it, so it neither pushes its score down nor learns it.
+    """
+    local = np.asarray(local_counts, dtype=np.float64)
+    pooled = np.asarray(pooled_counts, dtype=np.float64)
+    if local.shape != pooled.shape or local.ndim != 1 or np.any(local < 0) or np.any(pooled < 0):
+        raise ValueError(f"class counts must be two 1-D non-negative arrays of one length, got {local} and {pooled}")
+    present = local > 0
+    if not present.any():
+        return np.zeros_like(local)
+    pooled = np.maximum(pooled, local)  # a silo's own records are part of the pool
+    ratio = (local[present] / local.sum()) / (pooled[present] / pooled.sum())
+    shift = np.full_like(local, ABSENT_CLASS_SHIFT)
+    shift[present] = np.log(ratio)
+    return shift
 
 
 def aggregation_groups(model: CondIModel) -> ParameterGroups:
@@ -156,16 +239,22 @@ def _run_phase(
     progress: ProgressHook | None,
     train_x: np.ndarray | None = None,
     private: PrivateRound | None = None,
+    lr_scale: float = 1.0,
+    weights: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> float:
     """Train one phase; returns the mean loss of its last epoch (NaN when it has no work).
 
     With ``private`` the phase runs DP-SGD: Poisson-sampled batches, per-sample clipping and
-    noise instead of the batch-level gradient clip.
+    noise instead of the batch-level gradient clip. ``weights`` are Phase B's class weights and
+    ``shift`` its logit adjustment, each (C,) or None.
     """
     params = model.phase_parameters(phase.lower())
     if epochs == 0 or not params or len(split) == 0:
         return math.nan
-    opt = torch.optim.AdamW(params, lr=cfg.lr_a if phase == "A" else cfg.lr_b, weight_decay=cfg.weight_decay)
+    lr = (cfg.lr_a if phase == "A" else cfg.lr_b) * lr_scale
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (cfg.warmup_steps + 1)))
     n_batches = math.ceil(len(split) / cfg.batch_size)
     last = math.nan
     model.train()
@@ -191,7 +280,10 @@ def _run_phase(
                     loss = model.phase_a_loss(batch.x, batch.observed, generator=generator, borrowed_masks=borrowed)
                 else:
                     x_in, mask, availability = _phase_b_input(model, batch, cfg, train_x, device)
-                    loss = torch.nn.functional.cross_entropy(model.classify(x_in, mask, availability), batch.y)
+                    logits = model.classify(x_in, mask, availability)
+                    if shift is not None:
+                        logits = logits + shift
+                    loss = torch.nn.functional.cross_entropy(logits, batch.y, weight=weights)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"phase {phase} loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}"
@@ -203,6 +295,7 @@ def _run_phase(
                     opt.step()
                 else:
                     private.step(opt, len(batch.index))
+                warmup.step()
                 total += float(loss.detach())
                 counted += 1
                 if progress is not None:
@@ -220,8 +313,15 @@ def train_local(
     device: torch.device,
     progress: ProgressHook | None = None,
     privacy: SiloPrivacy | None = None,
+    lr_scale: float = 1.0,
+    class_counts: np.ndarray | None = None,
 ) -> LocalResult:
-    """Phase A for ``cfg.epochs_a`` epochs, then Phase B for ``cfg.epochs_b``, on ``split``.
+    """Phase A for ``cfg.epochs_a`` epochs, then Phase B for ``cfg.epochs_b``, on ``split``
+    (more passes where ``cfg.min_local_steps`` asks for them: :func:`phase_epochs`).
+
+    ``lr_scale`` multiplies both learning rates (the round's :func:`round_lr_scale`).
+    ``class_counts`` (C,) are the federation's pooled training counts per class, for
+    ``class_weighting: balanced``; without them the silo's own counts stand in.
 
     Before Phase A the imputer's Gaussian prior is refitted by ``cfg.prior_em_iterations`` EM
     steps on the split (not under ``privacy``: its moments would leave the silo unnoised).
@@ -233,11 +333,21 @@ def train_local(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     model.to(device)
+    epochs_a = phase_epochs(cfg, cfg.epochs_a, len(split))
+    epochs_b = phase_epochs(cfg, cfg.epochs_b, len(split))
+    local_counts = np.bincount(split.y, minlength=len(split.info.classes))
+    if class_counts is not None and len(class_counts) != len(local_counts):
+        raise ValueError(f"class_counts has {len(class_counts)} entries for {len(local_counts)} classes")
+    weights = shift = None
+    if cfg.class_weighting == "balanced":
+        counts = local_counts if class_counts is None else class_counts
+        weights = torch.as_tensor(class_weights(counts), dtype=torch.float32, device=device)
+    elif cfg.class_weighting == "logit_adjusted" and class_counts is not None:
+        shift = torch.as_tensor(logit_adjustment(local_counts, class_counts), dtype=torch.float32, device=device)
     rnd = None
     if privacy is not None:
         work = {
-            p: (epochs if epochs > 0 and len(split) > 0 and model.phase_parameters(p) else 0)
-            for p, epochs in (("a", cfg.epochs_a), ("b", cfg.epochs_b))
+            p: (epochs if model.phase_parameters(p) else 0) for p, epochs in (("a", epochs_a), ("b", epochs_b))
         }
         rnd = privacy.begin_round(
             n_samples=len(split), batch_size=cfg.batch_size, phase_epochs=work, seed=seed, device=device
@@ -246,15 +356,19 @@ def train_local(
     private_b = rnd if rnd is not None and "b" in rnd.phases else None
     t0 = time.perf_counter()
     # The prior's moments leave the silo unnoised, so a private round keeps the global ones.
-    if privacy is None and cfg.epochs_a > 0:
+    if privacy is None and epochs_a > 0:
         refit_prior(model, split, cfg.prior_em_iterations, seed)
-    loss_a = _run_phase("A", model, split, cfg, cfg.epochs_a, rng, generator, device, progress, private=private_a)
+    loss_a = _run_phase(
+        "A", model, split, cfg, epochs_a, rng, generator, device, progress, private=private_a, lr_scale=lr_scale
+    )
     t1 = time.perf_counter()
     train_x = None
     if cfg.phase_b_input == "imputed" and model.spec.diffusion:
         sampling = SamplingOptions(n_samples=1, steps=cfg.impute_steps)
         train_x = impute_split(model, split, sampling=sampling, seed=seed, device=device).x_hat
-    loss_b = _run_phase("B", model, split, cfg, cfg.epochs_b, rng, generator, device, progress, train_x, private_b)
+    loss_b = _run_phase(
+        "B", model, split, cfg, epochs_b, rng, generator, device, progress, train_x, private_b, lr_scale, weights, shift
+    )
     t2 = time.perf_counter()
     extra: dict[str, float] = {}
     if privacy is not None and rnd is not None:

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from condi_models.configfile import ConfigError, StrictModel, load_config
 from condi_models.evaluation import EvalOptions
+from condi_models.server_optimizer import ServerOptimizerConfig
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
 from federation.secagg.quantize import OverflowConfigError, check_overflow_bounds, choose_ring_bits
@@ -111,6 +112,10 @@ class FederationConfig(StrictModel):
     training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    server_optimizer: ServerOptimizerConfig = Field(
+        default_factory=ServerOptimizerConfig,
+        description="how each round's average becomes the next global model (fedavg, fedavgm, fedadam)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:

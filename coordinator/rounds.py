@@ -116,6 +116,12 @@ class RoundPlan:
     evaluate_s: float
     liveness_s: float
     secure: SecurePlan | None = None
+    # The learning-rate factor each round's training runs with (empty: 1 throughout).
+    lr_scales: tuple[float, ...] = ()
+
+    def lr_scale(self, round_index: int) -> float:
+        """The learning-rate factor of round ``round_index``."""
+        return self.lr_scales[round_index] if round_index < len(self.lr_scales) else 1.0
 
     def __post_init__(self) -> None:
         if not self.allowed or len(set(self.allowed)) != len(self.allowed):
@@ -368,8 +374,9 @@ class RoundMachine:
                 return RoundSettings(
                     eval_seed=self._eval_seed(), eval_splits=self.eval_splits(self.round), secagg=encoding
                 )
+            lr_scale = self.plan.lr_scale(self.round)
             if stage == pb.STAGE_TRAIN or secure is None or self.vector_length is None:
-                return RoundSettings(train_seed=seed)
+                return RoundSettings(train_seed=seed, lr_scale=lr_scale)
             encoding = SecureSettings(
                 clip_bound=secure.quant.clip_bound,
                 frac_bits=secure.quant.frac_bits,
@@ -377,7 +384,7 @@ class RoundMachine:
                 weight_unit=secure.weight_unit,
                 vector_length=self.vector_length,
             )
-            return RoundSettings(train_seed=seed, secagg=encoding)
+            return RoundSettings(train_seed=seed, secagg=encoding, lr_scale=lr_scale)
         if stage == pb.STAGE_EVALUATE:
             return RoundSettings(eval_seed=self._eval_seed(), eval_splits=self.eval_splits(self.round))
         return RoundSettings()

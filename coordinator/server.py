@@ -35,7 +35,8 @@ from condi_models.aggregation import SecureLayout, SiloUpdate, fedavg
 from condi_models.checkpoint import atomic_write_bytes
 from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.model import CondIModel, ModelConfig
-from condi_models.training import aggregation_groups
+from condi_models.server_optimizer import ServerOptimizer
+from condi_models.training import aggregation_groups, round_lr_scale
 from coordinator.config import FederationConfig, check_federation_files
 from coordinator.layout import build_model_config, layout_mismatch
 from coordinator.pooling import ReportError, check_normalizer_report, check_split_report, pool_normalizers
@@ -55,7 +56,7 @@ from coordinator.rounds import (
     SecurePlan,
     TaskView,
 )
-from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError
+from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError, split_saved_state
 from federation import identity, pki, tls, wire
 from federation import secagg_wire as sw
 from federation.faults import exit_hard
@@ -138,17 +139,21 @@ class Coordinator:
             evaluate_s=cfg.timeouts.evaluate_s,
             liveness_s=cfg.timeouts.liveness_s,
             secure=self._secure_plan(cfg),
+            lr_scales=tuple(round_lr_scale(cfg.training, r, cfg.rounds) for r in range(cfg.rounds)),
         )
         self._secure_layout: SecureLayout | None = None
+        self._server_opt: ServerOptimizer | None = None
         loaded = self.store.load()
         tensors = None
+        optimizer_state: dict[str, np.ndarray] = {}
         if loaded is None:
             self.ckpt = CoordinatorCheckpoint(
                 run_id=new_run_id(cfg.name), federation=cfg.name, progress=RoundProgress.start(cfg.seed)
             )
             log.info("new run %s of federation %s in %s", self.ckpt.run_id, cfg.name, self.run_dir)
         else:
-            self.ckpt, tensors = loaded
+            self.ckpt, saved = loaded
+            tensors, optimizer_state = split_saved_state(saved) if saved is not None else (None, {})
             if self.ckpt.federation != cfg.name:
                 raise StoreError(
                     f"{self.store.progress_path}: holds a run of federation {self.ckpt.federation!r}, "
@@ -168,6 +173,11 @@ class Coordinator:
         self._manifest_part: pb.StatePart | None = None
         if self.ckpt.layout is not None:
             self._adopt_layout(self.ckpt.layout, self.ckpt.model, tensors)
+            assert self._server_opt is not None
+            try:
+                self._server_opt.load_state(optimizer_state)
+            except ValueError as exc:
+                raise StoreError(f"{self.store.dir}: {exc}") from exc
         self.machine = RoundMachine(
             self.plan, self.ckpt.run_id, self.ckpt.progress, self.ckpt.state_sha256, clock()
         )
@@ -235,6 +245,8 @@ class Coordinator:
             update_bytes=plain_update_payload_bytes(shapes, len(names)),
         )
         self._groups = groups
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._server_opt = ServerOptimizer(self.cfg.server_optimizer, trained)
         if self.plan.secure is not None:
             agg = self.cfg.aggregation
             self._secure_layout = SecureLayout(groups, shapes, agg.clip_bound, agg.weight_unit)
@@ -692,17 +704,19 @@ class Coordinator:
     def _aggregate(self, effect: Aggregate) -> None:
         assert self._model is not None
         t0 = self.clock()
+        assert self._server_opt is not None
         if effect.total is not None:
             assert self._secure_layout is not None
             # Only the sum of the masked vectors was ever unmasked: no individual update exists here.
-            new_state = self._secure_layout.average(self.global_state, effect.total)
+            averaged = self._secure_layout.average(self.global_state, effect.total)
         else:
             updates = [SiloUpdate(params=u.params, weights=u.weights) for u in effect.updates.values()]
-            new_state = fedavg(self.global_state, updates, self._groups)
+            averaged = fedavg(self.global_state, updates, self._groups)
+        new_state = self._server_opt.step(self.global_state, averaged)
         aggregation_s = self.clock() - t0
         # In secure mode silos download and train in the ADVERTISE_KEYS task.
         train_stage = pb.STAGE_TRAIN if effect.total is None else pb.STAGE_ADVERTISE_KEYS
-        name, sha = self.store.save_state(effect.round, new_state)
+        name, sha = self.store.save_state(effect.round, new_state, self._server_opt.state())
         record = TrainRecord(
             attempt=effect.attempt,
             selected=effect.selected,

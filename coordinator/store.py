@@ -3,7 +3,8 @@
 Layout under ``<run_dir>/checkpoint``:
 
 - ``global-<round>-<sha>.npz``: the global model's named tensors (numpy, read with
-  ``allow_pickle=False``), written before the commit that names it;
+  ``allow_pickle=False``) and, under ``server_optimizer/``, the server optimizer's moments,
+  written before the commit that names it (the SHA-256 covers the model's tensors alone);
 - ``progress.json``: the commit point. It names the state file and its wire-format SHA-256, the
   round progress (round, attempt, failures, what is pending, the selection RNG state), the data
   layout and model config fixed when the first silo joined, every recorded round's metrics row,
@@ -38,6 +39,8 @@ from federation import wire
 log = logging.getLogger(__name__)
 
 FORMAT = "condi-coordinator/1"
+# Entries of a state file that hold the server optimizer's state rather than the model's.
+OPTIMIZER_PREFIX = "server_optimizer/"
 
 
 class StoreError(ValueError):
@@ -122,6 +125,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def split_saved_state(
+    saved: Mapping[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A state file's entries as (the model's tensors, the server optimizer's state)."""
+    model = {k: v for k, v in saved.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    optimizer = {k.removeprefix(OPTIMIZER_PREFIX): v for k, v in saved.items() if k.startswith(OPTIMIZER_PREFIX)}
+    return model, optimizer
+
+
 def state_sha256(tensors: Mapping[str, np.ndarray]) -> str:
     """The wire-format payload SHA-256 of a state: what silos are told to download."""
     return wire.encode_state(tensors).manifest.payload_sha256
@@ -136,12 +148,20 @@ class CheckpointStore:
         self.progress_path = self.dir / "progress.json"
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
-    def save_state(self, round_index: int, tensors: Mapping[str, np.ndarray]) -> tuple[str, str]:
-        """Write a global state file (not yet committed); returns its file name and SHA-256."""
+    def save_state(
+        self,
+        round_index: int,
+        tensors: Mapping[str, np.ndarray],
+        optimizer: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[str, str]:
+        """Write a global state file (not yet committed) with the server optimizer's state beside the
+        model's tensors; returns its file name and the SHA-256 of the model's tensors."""
         sha = state_sha256(tensors)
         name = f"global-{round_index:05d}-{sha[:16]}.npz"
+        entries = {k: np.asarray(v) for k, v in tensors.items()}
+        entries.update({OPTIMIZER_PREFIX + k: np.asarray(v) for k, v in (optimizer or {}).items()})
         buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(v) for k, v in tensors.items()})
+        np.savez(buf, **entries)
         atomic_write_bytes(self.dir / name, buf.getvalue())
         return name, sha
 
@@ -165,10 +185,11 @@ class CheckpointStore:
         atomic_write_bytes(self.metrics_path, text.encode("utf-8"))
 
     def load(self) -> tuple[CoordinatorCheckpoint, dict[str, np.ndarray] | None] | None:
-        """The committed checkpoint and its global state, or None when the run has none yet.
+        """The committed checkpoint and its state file's entries (see :func:`split_saved_state`), or
+        None when the run has none yet.
 
-        The state file's SHA-256 must equal the committed one; a mismatch is an error rather
-        than a silent restart from whatever the file holds.
+        The SHA-256 of the model's tensors must equal the committed one; a mismatch is an error
+        rather than a silent restart from whatever the file holds.
         """
         if not self.progress_path.is_file():
             return None
@@ -185,7 +206,7 @@ class CheckpointStore:
                 tensors = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise StoreError(f"{path}: unreadable global state ({exc})") from exc
-        if state_sha256(tensors) != checkpoint.state_sha256:
+        if state_sha256(split_saved_state(tensors)[0]) != checkpoint.state_sha256:
             raise StoreError(f"{path}: content does not match the SHA-256 committed in {self.progress_path}")
         self.write_metrics(checkpoint.rows)
         return checkpoint, tensors

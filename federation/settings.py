@@ -121,6 +121,8 @@ class RoundSettings:
     eval_seed: int | None = None
     eval_splits: tuple[str, ...] = ()
     secagg: SecureSettings | None = None
+    # The round's learning-rate factor (condi_models.training.round_lr_scale), for training tasks.
+    lr_scale: float = 1.0
 
     def to_json(self) -> str:
         """The JSON document of Task.round_config_json."""
@@ -128,6 +130,7 @@ class RoundSettings:
             "train_seed": self.train_seed,
             "eval_seed": self.eval_seed,
             "eval_splits": list(self.eval_splits),
+            "lr_scale": self.lr_scale,
         }
         if self.secagg is not None:
             doc["secagg"] = asdict(self.secagg)
@@ -139,7 +142,7 @@ class RoundSettings:
         if not text:
             return cls()
         data = _object(text, "round settings")
-        unknown = sorted(set(data) - {"train_seed", "eval_seed", "eval_splits", "secagg"})
+        unknown = sorted(set(data) - {"train_seed", "eval_seed", "eval_splits", "secagg", "lr_scale"})
         if unknown:
             raise SettingsError(f"round settings: unknown keys {unknown}")
         splits = data.get("eval_splits", [])
@@ -151,5 +154,8 @@ class RoundSettings:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise SettingsError(f"round settings: {key} must be a non-negative integer")
             seeds[key] = value
+        lr_scale = data.get("lr_scale", 1.0)
+        if not isinstance(lr_scale, int | float) or isinstance(lr_scale, bool) or not 0.0 < lr_scale <= 1.0:
+            raise SettingsError("round settings: lr_scale must be a number in (0, 1]")
         secure = SecureSettings.from_dict(data["secagg"]) if data.get("secagg") is not None else None
-        return cls(eval_splits=tuple(splits), secagg=secure, **seeds)
+        return cls(eval_splits=tuple(splits), secagg=secure, lr_scale=float(lr_scale), **seeds)

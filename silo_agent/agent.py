@@ -437,6 +437,7 @@ class SiloAgent:
             device=self.device,
             progress=beats.training,
             privacy=self.privacy,
+            lr_scale=plan.lr_scale,
         )
         claims = {
             "phase_a_loss": _finite_or_none(result.phase_a_loss),

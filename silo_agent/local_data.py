@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from condi_models.batches import PreparedSplit, prepare_split
+from condi_models.batches import PreparedSplit, fit_visible, prepare_split
 from condi_models.data.dataset import DatasetInfo
 from condi_models.data.normalize import ChannelNormalizer
 from condi_models.data.partition import partition_silos
@@ -40,7 +40,7 @@ class LocalData:
     val: PreparedSplit
     test: PreparedSplit
     normalizer: ChannelNormalizer
-    channel_counts: np.ndarray  # observed training entries per channel, shape (F,)
+    channel_counts: np.ndarray  # visible training entries per channel behind the normalizer, shape (F,)
 
     def summary(self) -> pb.DataSummary:
         """The Join data summary: layout and counts, no record."""
@@ -86,13 +86,13 @@ def load_local_data(cfg: SiteConfig, source: str | Path) -> LocalData:
                 "add data or change split.fractions"
             )
     train = dataset.subset(split.train)
-    normalizer = ChannelNormalizer.fit(train.x, train.observed)
     spec = cfg.simulated_missingness
+    normalizer = fit_visible(train, spec)
     return LocalData(
         info=dataset.info,
         train=prepare_split(train, normalizer, spec),
         val=prepare_split(dataset.subset(split.val), normalizer, spec),
         test=prepare_split(dataset.subset(split.test), normalizer, spec),
         normalizer=normalizer,
-        channel_counts=train.observed.sum(axis=(0, 2)).astype(np.int64),
+        channel_counts=np.asarray(normalizer.count, dtype=np.int64),
     )

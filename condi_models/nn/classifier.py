@@ -6,6 +6,13 @@ a transformer over time patches behind, then mean pooling). The fusion concatena
 modality, the parts a variant uses (instance feature, W_mod row, omega_cond) and then all
 modalities, and an MLP maps that vector to class logits.
 
+Each part is layer-normalized on its own before the concatenation (``fusion_norm: per_part``).
+W_mod rows are the same for every sample, and omega_cond is too unless whole modalities are
+missing; starting at N(0, 1) they made up two thirds of the fused vector, and one LayerNorm over
+all of it (``joint``, the layout of checkpoints written before) scaled the only sample-dependent
+third down with them. Normalized apart, each part has unit scale and the constant ones act as
+per-modality biases of the head.
+
 The PEPSY-style baseline replaces the instance feature of a missing modality with the mean of the
 available modalities' features plus a learned per-modality missing embedding.
 """
@@ -13,6 +20,7 @@ available modalities' features plus a learned per-modality missing embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -36,6 +44,7 @@ class ClassifierConfig:
     pos_embed_dim: int = 32
     head_hidden: int = 128
     dropout: float = 0.1
+    fusion_norm: Literal["joint", "per_part"] = "per_part"
 
     def __post_init__(self) -> None:
         for name in ("hidden", "n_heads", "ffn_mult", "patch_size", "pos_embed_dim", "head_hidden"):
@@ -51,6 +60,8 @@ class ClassifierConfig:
             raise ValueError(f"classifier.pos_embed_dim must be even, got {self.pos_embed_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"classifier.dropout must be in [0, 1), got {self.dropout}")
+        if self.fusion_norm not in ("joint", "per_part"):
+            raise ValueError(f"classifier.fusion_norm must be 'joint' or 'per_part', got {self.fusion_norm!r}")
 
 
 class InstanceEncoder(nn.Module):
@@ -116,11 +127,12 @@ class MissingEmbeddingPool(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """MLP from the concatenated per-modality representations to class logits."""
+    """MLP from the concatenated per-modality representations to class logits; ``normalize`` puts
+    one LayerNorm over the whole input first (the ``joint`` fusion norm)."""
 
-    def __init__(self, in_dim: int, hidden: int, n_classes: int, dropout: float) -> None:
+    def __init__(self, in_dim: int, hidden: int, n_classes: int, dropout: float, normalize: bool = True) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
+        self.norm = nn.LayerNorm(in_dim) if normalize else nn.Identity()
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, n_classes)
         self.dropout = nn.Dropout(dropout)
@@ -150,7 +162,11 @@ class Classifier(nn.Module):
         self.n_parts = n_parts
         self.encoder = InstanceEncoder(cfg, channel_modality, n_modalities, embed_dim)
         self.pool = MissingEmbeddingPool(n_modalities, embed_dim) if missing_pool else None
-        self.head = FusionHead(n_modalities * n_parts * embed_dim, cfg.head_hidden, n_classes, cfg.dropout)
+        per_part = cfg.fusion_norm == "per_part"
+        self.part_norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in range(n_parts)) if per_part else None
+        self.head = FusionHead(
+            n_modalities * n_parts * embed_dim, cfg.head_hidden, n_classes, cfg.dropout, normalize=not per_part
+        )
 
     def features(
         self,
@@ -167,6 +183,8 @@ class Classifier(nn.Module):
         parts = [p for p in (ins, w_mod, omega_cond) if p is not None]
         if len(parts) != self.n_parts:
             raise ValueError(f"classifier was built for {self.n_parts} fusion parts, got {len(parts)}")
+        if self.part_norms is not None:
+            parts = [norm(p) for norm, p in zip(self.part_norms, parts, strict=True)]
         return torch.cat(parts, dim=-1).flatten(1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -216,6 +216,9 @@ class ModelConfig:
         nested = {"denoiser": DenoiserConfig, "context": ContextConfig,
                   "classifier": ClassifierConfig, "diffusion": DiffusionConfig}
         kwargs = _checked_fields(cls, data, "model config")
+        if isinstance(kwargs.get("classifier"), Mapping):
+            # A config written before per-part fusion norms fused under one LayerNorm.
+            kwargs["classifier"] = {"fusion_norm": "joint", **kwargs["classifier"]}
         for key, sub in nested.items():
             if key in kwargs:
                 kwargs[key] = sub(**_checked_fields(sub, kwargs[key], f"model config '{key}'"))
