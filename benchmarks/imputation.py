@@ -12,17 +12,22 @@ the centre crop in evaluation). Simulated missingness as DESIGN.md section 3 def
 is a modality; an affected sample loses a fraction pw of the time steps of about half its leads).
 
 - Imputation table: CondI and the CSDI-style imputer without cross-modal conditioning
-  (Variant.CSDI_UNIMODAL: no W_cond, no MoE context) are trained by Phase A only, with the same
-  budget, on the pooled training split under ps = pw = 0.8 of one pattern (one model per pattern).
+  (Variant.CSDI_UNIMODAL: CondI's denoiser, channel transformer and point mixer included, without
+  W_cond, the MoE observed-context encoder and the Gaussian prior) are trained by Phase A only,
+  with the same budget, on the pooled training split under ps = pw = 0.8 of one pattern (one
+  model per pattern).
   They are scored on the test split at ps = ``--eval-ps`` (default 0.8, the training setting) and
   pw in ``--pws`` against mean, linear interpolation and cross-channel ridge, all fitted on the
   training split's observed entries. MAE and RMSE of the point estimate (median of ``--samples``
-  DDIM draws, antithetic unless ``--independent-draws``), CRPS of the draws (exact CRPS of their
-  empirical distribution; for a point estimate it equals the MAE). Units: standardized
-  (per-channel z-scores). Only windows with hidden entries are imputed (the others have nothing
-  to score).
+  DDIM draws, antithetic unless ``--independent-draws``). CRPS of ``--crps-samples`` independent
+  DDIM draws, a set of their own when the point estimate's draws are antithetic (see
+  ``crps_options``), by the fair estimator, unbiased for the CRPS of the imputer's distribution;
+  the JSON also keeps CSDI's quantile CRPS (normalized) and the plain empirical CRPS of the same
+  draws. For a point method CRPS is its MAE, exactly. Units: standardized (per-channel z-scores).
+  Only windows with hidden entries are imputed (the others have nothing to score).
 - Samplers: DDPM-50 against DDIM-10 and DDIM-20 for the CondI points model at ps = pw = 0.8:
-  wall time of one batch of ``--sampler-windows`` windows and its MAE.
+  wall time of one batch of ``--sampler-windows`` windows and its MAE; CRPS from an untimed set of
+  independent draws.
 - Throughput: impute-and-classify (``CondIModel.predict``) on the CPU at the default PTB-XL model
   size with ``--throughput-threads`` torch threads, in records per second, one record being
   ``length / window`` windows (4 for a 10 s record at 100 Hz); batches of ``--throughput-records``
@@ -36,10 +41,12 @@ is a modality; an affected sample loses a fraction pw of the time steps of about
   of clean, zero-filled and imputed data are compared; the scatter plot goes to
   benchmarks/results/feature_reconstruction.png.
 
-Cost with the defaults (measured per part on two cores, idle): synthetic part about 25 min (4
-models x 25 Phase A epochs about 14 min, imputation table about 7 min, samplers about 3 min,
-throughput about 1 min); ``--ptbxl`` adds about 10 min; ``--features`` alone takes about 5 min.
-Allow up to twice that on a machine shared with other work.
+Cost with the defaults (measured per part on two cores, idle, before CRPS had draws of its own):
+synthetic part about 25 min (4 models x 25 Phase A epochs about 14 min, imputation table about 7
+min, samplers about 3 min, throughput about 1 min); ``--ptbxl`` adds about 10 min; ``--features``
+alone takes about 5 min. With antithetic draws (the default) the independent draws for CRPS add
+about as much sampling again to the imputation tables and the samplers. Allow up to twice that on
+a machine shared with other work.
 
 Results are merged into ``--out`` (default benchmarks/results/imputation.json; with --quick,
 imputation_quick.json) section by section, so the two modes fill one file; the markdown tables
@@ -52,7 +59,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +88,9 @@ from condi_models.evaluation import impute_split
 from condi_models.feature_analysis import feature_reconstruction, scatter_plot
 from condi_models.imputers import make_imputer
 from condi_models.metrics import classification_metrics, imputation_metrics
-from condi_models.nn.model import CondIModel, SamplingOptions, Variant, resolve_device
+from condi_models.nn.config import Variant
+from condi_models.nn.model import CondIModel, resolve_device
+from condi_models.nn.sampling import SamplingOptions
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig, TrainingProgress, train_local
 
@@ -210,29 +219,73 @@ def sampling(args: argparse.Namespace, method: str = "ddim", steps: int | None =
     )
 
 
+def crps_options(opts: SamplingOptions, args: argparse.Namespace) -> SamplingOptions:
+    """The draws CRPS is scored on: ``--crps-samples`` independent draws of the same sampler.
+
+    Antithetic draws make a better median (the point estimate keeps them) but a wrong CRPS: the
+    centre path is not a draw of the imputer, and a pair's gap |2e| is no independent gap, so
+    every sample CRPS estimator scores them too low (for a calibrated N(0, 1) forecast: 0.626
+    where independent draws give 0.677 with the plain estimator, 0.517 against 0.564 with the fair
+    one; ``tests/test_metrics.py``). An estimator made unbiased for pairs would have to drop the
+    centre path and use only gaps across pairs, and would still not compare with CSDI's quantile
+    CRPS; a set of independent draws serves both, at the cost of sampling twice.
+    """
+    return replace(opts, n_samples=args.crps_samples, antithetic=False)
+
+
+def crps_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a section's CRPS was scored on, for the JSON and the tables."""
+    return {"draws": "independent", "n_samples": args.crps_samples, "estimator": "fair",
+            "separate_from_point_estimate": not args.independent_draws or args.crps_samples != args.samples}
+
+
 def model_imputation(
     model: CondIModel, win: PreparedSplit, opts: SamplingOptions, args: argparse.Namespace, device: torch.device
-) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """(point estimates, draws or None, seconds) for every window of ``win``."""
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(point estimates, independent draws for CRPS, seconds of the point estimate, of the CRPS draws)."""
+    want = crps_options(opts, args)
     t0 = time.perf_counter()
     res = impute_split(
         model, win, sampling=opts, batch_size=args.eval_batch, seed=args.seed, device=device,
-        keep_samples=opts.n_samples > 1,
+        keep_samples=opts == want,
     )
-    return res.x_hat, res.samples, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if res.samples is not None:
+        return res.x_hat, res.samples, seconds, 0.0
+    draws, crps_seconds = crps_draws(model, win, want, args, device)
+    return res.x_hat, draws, seconds, crps_seconds
 
 
-def score(win: PreparedSplit, estimate: np.ndarray, samples: np.ndarray | None) -> dict[str, Any]:
-    """MAE, RMSE and CRPS on the hidden entries; a point estimate is scored as its own single draw."""
-    r = imputation_metrics(win.truth, estimate, win.hidden, estimate[None] if samples is None else samples)
+def crps_draws(
+    model: CondIModel, win: PreparedSplit, want: SamplingOptions, args: argparse.Namespace, device: torch.device
+) -> tuple[np.ndarray, float]:
+    """(independent draws ``want`` of every window, seconds); seeded apart from the point estimate's draws."""
+    t0 = time.perf_counter()
+    res = impute_split(model, win, sampling=want, batch_size=args.eval_batch, seed=args.seed + 1, device=device,
+                       keep_samples=True)
+    return res.samples, time.perf_counter() - t0
+
+
+def score(win: PreparedSplit, estimate: np.ndarray, draws: np.ndarray | None) -> dict[str, Any]:
+    """MAE and RMSE of ``estimate`` and CRPS of ``draws`` on the hidden entries.
+
+    ``draws`` are independent draws of the imputer (``crps_options``), whatever draws the estimate
+    came from; CRPS is their fair estimate. A point method (``draws`` None) is a point mass: its
+    CRPS is its MAE, exactly. ``crps_plain`` (the empirical distribution's CRPS, biased high by
+    E|X - X'| / 2m) is kept for comparison with figures measured before.
+    """
+    point = draws is None
+    r = imputation_metrics(win.truth, estimate, win.hidden, estimate[None] if point else draws)
     return {
         "n_entries": r.n_entries,
         "mae": r.mae,
         "rmse": r.rmse,
-        "crps": r.crps_empirical,
-        "crps_normalized": r.crps_empirical_normalized,
-        "crps_quantile_normalized": r.crps_normalized if samples is not None else None,
-        "n_samples": r.n_samples if samples is not None else None,
+        "crps": r.crps_empirical if point else r.crps_fair,
+        "crps_normalized": r.crps_empirical_normalized if point else r.crps_fair_normalized,
+        "crps_plain": None if point else r.crps_empirical,
+        "crps_quantile_normalized": None if point else r.crps_normalized,
+        "crps_draws": "point estimate" if point else "independent",
+        "crps_samples": None if point else r.n_samples,
     }
 
 
@@ -276,8 +329,9 @@ def imputation_table(
                 rows.append({**base, "method": b, "seconds": round(time.perf_counter() - t0, 3),
                              **score(win, est, None)})
             for method, model in models.items():
-                est, draws, seconds = model_imputation(model, win, sampling(args), args, device)
-                rows.append({**base, "method": method, "seconds": round(seconds, 2), **score(win, est, draws)})
+                est, draws, seconds, crps_seconds = model_imputation(model, win, sampling(args), args, device)
+                rows.append({**base, "method": method, "seconds": round(seconds, 2),
+                             "crps_seconds": round(crps_seconds, 2), **score(win, est, draws)})
             done = [r for r in rows if r["pattern"] == pattern and r["pw"] == pw]
             log(f"{name} {pattern} pw={pw}: " + ", ".join(f"{r['method']} {r['mae']:.3f}" for r in done))
     section = {
@@ -285,6 +339,7 @@ def imputation_table(
         "eval_ps": args.eval_ps,
         "sampling": {"method": "ddim", "steps": args.steps, "n_samples": args.samples,
                      "antithetic": not args.independent_draws},
+        "crps": crps_settings(args),
         "train_records": len(train_ds),
         "test_records": len(test_ds),
         "training": training,
@@ -308,14 +363,16 @@ def sampler_comparison(
         opts = sampling(args, method, steps)
         t0, c0 = time.perf_counter(), time.process_time()
         res = impute_split(model, win, sampling=opts, batch_size=len(win), seed=args.seed, device=device,
-                           keep_samples=opts.n_samples > 1)
-        seconds = time.perf_counter() - t0
+                           keep_samples=opts == crps_options(opts, args))
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        want = crps_options(opts, args)
+        draws = res.samples if opts == want else crps_draws(model, win, want, args, device)[0]
         # CPU time is less disturbed than wall time by other work on a shared machine.
         rows.append({"method": method, "steps": steps if method == "ddim" else 50, "seconds_per_batch": seconds,
-                     "cpu_seconds_per_batch": time.process_time() - c0, **score(win, res.x_hat, res.samples)})
+                     "cpu_seconds_per_batch": cpu_seconds, **score(win, res.x_hat, draws)})
         log(f"sampler {method}-{rows[-1]['steps']}: {seconds:.1f} s per batch, MAE {rows[-1]['mae']:.3f}")
-    return {"windows_per_batch": len(win), "n_samples": args.samples, "pattern": "points",
-            "ps": TRAIN_PS, "pw": TRAIN_PW, "rows": rows}
+    return {"windows_per_batch": len(win), "n_samples": args.samples, "antithetic": not args.independent_draws,
+            "crps": crps_settings(args), "pattern": "points", "ps": TRAIN_PS, "pw": TRAIN_PW, "rows": rows}
 
 
 def throughput(test_ds: ClinicalDataset, norm: ChannelNormalizer, args: argparse.Namespace) -> dict[str, Any]:
@@ -390,7 +447,7 @@ def features_section(args: argparse.Namespace, device: torch.device) -> dict[str
             observed = torch.from_numpy(win.observed[sl]).to(device)
             truth = torch.from_numpy(win.truth[sl]).to(device)
             full = torch.ones_like(observed)
-            imp = model.impute(x, observed, **asdict(sampling(args)), generator=gen)
+            imp = model.impute(x, observed, sampling(args), generator=gen)
             inputs = {
                 "clean": (truth, full, None),
                 "zero_filled": (x, observed, None),
@@ -474,6 +531,21 @@ def targets(results: dict[str, Any]) -> list[Target]:
     return out
 
 
+def crps_label(crps: dict[str, Any] | None, antithetic: bool) -> tuple[str, str]:
+    """(column header, sentence) naming the draws a section's CRPS was scored on.
+
+    Results written before CRPS had independent draws of its own carry no ``crps`` entry: their
+    CRPS is the plain estimate on the point estimate's draws, biased low where those were antithetic.
+    """
+    if crps:
+        n = crps["n_samples"]
+        apart = ", a set apart from the median's" if crps.get("separate_from_point_estimate") else ""
+        return f"CRPS ({n} indep. draws)", f"CRPS: fair estimate from {n} independent draws{apart}"
+    if antithetic:
+        return "CRPS (antithetic, biased low)", "CRPS: plain estimate on the same antithetic draws, biased low"
+    return "CRPS (plain)", "CRPS: plain estimate on the same independent draws, biased high by E|X - X'| / 2m"
+
+
 def report(results: dict[str, Any]) -> str:
     """Markdown for every section present, ready for BENCHMARKS.md."""
     parts = []
@@ -484,27 +556,32 @@ def report(results: dict[str, Any]) -> str:
         if not section:
             continue
         s = section["sampling"]
+        crps_header, crps_note = crps_label(section.get("crps"), bool(s.get("antithetic")))
         parts.append(
             f"**{title}** — imputation of hidden entries, standardized units; trained at ps = pw = 0.8 "
             f"of the pattern, evaluated at ps = {section['eval_ps']}; CondI / CSDI: median of "
             f"{s['n_samples']} {'antithetic' if s.get('antithetic') else 'independent'} DDIM-{s['steps']} draws "
-            "(CRPS of the draws; for point methods CRPS = MAE)."
+            f"({crps_note}; for point methods CRPS = MAE)."
         )
         rows = []
         for r in section["rows"]:
             rows.append([r["pattern"], f"{r['pw']:g}", labels.get(r["method"], r["method"]), fmt(r["mae"]),
                          fmt(r["rmse"]), fmt(r["crps"]), str(r["windows"])])
-        parts.append(markdown_table(["pattern", "pw", "method", "MAE", "RMSE", "CRPS", "windows"], rows))
+        parts.append(markdown_table(["pattern", "pw", "method", "MAE", "RMSE", crps_header, "windows"], rows))
         train_rows = [[k, str(v["samples"]), str(v["epochs_a"]), fmt(v["phase_a_loss"], 4), fmt(v["seconds_a"], 0),
                        fmt(v["seconds_per_batch_a"], 2)] for k, v in section["training"].items()]
         parts.append(markdown_table(["model/pattern", "train records", "Phase A epochs", "last loss", "seconds",
                                      "s per batch"], train_rows))
     if "samplers" in results:
         sm = results["samplers"]
-        parts.append(f"**Samplers** — CondI (points model), {sm['windows_per_batch']} windows per batch, "
-                     f"{sm['n_samples']} draws, ps = pw = 0.8 points.")
+        # Older results name the draws only in the imputation table's section.
+        antithetic = sm.get("antithetic", results.get("synthetic", {}).get("sampling", {}).get("antithetic", False))
+        crps_header, crps_note = crps_label(sm.get("crps"), bool(antithetic))
+        parts.append(f"**Samplers** — CondI (points model), {sm['windows_per_batch']} windows per batch, median of "
+                     f"{sm['n_samples']} {'antithetic' if antithetic else 'independent'} draws, ps = pw = 0.8 "
+                     f"points ({crps_note}{', not timed' if sm.get('crps') else ''}).")
         parts.append(markdown_table(
-            ["sampler", "seconds per batch", "MAE", "RMSE", "CRPS"],
+            ["sampler", "seconds per batch", "MAE", "RMSE", crps_header],
             [[f"{r['method'].upper()}-{r['steps']}", fmt(r["seconds_per_batch"], 2), fmt(r["mae"]), fmt(r["rmse"]),
               fmt(r["crps"])] for r in sm["rows"]],
         ))
@@ -564,7 +641,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=5, help="imputation draws per window")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps of the imputation table")
     parser.add_argument("--independent-draws", action="store_true",
-                        help="independent draws (default: antithetic pairs plus the centre path)")
+                        help="independent draws for the point estimate (default: antithetic pairs plus the centre "
+                             "path); CRPS is always scored on independent draws")
+    parser.add_argument("--crps-samples", type=int,
+                        help="independent draws CRPS is scored on (default: --samples, at least 2)")
     parser.add_argument("--pws", default="0.2,0.5,0.8", help="within-modality missing fractions to evaluate")
     parser.add_argument("--eval-ps", type=float, default=0.8, help="sample-level missing probability at test")
     parser.add_argument("--test-windows", type=int, help="at most this many test windows per cell (default all)")
@@ -587,6 +667,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.out = str(RESULTS / ("imputation_quick.json" if args.quick else "imputation.json"))
     if args.quick and args.figure == str(RESULTS / "feature_reconstruction.png"):
         args.figure = str(RESULTS / "feature_reconstruction_quick.png")
+    if args.crps_samples is None:
+        args.crps_samples = max(2, args.samples)
+    if args.crps_samples < 2:
+        parser.error("--crps-samples must be >= 2 (the fair CRPS needs two draws)")
     args.pw_list = [float(p) for p in args.pws.split(",") if p.strip()]
     if TRAIN_PW not in args.pw_list:
         parser.error(f"--pws must include {TRAIN_PW} (the targets are set there)")

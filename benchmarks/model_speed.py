@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from condi_models.nn import CondIModel, ModelConfig, Variant, resolve_device
+from condi_models.nn import CondIModel, ModelConfig, SamplingOptions, Variant, resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,8 +84,8 @@ def main() -> None:
         opt_b.step()
 
     def impute(method: str, steps: int) -> Callable[[], None]:
-        return lambda: model.impute(x, observed, n_samples=args.impute_samples, steps=steps, method=method,
-                                    generator=g)
+        opts = SamplingOptions(n_samples=args.impute_samples, steps=steps, method=method)
+        return lambda: model.impute(x, observed, opts, generator=g)
 
     result = {
         "device": str(device),

@@ -9,7 +9,10 @@ Methods: FedAvg zero-fill, PEPSY-style, CondI and its three ablations (no imputa
 neither). Each cell is one in-process federated simulation through ``run_simulation``, the code
 ``condi sim`` runs, from a config validated exactly as an experiment.yaml is: K = 6 silos, 3 per
 round, Dirichlet(0.5) label skew over patients, simulated missingness (ps, pw) of ``--pattern``
-on train, validation and test alike. Every cell uses the same seed, so methods see the same
+on train, validation and test alike, with whole modalities dropped (``--p-drop``, default 0.5: an
+affected lead is dropped whole with that probability, so the paper's "samples with at least one
+missing modality" holds and eq. 4's routing acts; ``--p-drop 0`` is the older setting where every
+lead stays partly observed). Every cell uses the same seed, so methods see the same
 split, partition, masks, silo selections and batches.
 
 Datasets: ``synthetic_ecg`` (``--ecg-records``, split by patient 70/15/15), ``ptbxl`` (the real
@@ -60,7 +63,8 @@ from _common import (
 )
 
 from condi_models.configfile import parse_config
-from condi_models.nn.model import Variant, resolve_device
+from condi_models.nn.config import Variant
+from condi_models.nn.model import resolve_device
 from condi_models.simulation import ExperimentConfig, ModelSpec, run_simulation
 
 METHODS = (
@@ -127,6 +131,8 @@ def settings(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "split": split,
         "window": window,
         "pattern": args.pattern,
+        # Grids stored before modality drops were run without them and stay resumable with --p-drop 0.
+        **({"p_drop": args.p_drop} if args.p_drop > 0 else {}),
         "rounds": rounds_for(name, args),
         "silos": 6,
         "silos_per_round": 3,
@@ -157,7 +163,8 @@ def experiment(s: dict[str, Any], method: Variant, ps: float, pw: float, device:
         "device": device,
         "data": s["data"],
         "split": s["split"],
-        "missingness": {"ps": ps, "pw": pw, "pattern": s["pattern"], "seed": s["seed"]},
+        "missingness": {"ps": ps, "pw": pw, "pattern": s["pattern"], "p_drop": s.get("p_drop", 0.0),
+                        "seed": s["seed"]},
         "federation": {
             "silos": s["silos"], "silos_per_round": s["silos_per_round"], "rounds": s["rounds"],
             "partition": "dirichlet", "alpha": s["alpha"], "eval_every": s["rounds"],
@@ -172,6 +179,11 @@ def experiment(s: dict[str, Any], method: Variant, ps: float, pw: float, device:
                        "antithetic": s.get("antithetic", False)},
     }
     return parse_config(raw, ExperimentConfig, f"paper_grid {raw['name']}")
+
+
+def _drop_words(s: dict[str, Any]) -> str:
+    p_drop = s.get("p_drop", 0.0)
+    return f"with modality drops (p_drop {p_drop:g})" if p_drop > 0 else "without modality drops (p_drop 0)"
 
 
 def cell_key(method: Variant, ps: float, pw: float) -> str:
@@ -325,7 +337,8 @@ def report(name: str, results: dict[str, Any]) -> str:
     ses = [c["accuracy_se"] for c in cells.values() if c.get("accuracy_se") is not None]
     metric = "AUROC and macro-F1" if name == "mimic" else "test accuracy"
     head = (
-        f"**{name}** — {metric} (%) of the final global model; {s['pattern']} missingness, K = {s['silos']}, "
+        f"**{name}** — {metric} (%) of the exported global model; {s['pattern']} missingness "
+        f"{_drop_words(s)}, K = {s['silos']}, "
         f"{s['silos_per_round']} per round, Dirichlet {s['alpha']}, {s['rounds']} rounds of {s['epochs_a']} + "
         f"{s['epochs_b']} local epochs (Phase A + B), model size '{s['model_size']}', seed {s['seed']}; "
         f"imputer Gaussian prior {prior_words(s)}, classifier trained on "
@@ -353,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--psg-fs", type=float, default=25.0, help="synthetic PSG sampling rate (Hz)")
     parser.add_argument("--window", type=int, default=250, help="ECG window (steps)")
     parser.add_argument("--pattern", choices=["points", "blocks"], default="points")
+    parser.add_argument("--p-drop", type=float, default=0.5,
+                        help="an affected modality is dropped whole with this probability (the paper's ps counts "
+                             "samples missing a modality; 0 keeps every modality partly observed)")
     parser.add_argument("--rounds", type=int, help=f"federated rounds (default per dataset: {DEFAULT_ROUNDS})")
     parser.add_argument("--epochs-a", type=int, default=1, help="local Phase A epochs per round")
     parser.add_argument("--epochs-b", type=int, default=1, help="local Phase B epochs per round")

@@ -23,7 +23,8 @@ import torch
 
 from condi_models.data.dataset import DatasetInfo, Modality
 from condi_models.data.normalize import ChannelNormalizer
-from condi_models.nn.model import CondIModel, ModelConfig
+from condi_models.nn.config import ModelConfig
+from condi_models.nn.model import CondIModel
 
 FORMAT = "condi-checkpoint/1"
 

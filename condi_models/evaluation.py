@@ -12,7 +12,7 @@ observed data.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -28,7 +28,8 @@ from condi_models.metrics import (
     imputation_metrics,
     score_histograms,
 )
-from condi_models.nn.model import CondIModel, SamplingOptions
+from condi_models.nn.model import CondIModel
+from condi_models.nn.sampling import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class EvalResult:
     score_histograms: np.ndarray | None = None
     # Every window scored as a sample of its own; None when each record was one window.
     windows: ClassificationReport | None = None
+    # (N, C) class probabilities per record, in the split's order (kept in memory, never reported).
+    probs: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,9 +112,7 @@ def impute_split(
     gen = _generator(seed, device)
     xs, draws, idx, starts = [], [], [], []
     for batch in iterate_batches(split, batch_size, window=window, rng=None, device=device):
-        imp = model.impute(
-            batch.x, batch.observed, **asdict(opts), generator=gen, return_samples=keep_samples
-        )
+        imp = model.impute(batch.x, batch.observed, opts, generator=gen, return_samples=keep_samples)
         xs.append(imp.x_hat.cpu().numpy())
         if keep_samples:
             draws.append(imp.samples.cpu().numpy())
@@ -151,7 +152,9 @@ def evaluate(
     window_probs, losses = [], []
     truths, estimates, masks, draws = [], [], [], []
     score_imputation = opts.imputation_metrics and model.spec.diffusion and bool(split.hidden.any())
-    keep_samples = score_imputation and sampling.n_samples > 1
+    # CRPS needs independent draws: a set of antithetic pairs and a centre path scores too low
+    # (tests/test_metrics.py), so antithetic evaluations report MAE and RMSE alone.
+    keep_samples = score_imputation and sampling.n_samples > 1 and not sampling.antithetic
     for offset in offsets:
         probs = []
         for batch in iterate_batches(split, opts.batch_size, window=window, rng=None, device=device, offset=offset):
@@ -159,9 +162,7 @@ def evaluate(
             imp = pred.imputation
             if imp is None and score_imputation:
                 # A variant that imputes but classifies the observed data: score its imputer all the same.
-                imp = model.impute(
-                    batch.x, batch.observed, **asdict(sampling), generator=gen, return_samples=keep_samples
-                )
+                imp = model.impute(batch.x, batch.observed, sampling, generator=gen, return_samples=keep_samples)
             logits = pred.logits.detach()
             losses.append(float(torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")))
             probs.append(torch.softmax(logits, dim=1).cpu().numpy())
@@ -196,6 +197,7 @@ def evaluate(
         imputation=imputation,
         score_histograms=score_histograms(y, p, SCORE_BINS),
         windows=windows,
+        probs=p,
     )
 
 

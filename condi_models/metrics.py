@@ -245,6 +245,15 @@ class ImputationReport:
       included), averaged over entries.
     - ``crps_empirical_normalized``: the same exact CRPS summed over entries over sum |truth|, on the
       scale of ``crps_normalized``. None when sum |truth| is 0.
+    - ``crps_fair``: the "fair" sample CRPS, E|X - y| - 1/(2m(m-1)) sum_{i != j} |X_i - X_j| over the
+      m samples, averaged over entries: an unbiased estimate of the CRPS of the distribution the
+      samples are drawn from, where ``crps_empirical`` is biased high by E|X - X'| / (2m). None for
+      one sample. ``crps_fair_normalized``: its sum over entries over sum |truth|.
+
+    Every CRPS here assumes the samples are independent draws. Antithetic pairs (x, -x around the
+    centre path) and the centre path itself are not: scored this way their CRPS comes out lower
+    than that of independent draws of the same forecast (``tests/test_metrics.py``), so score CRPS
+    on independent draws (``SamplingOptions(antithetic=False)``).
     """
 
     n_entries: int
@@ -254,6 +263,8 @@ class ImputationReport:
     crps_normalized: float | None
     crps_empirical: float | None
     crps_empirical_normalized: float | None
+    crps_fair: float | None = None
+    crps_fair_normalized: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -273,17 +284,23 @@ def quantile_crps_sum(truth: np.ndarray, samples: np.ndarray) -> float:
     return float(loss.sum(axis=1).mean())
 
 
-def empirical_crps(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
-    """Exact CRPS of the empirical sample distribution at each entry, shape (K,).
+def empirical_crps(truth: np.ndarray, samples: np.ndarray, fair: bool = False) -> np.ndarray:
+    """Sample CRPS at each entry, shape (K,), in its energy form E|X - y| - 0.5 E|X - X'|.
 
-    ``truth`` is (K,), ``samples`` (S, K). Uses E|X - X'| = (2 / S^2) sum_i (2i - S - 1) x_(i) over the
-    sorted samples, so the cost is a sort, not S^2 pairs.
+    ``truth`` is (K,), ``samples`` (S, K). By default E|X - X'| is the mean over all S^2 ordered
+    pairs, self-pairs included: the exact CRPS of the empirical distribution. With ``fair`` it is
+    the mean over the S(S - 1) pairs of distinct samples, which makes the result an unbiased
+    estimate of the CRPS of the distribution S independent samples come from (S >= 2). Uses
+    sum_{i,j} |x_i - x_j| = 2 sum_i (2i - S - 1) x_(i) over the sorted samples, so the cost is a
+    sort, not S^2 pairs.
     """
     n = samples.shape[0]
+    if fair and n < 2:
+        raise ValueError(f"the fair CRPS needs at least 2 samples, got {n}")
     term1 = np.mean(np.abs(samples - truth[None, :]), axis=0)
     ordered = np.sort(samples, axis=0)
     weights = (2.0 * np.arange(1, n + 1) - n - 1)[:, None]
-    mean_pair_gap = 2.0 * np.sum(weights * ordered, axis=0) / (n * n)
+    mean_pair_gap = 2.0 * np.sum(weights * ordered, axis=0) / (n * (n - 1) if fair else n * n)
     return term1 - 0.5 * mean_pair_gap
 
 
@@ -296,7 +313,8 @@ def imputation_metrics(
     """Score an imputation on the entries where ``eval_mask`` is True (the hidden ground truth).
 
     ``truth``, ``estimate`` and ``eval_mask`` share one shape; ``samples`` (optional) is
-    (n_samples, *truth.shape) of draws from the imputer, used for CRPS.
+    (n_samples, *truth.shape) of independent draws from the imputer, used for CRPS only (the
+    estimate may come from other draws, e.g. the median of antithetic ones).
     """
     truth = np.asarray(truth, dtype=np.float64)
     estimate = np.asarray(estimate, dtype=np.float64)
@@ -330,6 +348,7 @@ def imputation_metrics(
         raise ValueError("samples: NaN or infinite values at evaluated entries")
     denom = float(np.abs(t).sum())
     crps_entries = empirical_crps(t, s)
+    fair = empirical_crps(t, s, fair=True) if s.shape[0] > 1 else None
     return ImputationReport(
         n_entries=n_entries,
         mae=mae,
@@ -338,4 +357,6 @@ def imputation_metrics(
         crps_normalized=quantile_crps_sum(t, s) / denom if denom > 0 else None,
         crps_empirical=float(crps_entries.mean()),
         crps_empirical_normalized=float(crps_entries.sum() / denom) if denom > 0 else None,
+        crps_fair=None if fair is None else float(fair.mean()),
+        crps_fair_normalized=None if fair is None or denom == 0 else float(fair.sum() / denom),
     )

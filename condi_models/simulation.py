@@ -38,7 +38,8 @@ from condi_models.data.normalize import ChannelNormalizer
 from condi_models.data.partition import Split, partition_silos, split_by_folds, split_by_patient
 from condi_models.data.sources import DataSource, load_source
 from condi_models.evaluation import EvalOptions, EvalResult, evaluate
-from condi_models.nn.model import CondIModel, ModelConfig, Variant, resolve_device
+from condi_models.nn.config import ModelConfig, Variant
+from condi_models.nn.model import CondIModel, resolve_device
 from condi_models.privacy import BudgetExhausted, PrivacySpec, SiloPrivacy
 from condi_models.reports import write_round_curves
 from condi_models.server_optimizer import ServerOptimizer, ServerOptimizerConfig
@@ -148,6 +149,10 @@ class SimulationResult:
     run_dir: Path
     final: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    # The test split's labels and per-record class probabilities of the exported model (paired
+    # comparisons between methods resample these).
+    test_labels: np.ndarray | None = None
+    test_probs: np.ndarray | None = None
 
 
 def _sub_seed(seed: int, *parts: int) -> int:
@@ -315,7 +320,9 @@ def run_simulation(
     (out / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     (out / "report.json").write_text(json.dumps({"final": final, "rounds": rounds}, indent=2) + "\n")
     write_round_curves(rounds, out / "curves.png", title=f"{cfg.name} ({cfg.model.variant.value})")
-    return SimulationResult(run_dir=out, final=final, rounds=rounds)
+    return SimulationResult(
+        run_dir=out, final=final, rounds=rounds, test_labels=test.y, test_probs=final_eval.probs
+    )
 
 
 def _silo_privacy(spec: PrivacySpec | None, folder: Path, n_silos: int) -> list[SiloPrivacy]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from condi_models.data.dataset import DatasetInfo
-from condi_models.nn.model import ModelConfig
+from condi_models.nn.config import ModelConfig
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
 

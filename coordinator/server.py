@@ -34,7 +34,8 @@ from grpc_health.v1 import health_pb2
 from condi_models.aggregation import SecureLayout, SiloUpdate, fedavg
 from condi_models.checkpoint import atomic_write_bytes
 from condi_models.data.dataset import DatasetInfo
-from condi_models.nn.model import CondIModel, ModelConfig
+from condi_models.nn.config import ModelConfig
+from condi_models.nn.model import CondIModel
 from condi_models.server_optimizer import ServerOptimizer
 from condi_models.training import aggregation_groups, round_lr_scale
 from coordinator.config import FederationConfig, check_federation_files

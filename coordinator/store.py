@@ -32,7 +32,7 @@ import numpy as np
 
 from condi_models.checkpoint import atomic_write_bytes, info_from_dict, info_to_dict
 from condi_models.data.dataset import DatasetInfo
-from condi_models.nn.model import ModelConfig
+from condi_models.nn.config import ModelConfig
 from coordinator.rounds import RoundProgress
 from federation import wire
 

@@ -15,7 +15,7 @@ from typing import Any
 from condi_models.checkpoint import info_from_dict, info_to_dict
 from condi_models.data.dataset import DatasetInfo
 from condi_models.evaluation import EvalOptions
-from condi_models.nn.model import ModelConfig
+from condi_models.nn.config import ModelConfig
 from condi_models.training import LocalTrainingConfig
 
 EVAL_SPLITS = ("val", "test")

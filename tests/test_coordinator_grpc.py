@@ -92,7 +92,7 @@ def _start(root: Path, material: pki.DevPki, allowed: list[str], **overrides: ob
         "max_chunk_bytes": 65536,
         "timeouts": {"gather_s": 60, "train_s": 60, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 1},
         "model": SMALL_MODEL,
-        "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": None},
+        "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": None, "min_local_steps": 0},
         "evaluation": {"n_samples": 1, "steps": 2},
         # These tests drive plain uploads by hand; secure rounds are tested in test_secure_federation.
         "aggregation": {"mode": "plain"},

@@ -16,6 +16,7 @@ from condi_models.data.dataset import Modality
 from condi_models.data.normalize import ChannelNormalizer
 from condi_models.metrics import classification_metrics
 from condi_models.nn.model import CondIModel
+from condi_models.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
 from coordinator.config import (
@@ -34,7 +35,7 @@ from coordinator.pooling import (
 )
 from coordinator.report import write_report
 from coordinator.rounds import RoundProgress
-from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError
+from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError, split_saved_state, state_sha256
 from silo_agent.config import SiteConfig, check_site_files, load_site_config
 from tests.helpers import REPO, toy_dataset
 
@@ -190,6 +191,25 @@ def test_store_commits_atomically_and_resumes_exactly(tmp_path: Path) -> None:
     store.metrics_path.write_text('{"round": 0}\n{"round": 0}\n')
     store.load()
     assert [json.loads(line)["round"] for line in store.metrics_path.read_text().splitlines()] == [0, 1]
+
+
+def test_the_server_optimizer_state_is_checkpointed_beside_the_model(tmp_path: Path) -> None:
+    store, ckpt, state, model = _checkpoint(tmp_path)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    opt = ServerOptimizer(ServerOptimizerConfig(kind="fedavgm", momentum=0.5), trained)
+    moved = opt.step(state, {k: v + 0.01 if k in trained else v for k, v in state.items()})
+    name, sha = store.save_state(0, moved, opt.state())
+    assert sha == state_sha256(moved)  # silos download the model alone; the SHA-256 covers only it
+    ckpt.state_file, ckpt.state_sha256 = name, sha
+    store.commit(ckpt)
+    _, saved = store.load()
+    tensors, optimizer = split_saved_state(saved)
+    assert list(tensors) == list(moved) and all(np.array_equal(tensors[k], moved[k]) for k in moved)
+    resumed = ServerOptimizer(opt.cfg, trained)
+    resumed.load_state(optimizer)
+    nxt = {k: v + 0.01 if k in trained else v for k, v in moved.items()}
+    after_resume, uninterrupted = resumed.step(moved, nxt), opt.step(moved, nxt)
+    assert all(np.array_equal(after_resume[k], uninterrupted[k]) for k in moved)
 
 
 def test_store_refuses_a_state_file_that_does_not_match_its_commit(tmp_path: Path) -> None:

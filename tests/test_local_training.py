@@ -19,7 +19,8 @@ from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
 from condi_models.evaluation import EvalOptions, evaluate
 from condi_models.nn.classifier import ClassifierConfig
-from condi_models.nn.model import CondIModel, ModelConfig, Variant
+from condi_models.nn.config import ModelConfig, Variant
+from condi_models.nn.model import CondIModel
 from condi_models.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from condi_models.training import (
     ABSENT_CLASS_SHIFT,
@@ -54,11 +55,12 @@ def small_model(variant: Variant = Variant.FEDAVG_ZERO_FILL, length: int = 20, f
 
 
 def test_a_small_silo_makes_more_passes_to_reach_the_step_floor():
-    cfg = LocalTrainingConfig(epochs_b=1, batch_size=32, min_local_steps=20)
-    assert phase_epochs(cfg, 1, 7) == 20
-    assert phase_epochs(cfg, 1, 100) == 5  # 4 batches a pass
-    assert phase_epochs(cfg, 3, 1000) == 3  # 32 batches a pass: the epochs already exceed the floor
-    assert phase_epochs(cfg, 0, 7) == 0 and phase_epochs(cfg, 1, 0) == 0
+    cfg = LocalTrainingConfig(epochs_a=3, epochs_b=1, batch_size=32, min_local_steps=20, min_local_steps_a=4)
+    assert phase_epochs(cfg, "B", 7) == 20
+    assert phase_epochs(cfg, "B", 100) == 5  # 4 batches a pass
+    assert phase_epochs(cfg, "B", 1000) == 1 and phase_epochs(cfg, "B", 0) == 0
+    assert phase_epochs(cfg, "A", 7) == 4 and phase_epochs(cfg, "A", 1000) == 3  # Phase A's own floor
+    assert phase_epochs(LocalTrainingConfig(epochs_a=0, min_local_steps=20), "A", 7) == 0
     ds = toy_dataset(n=7, length=20)
     split = prepare_split(ds, ChannelNormalizer.fit(ds.x, ds.observed), None)
     seen: list[TrainingProgress] = []
@@ -72,7 +74,7 @@ def test_the_learning_rate_decays_over_rounds_as_configured():
     scales = [round_lr_scale(cosine, r, 5) for r in range(5)]
     assert scales[0] == 1.0 and scales[-1] == pytest.approx(0.1) and scales[2] == pytest.approx(0.55)
     assert all(a > b for a, b in itertools.pairwise(scales))
-    assert round_lr_scale(LocalTrainingConfig(), 3, 5) == 1.0
+    assert round_lr_scale(LocalTrainingConfig(lr_schedule="constant"), 3, 5) == 1.0
     with pytest.raises(ValueError, match="lr_min_ratio"):
         LocalTrainingConfig(lr_min_ratio=0.0)
 

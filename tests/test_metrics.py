@@ -17,6 +17,7 @@ from condi_models.metrics import (
     classification_metrics,
     empirical_crps,
     imputation_metrics,
+    quantile_crps_sum,
 )
 
 # Six samples, three classes; every number below was worked out by hand.
@@ -201,6 +202,57 @@ def test_empirical_crps_hand_case() -> None:
     t = rng.normal(size=6)
     brute = np.abs(s - t).mean(axis=0) - 0.5 * np.abs(s[:, None] - s[None, :]).mean(axis=(0, 1))
     assert empirical_crps(t, s) == pytest.approx(brute)
+
+
+def test_fair_crps_hand_case_and_brute_force() -> None:
+    # Samples {0, 2}, truth 1: E|X - y| = 1, the mean gap over the 2 distinct ordered pairs is 2.
+    assert empirical_crps(np.array([1.0]), np.array([[0.0], [2.0]]), fair=True) == pytest.approx([0.0])
+    rng = np.random.default_rng(2)
+    s = rng.normal(size=(7, 5))
+    t = rng.normal(size=5)
+    gaps = np.abs(s[:, None] - s[None, :]).sum(axis=(0, 1)) / (7 * 6)
+    assert empirical_crps(t, s, fair=True) == pytest.approx(np.abs(s - t).mean(axis=0) - 0.5 * gaps)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        empirical_crps(t, s[:1], fair=True)
+    r = imputation_metrics(t, t, np.ones(5, dtype=bool), s)
+    fair = empirical_crps(t, s, fair=True)
+    assert r.crps_fair == pytest.approx(fair.mean())
+    assert r.crps_fair_normalized == pytest.approx(fair.sum() / np.abs(t).sum())
+    one = imputation_metrics(t, t, np.ones(5, dtype=bool), s[:1])
+    assert one.crps_fair is None and one.crps_fair_normalized is None
+
+
+def test_crps_of_antithetic_draws_is_biased_low() -> None:
+    # A calibrated N(0, 1) forecast of N(0, 1) truths: its exact CRPS is 1 / sqrt(pi) = 0.564.
+    # Five independent draws score 0.677 on average with the plain (empirical) estimator, which is
+    # biased high by E|X - X'| / 2m, and 0.564 with the fair one. Two antithetic pairs plus the
+    # centre path, as antithetic_noise lays out five copies ([e1, e2, -e1, -e2, 0]), are draws of
+    # the same forecast yet score 0.626 with the plain estimator: the "lower CRPS" of antithetic
+    # draws is an artifact of scoring them as if independent, and the fair correction (0.517)
+    # does not rescue them either, since a pair's gap |2e| is not an independent gap.
+    rng = np.random.default_rng(12)
+    k = 200_000
+    root_pi = np.sqrt(np.pi)
+    exact = 1.0 / root_pi
+    truth = rng.standard_normal(k)
+    independent = rng.standard_normal((5, k))
+    e = rng.standard_normal((2, k))
+    antithetic = np.concatenate([e, -e, np.zeros((1, k))])
+    fair_independent = empirical_crps(truth, independent, fair=True).mean()
+    plain_independent = empirical_crps(truth, independent).mean()
+    plain_antithetic = empirical_crps(truth, antithetic).mean()
+    fair_antithetic = empirical_crps(truth, antithetic, fair=True).mean()
+    assert fair_independent == pytest.approx(exact, abs=0.01)
+    assert plain_independent == pytest.approx(1.2 / root_pi, abs=0.01)  # 0.677
+    half_normal = np.sqrt(2.0 / np.pi)
+    assert plain_antithetic == pytest.approx((32.0 / root_pi - 3.0 * half_normal) / 25.0, abs=0.01)  # 0.626
+    assert fair_antithetic == pytest.approx((24.0 / root_pi - 4.0 * half_normal) / 20.0, abs=0.01)  # 0.517
+    # The artifact: same forecast, same estimator, about 7.5 % "better" from the pairing alone.
+    assert plain_antithetic < 0.95 * plain_independent
+    assert fair_antithetic < 0.95 * exact
+    # CSDI's quantile CRPS has no such correction: from five draws its sample quantiles give 0.70,
+    # so it only compares methods scored on the same number of independent draws.
+    assert quantile_crps_sum(truth, independent) / k > plain_independent
 
 
 def test_crps_grows_with_spread_around_truth() -> None:

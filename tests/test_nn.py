@@ -23,6 +23,7 @@ from condi_models.nn import (
     DenoiserConfig,
     ModelConfig,
     PhaseADraw,
+    SamplingOptions,
     Variant,
     make_training_mask,
     resolve_device,
@@ -302,10 +303,10 @@ def test_sample_quantiles_match_numpy():
 def test_impute_keeps_observed_entries_and_is_seeded(method):
     model = CondIModel(tiny_config())
     x, observed, _ = random_batch(model.cfg, 3, 1)
-    kwargs = {"n_samples": 4, "steps": 5, "method": method, "quantiles": (0.1, 0.9), "return_samples": True}
-    a = model.impute(x, observed, generator=torch.Generator().manual_seed(7), **kwargs)
-    b = model.impute(x, observed, generator=torch.Generator().manual_seed(7), **kwargs)
-    c = model.impute(x, observed, generator=torch.Generator().manual_seed(8), **kwargs)
+    opts = SamplingOptions(n_samples=4, steps=5, method=method, quantiles=(0.1, 0.9))
+    a = model.impute(x, observed, opts, generator=torch.Generator().manual_seed(7), return_samples=True)
+    b = model.impute(x, observed, opts, generator=torch.Generator().manual_seed(7), return_samples=True)
+    c = model.impute(x, observed, opts, generator=torch.Generator().manual_seed(8), return_samples=True)
     assert torch.equal(a.x_hat[observed], x[observed])
     assert torch.equal(a.quantiles[:, observed], x[observed].expand(2, -1))
     assert torch.equal(a.samples[:, observed], x[observed].expand(4, -1))
@@ -318,7 +319,7 @@ def test_impute_keeps_observed_entries_and_is_seeded(method):
 def test_impute_in_chunks_gives_the_requested_number_of_samples():
     model = CondIModel(tiny_config())
     x, observed, _ = random_batch(model.cfg, 2, 2)
-    out = model.impute(x, observed, n_samples=5, steps=3, chunk_size=2, return_samples=True,
+    out = model.impute(x, observed, SamplingOptions(n_samples=5, steps=3, chunk_size=2), return_samples=True,
                        generator=torch.Generator().manual_seed(0))
     assert out.samples.shape == (5, 2, 4, 24)
 
@@ -335,7 +336,8 @@ def test_antithetic_imputation_of_a_fresh_model_is_its_prior_mean():
     hidden = ~observed
 
     def median(**kwargs) -> torch.Tensor:
-        return model.impute(x, observed, steps=4, generator=torch.Generator().manual_seed(6), **kwargs).median
+        opts = SamplingOptions(steps=4, **kwargs)
+        return model.impute(x, observed, opts, generator=torch.Generator().manual_seed(6)).median
 
     five = median(n_samples=5)
     assert torch.allclose(five[hidden], prior_mean[hidden], atol=1e-4)
@@ -349,8 +351,9 @@ def test_imputation_does_not_see_hidden_values():
     model = CondIModel(tiny_config())
     x, observed, _ = random_batch(model.cfg, 2, 3)
     leaked = torch.where(observed, x, torch.full_like(x, 100.0))
-    a = model.impute(x, observed, n_samples=2, steps=3, generator=torch.Generator().manual_seed(0))
-    b = model.impute(leaked, observed, n_samples=2, steps=3, generator=torch.Generator().manual_seed(0))
+    opts = SamplingOptions(n_samples=2, steps=3)
+    a = model.impute(x, observed, opts, generator=torch.Generator().manual_seed(0))
+    b = model.impute(leaked, observed, opts, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a.median[~observed], b.median[~observed])
 
 
@@ -528,10 +531,15 @@ def test_config_round_trip_and_errors():
     assert ModelConfig.from_dict(one_instant).prior_lags == 0  # written before the prior had lags
     with pytest.raises(ValueError, match="prior_lags must be >= 0"):
         dataclasses.replace(cfg, prior_lags=-1)
-    with pytest.raises(ValueError, match="unknown key"):
+    assert cfg.to_dict()["channel_modality"] == [0, 0, 1, 2] and cfg.to_dict()["variant"] == "pepsy"
+    with pytest.raises(ValueError, match="model config: hiddn: unknown key"):
         ModelConfig.from_dict({**cfg.to_dict(), "hiddn": 3})
-    with pytest.raises(ValueError, match=r"'denoiser'.*unknown key.*hiden"):
+    with pytest.raises(ValueError, match=r"model config: denoiser\.hiden: unknown key"):
         ModelConfig.from_dict({**cfg.to_dict(), "denoiser": {"hiden": 3}})
+    with pytest.raises(ValueError, match="model config: n_classes: required key is missing"):
+        ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "n_classes"})
+    with pytest.raises(ValueError, match=r"model config: denoiser: .*divisible by n_heads"):
+        ModelConfig.from_dict({**cfg.to_dict(), "denoiser": {"hidden": 30}})
     with pytest.raises(ValueError, match="variant"):
         ModelConfig(channel_modality=(0,), n_classes=2, length=4, variant="fancy")
     with pytest.raises(ValueError, match="modalities without channels"):
@@ -566,7 +574,7 @@ def test_sleep_edf_sized_windows_are_workable():
 def test_uneven_length_is_padded_and_cropped():
     model = CondIModel(tiny_config(length=22))
     x, observed, _ = random_batch(model.cfg, 2, 10)
-    out = model.impute(x, observed, n_samples=2, steps=2, generator=torch.Generator().manual_seed(0))
+    out = model.impute(x, observed, SamplingOptions(n_samples=2, steps=2), generator=torch.Generator().manual_seed(0))
     assert out.x_hat.shape == x.shape
 
 
@@ -588,8 +596,9 @@ def test_model_runs_on_cuda_with_a_cpu_generator():
     x, observed, y = x.to(device), observed.to(device), y.to(device)
     model.phase_a_loss(x, observed, torch.Generator().manual_seed(0)).backward()
     model.phase_b_loss(x, observed, y).backward()
-    a = model.impute(x, observed, n_samples=2, steps=3, generator=torch.Generator().manual_seed(1))
-    b = model.impute(x, observed, n_samples=2, steps=3, generator=torch.Generator().manual_seed(1))
+    opts = SamplingOptions(n_samples=2, steps=3)
+    a = model.impute(x, observed, opts, generator=torch.Generator().manual_seed(1))
+    b = model.impute(x, observed, opts, generator=torch.Generator().manual_seed(1))
     assert a.x_hat.device.type == "cuda"
     assert torch.equal(a.x_hat[observed], x[observed])
     assert torch.allclose(a.x_hat, b.x_hat)

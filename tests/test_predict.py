@@ -23,9 +23,10 @@ from condi_models.data.synthetic_ecg import generate_ecg
 from condi_models.data.synthetic_icu import write_synthetic_mimic
 from condi_models.data.synthetic_psg import generate_psg, write_synthetic_cassette
 from condi_models.nn.classifier import ClassifierConfig
+from condi_models.nn.config import ModelConfig, Variant
 from condi_models.nn.context import ContextConfig
 from condi_models.nn.denoiser import DenoiserConfig
-from condi_models.nn.model import CondIModel, ModelConfig, Variant
+from condi_models.nn.model import CondIModel
 from condi_models.predict import (
     HideSpec,
     InputError,

@@ -11,7 +11,8 @@ import torch
 from condi_models.aggregation import ParameterGroups, SiloUpdate, fedavg
 from condi_models.data.synthetic_ecg import generate_ecg
 from condi_models.imputers import gaussian_em
-from condi_models.nn.model import CondIModel, ModelConfig, Variant
+from condi_models.nn.config import ModelConfig, Variant
+from condi_models.nn.model import CondIModel
 from condi_models.nn.prior import SCALE_FLOOR, GaussianPrior
 from condi_models.simulation import ModelSpec
 from tests.test_nn import tiny_config

@@ -15,9 +15,10 @@ from condi_models.configfile import ConfigError, parse_config
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
 from condi_models.nn.classifier import ClassifierConfig
+from condi_models.nn.config import ModelConfig
 from condi_models.nn.context import ContextConfig
 from condi_models.nn.denoiser import DenoiserConfig
-from condi_models.nn.model import CondIModel, ModelConfig
+from condi_models.nn.model import CondIModel
 from condi_models.privacy import (
     BudgetExhausted,
     LedgerError,
@@ -36,7 +37,7 @@ from tests.helpers import toy_dataset
 
 CPU = torch.device("cpu")
 N = 40
-TRAIN = LocalTrainingConfig(epochs_a=1, epochs_b=1, batch_size=10, window=None)
+TRAIN = LocalTrainingConfig(epochs_a=1, epochs_b=1, batch_size=10, window=None, min_local_steps=0)
 STEPS_PER_ROUND = 2 * math.ceil(N / 10)
 
 
@@ -403,7 +404,7 @@ def test_simulation_with_dp_spends_per_silo_and_declines_past_the_budget(tmp_pat
             "context": {"stem_dim": 8, "expert_hidden": 16, "out_dim": 8},
             "classifier": {"hidden": 16, "n_blocks": 1, "n_heads": 2, "head_hidden": 16},
         },
-        "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 8, "window": None},
+        "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 8, "window": None, "min_local_steps": 0},
         "evaluation": {"n_samples": 1, "steps": 2},
         "privacy": {"target_epsilon": 4.0, "planned_rounds": 1},
     }

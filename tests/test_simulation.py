@@ -12,7 +12,7 @@ import torch
 
 from condi_models.checkpoint import CheckpointError, load_checkpoint
 from condi_models.configfile import ConfigError, parse_config
-from condi_models.simulation import ExperimentConfig, run_simulation
+from condi_models.simulation import ExperimentConfig, load_experiment, run_simulation
 from tests.helpers import REPO
 
 TINY = {
@@ -30,7 +30,7 @@ TINY = {
         "context": {"stem_dim": 8, "expert_hidden": 16, "out_dim": 8},
         "classifier": {"hidden": 16, "n_blocks": 1, "n_heads": 2, "head_hidden": 32},
     },
-    "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100},
+    "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100, "min_local_steps": 0},
     "evaluation": {"n_samples": 2, "steps": 3},
 }
 
@@ -130,3 +130,31 @@ def test_shipped_tiny_example_prints_final_json_last(tmp_path):
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(final) >= {"accuracy", "macro_f1", "imputation_mae"}
     assert json.loads((tmp_path / "final_metrics.json").read_text()) == final
+
+
+def test_every_shipped_simulation_config_validates():
+    names = sorted(p.name for p in (REPO / "examples").glob("sim-*.yaml"))
+    assert "sim-ptbxl.yaml" in names
+    for name in names:
+        cfg = load_experiment(REPO / "examples" / name)
+        assert cfg.federation.rounds >= 1
+    ptbxl = load_experiment(REPO / "examples" / "sim-ptbxl.yaml")
+    # The shared sample, the paper's federation and its headline missingness, whole leads dropped.
+    assert ptbxl.data.source == "ptbxl" and (ptbxl.federation.silos, ptbxl.federation.silos_per_round) == (6, 3)
+    assert ptbxl.missingness.ps == ptbxl.missingness.pw == 0.8 and ptbxl.missingness.p_drop > 0
+
+
+def test_the_exported_model_is_the_best_on_validation(tmp_path):
+    res = run_simulation(
+        _cfg(federation={"silos": 3, "silos_per_round": 2, "rounds": 3, "eval_every": 1}), run_dir=tmp_path
+    )
+    aurocs = [r["val"]["macro_auroc"] for r in res.rounds]
+    assert res.final["selected_round"] == 1 + int(np.argmax(aurocs))
+    assert res.test_probs.shape[0] == len(res.test_labels) and np.allclose(res.test_probs.sum(1), 1.0, atol=1e-4)
+    last = run_simulation(
+        _cfg(federation={"silos": 3, "silos_per_round": 2, "rounds": 3, "eval_every": 1, "model_selection": "last"}),
+        run_dir=tmp_path / "last",
+    )
+    assert last.final["selected_round"] == 3
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in res.rounds]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in last.rounds] == strip

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from condi_models.evaluation import EvalOptions
-from condi_models.nn.model import ModelConfig
+from condi_models.nn.config import ModelConfig
 from condi_models.training import LocalTrainingConfig
 from federation import wire
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
@@ -197,7 +197,10 @@ def test_run_and_round_settings_round_trip_and_refuse_bad_documents() -> None:
     plan = RoundSettings(eval_seed=3, eval_splits=("val", "test"))
     assert RoundSettings.from_json(plan.to_json()) == plan
     assert RoundSettings.from_json("") == RoundSettings()
-    for bad in ('{"eval_splits": ["train"]}', '{"train_seed": -1}', '{"colour": 1}', "[1]"):
+    scaled = RoundSettings(train_seed=5, lr_scale=0.25)
+    assert RoundSettings.from_json(scaled.to_json()) == scaled
+    for bad in ('{"eval_splits": ["train"]}', '{"train_seed": -1}', '{"colour": 1}', "[1]", '{"lr_scale": 0}',
+                '{"lr_scale": 2.0}', '{"lr_scale": true}'):
         with pytest.raises(SettingsError):
             RoundSettings.from_json(bad)
     assert dataclasses.replace(plan, train_seed=1) != plan

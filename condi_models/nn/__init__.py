@@ -1,22 +1,12 @@
 """CondI neural networks as plain torch modules: embeddings, context encoder, denoiser, diffusion, classifier."""
 
 from condi_models.nn.classifier import ClassifierConfig
+from condi_models.nn.config import VARIANTS, ModelConfig, Variant, VariantSpec
 from condi_models.nn.context import ContextConfig
 from condi_models.nn.denoiser import DenoiserConfig
 from condi_models.nn.diffusion import DiffusionConfig, make_training_mask
-from condi_models.nn.model import (
-    VARIANTS,
-    CondIModel,
-    Imputation,
-    ModelConfig,
-    ParameterGroups,
-    PhaseADraw,
-    Prediction,
-    SamplingOptions,
-    Variant,
-    VariantSpec,
-    resolve_device,
-)
+from condi_models.nn.model import CondIModel, ParameterRoles, PhaseADraw, resolve_device
+from condi_models.nn.sampling import Imputation, Prediction, SamplingOptions
 
 __all__ = [
     "VARIANTS",
@@ -27,7 +17,7 @@ __all__ = [
     "DiffusionConfig",
     "Imputation",
     "ModelConfig",
-    "ParameterGroups",
+    "ParameterRoles",
     "PhaseADraw",
     "Prediction",
     "SamplingOptions",

@@ -1,15 +1,16 @@
-"""The CondI model: configuration, variants, the Phase A / Phase B entry points and parameter exchange.
+"""The CondI model: the Phase A / Phase B entry points and parameter exchange.
 
 One ``CondIModel`` holds everything a silo trains: the shared embeddings W_mod and W_cond, the
 observed-context encoder and denoiser of Phase A, and the classifier of Phase B. Baselines and
-ablations are the same class with parts switched off by ``Variant``, so they run through the
-same training and federation code.
+ablations are the same class with parts switched off by ``Variant`` (``condi_models.nn.config``),
+so they run through the same training and federation code.
 
-Parameter exchange is by plain ``{name: tensor}`` dicts (never pickle). Groups for aggregation:
-``theta`` is every network weight except the shared embeddings, and the moments of the Gaussian
-prior under the imputer (fitted by EM, not by an optimizer; ``condi_models.nn.prior``);
-``w_mod`` and ``w_cond`` are those embeddings. Modality-specific parts are tagged so a federation
-can average them only over the silos that hold the modality:
+Parameter exchange is by plain ``{name: tensor}`` dicts (never pickle). ``ParameterRoles`` names
+the parameters by role. For aggregation, ``theta`` is every network weight except the shared
+embeddings, and the moments of the Gaussian prior under the imputer (fitted by EM, not by an
+optimizer; ``condi_models.nn.prior``); ``w_mod`` and ``w_cond`` are those embeddings.
+Modality-specific parts are tagged so a federation can average them only over the silos that
+hold the modality:
 
 - whole tensors owned by one modality: the per-modality stems of the context encoder and of the
   instance encoder (a silo without the modality feeds them only zeros);
@@ -23,24 +24,19 @@ can average them only over the silos that hold the modality:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import enum
 import logging
-import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from condi_models.data.dataset import DatasetInfo
-from condi_models.nn.classifier import Classifier, ClassifierConfig
-from condi_models.nn.context import ContextConfig, ObservedContextEncoder
-from condi_models.nn.denoiser import Denoiser, DenoiserConfig
+from condi_models.nn.classifier import Classifier
+from condi_models.nn.config import ModelConfig, VariantSpec
+from condi_models.nn.context import ObservedContextEncoder
+from condi_models.nn.denoiser import Denoiser
 from condi_models.nn.diffusion import (
-    DiffusionConfig,
     NoiseSchedule,
     antithetic_noise,
     ddim_sample,
@@ -59,220 +55,9 @@ from condi_models.nn.embeddings import (
     n_patches,
 )
 from condi_models.nn.prior import GaussianPrior, PriorEstimate
+from condi_models.nn.sampling import Imputation, Prediction, SamplingOptions
 
 logger = logging.getLogger(__name__)
-
-
-class Variant(enum.StrEnum):
-    """CondI and the baselines / ablations that share its code."""
-
-    CONDI = "condi"
-    NO_IMPUTATION = "no_imputation"
-    NO_WCOND = "no_wcond"
-    NO_IMPUTATION_NO_WCOND = "no_imputation_no_wcond"
-    FEDAVG_ZERO_FILL = "fedavg_zero_fill"
-    PEPSY = "pepsy"
-    CSDI_UNIMODAL = "csdi_unimodal"
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """Which parts a variant has.
-
-    ``diffusion``: a Phase A imputer exists; ``diffusion_wcond`` / ``diffusion_context``: it is
-    conditioned on c_cond (W_cond) / on c_O (MoE encoder); ``impute_for_classification``:
-    inference classifies the imputed sample; ``fuse_mod`` / ``fuse_cond``: W_mod[m] /
-    omega_cond(b, m) join omega_ins(b, m) in the fusion; ``missing_pool``: PEPSY-style fill;
-    ``diffusion_prior``: the imputer diffuses the residual around the cross-channel Gaussian
-    prior (``condi_models.nn.prior``), when the config enables it.
-    """
-
-    diffusion: bool
-    diffusion_wcond: bool
-    diffusion_context: bool
-    impute_for_classification: bool
-    fuse_mod: bool
-    fuse_cond: bool
-    missing_pool: bool
-    diffusion_prior: bool = True
-
-    @property
-    def uses_wcond(self) -> bool:
-        return self.diffusion_wcond or self.fuse_cond
-
-    @property
-    def fusion_parts(self) -> int:
-        return 1 + int(self.fuse_mod) + int(self.fuse_cond)
-
-
-# no_imputation_no_wcond has no diffusion: with neither imputation nor W_cond, nothing Phase A
-# learns reaches the classifier, so training it would only cost time.
-VARIANTS: dict[Variant, VariantSpec] = {
-    Variant.CONDI: VariantSpec(True, True, True, True, True, True, False),
-    Variant.NO_IMPUTATION: VariantSpec(True, True, True, False, True, True, False),
-    Variant.NO_WCOND: VariantSpec(True, False, True, True, True, False, False),
-    Variant.NO_IMPUTATION_NO_WCOND: VariantSpec(False, False, False, False, True, False, False),
-    Variant.FEDAVG_ZERO_FILL: VariantSpec(False, False, False, False, False, False, False),
-    Variant.PEPSY: VariantSpec(False, False, False, False, True, False, True),
-    # The CSDI-style baseline has no cross-modal conditioning, so no cross-channel prior either.
-    Variant.CSDI_UNIMODAL: VariantSpec(True, False, False, True, False, False, False, diffusion_prior=False),
-}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to build a CondIModel; ``channel_modality[f]`` is channel f's modality."""
-
-    channel_modality: tuple[int, ...]
-    n_classes: int
-    length: int
-    variant: Variant = Variant.CONDI
-    embed_dim: int = 32
-    cond_dim: int = 32
-    modality_names: tuple[str, ...] = ()
-    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
-    context: ContextConfig = field(default_factory=ContextConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    gaussian_prior: bool = True
-    prior_lags: int = 0
-
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "variant", Variant(self.variant))
-        except ValueError:
-            raise ValueError(
-                f"variant must be one of {[v.value for v in Variant]}, got {self.variant!r}"
-            ) from None
-        object.__setattr__(self, "channel_modality", tuple(int(m) for m in self.channel_modality))
-        object.__setattr__(self, "modality_names", tuple(self.modality_names))
-        if not self.channel_modality:
-            raise ValueError("channel_modality must name the modality of at least one channel")
-        m = max(self.channel_modality) + 1
-        missing = sorted(set(range(m)) - set(self.channel_modality))
-        if min(self.channel_modality) < 0 or missing:
-            raise ValueError(
-                f"channel_modality must use modality indices 0..M-1 with every modality present; "
-                f"got {self.channel_modality} (modalities without channels: {missing})"
-            )
-        if self.modality_names and len(self.modality_names) != m:
-            raise ValueError(f"modality_names has {len(self.modality_names)} names for {m} modalities")
-        if self.n_classes < 2:
-            raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
-        for name in ("length", "embed_dim", "cond_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.prior_lags < 0:
-            raise ValueError(f"prior_lags must be >= 0, got {self.prior_lags}")
-
-    @property
-    def n_features(self) -> int:
-        return len(self.channel_modality)
-
-    @property
-    def n_modalities(self) -> int:
-        return max(self.channel_modality) + 1
-
-    @property
-    def spec(self) -> VariantSpec:
-        return VARIANTS[self.variant]
-
-    @classmethod
-    def for_dataset(
-        cls,
-        info: DatasetInfo,
-        variant: Variant | str = Variant.CONDI,
-        tokens_per_channel: int = 25,
-        **overrides: Any,
-    ) -> ModelConfig:
-        """Defaults for a dataset: patch sizes chosen so each channel becomes ~``tokens_per_channel`` tokens.
-
-        PTB-XL (L = 250) gets patches of 10; Sleep-EDF (L = 3000) patches of 120; MIMIC (L = 48)
-        patches of 2. Keyword ``overrides`` replace any top-level field (e.g. ``denoiser=...``).
-        """
-        patch = max(1, math.ceil(info.length / tokens_per_channel))
-        base = cls(
-            channel_modality=tuple(int(m) for m in info.channel_modality),
-            n_classes=len(info.classes),
-            length=info.length,
-            variant=Variant(variant),
-            modality_names=tuple(m.name for m in info.modalities),
-            denoiser=DenoiserConfig(patch_size=patch),
-            classifier=ClassifierConfig(patch_size=patch),
-        )
-        return dataclasses.replace(base, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (lists, numbers, strings) for checkpoints and the wire."""
-        out = dataclasses.asdict(self)
-        out["variant"] = self.variant.value
-        out["channel_modality"] = list(self.channel_modality)
-        out["modality_names"] = list(self.modality_names)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        """Inverse of ``to_dict``; an unknown or missing key is an error that names it."""
-        nested = {"denoiser": DenoiserConfig, "context": ContextConfig,
-                  "classifier": ClassifierConfig, "diffusion": DiffusionConfig}
-        kwargs = _checked_fields(cls, data, "model config")
-        if isinstance(kwargs.get("classifier"), Mapping):
-            # A config written before per-part fusion norms fused under one LayerNorm.
-            kwargs["classifier"] = {"fusion_norm": "joint", **kwargs["classifier"]}
-        for key, sub in nested.items():
-            if key in kwargs:
-                kwargs[key] = sub(**_checked_fields(sub, kwargs[key], f"model config '{key}'"))
-        # A config written before the prior existed describes a model without one, and one
-        # written before the prior looked at neighbouring instants, a prior over one instant.
-        kwargs.setdefault("gaussian_prior", False)
-        kwargs.setdefault("prior_lags", 0)
-        kwargs["channel_modality"] = tuple(kwargs["channel_modality"])
-        kwargs["modality_names"] = tuple(kwargs.get("modality_names", ()))
-        return cls(**kwargs)
-
-
-def _checked_fields(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
-    required = [
-        n for n, f in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in data
-    ]
-    if required:
-        raise ValueError(f"{where}: missing required key(s) {required}")
-    return dict(data)
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How to impute: sampler, its steps, number of samples and reported quantiles.
-
-    ``antithetic`` draws the samples in antithetic pairs, plus the centre path for an odd count
-    (see ``antithetic_noise``); False draws them independently.
-    """
-
-    n_samples: int = 10
-    method: str = "ddim"
-    steps: int = 10
-    quantiles: tuple[float, ...] = (0.05, 0.95)
-    chunk_size: int | None = None
-    eta: float = 0.0
-    clip_x0: float | None = 10.0
-    antithetic: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in ("ddim", "ddpm"):
-            raise ValueError(f"sampling method must be 'ddim' or 'ddpm', got {self.method!r}")
-        if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
-        if self.clip_x0 is not None and not self.clip_x0 > 0:
-            raise ValueError(f"clip_x0 must be positive or None, got {self.clip_x0}")
 
 
 @dataclass
@@ -284,32 +69,8 @@ class PhaseADraw:
     noise: torch.Tensor
 
 
-@dataclass
-class Imputation:
-    """Result of ``impute``; observed entries hold the input values exactly everywhere.
-
-    ``x_hat`` = R*x + (1-R)*median (``median`` is the same tensor: at an observed entry the
-    distribution is a point mass at the observed value); ``quantiles[q]`` is the q-quantile over samples at each entry
-    (levels in ``quantile_levels``); ``samples`` (n, B, F, L) only when asked for.
-    """
-
-    x_hat: torch.Tensor
-    median: torch.Tensor
-    quantile_levels: tuple[float, ...]
-    quantiles: torch.Tensor
-    samples: torch.Tensor | None = None
-
-
-@dataclass
-class Prediction:
-    """Class logits, with the imputation they were computed from (None if the variant does not impute)."""
-
-    logits: torch.Tensor
-    imputation: Imputation | None
-
-
 @dataclass(frozen=True)
-class ParameterGroups:
+class ParameterRoles:
     """Names of parameters by role; see the module docstring for the modality ownership rules."""
 
     theta: tuple[str, ...]
@@ -514,27 +275,17 @@ class CondIModel(nn.Module):
         self,
         x: torch.Tensor,
         observed: torch.Tensor,
-        n_samples: int = 10,
-        steps: int = 10,
-        method: str = "ddim",
-        quantiles: Sequence[float] = (0.05, 0.95),
+        opts: SamplingOptions | None = None,
+        *,
         generator: torch.Generator | None = None,
         return_samples: bool = False,
-        chunk_size: int | None = None,
-        eta: float = 0.0,
-        clip_x0: float | None = 10.0,
-        antithetic: bool = True,
     ) -> Imputation:
-        """Draw ``n_samples`` imputations of the unobserved entries; median point estimate and quantiles.
+        """Draw ``opts.n_samples`` imputations of the unobserved entries; median point estimate and quantiles.
 
-        ``method='ddim'`` uses ``steps`` of the T steps (deterministic given the start noise when
-        eta = 0); ``'ddpm'`` runs all T ancestral steps and ignores ``steps``. Samples are drawn
-        ``chunk_size`` copies of the batch at a time (all at once by default; an even number when
-        ``antithetic``, so that pairs stay together). ``clip_x0`` bounds the sampler's
-        intermediate clean-value estimates (standardized units; None: no bound). ``antithetic``:
-        see ``SamplingOptions``.
+        ``opts`` (default ``SamplingOptions()``) chooses the sampler, its steps, the chunking and
+        the reported quantiles. ``return_samples`` keeps the draws on the result.
         """
-        opts = SamplingOptions(n_samples, method, steps, tuple(quantiles), chunk_size, eta, clip_x0, antithetic)
+        opts = opts or SamplingOptions()
         denoiser = self._require_diffusion()
         self._check(x, observed)
         b, f, length = x.shape
@@ -631,17 +382,14 @@ class CondIModel(nn.Module):
         with self._evaluating():
             if not self.spec.impute_for_classification:
                 return Prediction(logits=self.classify(x, observed), imputation=None)
-            opts = sampling or SamplingOptions()
-            imp = self.impute(
-                x, observed, **dataclasses.asdict(opts), generator=generator, return_samples=return_samples
-            )
+            imp = self.impute(x, observed, sampling, generator=generator, return_samples=return_samples)
             full = torch.ones_like(observed)
             logits = self.classify(imp.x_hat, full, availability=self.availability(observed))
             return Prediction(logits=logits, imputation=imp)
 
     # ---- parameters and exchange ------------------------------------------------------------
 
-    def parameter_groups(self) -> ParameterGroups:
+    def parameter_groups(self) -> ParameterRoles:
         """Parameter names by role (aggregation groups, phases, modality ownership)."""
         names = [n for n, _ in self.named_parameters()]
         w_mod = tuple(n for n in names if n.startswith("w_mod."))
@@ -662,7 +410,7 @@ class CondIModel(nn.Module):
             modality_rows[n] = tuple(range(m))
         for n in w_cond:
             modality_rows[n] = tuple(i for i in range(m) for _ in range(m))
-        return ParameterGroups(
+        return ParameterRoles(
             theta=theta,
             w_mod=w_mod,
             w_cond=w_cond,

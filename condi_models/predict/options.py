@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from condi_models.nn.model import SamplingOptions
+from condi_models.nn.sampling import SamplingOptions
 
 HIDE_PATTERNS = ("points", "blocks", "drop")
 
