@@ -1,12 +1,15 @@
-"""Cross-validated comparison of the methods that matter, on the shared PTB-XL sample (issue 12).
+"""Cross-validated comparison of the methods that matter, on the shared PTB-XL sample or the
+MIMIC-IV demo (issue 12).
 
 Run from the repository root:
-    .venv/bin/python benchmarks/cv_grid.py [--ptbxl ../shared/data/ptbxl] [--seeds 0,1]
-        [--splits 0,1,2,3] [--methods central,condi,fedavg_zero_fill,pepsy] [--cells 0.8,0.2]
-        [--rounds 30] [--restart]
+    .venv/bin/python benchmarks/cv_grid.py [--dataset ptbxl|mimic] [--ptbxl ../shared/data/ptbxl]
+        [--mimic ../shared/data/mimic-iv-demo] [--seeds 0,1] [--splits 0,1,2,3]
+        [--methods central,condi,fedavg_zero_fill,pepsy] [--cells 0.8,0.2] [--rounds 30] [--restart]
 
-Four cross-validation splits over ``strat_fold``: test folds {1,2}, {3,4}, {5,6}, {7,8}, each with
-the next pair as validation ({3,4}, {5,6}, {7,8}, {1,2}) and the other four folds for training.
+Four cross-validation splits over eight folds: PTB-XL's ``strat_fold``, or for the MIMIC-IV demo
+(IHM-48; it has no folds) eight patient folds made once with a fixed seed. Test folds {1,2},
+{3,4}, {5,6}, {7,8}, each with the next pair as validation ({3,4}, {5,6}, {7,8}, {1,2}) and the
+other four folds for training.
 Every run is one ``run_simulation`` (the code ``condi sim`` runs) with the library's training
 defaults: 6 silos, 3 per round, Dirichlet(0.5) label skew, the ``small`` model, record-level
 evaluation (the mean class probabilities of a record's four 250-step windows), and the round
@@ -17,7 +20,7 @@ Methods: ``central`` (one silo holding all training records, complete data: the 
 modality drops (``--p-drop``, default 0.5: an affected lead is dropped whole with that
 probability, else loses pw of its time steps as scattered points).
 
-Results go to benchmarks/results/cv_ptbxl.json after every run (a rerun with the same settings
+Results go to benchmarks/results/cv_<dataset>.json after every run (a rerun with the same settings
 resumes: only missing runs are computed). The summary gives, per method and cell, the mean and
 standard deviation over the runs of record-level accuracy, macro AUROC, macro-F1 and per-class
 recall, and a paired bootstrap 95 % CI of each method's difference to CondI in accuracy and
@@ -53,8 +56,15 @@ def log(msg: str) -> None:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run's result depends on; a stored grid is resumed only when these match."""
+    if args.dataset == "ptbxl":
+        data: dict[str, Any] = {"source": "ptbxl", "path": str(Path(args.ptbxl).resolve())}
+        split: dict[str, Any] = {"scheme": "folds"}
+    else:
+        data = {"source": "mimic", "path": str(Path(args.mimic).resolve()), "task": "ihm48"}
+        split = {"scheme": "patient_folds", "n_folds": 8, "fold_seed": 0}
     return {
-        "data": {"source": "ptbxl", "path": str(Path(args.ptbxl).resolve())},
+        "data": data,
+        "split": split,
         "rounds": args.rounds,
         "eval_every": args.eval_every,
         "p_drop": args.p_drop,
@@ -75,7 +85,7 @@ def experiment(s: dict[str, Any], method: str, cell: float, split: int, seed: in
         "seed": seed,
         "device": device,
         "data": s["data"],
-        "split": {"scheme": "folds", "train_folds": train, "val_folds": list(val), "test_folds": list(test)},
+        "split": {**s["split"], "train_folds": train, "val_folds": list(val), "test_folds": list(test)},
         "missingness": None if central else {
             "ps": cell, "pw": cell, "p_drop": s["p_drop"], "pattern": s["pattern"], "seed": seed,
         },
@@ -107,6 +117,7 @@ def run_one(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         "window_macro_auroc": test.get("window_macro_auroc"),
         "selected_round": result.final["selected_round"],
         "val_auroc_curve": [(r["round"], r["val"]["macro_auroc"]) for r in result.rounds if "val" in r],
+        "classes": list(test["recall"]),
         "labels": result.test_labels.tolist(),
         "probs": np.round(result.test_probs, 5).tolist(),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -196,7 +207,8 @@ def summarize(runs: dict[str, Any], cells: list[float], classes: tuple[str, ...]
 
 
 def table(summary: dict[str, Any]) -> str:
-    header = ["method", "ps = pw", "runs", "accuracy %", "macro AUROC", "macro-F1", "recall NORM/MI/STTC/CD/HYP",
+    classes = "/".join(next(iter(summary.values()))["recall"]) if summary else ""
+    header = ["method", "ps = pw", "runs", "accuracy %", "macro AUROC", "macro-F1", f"recall {classes}",
               "CondI - this, accuracy (95 % CI)", "CondI - this, AUROC x 100 (95 % CI)"]
     rows = []
     for key, e in summary.items():
@@ -219,7 +231,9 @@ def table(summary: dict[str, Any]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["ptbxl", "mimic"], default="ptbxl")
     p.add_argument("--ptbxl", default="../shared/data/ptbxl")
+    p.add_argument("--mimic", default="../shared/data/mimic-iv-demo")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--splits", default="0,1,2,3", help="which of the four CV splits to run")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -231,14 +245,15 @@ def main() -> int:
     p.add_argument("--eval-steps", type=int, default=10)
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(RESULTS / "cv_ptbxl.json"))
-    p.add_argument("--runs-dir", default="runs/cv_ptbxl")
+    p.add_argument("--out", help="results JSON (default benchmarks/results/cv_<dataset>.json)")
+    p.add_argument("--runs-dir", help="simulation run directories (default runs/cv_<dataset>)")
     p.add_argument("--restart", action="store_true", help="discard stored runs")
     args = p.parse_args()
     args.training = {}
     device = resolve_device(args.device)
     s = settings(args)
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / f"cv_{args.dataset}.json")
+    runs_dir = Path(args.runs_dir or f"runs/cv_{args.dataset}")
     stored = {} if args.restart else read_json(out)
     if stored and stored.get("settings") != s:
         raise SystemExit(f"{out} holds runs with other settings ({stored.get('settings')}); pass --restart")
@@ -265,14 +280,14 @@ def main() -> int:
             continue
         cfg = experiment(s, method, cell, split, seed, args.device)
         log(f"[{i}/{len(todo)}] {key}")
-        runs[key] = run_one(cfg, Path(args.runs_dir) / cfg.name)
+        runs[key] = run_one(cfg, runs_dir / cfg.name)
         r = runs[key]
         log(f"  accuracy {r['accuracy']:.3f}, macro AUROC {fmt(r['macro_auroc'])}, round {r['selected_round']}, "
             f"{r['seconds']:.0f} s")
         results["machine"] = machine(device)
         write_json(out, results)
-    classes = ("NORM", "MI", "STTC", "CD", "HYP")
-    results["summary"] = summarize(runs, cells, classes)
+    classes = next(iter(runs.values()))["classes"] if runs else []
+    results["summary"] = summarize(runs, cells, tuple(classes))
     write_json(out, results)
     print(table(results["summary"]))
     return 0

@@ -35,7 +35,7 @@ from condi_models.configfile import StrictModel, load_config
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
-from condi_models.data.partition import Split, partition_silos, split_by_folds, split_by_patient
+from condi_models.data.partition import Split, partition_silos, patient_folds, split_by_folds, split_by_patient
 from condi_models.data.sources import DataSource, load_source
 from condi_models.evaluation import EvalOptions, EvalResult, evaluate
 from condi_models.nn.config import ModelConfig, Variant
@@ -51,11 +51,17 @@ log = logging.getLogger(__name__)
 class SplitSpec(StrictModel):
     """How samples are split into train / validation / test, whole patients at a time."""
 
-    scheme: Literal["patient", "folds"] = "patient"
+    scheme: Literal["patient", "folds", "patient_folds"] = Field(
+        default="patient",
+        description="patient: shuffled patients cut by fractions; folds: the source's own folds (PTB-XL "
+        "strat_fold); patient_folds: n_folds patient folds made with fold_seed, for cross-validation",
+    )
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     train_folds: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
     val_folds: list[int] = Field(default_factory=lambda: [7])
     test_folds: list[int] = Field(default_factory=lambda: [8])
+    n_folds: int = Field(default=8, ge=2)
+    fold_seed: int = 0
 
     def apply(self, dataset: ClinicalDataset, seed: int) -> Split:
         """Split ``dataset`` as this section says (patient shuffles use ``seed``)."""
@@ -63,6 +69,9 @@ class SplitSpec(StrictModel):
             if dataset.folds is None:
                 raise ValueError(f"split.scheme: 'folds' needs a source with folds; {dataset.info.name} has none")
             return split_by_folds(dataset.folds, self.train_folds, self.val_folds, self.test_folds)
+        if self.scheme == "patient_folds":
+            folds = patient_folds(dataset.patient_ids, self.n_folds, self.fold_seed)
+            return split_by_folds(folds, self.train_folds, self.val_folds, self.test_folds)
         return split_by_patient(dataset.patient_ids, self.fractions, seed)
 
 

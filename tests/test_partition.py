@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from condi_models.data.normalize import ChannelNormalizer
-from condi_models.data.partition import partition_silos, split_by_folds, split_by_patient
+from condi_models.data.partition import partition_silos, patient_folds, split_by_folds, split_by_patient
 from tests.helpers import toy_dataset
 
 
@@ -99,3 +99,17 @@ def test_pooled_statistics_equal_those_of_the_union():
     assert np.allclose(pooled.mean, whole.mean, atol=1e-4)
     assert np.allclose(pooled.std, whole.std, atol=1e-4)
     assert np.array_equal(pooled.count, whole.count)
+
+
+def test_patient_folds_keep_patients_whole_and_ignore_the_run_seed():
+    pids = [f"p{i // 3}" for i in range(60)] + ["solo"]  # 20 patients of 3 records and one of 1
+    folds = patient_folds(pids, 8, seed=0)
+    assert set(folds.tolist()) == set(range(1, 9))
+    for p in set(pids):
+        assert len({int(f) for f, q in zip(folds, pids) if q == p}) == 1
+    per_fold = [len({q for f, q in zip(folds, pids) if f == k}) for k in range(1, 9)]
+    assert max(per_fold) - min(per_fold) <= 1
+    assert np.array_equal(folds, patient_folds(pids, 8, seed=0))
+    assert not np.array_equal(folds, patient_folds(pids, 8, seed=1))
+    with pytest.raises(ValueError, match="n_folds"):
+        patient_folds(pids, 40, seed=0)

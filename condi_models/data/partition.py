@@ -52,6 +52,21 @@ def split_by_patient(patient_ids: Sequence[str], fractions: tuple[float, float, 
     return Split(*idx)
 
 
+def patient_folds(patient_ids: Sequence[str], n_folds: int, seed: int) -> np.ndarray:
+    """A fold number 1..``n_folds`` per sample, whole patients at a time, for sources without folds.
+
+    Patients are shuffled with ``seed`` and dealt round-robin, so fold sizes differ by at most one
+    patient; the same ``seed`` gives the same folds whatever the run's seed, as cross-validation needs.
+    """
+    order, members = _patient_groups(patient_ids)
+    if not 2 <= n_folds <= len(order):
+        raise ValueError(f"n_folds must be between 2 and the {len(order)} patients, got {n_folds}")
+    folds = np.zeros(len(patient_ids), dtype=np.int64)
+    for rank, p in enumerate(np.random.default_rng(seed).permutation(len(order))):
+        folds[members[order[p]]] = rank % n_folds + 1
+    return folds
+
+
 def split_by_folds(folds: np.ndarray, train: Sequence[int], val: Sequence[int], test: Sequence[int]) -> Split:
     """Split by a source-defined fold number (PTB-XL's strat_fold is patient-disjoint by design)."""
     sets = [set(train), set(val), set(test)]
