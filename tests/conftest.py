@@ -38,3 +38,14 @@ def mimic_root() -> Path:
 def sleep_edf_root() -> Path:
     """The shared Sleep-EDF cassette hypnograms (no PSG signal files)."""
     return _shared("sleep-edf")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train as fast on one thread, and much faster when other work shares the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

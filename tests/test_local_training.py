@@ -37,12 +37,7 @@ from tests.helpers import toy_dataset
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_model(variant: Variant = Variant.FEDAVG_ZERO_FILL, length: int = 20, fusion: str = "per_part") -> CondIModel:

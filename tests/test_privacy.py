@@ -41,13 +41,7 @@ TRAIN = LocalTrainingConfig(epochs_a=1, epochs_b=1, batch_size=10, window=None, 
 STEPS_PER_ROUND = 2 * math.ceil(N / 10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and much faster when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
