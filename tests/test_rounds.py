@@ -89,6 +89,26 @@ def test_first_gather_waits_for_every_allowed_silo_then_selects_with_the_seed() 
     assert _members(again, 0.0) == selected
 
 
+def test_training_tasks_carry_the_rounds_learning_rate_factor() -> None:
+    m = _machine(_plan(lr_scales=(1.0, 0.5)))
+    _join_all(m)
+    m.tick(0.0)
+    selected = _members(m, 0.0)
+    assert m.task_for(selected[0], 0.0).settings.lr_scale == 1.0
+    for s in selected:
+        _upload(m, s)
+    m.tick(1.0)
+    m.aggregated(SHA1, 2.0)
+    m.tick(2.0)
+    for s in SILOS:
+        m.accept_metrics(s, m.task_for(s, 3.0).key, "m" + s, {"s": s})
+    m.tick(3.0)
+    m.next_round(4.0)
+    m.tick(4.0)
+    assert m.round == 1 and m.task_for(_members(m, 4.0)[0], 4.0).settings.lr_scale == 0.5
+    assert _plan().lr_scale(7) == 1.0  # no schedule: the full rate
+
+
 def test_selection_rng_resumes_from_the_checkpointed_state() -> None:
     plan = _plan(rounds=5, silos_per_round=2, min_silos=1)
     straight = _machine(plan)
