@@ -13,6 +13,7 @@ import pytest
 import torch
 import wfdb
 
+from condi_models.batches import record_window_starts
 from condi_models.checkpoint import save_checkpoint
 from condi_models.data.dataset import DatasetInfo
 from condi_models.data.mimic import load_mimic
@@ -36,7 +37,7 @@ from condi_models.predict import (
     predict_records,
 )
 from condi_models.predict.inputs import decimate_with_gaps
-from condi_models.predict.pipeline import stitch_bounds, window_starts
+from condi_models.predict.pipeline import stitch_bounds
 
 torch.set_num_threads(1)
 
@@ -205,14 +206,14 @@ def test_nan_samples_are_imputed_and_long_records_stitched(ecg_checkpoint: Path,
 
 
 def test_window_plan_covers_every_step_once() -> None:
-    assert window_starts(1000, 250).tolist() == [0, 250, 500, 750]
-    starts = window_starts(1100, 250)
+    assert record_window_starts(1000, 250).tolist() == [0, 250, 500, 750]
+    starts = record_window_starts(1100, 250)
     bounds = stitch_bounds(starts, 250, 1100)
     assert bounds == [(0, 250), (250, 500), (500, 750), (750, 925), (925, 1100)]
     for (lo, hi), start in zip(bounds, starts):
         assert start <= lo < hi <= start + 250
-    with pytest.raises(ValueError, match="fewer than the model's input length"):
-        window_starts(200, 250)
+    with pytest.raises(ValueError, match="longer than the records"):
+        record_window_starts(200, 250)
 
 
 def test_decimation_marks_steps_near_gaps_missing() -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from condi_models.batches import record_window_starts
 from condi_models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo
 from condi_models.data.missingness import MissingnessSpec, simulate_missingness
@@ -80,16 +81,6 @@ def hide_entries(record: LoadedRecord, info: DatasetInfo, hide: HideSpec, seed: 
     removed = observed & ~simulate_missingness(dataset, spec).data.observed
     removed[:, ~selected, :] = False
     return observed & ~removed
-
-
-def window_starts(total: int, window: int) -> np.ndarray:
-    """Starts of consecutive windows of ``window`` steps over ``total``; the last one ends at ``total``."""
-    if window > total:
-        raise ValueError(f"{total} steps are fewer than the model's input length of {window}")
-    starts = list(range(0, total - window + 1, window))
-    if starts[-1] + window < total:
-        starts.append(total - window)
-    return np.asarray(starts, dtype=np.int64)
 
 
 def stitch_bounds(starts: np.ndarray, window: int, total: int) -> list[tuple[int, int]]:
@@ -156,7 +147,7 @@ def _run_model(
 ) -> _ModelOutput:
     s, total = z.shape[0], z.shape[2]
     window = model.cfg.length
-    starts = window_starts(total, window)
+    starts = record_window_starts(total, window)
     bounds = stitch_bounds(starts, window, total)
     plan = [(seg, int(a), b) for seg in range(s) for a, b in zip(starts, bounds)]
     imputes = model.spec.impute_for_classification
