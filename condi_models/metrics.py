@@ -104,6 +104,13 @@ def binned_macro_auroc(histograms: np.ndarray) -> float | None:
     return float(np.mean(areas)) if areas else None
 
 
+def recall_from_confusion(confusion: np.ndarray) -> list[float | None]:
+    """Per-class recall of a confusion matrix (rows true, columns predicted); None for an absent class."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    true, tp = cm.sum(axis=1), np.diag(cm)
+    return [float(t / n) if n > 0 else None for t, n in zip(tp, true, strict=True)]
+
+
 def macro_f1_from_confusion(confusion: np.ndarray) -> float:
     """Macro-F1 of a confusion matrix (rows true, columns predicted), over classes present or predicted."""
     cm = np.asarray(confusion, dtype=np.float64)

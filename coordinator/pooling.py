@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from condi_models.data.normalize import ChannelNormalizer
-from condi_models.metrics import macro_f1_from_confusion
+from condi_models.metrics import macro_f1_from_confusion, recall_from_confusion
 
 
 class ReportError(ValueError):
@@ -79,6 +79,7 @@ def pool_split(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         "loss": float(np.dot(n, [r["loss"] for r in reports]) / total),
         "accuracy": float(np.trace(confusion) / total),
         "macro_f1": macro_f1_from_confusion(confusion),
+        "recall": recall_from_confusion(confusion),
         "confusion_matrix": confusion.tolist(),
     }
     auroc = [

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from condi_models.evaluation import EvalResult
-from condi_models.metrics import SCORE_BINS, binned_macro_auroc, macro_f1_from_confusion
+from condi_models.metrics import SCORE_BINS, binned_macro_auroc, macro_f1_from_confusion, recall_from_confusion
 from federation.secagg.quantize import QuantConfig
 
 METRICS_CLIP = float(2**36)
@@ -140,6 +140,7 @@ def decode_metrics(layout: MetricsLayout, total: np.ndarray, silos: int) -> dict
             "loss": float(v[1] / n),
             "accuracy": float(np.trace(confusion) / n),
             "macro_f1": macro_f1_from_confusion(confusion),
+            "recall": recall_from_confusion(confusion),
             "confusion_matrix": confusion.tolist(),
             "secure_sum": True,
         }

@@ -109,6 +109,7 @@ def test_pooled_accuracy_and_macro_f1_equal_the_metrics_of_the_pooled_data() -> 
     assert pooled["accuracy"] == pytest.approx(whole.accuracy)
     assert pooled["macro_f1"] == pytest.approx(whole.macro_f1)
     assert pooled["confusion_matrix"] == whole.confusion_matrix
+    assert pooled["recall"] == pytest.approx([c.recall for c in whole.per_class])
     assert pooled["imputation_mae"] == pytest.approx(sum(10 * n * 0.1 * n for n in (17, 40, 9)) / 660)
     assert pool_split([]) is None
 

@@ -98,6 +98,7 @@ def test_summed_vectors_pool_like_clear_reports(seed: int) -> None:
         clear = pool_split([split_report(e[split]) for e in evals])
         got = pooled["splits"][split]
         assert got["n"] == clear["n"] and got["confusion_matrix"] == clear["confusion_matrix"]
+        assert got["recall"] == clear["recall"]
         for key in ("accuracy", "macro_f1"):
             assert got[key] == pytest.approx(clear[key], abs=1e-12), key
         # Float sums carry 2^-12 of rounding per silo, divided by the pooled count.
