@@ -192,24 +192,25 @@ def summarize(runs: dict[str, Any], cells: list[float], classes: tuple[str, ...]
             out[f"{method}/{cell:g}"] = entry
     for key, entry in out.items():
         method, cell = key.split("/")
-        condi_key = f"condi/{cell}" if method != "central" else None
-        if method == "condi" or condi_key is None or condi_key not in out:
+        if method == "condi":
             continue
+        # The central run is the ceiling: CondI at the most severe cell is set against it.
+        condi_cell = f"{cells[0]:g}" if method == "central" else cell
         suffixes = {k.split("/", 2)[2] for k in runs if k.startswith(f"{method}/{cell}/")}
-        suffixes &= {k.split("/", 2)[2] for k in runs if k.startswith(f"condi/{cell}/")}
+        suffixes &= {k.split("/", 2)[2] for k in runs if k.startswith(f"condi/{condi_cell}/")}
         pairs = sorted(suffixes)
         if pairs:
             entry["condi_minus_this"] = paired_bootstrap(
-                [runs[f"condi/{cell}/{p}"] for p in pairs], [runs[f"{method}/{cell}/{p}"] for p in pairs], 1000, 0
+                [runs[f"condi/{condi_cell}/{p}"] for p in pairs], [runs[f"{method}/{cell}/{p}"] for p in pairs], 1000, 0
             )
-            entry["condi_minus_this"]["pairs"] = len(pairs)
+            entry["condi_minus_this"].update(pairs=len(pairs), condi_cell=condi_cell)
     return out
 
 
 def table(summary: dict[str, Any]) -> str:
     classes = "/".join(next(iter(summary.values()))["recall"]) if summary else ""
     header = ["method", "ps = pw", "runs", "accuracy %", "macro AUROC", "macro-F1", f"recall {classes}",
-              "CondI - this, accuracy (95 % CI)", "CondI - this, AUROC x 100 (95 % CI)"]
+              "CondI - this, accuracy (95 % CI)", "CondI - this, AUROC x 100 (95 % CI)", "pairs"]
     rows = []
     for key, e in summary.items():
         method, cell = key.split("/")
@@ -225,6 +226,7 @@ def table(summary: dict[str, Any]) -> str:
             "/".join(fmt(v, 2) for v in e["recall"].values()),
             "–" if diff is None else f"[{diff['accuracy_ci'][0]:+.1f}, {diff['accuracy_ci'][1]:+.1f}]",
             "–" if diff is None else f"[{diff['macro_auroc_ci'][0]:+.1f}, {diff['macro_auroc_ci'][1]:+.1f}]",
+            "–" if diff is None else f"{diff['pairs']} (CondI at {diff['condi_cell']})",
         ])
     return markdown_table(header, rows)
 
@@ -248,6 +250,7 @@ def main() -> int:
     p.add_argument("--out", help="results JSON (default benchmarks/results/cv_<dataset>.json)")
     p.add_argument("--runs-dir", help="simulation run directories (default runs/cv_<dataset>)")
     p.add_argument("--restart", action="store_true", help="discard stored runs")
+    p.add_argument("--report-only", action="store_true", help="summarize the stored runs, run nothing")
     args = p.parse_args()
     args.training = {}
     device = resolve_device(args.device)
@@ -276,7 +279,7 @@ def main() -> int:
                         todo.append((method, cell, split, seed))
     for i, (method, cell, split, seed) in enumerate(todo, 1):
         key = run_key(method, cell, split, seed)
-        if key in runs:
+        if key in runs or args.report_only:
             continue
         cfg = experiment(s, method, cell, split, seed, args.device)
         log(f"[{i}/{len(todo)}] {key}")
