@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import ConfigDict
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class ServerOptimizer:
         self.steps = 0
         self._first: dict[str, np.ndarray] = {}
         self._second: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def for_model(cls, cfg: ServerOptimizerConfig, model: nn.Module) -> ServerOptimizer:
+        """An optimizer that moves the parameters gradient steps train (not the EM-fitted prior)."""
+        return cls(cfg, [n for n, p in model.named_parameters() if p.requires_grad])
 
     def step(
         self, global_params: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray]

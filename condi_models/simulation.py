@@ -222,7 +222,7 @@ def run_simulation(
     model = CondIModel(cfg.model.build(dataset.info, window)).to(device)
     groups = aggregation_groups(model)
     global_state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
-    server = ServerOptimizer(fed.server_optimizer, [n for n, p in model.named_parameters() if p.requires_grad])
+    server = ServerOptimizer.for_model(fed.server_optimizer, model)
     best: tuple[float, int, dict[str, np.ndarray]] | None = None
     selection = np.random.default_rng(_sub_seed(cfg.seed, 1))
     log.info(

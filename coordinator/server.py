@@ -246,8 +246,7 @@ class Coordinator:
             update_bytes=plain_update_payload_bytes(shapes, len(names)),
         )
         self._groups = groups
-        trained = [n for n, p in model.named_parameters() if p.requires_grad]
-        self._server_opt = ServerOptimizer(self.cfg.server_optimizer, trained)
+        self._server_opt = ServerOptimizer.for_model(self.cfg.server_optimizer, model)
         if self.plan.secure is not None:
             agg = self.cfg.aggregation
             self._secure_layout = SecureLayout(groups, shapes, agg.clip_bound, agg.weight_unit)
