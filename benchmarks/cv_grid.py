@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import yaml
 from _common import MODEL_SIZES, RESULTS, fmt, machine, markdown_table, read_json, write_json
 
 from condi_models.configfile import parse_config
@@ -231,6 +233,17 @@ def table(summary: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+def training_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as a ``training:`` mapping; values are read as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--training {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ptbxl", "mimic"], default="ptbxl")
@@ -251,8 +264,16 @@ def main() -> int:
     p.add_argument("--runs-dir", help="simulation run directories (default runs/cv_<dataset>)")
     p.add_argument("--restart", action="store_true", help="discard stored runs")
     p.add_argument("--report-only", action="store_true", help="summarize the stored runs, run nothing")
+    p.add_argument(
+        "--training", action="append", default=[], metavar="KEY=VALUE",
+        help="override one training default (repeatable; a YAML value, e.g. weight_decay=0.05); "
+        "the overrides are part of the stored settings, so give such a grid its own --out",
+    )
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = p.parse_args()
-    args.training = {}
+    args.training = training_overrides(args.training)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     s = settings(args)
     out = Path(args.out or RESULTS / f"cv_{args.dataset}.json")

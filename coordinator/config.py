@@ -107,6 +107,11 @@ class FederationConfig(StrictModel):
     max_chunk_bytes: int = Field(
         default=1 << 20, ge=1024, le=1 << 20, description="largest chunk of a state or update, in bytes"
     )
+    max_silo_records: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="most training records one silo may report; larger statistics are refused",
+    )
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)

@@ -1,15 +1,15 @@
-"""Pooling what silos report in aggregate: evaluation scores and normalization statistics.
+"""Pooling what silos report in aggregate: evaluation scores.
 
 Silos never send records. Per split they send counts and scores (samples, mean loss, accuracy,
-the confusion matrix, macro AUROC, imputation error over so many hidden entries); per channel
-the count, mean and standard deviation of their training data. Pooled here:
+the confusion matrix, macro AUROC, imputation error over so many hidden entries). Pooled here:
 
 - accuracy and macro-F1 exactly, from the summed confusion matrices (macro-F1 over the classes
   present or predicted anywhere, as condi_models.metrics defines it);
 - loss and imputation MAE exactly, as count-weighted means; RMSE from the weighted mean square;
 - macro AUROC approximately, as the sample-weighted mean of the silos' values (ranking scores
-  across sites cannot be pooled without the scores themselves);
-- the normalizer exactly, from counts, means and variances (the parallel-variance formula).
+  across sites cannot be pooled without the scores themselves).
+
+The training data's statistics are pooled once, before round 0: federation.statistics.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from condi_models.data.normalize import ChannelNormalizer
 from condi_models.metrics import macro_f1_from_confusion, recall_from_confusion
 
 
@@ -96,35 +95,3 @@ def pool_split(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
             math.sqrt(np.dot(entries, [i["rmse"] ** 2 for i in imputed]) / entries.sum())
         )
     return out
-
-
-def check_normalizer_report(data: Any, n_features: int, where: str) -> dict[str, list[float]]:
-    """Validate a silo's per-channel training statistics (count, mean, std, one entry per channel)."""
-    if not isinstance(data, Mapping):
-        raise ReportError(f"{where}: expected an object with count, mean and std")
-    out = {}
-    for key in ("count", "mean", "std"):
-        values = np.asarray(data.get(key), dtype=np.float64) if isinstance(data.get(key), list) else None
-        if values is None or values.shape != (n_features,) or not np.all(np.isfinite(values)):
-            raise ReportError(f"{where}.{key}: expected {n_features} finite numbers")
-        if key != "mean" and np.any(values < 0):
-            raise ReportError(f"{where}.{key}: negative values")
-        out[key] = values.tolist()
-    return out
-
-
-def pool_normalizers(stats: Sequence[Mapping[str, Sequence[float]]], n_features: int) -> ChannelNormalizer:
-    """The normalizer of all silos' training data together; channels nobody observed get 0 / 1."""
-    if not stats:
-        return ChannelNormalizer(mean=np.zeros(n_features, np.float32), std=np.ones(n_features, np.float32))
-    count = np.array([s["count"] for s in stats], dtype=np.float64)
-    mean = np.array([s["mean"] for s in stats], dtype=np.float64)
-    std = np.array([s["std"] for s in stats], dtype=np.float64)
-    total = count.sum(axis=0)
-    safe = np.maximum(total, 1.0)
-    pooled_mean = (count * mean).sum(axis=0) / safe
-    pooled_var = (count * (std**2 + (mean - pooled_mean) ** 2)).sum(axis=0) / safe
-    pooled_std = np.sqrt(pooled_var)
-    pooled_mean = np.where(total > 0, pooled_mean, 0.0)
-    pooled_std = np.where((total > 1) & (pooled_std > 1e-6), pooled_std, 1.0)
-    return ChannelNormalizer(mean=pooled_mean.astype(np.float32), std=pooled_std.astype(np.float32))

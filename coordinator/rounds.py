@@ -6,6 +6,11 @@ metrics) and ask what a silo's task is; one driver thread calls :meth:`RoundMach
 only place where phases change, and carries out the :class:`Effect` it returns (aggregate,
 checkpoint, report).
 
+Before round 0 a run sums its data statistics once: GATHER -> STATISTICS -> RECORD, in which
+every connected silo sends sums over its training split (federation.statistics), in the clear or,
+with secure aggregation, through a secure attempt of their own; the pooled normalizer and class
+counts then go out with every training and evaluation task of the run.
+
 A round goes GATHER -> TRAIN -> AGGREGATE -> GATHER -> EVALUATE -> RECORD -> next round:
 
 - GATHER waits for connected silos. The first gather of a coordinator process waits for every
@@ -33,6 +38,7 @@ submission for the same task is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,9 +51,13 @@ from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg_wire import secure_round_id
 from federation.secure_metrics import METRICS_QUANT, MetricsLayout
 from federation.settings import RoundSettings, SecureSettings
+from federation.statistics import STATISTICS_QUANT, PooledStatistics, StatisticsLayout
 from federation.transfer import StageKey, stage_name
 
-Pending = Literal["train", "evaluate", "done"]
+Pending = Literal["statistics", "train", "evaluate", "done"]
+PENDING: tuple[Pending, ...] = ("statistics", "train", "evaluate", "done")
+# What a secure attempt sums.
+Purpose = Literal["update", "metrics", "statistics"]
 # Stages whose task downloads the global state.
 _TRAINING_STAGES = (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS, pb.STAGE_EVALUATE)
 
@@ -56,6 +66,7 @@ class Phase(enum.StrEnum):
     """Where the current round is."""
 
     GATHER = "gather"
+    STATISTICS = "statistics"
     TRAIN = "train"
     ADVERTISE = "advertise_keys"
     SHARE = "share_keys"
@@ -85,7 +96,12 @@ _SECURE = {
     Phase.MASKED: pb.STAGE_MASKED_INPUT,
     Phase.UNMASK: pb.STAGE_UNMASK,
 }
-_RUNNING = {Phase.TRAIN: pb.STAGE_TRAIN, Phase.EVALUATE: pb.STAGE_EVALUATE, **_SECURE}
+_RUNNING = {
+    Phase.STATISTICS: pb.STAGE_STATISTICS,
+    Phase.TRAIN: pb.STAGE_TRAIN,
+    Phase.EVALUATE: pb.STAGE_EVALUATE,
+    **_SECURE,
+}
 
 
 @dataclass(frozen=True)
@@ -143,10 +159,12 @@ class RoundProgress:
     rng_state: dict[str, Any]
 
     @classmethod
-    def start(cls, seed: int) -> RoundProgress:
-        """Progress of a run that has not begun: round 0, nothing tried, a fresh selection RNG."""
+    def start(cls, seed: int, *, statistics: bool) -> RoundProgress:
+        """Progress of a run that has not begun: round 0, nothing tried, a fresh selection RNG; the
+        statistics stage first when ``statistics``."""
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 1])))
-        return cls(round=0, attempt=-1, failures=0, pending="train", rng_state=rng.bit_generator.state)
+        pending: Pending = "statistics" if statistics else "train"
+        return cls(round=0, attempt=-1, failures=0, pending=pending, rng_state=rng.bit_generator.state)
 
 
 @dataclass(frozen=True)
@@ -171,6 +189,19 @@ class Evaluated:
     reports: Mapping[str, Any]
     stage_s: float
     # Secure metrics: the unmasked sum of the participants' metrics vectors (reports is then empty).
+    total: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Counted:
+    """STATISTICS ended: pool the sums, checkpoint, then call :meth:`RoundMachine.statistics_recorded`
+    (or :meth:`RoundMachine.statistics_refused` when the sums cannot be used)."""
+
+    attempt: int
+    participants: tuple[str, ...]
+    reports: Mapping[str, Any]
+    stage_s: float
+    # Secure aggregation: the unmasked sum of the participants' statistics vectors (reports is then empty).
     total: np.ndarray | None = None
 
 
@@ -204,7 +235,7 @@ class Finished:
     rounds: int
 
 
-Effect = Aggregate | Evaluated | Persist | Retry | Failed | Finished
+Effect = Counted | Aggregate | Evaluated | Persist | Retry | Failed | Finished
 
 
 @dataclass(frozen=True)
@@ -245,6 +276,17 @@ class _Stage:
     received: dict[str, _Submission] = field(default_factory=dict)
 
 
+def _secure_settings(quant: secagg.QuantConfig, length: int, weight_unit: float, content: str) -> SecureSettings:
+    return SecureSettings(
+        clip_bound=quant.clip_bound,
+        frac_bits=quant.frac_bits,
+        ring_bits=quant.ring_bits,
+        weight_unit=weight_unit,
+        vector_length=length,
+        content=content,
+    )
+
+
 def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
@@ -253,9 +295,17 @@ class RoundMachine:
     """The state of a run's rounds; not thread-safe (callers hold one lock around it)."""
 
     def __init__(
-        self, plan: RoundPlan, run_id: str, progress: RoundProgress, state_sha256: str, now: float
+        self,
+        plan: RoundPlan,
+        run_id: str,
+        progress: RoundProgress,
+        state_sha256: str,
+        now: float,
+        statistics: PooledStatistics | None = None,
     ) -> None:
         self.plan = plan
+        # The pooled statistics every training and evaluation task carries, once summed.
+        self.statistics = statistics
         self.run_id = run_id
         self.state_sha256 = state_sha256
         self.round = progress.round
@@ -278,10 +328,10 @@ class RoundMachine:
         self._claims: dict[str, Any] = {}
         self._train_started = 0.0
         self._selected: tuple[str, ...] = ()
-        # What the running secure attempt sums: a model update, or evaluation metrics; and the
-        # (classes, channels) the metrics vector is laid out for, once the data layout is known.
-        self._purpose: Literal["update", "metrics"] = "update"
-        self.metrics_shape: tuple[int, int] | None = None
+        # What the running secure attempt sums: a model update, evaluation metrics or data statistics;
+        # and the (classes, channels) of the data layout the latter two are laid out for, once known.
+        self._purpose: Purpose = "update"
+        self.data_shape: tuple[int, int] | None = None
         if progress.pending == "done" or self.round >= plan.rounds:
             self.phase = Phase.DONE
             self._next: Pending = "done"
@@ -356,37 +406,28 @@ class RoundMachine:
         return StageKey(run_id=self.run_id, round=self.round, attempt=max(self.attempt, 0), stage=stage)
 
     def _settings(self, silo: str, stage: int) -> RoundSettings:
+        stats = self.statistics
+        if stage == pb.STAGE_ADVERTISE_KEYS and self._purpose == "statistics":
+            return RoundSettings(
+                secagg=_secure_settings(STATISTICS_QUANT, self.statistics_layout().vector_length, 1.0, "statistics")
+            )
+        evaluate = RoundSettings(
+            eval_seed=self._eval_seed(), eval_splits=self.eval_splits(self.round), statistics=stats
+        )
+        if stage == pb.STAGE_ADVERTISE_KEYS and self._purpose == "metrics":
+            length = self.metrics_layout(self.round).vector_length
+            return dataclasses.replace(evaluate, secagg=_secure_settings(METRICS_QUANT, length, 1.0, "metrics"))
+        if stage == pb.STAGE_EVALUATE:
+            return evaluate
         if stage in (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS):
             index = self.plan.allowed.index(silo)
             seed = _derived_seed(self.plan.seed, 2, self.round, self.attempt, index)
+            train = RoundSettings(train_seed=seed, lr_scale=self.plan.lr_scale(self.round), statistics=stats)
             secure = self.plan.secure
-            if stage == pb.STAGE_ADVERTISE_KEYS and self._purpose == "metrics":
-                layout = self.metrics_layout(self.round)
-                quant = METRICS_QUANT
-                encoding = SecureSettings(
-                    clip_bound=quant.clip_bound,
-                    frac_bits=quant.frac_bits,
-                    ring_bits=quant.ring_bits,
-                    weight_unit=1.0,
-                    vector_length=layout.vector_length,
-                    content="metrics",
-                )
-                return RoundSettings(
-                    eval_seed=self._eval_seed(), eval_splits=self.eval_splits(self.round), secagg=encoding
-                )
-            lr_scale = self.plan.lr_scale(self.round)
             if stage == pb.STAGE_TRAIN or secure is None or self.vector_length is None:
-                return RoundSettings(train_seed=seed, lr_scale=lr_scale)
-            encoding = SecureSettings(
-                clip_bound=secure.quant.clip_bound,
-                frac_bits=secure.quant.frac_bits,
-                ring_bits=secure.quant.ring_bits,
-                weight_unit=secure.weight_unit,
-                vector_length=self.vector_length,
-            )
-            return RoundSettings(train_seed=seed, secagg=encoding, lr_scale=lr_scale)
-        if stage == pb.STAGE_EVALUATE:
-            return RoundSettings(eval_seed=self._eval_seed(), eval_splits=self.eval_splits(self.round))
+                return train
+            encoding = _secure_settings(secure.quant, self.vector_length, secure.weight_unit, "update")
+            return dataclasses.replace(train, secagg=encoding)
         return RoundSettings()
 
     def _eval_seed(self) -> int:
@@ -397,12 +438,20 @@ class RoundMachine:
         """Whether evaluation reports are summed securely instead of sent in the clear."""
         return self.plan.secure is not None and self.plan.secure.metrics
 
+    def _data_shape(self) -> tuple[int, int]:
+        if self.data_shape is None:
+            raise RuntimeError("a secure sum of scores or statistics needs the data layout, which no silo has brought")
+        return self.data_shape
+
     def metrics_layout(self, round_index: int) -> MetricsLayout:
         """The metrics vector silos sum in ``round_index`` (secure metrics only)."""
-        if self.metrics_shape is None:
-            raise RuntimeError("the metrics layout needs the data layout, which no silo has brought yet")
-        classes, features = self.metrics_shape
-        return MetricsLayout(classes, features, self.eval_splits(round_index))
+        classes, _ = self._data_shape()
+        return MetricsLayout(classes, self.eval_splits(round_index))
+
+    def statistics_layout(self) -> StatisticsLayout:
+        """The statistics vector silos sum before round 0 (secure aggregation only)."""
+        classes, features = self._data_shape()
+        return StatisticsLayout(n_features=features, n_classes=classes)
 
     def eval_splits(self, round_index: int) -> tuple[str, ...]:
         """The local splits silos evaluate in ``round_index``: validation, and test in the last round."""
@@ -454,7 +503,7 @@ class RoundMachine:
         if self.phase == Phase.AGGREGATE:
             return pb.STAGE_WAIT, f"{r}: aggregating"
         if self.phase == Phase.RECORD:
-            return pb.STAGE_WAIT, f"{r}: recording the evaluation"
+            return pb.STAGE_WAIT, f"{r}: recording the {'statistics' if self._next == 'statistics' else 'evaluation'}"
         assert self._stage is not None
         stage = _RUNNING[self.phase]
         if silo not in self._stage.members:
@@ -564,6 +613,10 @@ class RoundMachine:
         """Record a silo's evaluation report; returns True when it repeats one already accepted."""
         return self._submit(silo, key, pb.STAGE_EVALUATE, digest, metrics)
 
+    def accept_statistics(self, silo: str, key: StageKey, digest: str, statistics: Any) -> bool:
+        """Record a silo's checked statistics report; returns True when it repeats one already accepted."""
+        return self._submit(silo, key, pb.STAGE_STATISTICS, digest, statistics)
+
     # ---- transitions (driver thread only) -------------------------------------------------
 
     def tick(self, now: float) -> list[Effect]:
@@ -574,8 +627,8 @@ class RoundMachine:
             return self._tick_train(now)
         if self.phase in _SECURE:
             return self._tick_secure(now)
-        if self.phase == Phase.EVALUATE:
-            return self._tick_evaluate(now)
+        if self.phase in (Phase.EVALUATE, Phase.STATISTICS):
+            return self._tick_reports(now)
         return []
 
     def _fail_attempt(self, message: str, now: float) -> list[Effect]:
@@ -596,7 +649,12 @@ class RoundMachine:
     def _tick_gather(self, now: float) -> list[Effect]:
         assert self._stage is not None
         alive = self.alive(now)
-        need = self.plan.min_silos if self._next == "train" else 2 if self.secure_metrics else 1
+        if self._next == "train":
+            need = self.plan.min_silos
+        elif self._next == "statistics":
+            need = 2 if self.plan.secure is not None else 1
+        else:
+            need = 2 if self.secure_metrics else 1
         # Silos that left the run are not waited for.
         everyone = len(alive) + len(self.departed()) >= len(self.plan.allowed)
         past_deadline = now >= self._stage.deadline
@@ -611,6 +669,11 @@ class RoundMachine:
                 self.phase = Phase.TRAIN
                 if self.plan.secure is not None:
                     return self._start_secure(members, now, "update")
+            elif self._next == "statistics":
+                self.phase = Phase.STATISTICS
+                self._stage = _Stage(members=alive, started=now, deadline=now + self.plan.evaluate_s)
+                if self.plan.secure is not None:
+                    return self._start_secure(alive, now, "statistics")
             else:
                 self.phase = Phase.EVALUATE
                 self._stage = _Stage(members=alive, started=now, deadline=now + self.plan.evaluate_s)
@@ -618,7 +681,7 @@ class RoundMachine:
                     return self._start_secure(alive, now, "metrics")
             return [Persist(self.progress())]
         if past_deadline:
-            waiting = "training" if self._next == "train" else "evaluation"
+            waiting = {"train": "training", "statistics": "the data statistics"}.get(self._next, "evaluation")
             return self._fail_attempt(
                 f"round {self.round}: only {len(alive)} silos connected ({', '.join(alive) or 'none'}) after "
                 f"{self.plan.gather_s:g} s, {need} needed for {waiting}",
@@ -649,10 +712,9 @@ class RoundMachine:
             now,
         )
 
-    def _start_secure(
-        self, members: tuple[str, ...], now: float, purpose: Literal["update", "metrics"]
-    ) -> list[Effect]:
-        """Begin a secure attempt over ``members``: training and the update sum, or evaluation and the metrics sum."""
+    def _start_secure(self, members: tuple[str, ...], now: float, purpose: Purpose) -> list[Effect]:
+        """Begin a secure attempt over ``members``: training and the update sum, evaluation and the
+        metrics sum, or the statistics sum."""
         secure = self.plan.secure
         assert secure is not None
         self.phase = Phase.ADVERTISE
@@ -662,9 +724,12 @@ class RoundMachine:
         t = secure.threshold_for(len(members))
         if purpose == "update":
             length, quant = self.vector_length, secure.quant
-        else:
-            length = None if self.metrics_shape is None else self.metrics_layout(self.round).vector_length
+        elif purpose == "metrics":
+            length = None if self.data_shape is None else self.metrics_layout(self.round).vector_length
             quant = METRICS_QUANT
+        else:
+            length = None if self.data_shape is None else self.statistics_layout().vector_length
+            quant = STATISTICS_QUANT
         if length is None or len(members) < 2 or t > len(members):
             return [
                 Persist(self.progress()),
@@ -679,7 +744,9 @@ class RoundMachine:
         return [Persist(self.progress())]
 
     def _secure_name(self) -> str:
-        return "secure aggregation" if self._purpose == "update" else "secure evaluation"
+        return {"update": "secure aggregation", "metrics": "secure evaluation"}.get(
+            self._purpose, "the secure sum of statistics"
+        )
 
     def _tick_secure(self, now: float) -> list[Effect]:
         stage, server, secure = self._stage, self._secagg, self.plan.secure
@@ -705,6 +772,10 @@ class RoundMachine:
                     now,
                 )
             self._secagg = None
+            if self._purpose == "statistics":
+                self.phase = Phase.RECORD
+                self._inputs, self._claims = {}, {}
+                return [Counted(self.attempt, result.uploaded, {}, now - self._train_started, result.total)]
             if self._purpose == "metrics":
                 self.phase = Phase.RECORD
                 self._inputs, self._claims = {}, {}
@@ -732,16 +803,36 @@ class RoundMachine:
         self._stage = _Stage(members=tuple(members), started=now, deadline=now + secure.stage_s)
         return []
 
-    def _tick_evaluate(self, now: float) -> list[Effect]:
+    def _tick_reports(self, now: float) -> list[Effect]:
+        """EVALUATE or STATISTICS in the clear: done when every live member reported, or at the deadline."""
         stage = self._stage
         assert stage is not None
         alive = set(self.alive(now))
         missing = [s for s in stage.members if s not in stage.received and s in alive]
         if missing and now < stage.deadline:
             return []
-        self.phase = Phase.RECORD
         reports = {s: sub.value for s, sub in stage.received.items()}
+        if self.phase == Phase.STATISTICS:
+            if not reports:
+                return self._fail_attempt(f"round {self.round} attempt {self.attempt}: no silo sent statistics", now)
+            self.phase = Phase.RECORD
+            return [Counted(self.attempt, tuple(sorted(reports)), reports, now - stage.started)]
+        self.phase = Phase.RECORD
         return [Evaluated(self.round, self.attempt, stage.members, reports, now - stage.started)]
+
+    def statistics_recorded(self, statistics: PooledStatistics, now: float) -> None:
+        """The driver pooled and checkpointed the run's statistics: round 0's training comes next."""
+        if self.phase != Phase.RECORD or self._next != "statistics":
+            raise RuntimeError(f"statistics_recorded() called in phase {self.phase}")
+        self.statistics = statistics
+        self.failures = 0
+        self._gather("train", now)
+
+    def statistics_refused(self, message: str, now: float) -> list[Effect]:
+        """The summed statistics cannot be used (``message`` says why): the attempt failed."""
+        if self.phase != Phase.RECORD or self._next != "statistics":
+            raise RuntimeError(f"statistics_refused() called in phase {self.phase}")
+        return self._fail_attempt(f"round {self.round} attempt {self.attempt}: {message}", now)
 
     def aggregated(self, state_sha256: str, now: float) -> None:
         """The driver averaged the round's updates and checkpointed the new global state."""

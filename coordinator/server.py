@@ -40,10 +40,11 @@ from condi_models.server_optimizer import ServerOptimizer
 from condi_models.training import aggregation_groups, round_lr_scale
 from coordinator.config import FederationConfig, check_federation_files
 from coordinator.layout import build_model_config, layout_mismatch
-from coordinator.pooling import ReportError, check_normalizer_report, check_split_report, pool_normalizers
+from coordinator.pooling import ReportError, check_split_report
 from coordinator.report import SiloUpload, TrainRecord, round_row, train_summary, write_report
 from coordinator.rounds import (
     Aggregate,
+    Counted,
     Evaluated,
     Failed,
     Finished,
@@ -65,6 +66,7 @@ from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
 from federation.secure_metrics import decode_metrics
 from federation.settings import RunSettings
+from federation.statistics import PooledStatistics, StatisticsError, StatisticsLayout, check_statistics_report
 from federation.transfer import (
     PROTOCOL_VERSION,
     StageKey,
@@ -81,8 +83,6 @@ log = logging.getLogger(__name__)
 
 CAPABILITIES = ("plain-aggregation", "secure-aggregation")
 _DRIVER_PERIOD_S = 0.25
-# Key of the pooled normalizer statistics when evaluation metrics are summed securely.
-SECURE_SUM_SILOS = "(secure sum)"
 
 
 def software_version() -> str:
@@ -149,7 +149,9 @@ class Coordinator:
         optimizer_state: dict[str, np.ndarray] = {}
         if loaded is None:
             self.ckpt = CoordinatorCheckpoint(
-                run_id=new_run_id(cfg.name), federation=cfg.name, progress=RoundProgress.start(cfg.seed)
+                run_id=new_run_id(cfg.name),
+                federation=cfg.name,
+                progress=RoundProgress.start(cfg.seed, statistics=True),
             )
             log.info("new run %s of federation %s in %s", self.ckpt.run_id, cfg.name, self.run_dir)
         else:
@@ -180,12 +182,12 @@ class Coordinator:
             except ValueError as exc:
                 raise StoreError(f"{self.store.dir}: {exc}") from exc
         self.machine = RoundMachine(
-            self.plan, self.ckpt.run_id, self.ckpt.progress, self.ckpt.state_sha256, clock()
+            self.plan, self.ckpt.run_id, self.ckpt.progress, self.ckpt.state_sha256, clock(), self.ckpt.statistics
         )
         if self._secure_layout is not None:
             self.machine.vector_length = self._secure_layout.vector_length
         if self.ckpt.layout is not None:
-            self.machine.metrics_shape = (len(self.ckpt.layout.classes), self.ckpt.layout.n_features)
+            self.machine.data_shape = (len(self.ckpt.layout.classes), self.ckpt.layout.n_features)
         self._downloads: dict[tuple[int, int, int], dict[str, int]] = {}
         self._status_text = ""
         self._progress_line = ""
@@ -253,7 +255,7 @@ class Coordinator:
             if hasattr(self, "machine"):
                 self.machine.vector_length = self._secure_layout.vector_length
         if hasattr(self, "machine"):
-            self.machine.metrics_shape = (len(layout.classes), layout.n_features)
+            self.machine.data_shape = (len(layout.classes), layout.n_features)
         sha = self._set_state(state)
         if tensors is not None and sha != self.ckpt.state_sha256:
             raise StoreError(f"{self.store.dir}: the checkpointed state changed when loaded into its model")
@@ -613,22 +615,25 @@ class Coordinator:
         )
 
     def report_metrics(self, silo: str, request: pb.MetricsReport) -> pb.Receipt:
-        """Check and record a silo's evaluation of the current global state."""
+        """Check and record a silo's evaluation of the current global state, or its statistics."""
         key = StageKey.from_proto(request.ref)
+        stage = pb.STAGE_STATISTICS if key.stage == pb.STAGE_STATISTICS else pb.STAGE_EVALUATE
         digest = hashlib.sha256(request.metrics_json.encode("utf-8")).hexdigest()
         with self._cond:
             self.machine.seen(silo, self.clock())
             if self.machine.repeats(silo, key, digest):
                 return pb.Receipt(ref=request.ref, duplicate=True)
-            self.machine.check(silo, key, pb.STAGE_EVALUATE)
+            self.machine.check(silo, key, stage)
         assert self._model is not None
         layout = self._model.settings.layout
         try:
             data = json.loads(request.metrics_json)
         except json.JSONDecodeError as exc:
             raise ReportError(f"metrics_json: not valid JSON ({exc})") from exc
+        if stage == pb.STAGE_STATISTICS:
+            return self._report_statistics(silo, key, digest, data, request.ref)
         if not isinstance(data, dict) or not isinstance(data.get("splits"), dict):
-            raise ReportError("metrics_json: expected an object with 'splits' and 'normalizer'")
+            raise ReportError("metrics_json: expected an object with 'splits'")
         wanted = self.machine.eval_splits(key.round)
         missing = [s for s in wanted if s not in data["splits"]]
         if missing:
@@ -638,9 +643,6 @@ class Coordinator:
                 s: check_split_report(data["splits"][s], len(layout.classes), f"metrics_json.splits.{s}")
                 for s in wanted
             },
-            "normalizer": check_normalizer_report(
-                data.get("normalizer"), layout.n_features, "metrics_json.normalizer"
-            ),
         }
         with self._cond:
             duplicate = self.machine.accept_metrics(silo, key, digest, report)
@@ -656,6 +658,29 @@ class Coordinator:
             val["n"],
         )
         return pb.Receipt(ref=request.ref, duplicate=duplicate)
+
+    def _report_statistics(self, silo: str, key: StageKey, digest: str, data: Any, ref: pb.StageRef) -> pb.Receipt:
+        """Check and record a silo's plain statistics report (sums over its training split)."""
+        if not isinstance(data, dict) or sorted(data) != ["statistics"]:
+            raise ReportError("metrics_json: expected an object with only 'statistics'")
+        try:
+            report = check_statistics_report(
+                data["statistics"], self._statistics_layout(), "metrics_json.statistics",
+                max_records=self.cfg.max_silo_records,
+            )
+        except StatisticsError as exc:
+            raise ReportError(str(exc)) from None
+        with self._cond:
+            duplicate = self.machine.accept_statistics(silo, key, digest, report)
+            self._fault_point(silo, key, duplicate)
+            self._cond.notify_all()
+        log.info("%s statistics from silo %s", "duplicate" if duplicate else "accepted", silo)
+        return pb.Receipt(ref=ref, duplicate=duplicate)
+
+    def _statistics_layout(self) -> StatisticsLayout:
+        assert self._model is not None
+        layout = self._model.settings.layout
+        return StatisticsLayout(n_features=layout.n_features, n_classes=len(layout.classes))
 
     def _fault_point(self, silo: str, key: StageKey, duplicate: bool) -> None:
         """Die, as a crash would, on accepting the first submission of the injected round and stage.
@@ -700,6 +725,58 @@ class Coordinator:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+
+    def _count(self, effect: Counted) -> list[Any]:
+        """Pool the statistics the silos sent before round 0 and fix them for the run."""
+        try:
+            if effect.total is None:
+                pooled = PooledStatistics.pool(list(effect.reports.values()))
+            else:
+                silos = len(effect.participants)
+                # Only the sum exists; it must still be one that silos' real data could give.
+                check_statistics_report(
+                    self._statistics_sums(effect.total), self._statistics_layout(), "the summed statistics",
+                    max_records=silos * self.cfg.max_silo_records,
+                )
+                pooled = PooledStatistics.from_total(self._statistics_layout(), effect.total, silos)
+        except StatisticsError as exc:
+            log.error("the statistics of %s cannot be used: %s", ", ".join(effect.participants), exc)
+            with self._cond:
+                effects = self.machine.statistics_refused(str(exc), self.clock())
+                for e in effects:
+                    if isinstance(e, Persist):
+                        self._checkpoint()
+                    elif isinstance(e, Retry):
+                        log.warning("retrying the data statistics: %s", e.message)
+                self._cond.notify_all()
+            return [e for e in effects if isinstance(e, Failed)]
+        with self._cond:
+            self.ckpt.statistics = pooled
+            self.machine.statistics_recorded(pooled, self.clock())
+            self._checkpoint()
+            self._cond.notify_all()
+        assert self._model is not None
+        per_class = dict(zip(self._model.settings.layout.classes, pooled.class_counts, strict=True))
+        log.info(
+            "data statistics pooled from %d silos (%s): %d training records, per class %s",
+            pooled.silos,
+            "secure sum" if effect.total is not None else ", ".join(effect.participants),
+            sum(pooled.class_counts),
+            per_class,
+            extra={"event": {"event": "statistics_pooled", "silos": pooled.silos, "class_counts": per_class}},
+        )
+        return []
+
+    def _statistics_sums(self, total: np.ndarray) -> dict[str, list[float]]:
+        """The unmasked statistics sum in the form of a plain report, so one check serves both."""
+        f = self._statistics_layout().n_features
+        rounded = np.asarray(total, dtype=np.float64)
+        return {
+            "channel_count": np.rint(rounded[:f]).tolist(),
+            "channel_sum": rounded[f : 2 * f].tolist(),
+            "channel_sq_sum": rounded[2 * f : 3 * f].tolist(),
+            "class_counts": np.rint(rounded[3 * f :]).tolist(),
+        }
 
     def _aggregate(self, effect: Aggregate) -> None:
         assert self._model is not None
@@ -761,14 +838,9 @@ class Coordinator:
                 if effect.total is None
                 else decode_metrics(self.machine.metrics_layout(effect.round), effect.total, len(effect.participants))
             )
-        secure_sum = None if pooled is None else (effect.participants, pooled["splits"])
+        secure_sum = None if pooled is None else (effect.participants, pooled)
         row = round_row(summary, effect.attempt, effect.stage_s, effect.reports, eval_bytes, secure_sum=secure_sum)
         with self._cond:
-            for silo, report in effect.reports.items():
-                self.ckpt.normalizers[silo] = report["normalizer"]
-            if pooled is not None:
-                # Only the pooled statistics of the silos that evaluated exist; they replace any earlier.
-                self.ckpt.normalizers = {SECURE_SUM_SILOS: pooled["normalizer"]}
             self.ckpt.rows.append(row)
             self.ckpt.pending_row = None
             effects = self.machine.next_round(self.clock())
@@ -836,7 +908,9 @@ class Coordinator:
             queue = [e for e in effects if not isinstance(e, Persist | Retry)]
             while queue:
                 effect = queue.pop(0)
-                if isinstance(effect, Aggregate):
+                if isinstance(effect, Counted):
+                    queue.extend(self._count(effect))
+                elif isinstance(effect, Aggregate):
                     self._aggregate(effect)
                 elif isinstance(effect, Evaluated):
                     queue.extend(self._record(effect))
@@ -872,9 +946,8 @@ class Coordinator:
             if self._model is not None:
                 model = self._model.model
                 model.load_named_tensors({k: torch.from_numpy(v) for k, v in self.global_state.items()})
-                normalizer = pool_normalizers(
-                    list(self.ckpt.normalizers.values()), self._model.settings.layout.n_features
-                )
+                if self.ckpt.statistics is not None:
+                    normalizer = self.ckpt.statistics.normalizer
             rows = list(self.ckpt.rows)
             departed = self.machine.departed()
         return write_report(

@@ -8,8 +8,8 @@ Layout under ``<run_dir>/checkpoint``:
 - ``progress.json``: the commit point. It names the state file and its wire-format SHA-256, the
   round progress (round, attempt, failures, what is pending, the selection RNG state), the data
   layout and model config fixed when the first silo joined, every recorded round's metrics row,
-  the training half of the row of a round that still awaits evaluation, and each silo's last
-  normalization statistics.
+  the training half of the row of a round that still awaits evaluation, and the data statistics
+  (normalizer, class counts) pooled before round 0.
 
 Every file is written to a temporary name, fsynced and renamed, and the directory is fsynced, so
 a crash leaves the old commit or the new one. ``<run_dir>/metrics.jsonl`` is rewritten from the
@@ -33,12 +33,14 @@ import numpy as np
 from condi_models.checkpoint import atomic_write_bytes, info_from_dict, info_to_dict
 from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.config import ModelConfig
-from coordinator.rounds import RoundProgress
+from coordinator.rounds import PENDING, RoundProgress
 from federation import wire
+from federation.statistics import PooledStatistics
 
 log = logging.getLogger(__name__)
 
-FORMAT = "condi-coordinator/1"
+# Version 2 keeps the pooled statistics of the run instead of each silo's normalizer.
+FORMAT = "condi-coordinator/2"
 # Entries of a state file that hold the server optimizer's state rather than the model's.
 OPTIMIZER_PREFIX = "server_optimizer/"
 
@@ -60,7 +62,8 @@ class CoordinatorCheckpoint:
     state_sha256: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
     pending_row: dict[str, Any] | None = None
-    normalizers: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # The data statistics pooled before round 0, fixed for the run.
+    statistics: PooledStatistics | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of progress.json."""
@@ -82,7 +85,7 @@ class CoordinatorCheckpoint:
             "state_sha256": self.state_sha256,
             "rows": self.rows,
             "pending_row": self.pending_row,
-            "normalizers": self.normalizers,
+            "statistics": None if self.statistics is None else self.statistics.to_dict(),
         }
 
     @classmethod
@@ -99,7 +102,7 @@ class CoordinatorCheckpoint:
                 pending=p["pending"],
                 rng_state=dict(p["rng_state"]),
             )
-            if progress.pending not in ("train", "evaluate", "done"):
+            if progress.pending not in PENDING:
                 raise ValueError(f"pending {progress.pending!r}")
             return cls(
                 run_id=str(data["run_id"]),
@@ -111,7 +114,9 @@ class CoordinatorCheckpoint:
                 state_sha256=str(data["state_sha256"]),
                 rows=list(data["rows"]),
                 pending_row=data["pending_row"],
-                normalizers=dict(data["normalizers"]),
+                statistics=None
+                if data["statistics"] is None
+                else PooledStatistics.from_dict(data["statistics"], "statistics"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{source}: inconsistent checkpoint ({exc})") from exc

@@ -13,7 +13,8 @@ a model update, and :func:`decode_metrics` turns the unmasked total into the sam
   silos' AUROCs);
 - imputation entries and the sums of absolute and squared errors: MAE and RMSE, exactly.
 
-Then, per channel, the training-data count, sum and sum of squares: the pooled normalizer.
+The training data's statistics are not in it: they are summed once before round 0
+(federation.statistics), since summing them again each round over other silos would expose one.
 
 The ring is 64 bits with 12 fraction bits: counts are whole numbers and stay exact, sums of
 losses and errors keep 2^-12 resolution, and one entry may be at most ``METRICS_CLIP`` in size;
@@ -22,7 +23,7 @@ a silo refuses to send a vector with a larger entry rather than have it clipped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,6 @@ class MetricsLayout:
     """Where each sum sits in the metrics vector of one evaluation stage."""
 
     n_classes: int
-    n_features: int
     splits: tuple[str, ...]
     bins: int = SCORE_BINS
 
@@ -57,18 +57,13 @@ class MetricsLayout:
 
     @property
     def vector_length(self) -> int:
-        """Length of the whole vector: every split, then count, sum and sum of squares per channel."""
-        return len(self.splits) * self.split_length + 3 * self.n_features
+        """Length of the whole vector: every split's sums."""
+        return len(self.splits) * self.split_length
 
 
-def encode_metrics(
-    layout: MetricsLayout, results: Mapping[str, EvalResult], normalizer: Mapping[str, Sequence[float]]
-) -> np.ndarray:
-    """A silo's evaluation as the float64 vector of sums it contributes to the secure sum.
-
-    ``results`` holds one :class:`EvalResult` per split of the layout; ``normalizer`` the silo's
-    per-channel training ``count``, ``mean`` and ``std``.
-    """
+def encode_metrics(layout: MetricsLayout, results: Mapping[str, EvalResult]) -> np.ndarray:
+    """A silo's evaluation as the float64 vector of sums it contributes to the secure sum;
+    ``results`` holds one :class:`EvalResult` per split of the layout."""
     c = layout.n_classes
     parts: list[np.ndarray] = []
     for split in layout.splits:
@@ -94,10 +89,6 @@ def encode_metrics(
             hist[:, 0, :].ravel().astype(np.float64),
             np.array(imputation, dtype=np.float64),
         ]
-    count, mean, std = (np.asarray(normalizer[k], dtype=np.float64) for k in ("count", "mean", "std"))
-    if not count.shape == mean.shape == std.shape == (layout.n_features,):
-        raise MetricsEncodingError(f"metrics vector: normalizer statistics must have {layout.n_features} channels")
-    parts += [count, count * mean, count * (std**2 + mean**2)]
     vector = np.concatenate(parts)
     if not np.all(np.isfinite(vector)):
         raise MetricsEncodingError("metrics vector: NaN or infinite sums; refusing to send them")
@@ -113,8 +104,8 @@ def encode_metrics(
 def decode_metrics(layout: MetricsLayout, total: np.ndarray, silos: int) -> dict[str, Any]:
     """Pooled scores from the unmasked sum of ``silos`` metrics vectors.
 
-    Returns ``{"splits": {name: pooled}, "normalizer": {"count", "mean", "std"}}``, the pooled
-    split in the form of :func:`coordinator.pooling.pool_split` plus ``"secure_sum": True``.
+    Returns ``{name: pooled}`` per split, each in the form of :func:`coordinator.pooling.pool_split`
+    plus ``"secure_sum": True``.
     """
     total = np.asarray(total, dtype=np.float64)
     if total.shape != (layout.vector_length,):
@@ -151,11 +142,4 @@ def decode_metrics(layout: MetricsLayout, total: np.ndarray, silos: int) -> dict
             pooled["imputation_mae"] = float(abs_sum / entries)
             pooled["imputation_rmse"] = float(np.sqrt(max(sq_sum, 0.0) / entries))
         splits[split] = pooled
-    f = layout.n_features
-    base = len(layout.splits) * layout.split_length
-    count, total_sum, total_sq = (total[base + k * f : base + (k + 1) * f] for k in range(3))
-    safe = np.maximum(count, 1.0)
-    mean = np.where(count > 0, total_sum / safe, 0.0)
-    var = np.maximum(total_sq / safe - mean**2, 0.0)
-    normalizer = {"count": count.tolist(), "mean": mean.tolist(), "std": np.sqrt(var).tolist()}
-    return {"splits": splits, "normalizer": normalizer}
+    return splits

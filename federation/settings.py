@@ -17,8 +17,11 @@ from condi_models.data.dataset import DatasetInfo
 from condi_models.evaluation import EvalOptions
 from condi_models.nn.config import ModelConfig
 from condi_models.training import LocalTrainingConfig
+from federation.statistics import PooledStatistics, StatisticsError
 
 EVAL_SPLITS = ("val", "test")
+# What a secure sum may carry.
+SECURE_CONTENTS = ("update", "metrics", "statistics")
 
 
 class SettingsError(ValueError):
@@ -78,8 +81,9 @@ class SecureSettings:
     """How a silo encodes its vector for the secure sum.
 
     ``content`` says what is summed: ``"update"``, the weighted update of
-    condi_models.aggregation.SecureLayout, or ``"metrics"``, the evaluation sums of
-    federation.secure_metrics.MetricsLayout.
+    condi_models.aggregation.SecureLayout, ``"metrics"``, the evaluation sums of
+    federation.secure_metrics.MetricsLayout, or ``"statistics"``, the training-data sums of
+    federation.statistics.StatisticsLayout.
     """
 
     clip_bound: float
@@ -101,8 +105,8 @@ class SecureSettings:
         for key in ("clip_bound", "weight_unit"):
             if not isinstance(data[key], int | float) or isinstance(data[key], bool) or not data[key] > 0:
                 raise SettingsError(f"round settings: secagg.{key} must be a positive number")
-        if data["content"] not in ("update", "metrics"):
-            raise SettingsError("round settings: secagg.content must be 'update' or 'metrics'")
+        if data["content"] not in SECURE_CONTENTS:
+            raise SettingsError(f"round settings: secagg.content must be one of {list(SECURE_CONTENTS)}")
         return cls(
             clip_bound=float(data["clip_bound"]),
             frac_bits=data["frac_bits"],
@@ -123,6 +127,8 @@ class RoundSettings:
     secagg: SecureSettings | None = None
     # The round's learning-rate factor (condi_models.training.round_lr_scale), for training tasks.
     lr_scale: float = 1.0
+    # The federation's pooled normalizer and class counts, once summed before round 0.
+    statistics: PooledStatistics | None = None
 
     def to_json(self) -> str:
         """The JSON document of Task.round_config_json."""
@@ -134,6 +140,8 @@ class RoundSettings:
         }
         if self.secagg is not None:
             doc["secagg"] = asdict(self.secagg)
+        if self.statistics is not None:
+            doc["statistics"] = self.statistics.to_dict()
         return json.dumps(doc)
 
     @classmethod
@@ -142,7 +150,7 @@ class RoundSettings:
         if not text:
             return cls()
         data = _object(text, "round settings")
-        unknown = sorted(set(data) - {"train_seed", "eval_seed", "eval_splits", "secagg", "lr_scale"})
+        unknown = sorted(set(data) - {"train_seed", "eval_seed", "eval_splits", "secagg", "lr_scale", "statistics"})
         if unknown:
             raise SettingsError(f"round settings: unknown keys {unknown}")
         splits = data.get("eval_splits", [])
@@ -158,4 +166,12 @@ class RoundSettings:
         if not isinstance(lr_scale, int | float) or isinstance(lr_scale, bool) or not 0.0 < lr_scale <= 1.0:
             raise SettingsError("round settings: lr_scale must be a number in (0, 1]")
         secure = SecureSettings.from_dict(data["secagg"]) if data.get("secagg") is not None else None
-        return cls(eval_splits=tuple(splits), secagg=secure, lr_scale=float(lr_scale), **seeds)
+        statistics = None
+        if data.get("statistics") is not None:
+            try:
+                statistics = PooledStatistics.from_dict(data["statistics"], "round settings: statistics")
+            except StatisticsError as exc:
+                raise SettingsError(str(exc)) from None
+        return cls(
+            eval_splits=tuple(splits), secagg=secure, lr_scale=float(lr_scale), statistics=statistics, **seeds
+        )

@@ -65,6 +65,7 @@ from federation.faults import SILO_EXIT_AT, exit_hard, parse_exit_at
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secure_metrics import METRICS_QUANT, MetricsEncodingError, MetricsLayout, encode_metrics
 from federation.settings import RoundSettings, RunSettings, SettingsError
+from federation.statistics import STATISTICS_QUANT, PooledStatistics, StatisticsError, StatisticsLayout
 from federation.transfer import (
     PROTOCOL_VERSION,
     NonFiniteUpdateError,
@@ -207,6 +208,8 @@ class SiloAgent:
         self._refused: set[StageKey] = set()
         self._secure: _SecureRound | None = None
         self.privacy: SiloPrivacy | None = None
+        # The federation's pooled statistics the data is scaled with, once a task brought them.
+        self.statistics: PooledStatistics | None = None
         tls_cfg = cfg.tls
         passphrase = pki.read_passphrase(tls_cfg.passphrase_file, tls_cfg.passphrase_env)
         self._signing_key = pki.load_private_key(tls_cfg.key, passphrase)
@@ -366,7 +369,7 @@ class SiloAgent:
             if key.stage == pb.STAGE_DONE:
                 log.info("the run is over: %s", task.message)
                 return 0
-            workable = key.stage in (pb.STAGE_TRAIN, pb.STAGE_EVALUATE, *_SECURE_STAGES)
+            workable = key.stage in (pb.STAGE_STATISTICS, pb.STAGE_TRAIN, pb.STAGE_EVALUATE, *_SECURE_STAGES)
             if workable and not self.state.is_done(key) and key not in self._refused:
                 self._work(task, key)
             elif key == last and time.monotonic() - asked < 0.05:
@@ -377,7 +380,9 @@ class SiloAgent:
         assert self.client is not None
         try:
             with Heartbeats(self.client, key, self.poll_interval_s) as beats:
-                if key.stage == pb.STAGE_TRAIN:
+                if key.stage == pb.STAGE_STATISTICS:
+                    self._report_statistics(key)
+                elif key.stage == pb.STAGE_TRAIN:
                     self._train(task, key, beats)
                 elif key.stage == pb.STAGE_EVALUATE:
                     self._evaluate(task, key, beats)
@@ -397,7 +402,7 @@ class SiloAgent:
                 "%s refused by the coordinator (%s: %s)", key.describe(), exc.code().name, exc.details()
             )
             self._refused.add(key)
-        except (SettingsError, wire.WireError, secagg.ProtocolError, secagg.MessageError) as exc:
+        except (SettingsError, StatisticsError, wire.WireError, secagg.ProtocolError, secagg.MessageError) as exc:
             log.error("%s cannot be carried out: %s", key.describe(), exc)
             self._refused.add(key)
 
@@ -425,6 +430,7 @@ class SiloAgent:
         plan = RoundSettings.from_json(task.round_config_json)
         if plan.train_seed is None:
             raise SettingsError(f"round settings: a {stage_name(key.stage)} task needs train_seed")
+        self._adopt_statistics(plan)
         beats.update("downloading the global state", 0.0)
         download_s, received = self._load_global_state(task, key)
         named = self.model.state_to_named_tensors()
@@ -438,6 +444,7 @@ class SiloAgent:
             progress=beats.training,
             privacy=self.privacy,
             lr_scale=plan.lr_scale,
+            class_counts=None if self.statistics is None else np.asarray(self.statistics.class_counts),
         )
         claims = {
             "phase_a_loss": _finite_or_none(result.phase_a_loss),
@@ -521,6 +528,8 @@ class SiloAgent:
             plan = RoundSettings.from_json(task.round_config_json)
             if plan.secagg is not None and plan.secagg.content == "metrics":
                 advert = self._start_secure_metrics(task, key, plan, beats)
+            elif plan.secagg is not None and plan.secagg.content == "statistics":
+                advert = self._start_secure_statistics(task, key, plan)
             else:
                 advert = self._start_secure(task, key, beats)
             request = pb.AdvertiseKeysRequest(ref=ref, signed_keys=advert.to_bytes())
@@ -620,6 +629,49 @@ class SiloAgent:
         self._secure = _SecureRound(key, round_id, client, vector, task.state_sha256, claims)
         return client.advertise()
 
+    def _statistics_layout(self) -> StatisticsLayout:
+        assert self.settings is not None
+        return StatisticsLayout(n_features=self.settings.layout.n_features, n_classes=len(self.settings.layout.classes))
+
+    def _report_statistics(self, key: StageKey) -> None:
+        """Send the sums over the local training split in the clear (plain aggregation)."""
+        assert self.client is not None and self.data is not None
+        metrics = {"statistics": self.data.statistics().to_dict()}
+        receipt = self.client.report_metrics(pb.MetricsReport(ref=key.to_proto(), metrics_json=json.dumps(metrics)))
+        self.state.mark_done(key)
+        log.info("%s: statistics %s", key.describe(), "already accepted" if receipt.duplicate else "accepted")
+
+    def _start_secure_statistics(self, task: pb.Task, key: StageKey, plan: RoundSettings) -> secagg.KeyAdvert:
+        """Write the sums over the local training split as a vector and make this attempt's protocol client."""
+        assert self.data is not None and plan.secagg is not None
+        enc = plan.secagg
+        layout = self._statistics_layout()
+        quant = secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits)
+        if enc.vector_length != layout.vector_length or quant != STATISTICS_QUANT:
+            raise SettingsError(
+                f"round settings: a statistics sum of {enc.vector_length} entries in {quant}; this silo lays "
+                f"its sums out as {layout.vector_length} entries in {STATISTICS_QUANT}"
+            )
+        vector = self.data.statistics().to_vector(layout)
+        log.info("%s: the sums over the training split go into a secure sum", key.describe())
+        return self._begin_secure(task, key, quant, vector, {}, 0)
+
+    def _adopt_statistics(self, plan: RoundSettings) -> None:
+        """Scale the data with the federation's pooled normalizer the first time a task brings it."""
+        assert self.data is not None and self.settings is not None
+        stats = plan.statistics
+        if stats is None or stats == self.statistics:
+            return
+        layout = self.settings.layout
+        stats.check_layout(layout.n_features, len(layout.classes), "round settings: statistics")
+        self.data = self.data.scaled_with(stats.normalizer)
+        self.statistics = stats
+        log.info(
+            "scaling this silo's data with the federation's normalizer (%d silos, %d training records)",
+            stats.silos,
+            sum(stats.class_counts),
+        )
+
     def _start_secure_metrics(
         self, task: pb.Task, key: StageKey, plan: RoundSettings, beats: Heartbeats
     ) -> secagg.KeyAdvert:
@@ -627,7 +679,7 @@ class SiloAgent:
         assert self.run_id is not None and self.data and self.settings is not None
         enc = plan.secagg
         assert enc is not None
-        layout = MetricsLayout(len(self.settings.layout.classes), self.settings.layout.n_features, plan.eval_splits)
+        layout = MetricsLayout(len(self.settings.layout.classes), plan.eval_splits)
         quant = secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits)
         if enc.vector_length != layout.vector_length or quant != METRICS_QUANT:
             raise SettingsError(
@@ -636,7 +688,7 @@ class SiloAgent:
             )
         results = self._evaluate_splits(task, key, plan, beats)
         try:
-            vector = encode_metrics(layout, results, self.data.normalizer_report())
+            vector = encode_metrics(layout, results)
         except MetricsEncodingError as exc:
             raise secagg.ProtocolError(f"refusing to send the metrics of {key.describe()}: {exc}") from exc
         log.info("%s: evaluated %s; the scores go into a secure sum", key.describe(), ", ".join(plan.eval_splits))
@@ -649,6 +701,7 @@ class SiloAgent:
         assert self.model is not None and self.settings is not None and self.data
         if plan.eval_seed is None or not plan.eval_splits:
             raise SettingsError(f"round settings: evaluation in {key.describe()} needs eval_seed and eval_splits")
+        self._adopt_statistics(plan)
         beats.update("downloading the global state", 0.0)
         self._load_global_state(task, key)
         results = {}
@@ -668,7 +721,7 @@ class SiloAgent:
         assert self.client is not None and self.data
         plan = RoundSettings.from_json(task.round_config_json)
         splits = {name: split_report(r) for name, r in self._evaluate_splits(task, key, plan, beats).items()}
-        metrics = {"splits": splits, "normalizer": self.data.normalizer_report()}
+        metrics = {"splits": splits}
         receipt = self.client.report_metrics(
             pb.MetricsReport(ref=key.to_proto(), metrics_json=json.dumps(metrics))
         )

@@ -2,25 +2,29 @@
 
 The same preparation as the in-process simulation, done at the site: load the source, keep this
 site's partition when site.yaml names one (a patient-disjoint share of a dataset several test
-silos load), split whole patients into train / validation / test, standardize with statistics of
-the local training data only, then hide data as ``simulated_missingness`` says. What leaves the
-site is aggregate: the layout, counts, and per-channel statistics.
+silos load), split whole patients into train / validation / test, hide data as
+``simulated_missingness`` says, and standardize with the statistics of what stays visible of the
+local training split. Once the federation has pooled every silo's statistics
+(federation.statistics), the splits are standardized again with the pooled normalizer
+(:meth:`LocalData.scaled_with`), so every silo scales its inputs alike. What leaves the site is
+aggregate: the layout, counts, and per-channel sums.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from condi_models.batches import PreparedSplit, fit_visible, prepare_split
-from condi_models.data.dataset import DatasetInfo
+from condi_models.data.dataset import ClinicalDataset, DatasetInfo
+from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
 from condi_models.data.partition import partition_silos
 from condi_models.data.sources import load_source
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.statistics import SiloStatistics
 from federation.transfer import data_summary
 from silo_agent.config import SiteConfig
 
@@ -39,8 +43,11 @@ class LocalData:
     train: PreparedSplit
     val: PreparedSplit
     test: PreparedSplit
-    normalizer: ChannelNormalizer
-    channel_counts: np.ndarray  # visible training entries per channel behind the normalizer, shape (F,)
+    # The fit to the visible entries of the local training split (with per-channel counts).
+    fitted: ChannelNormalizer
+    # The unscaled splits (train, val, test) and the simulated hiding, to standardize them again.
+    sources: tuple[ClinicalDataset, ClinicalDataset, ClinicalDataset]
+    missingness: MissingnessSpec | None
 
     def summary(self) -> pb.DataSummary:
         """The Join data summary: layout and counts, no record."""
@@ -48,13 +55,14 @@ class LocalData:
             self.info, num_samples=len(self.train), observed_samples=self.train.modality_counts().tolist()
         )
 
-    def normalizer_report(self) -> dict[str, list[float]]:
-        """Per channel: count, mean and std of the training entries (pooled by the coordinator)."""
-        return {
-            "count": self.channel_counts.astype(np.float64).tolist(),
-            "mean": self.normalizer.mean.astype(np.float64).tolist(),
-            "std": self.normalizer.std.astype(np.float64).tolist(),
-        }
+    def statistics(self) -> SiloStatistics:
+        """The sums over the training split that the federation pools before round 0."""
+        return SiloStatistics.of(self.fitted, self.train.y, len(self.info.classes))
+
+    def scaled_with(self, normalizer: ChannelNormalizer) -> LocalData:
+        """The same data standardized with ``normalizer`` (the federation's pooled one)."""
+        train, val, test = (prepare_split(d, normalizer, self.missingness) for d in self.sources)
+        return dataclasses.replace(self, train=train, val=val, test=test)
 
     def split(self, name: str) -> PreparedSplit:
         """The prepared split called ``name`` (train, val or test)."""
@@ -85,14 +93,10 @@ def load_local_data(cfg: SiteConfig, source: str | Path) -> LocalData:
                 f"{where}: split: the local {name} split is empty ({len(dataset)} records); "
                 "add data or change split.fractions"
             )
-    train = dataset.subset(split.train)
+    sources = (dataset.subset(split.train), dataset.subset(split.val), dataset.subset(split.test))
     spec = cfg.simulated_missingness
-    normalizer = fit_visible(train, spec)
+    fitted = fit_visible(sources[0], spec)
+    train, val, test = (prepare_split(d, fitted, spec) for d in sources)
     return LocalData(
-        info=dataset.info,
-        train=prepare_split(train, normalizer, spec),
-        val=prepare_split(dataset.subset(split.val), normalizer, spec),
-        test=prepare_split(dataset.subset(split.test), normalizer, spec),
-        normalizer=normalizer,
-        channel_counts=np.asarray(normalizer.count, dtype=np.int64),
+        info=dataset.info, train=train, val=val, test=test, fitted=fitted, sources=sources, missingness=spec
     )

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo, Modality
 from federation import pki
-from federation.secagg import ca_cert_verifier
+from federation import secagg_wire as sw
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.secagg import SecAggClient, ca_cert_verifier, decode_message
+from federation.transfer import StageKey
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,3 +59,49 @@ def secagg_identities(folder: Path, n: int):
     keys = {sid: pki.load_private_key(p.key) for sid, p in dev.silos.items()}
     certs = {sid: p.cert.read_bytes() for sid, p in dev.silos.items()}
     return verify, keys, certs
+
+
+_SECURE_STAGES = (pb.STAGE_ADVERTISE_KEYS, pb.STAGE_SHARE_KEYS, pb.STAGE_MASKED_INPUT, pb.STAGE_UNMASK)
+
+
+def drive_secure_attempt(
+    machine: Any,
+    vector_for: Callable[[str], np.ndarray],
+    identities: tuple[Any, dict, dict],
+    *,
+    dropped: str | None = None,
+    start: float = 0.0,
+) -> list[Any]:
+    """Carry a coordinator RoundMachine's running secure attempt to its end with real protocol
+    clients, every silo stage by stage through the wire conversions; ``dropped`` vanishes before
+    its masked input. Returns the effects of the tick that left the secure stages."""
+    verify, keys, certs = identities
+    clients: dict[str, SecAggClient] = {}
+    deliveries = {}
+    now = start
+    effects: list[Any] = []
+    while machine.phase.value in ("advertise_keys", "share_keys", "masked_input", "unmask"):
+        for sid in machine.plan.allowed:
+            view = machine.task_for(sid, now)
+            late = sid == dropped and view.key.stage in (pb.STAGE_MASKED_INPUT, pb.STAGE_UNMASK)
+            if view.key.stage not in _SECURE_STAGES or late:
+                continue
+            rid = view.round_id
+            if view.key.stage == pb.STAGE_ADVERTISE_KEYS:
+                clients[sid] = SecAggClient(machine.secure_config, sid, keys[sid], certs[sid], verify, rounding_seed=3)
+                msg = sw.decode_advert(clients[sid].advertise().to_bytes(), sid)
+            elif view.key.stage == pb.STAGE_SHARE_KEYS:
+                roster = sw.roster_from_proto(rid, sw.roster_to_proto(view.stage_input))
+                msg = sw.share_keys_from_proto(rid, sid, sw.share_keys_to_proto(clients[sid].share_keys(roster)))
+            elif view.key.stage == pb.STAGE_MASKED_INPUT:
+                deliveries[sid] = sw.delivery_from_proto(rid, sid, sw.delivery_to_proto(view.stage_input))
+                msg = decode_message(clients[sid].masked_input(deliveries[sid], vector_for(sid)).to_bytes())
+            else:
+                survivors = sw.unmask_request_to_proto(view.stage_input)
+                request = sw.unmask_request_from_proto(rid, survivors, deliveries[sid])
+                msg = sw.unmask_response_from_proto(rid, sid, sw.unmask_response_to_proto(clients[sid].unmask(request)))
+            key = StageKey.from_proto(view.key.to_proto())
+            machine.accept_secure(sid, key, hashlib.sha256(msg.to_bytes()).hexdigest(), msg)
+        now += 11.0
+        effects = machine.tick(now)
+    return effects

@@ -27,7 +27,7 @@ from coordinator.server import CoordinatorServer
 from federation import pki, tls, wire
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
-from federation.settings import RunSettings
+from federation.settings import RoundSettings, RunSettings
 from federation.transfer import (
     GROUP_WEIGHTS,
     chunk_to_proto,
@@ -140,14 +140,39 @@ def train(material: pki.DevPki, tmp_path_factory: pytest.TempPathFactory) -> Ite
     assert first.accepted, first.reason
     settings = RunSettings.from_json(first.model_config_json)
     assert stubs["silo-2"].Join(_join_request(), timeout=TIMEOUT).accepted
-    tasks = {}
-    for silo, stub in stubs.items():
-        task = stub.GetTask(pb.TaskRequest(wait_ms=0), timeout=TIMEOUT)
-        while task.ref.stage != pb.STAGE_TRAIN:
-            task = stub.GetTask(pb.TaskRequest(ref=task.ref, wait_ms=2000), timeout=TIMEOUT)
-        tasks[silo] = task
+    tasks = _first_training_tasks(stubs)
     yield Train(running, stubs, tasks, settings, CondIModel(settings.model))
     running.stop()
+
+
+def _statistics(records: int = 8, *, classes: int = 3, features: int = 3) -> dict:
+    """A plausible statistics report: ``records`` records, all of class 0, 40 entries per channel."""
+    counts = [0] * classes
+    counts[0] = records
+    n = 40.0 * records
+    return {
+        "channel_count": [n] * features,
+        "channel_sum": [0.5 * n] * features,
+        "channel_sq_sum": [1.25 * n] * features,
+        "class_counts": counts,
+    }
+
+
+def _task(stub: pb_grpc.FederationStub, stage: int) -> pb.Task:
+    """Poll until the silo's task is ``stage``."""
+    task = stub.GetTask(pb.TaskRequest(wait_ms=0), timeout=TIMEOUT)
+    while task.ref.stage != stage:
+        task = stub.GetTask(pb.TaskRequest(ref=task.ref, wait_ms=2000), timeout=TIMEOUT)
+    return task
+
+
+def _first_training_tasks(stubs: dict[str, pb_grpc.FederationStub]) -> dict[str, pb.Task]:
+    """Every silo sends its statistics, then polls until its task is round 0's TRAIN."""
+    for stub in stubs.values():
+        task = _task(stub, pb.STAGE_STATISTICS)
+        report = pb.MetricsReport(ref=task.ref, metrics_json=json.dumps({"statistics": _statistics()}))
+        stub.ReportMetrics(report, timeout=TIMEOUT)
+    return {silo: _task(stub, pb.STAGE_TRAIN) for silo, stub in stubs.items()}
 
 
 def _code(err: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
@@ -185,6 +210,63 @@ def _upload(
     return t.stubs[silo].UploadUpdate(
         update_parts(pb.UpdateHeader(**fields), encoded, 65536), timeout=TIMEOUT
     )
+
+
+def test_statistics_are_checked_pooled_once_and_sent_with_every_task(material: pki.DevPki, tmp_path: Path) -> None:
+    running = _start(tmp_path, material, ["silo-1", "silo-2"], max_silo_records=100)
+    try:
+        stubs = {s: running.stub(s) for s in ("silo-1", "silo-2")}
+        for stub in stubs.values():
+            assert stub.Join(_join_request(), timeout=TIMEOUT).accepted
+        task = _task(stubs["silo-1"], pb.STAGE_STATISTICS)
+
+        def report(doc: object, stub: pb_grpc.FederationStub = stubs["silo-1"], ref: pb.StageRef = task.ref):
+            return stub.ReportMetrics(pb.MetricsReport(ref=ref, metrics_json=json.dumps(doc)), timeout=TIMEOUT)
+
+        good = _statistics(6)
+        bad = {
+            "metrics_json.statistics.class_counts: expected 3 finite numbers": {**good, "class_counts": [6, 0]},
+            "600 records, expected 1 to 100": {**good, "class_counts": [600, 0, 0]},
+            "expected whole numbers": {**good, "channel_count": [1.5, 240.0, 240.0]},
+            "sum^2 > count x sum of squares": {**good, "channel_sum": [1e6, 0.0, 0.0]},
+            "channel_sq_sum: expected 3 finite numbers": {**good, "channel_sq_sum": [float("nan"), 1.0, 1.0]},
+            "unknown keys ['records']": {**good, "records": 6},
+        }
+        for message, doc in bad.items():
+            with pytest.raises(grpc.RpcError) as err:
+                report({"statistics": doc})
+            assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details(), message
+        with pytest.raises(grpc.RpcError) as err:
+            report({"statistics": good, "splits": {}})
+        assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
+        assert not report({"statistics": good}).duplicate
+        assert report({"statistics": good}).duplicate
+        with pytest.raises(grpc.RpcError) as err:
+            report({"statistics": _statistics(7)})
+        assert _code(err) == grpc.StatusCode.ALREADY_EXISTS
+        # silo-2: 2 records of class 2 whose entries are all 2.0.
+        other = {"channel_count": [80.0] * 3, "channel_sum": [160.0] * 3, "channel_sq_sum": [320.0] * 3,
+                 "class_counts": [0, 0, 2]}
+        assert not report({"statistics": other}, stubs["silo-2"], task.ref).duplicate
+        tasks = {silo: _task(stub, pb.STAGE_TRAIN) for silo, stub in stubs.items()}
+        assert tasks["silo-1"].ref.attempt == 1  # the statistics took attempt 0 of round 0
+        pooled = RoundSettings.from_json(tasks["silo-1"].round_config_json).statistics
+        assert pooled is not None and pooled == RoundSettings.from_json(tasks["silo-2"].round_config_json).statistics
+        assert pooled.class_counts == (6, 0, 2) and pooled.silos == 2
+        # 240 entries of mean 0.5, variance 1 and 80 entries equal to 2.0.
+        n = 320.0
+        mean = (240 * 0.5 + 80 * 2.0) / n
+        var = (240 * 1.25 + 80 * 4.0) / n - mean**2
+        np.testing.assert_allclose(pooled.mean, [mean] * 3)
+        np.testing.assert_allclose(pooled.std, [np.sqrt(var)] * 3)
+        # The stage is over: a resend of the accepted report is still a duplicate (its receipt may
+        # have been lost); nothing else for it is taken.
+        assert report({"statistics": good}).duplicate
+        with pytest.raises(grpc.RpcError) as err:
+            report({"statistics": _statistics(5)})
+        assert _code(err) == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        running.stop()
 
 
 def test_join_refuses_other_versions_and_layouts_naming_the_mismatch(train: Train) -> None:
@@ -347,7 +429,7 @@ def _metrics(classes: int, n: int = 5) -> dict:
         "confusion_matrix": confusion.tolist(),
         "imputation": None,
     }
-    return {"splits": {"val": split}, "normalizer": {"count": [4.0] * 3, "mean": [0.0] * 3, "std": [1.0] * 3}}
+    return {"splits": {"val": split}}
 
 
 def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: Train) -> None:
@@ -459,7 +541,7 @@ def test_a_silo_agent_refuses_to_send_a_nan_update_and_the_round_goes_on(
     assert codes == {"silo-1": 0, "silo-2": 0}
     assert running.exit_codes == [0]
     refusals = [r.getMessage() for r in caplog.records if "refusing to send the update" in r.getMessage()]
-    assert len(refusals) == 1 and "round 0 attempt 0 TRAIN" in refusals[0] and "NaN" in refusals[0]
+    assert len(refusals) == 1 and "round 0 attempt 1 TRAIN" in refusals[0] and "NaN" in refusals[0]
     rows = [json.loads(line) for line in (running.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0]
     assert rows[0]["selected"] == ["silo-1", "silo-2"] and rows[0]["completed"] == ["silo-1"]

@@ -26,16 +26,11 @@ from coordinator.config import (
     load_federation_config,
 )
 from coordinator.layout import build_model_config, layout_mismatch
-from coordinator.pooling import (
-    ReportError,
-    check_normalizer_report,
-    check_split_report,
-    pool_normalizers,
-    pool_split,
-)
+from coordinator.pooling import ReportError, check_split_report, pool_split
 from coordinator.report import write_report
 from coordinator.rounds import RoundProgress
 from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError, split_saved_state, state_sha256
+from federation.statistics import PooledStatistics
 from silo_agent.config import SiteConfig, check_site_files, load_site_config
 from tests.helpers import REPO, toy_dataset
 
@@ -125,33 +120,6 @@ def test_split_reports_that_do_not_add_up_are_refused() -> None:
         check_split_report(good, 3, "s")
 
 
-def test_pooled_normalizer_equals_the_fit_on_all_silos_training_data() -> None:
-    rng = np.random.default_rng(5)
-    silos = []
-    for n, shift in ((30, 0.0), (12, 3.0), (50, -1.0)):
-        x = (rng.normal(size=(n, 3, 20)) + shift).astype(np.float32)
-        observed = rng.random((n, 3, 20)) < 0.7
-        observed[:, 2] = False if shift == 3.0 else observed[:, 2]
-        silos.append((np.where(observed, x, 0.0).astype(np.float32), observed))
-    stats = []
-    for x, observed in silos:
-        fitted = ChannelNormalizer.fit(x, observed)
-        report = {
-            "count": observed.sum(axis=(0, 2)).astype(float).tolist(),
-            "mean": fitted.mean.astype(float).tolist(),
-            "std": fitted.std.astype(float).tolist(),
-        }
-        stats.append(check_normalizer_report(report, 3, "n"))
-    pooled = pool_normalizers(stats, 3)
-    whole = ChannelNormalizer.fit(
-        np.concatenate([x for x, _ in silos]), np.concatenate([o for _, o in silos])
-    )
-    np.testing.assert_allclose(pooled.mean, whole.mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(pooled.std, whole.std, rtol=1e-5)
-    with pytest.raises(ReportError, match="3 finite numbers"):
-        check_normalizer_report({**stats[0], "std": [1.0, 2.0]}, 3, "n")
-
-
 def _checkpoint(
     tmp_path: Path,
 ) -> tuple[CheckpointStore, CoordinatorCheckpoint, dict[str, np.ndarray], CondIModel]:
@@ -162,7 +130,7 @@ def _checkpoint(
     state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
     store = CheckpointStore(tmp_path / "run")
     ckpt = CoordinatorCheckpoint(
-        run_id="run-1", federation="fed", progress=RoundProgress.start(0), layout=info, model=model_cfg
+        run_id="run-1", federation="fed", progress=RoundProgress.start(0, statistics=True), layout=info, model=model_cfg
     )
     return store, ckpt, state, model
 
@@ -174,9 +142,12 @@ def test_store_commits_atomically_and_resumes_exactly(tmp_path: Path) -> None:
     ckpt.state_file, ckpt.state_sha256 = name, sha
     ckpt.rows = [{"round": 0, "val": {"accuracy": 0.5}}]
     ckpt.progress = dataclasses.replace(ckpt.progress, round=1, attempt=2, failures=1, pending="evaluate")
+    ckpt.statistics = PooledStatistics.from_sums(
+        np.array([10.0, 20.0, 0.0]), np.array([5.0, -4.0, 0.0]), np.array([30.0, 9.0, 0.0]), np.array([3, 0, 4]), 2
+    )
     store.commit(ckpt)
     loaded, tensors = store.load()
-    assert loaded.to_dict() == ckpt.to_dict()
+    assert loaded.to_dict() == ckpt.to_dict() and loaded.statistics == ckpt.statistics
     assert list(tensors) == list(state) and all(np.array_equal(tensors[k], state[k]) for k in state)
     assert [json.loads(line)["round"] for line in store.metrics_path.read_text().splitlines()] == [0]
     # A newer state replaces the older file only once the commit names it.
@@ -222,7 +193,7 @@ def test_store_refuses_a_state_file_that_does_not_match_its_commit(tmp_path: Pat
     np.savez(store.dir / name, **other)
     with pytest.raises(StoreError, match="does not match the SHA-256"):
         store.load()
-    store.progress_path.write_text('{"format": "condi-coordinator/1"}')
+    store.progress_path.write_text('{"format": "condi-coordinator/2"}')
     with pytest.raises(StoreError, match="inconsistent checkpoint"):
         store.load()
 

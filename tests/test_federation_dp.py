@@ -60,7 +60,7 @@ def test_a_departed_silo_is_not_waited_for_nor_selected_again() -> None:
         evaluate_s=50.0,
         liveness_s=10.0,
     )
-    m = RoundMachine(plan, "run", RoundProgress.start(0), "0" * 64, 0.0)
+    m = RoundMachine(plan, "run", RoundProgress.start(0, statistics=False), "0" * 64, 0.0)
     for silo in SILOS:
         m.join(silo, 0.0)
     m.tick(0.0)

@@ -47,7 +47,7 @@ def _plan(**kw) -> RoundPlan:
 
 def _machine(plan: RoundPlan | None = None) -> RoundMachine:
     plan = plan or _plan()
-    return RoundMachine(plan, RUN, RoundProgress.start(plan.seed), SHA0, 0.0)
+    return RoundMachine(plan, RUN, RoundProgress.start(plan.seed, statistics=False), SHA0, 0.0)
 
 
 def _join_all(m: RoundMachine, now: float = 0.0, silos=SILOS) -> None:
@@ -341,7 +341,7 @@ def test_the_last_round_evaluates_on_test_too() -> None:
 
 def test_resuming_a_round_that_awaits_evaluation_evaluates_it_again() -> None:
     plan = _plan()
-    rng_state = RoundProgress.start(7).rng_state
+    rng_state = RoundProgress.start(7, statistics=False).rng_state
     progress = RoundProgress(round=1, attempt=2, failures=0, pending="evaluate", rng_state=rng_state)
     m = RoundMachine(plan, RUN, progress, SHA1, 0.0)
     assert m.phase == Phase.GATHER

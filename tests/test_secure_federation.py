@@ -206,7 +206,7 @@ def _machine(silos, layout: SecureLayout, threshold: int = 3, max_attempts: int 
         max_attempts=max_attempts, seed=0, gather_s=5.0, train_s=10.0, evaluate_s=10.0, liveness_s=1000.0,
         secure=secure,
     )
-    machine = RoundMachine(plan, "run-1", RoundProgress.start(0), "sha", 0.0)
+    machine = RoundMachine(plan, "run-1", RoundProgress.start(0, statistics=False), "sha", 0.0)
     machine.vector_length = layout.vector_length
     for sid in plan.allowed:
         machine.join(sid, 0.0)

@@ -1,7 +1,9 @@
 """Secure aggregation with real processes on loopback: silos dying at every secure stage, the run completing.
 
-One harness run with six silos and two rounds. Round 0 loses one silo while advertising keys and
-one before its masked input (the round still completes from the four that uploaded). Round 1
+One harness run with six silos and two rounds. Before round 0, the secure sum of the data
+statistics loses one silo before its masked input (the fault points name round 0, whose stages
+the statistics sum goes through first) and completes from the other five; round 0's training
+then loses one silo while advertising keys and completes from the four left. Round 1
 loses one silo before it shares keys and one before unmasking, which leaves fewer than t
 unmasking responses: that attempt is aborted without a result and retried with the two silos
 left. The pure-level test of each stage alone is in test_secure_federation.py.
@@ -51,8 +53,10 @@ def test_silos_dropping_at_each_secure_stage_and_a_too_small_attempt_retried(tmp
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     assert all(r["aggregation"] == "secure" for r in rows)
-    # Round 0: silo-1 never advertised, silo-2 never uploaded; the other four are in the sum.
-    assert rows[0]["attempt"] == 0 and rows[0]["completed"] == ["silo-3", "silo-4", "silo-5", "silo-6"]
+    # The statistics (attempt 0) were summed without silo-2, which never uploaded its masked vector;
+    # round 0 (attempt 1): silo-1 never advertised; the other four are in the sum.
+    assert "data statistics pooled from 5 silos (secure sum)" in coordinator_log
+    assert rows[0]["attempt"] == 1 and rows[0]["completed"] == ["silo-3", "silo-4", "silo-5", "silo-6"]
     # Round 0 has t = 4 of 6; round 1, attempt 0 (silos 3-6, t = 3): only silos 5 and 6 answered the unmask request.
     assert rows[1]["attempt"] >= 1 and rows[1]["completed"] == ["silo-5", "silo-6"]
     assert "secure aggregation did not complete" in coordinator_log and "nothing was revealed" in coordinator_log
@@ -79,6 +83,9 @@ def test_secure_metrics_leave_the_coordinator_only_pooled_scores(tmp_path: Path)
         assert row["val"]["secure_sum"] is True and row["val"]["silos"] == 3, row["val"]
         assert row["evaluated_by"] == ["silo-1", "silo-2", "silo-3"]
         assert sum(map(sum, row["val"]["confusion_matrix"])) == row["val"]["n"]
+    # The data statistics went through a secure sum too: no silo's own sums reached the coordinator.
+    assert "data statistics pooled from 3 silos (secure sum)" in coordinator_log
+    assert "statistics from silo" not in coordinator_log
     assert "test" in rows[-1] and rows[-1]["test"]["secure_sum"] is True
     assert report["final_test"]["n"] == rows[-1]["test"]["n"]
     assert "metrics from silo" not in coordinator_log and "secure evaluation" not in coordinator_log

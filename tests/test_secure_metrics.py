@@ -7,13 +7,11 @@ secure evaluation runs through the coordinator's round machine with the real pro
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import numpy as np
 import pytest
 
-from condi_models.data.normalize import ChannelNormalizer
 from condi_models.evaluation import EvalResult
 from condi_models.metrics import (
     SCORE_BINS,
@@ -23,11 +21,9 @@ from condi_models.metrics import (
     imputation_metrics,
     score_histograms,
 )
-from coordinator.pooling import pool_normalizers, pool_split
+from coordinator.pooling import pool_split
 from coordinator.rounds import Evaluated, Phase, RoundMachine, RoundPlan, RoundProgress, SecurePlan
-from federation import secagg_wire as sw
-from federation.proto_gen.condi.v1 import federation_pb2 as pb
-from federation.secagg import QuantConfig, SecAggClient, decode_message, dequantize, quantize
+from federation.secagg import QuantConfig, dequantize, quantize
 from federation.secure_metrics import (
     METRICS_CLIP,
     METRICS_QUANT,
@@ -37,9 +33,8 @@ from federation.secure_metrics import (
     encode_metrics,
 )
 from federation.settings import RoundSettings
-from federation.transfer import StageKey
 from silo_agent.agent import split_report
-from tests.helpers import secagg_identities
+from tests.helpers import drive_secure_attempt, secagg_identities
 
 CLASSES = ("a", "b", "c")
 FEATURES = 4
@@ -61,14 +56,6 @@ def _silo_eval(rng: np.random.Generator, n: int) -> EvalResult:
     )
 
 
-def _normalizer(rng: np.random.Generator) -> dict[str, list[float]]:
-    return {
-        "count": rng.integers(50, 500, size=FEATURES).astype(float).tolist(),
-        "mean": rng.normal(scale=50, size=FEATURES).tolist(),
-        "std": rng.uniform(1, 20, size=FEATURES).tolist(),
-    }
-
-
 def test_binned_auroc_is_the_exact_auroc_of_the_binned_scores() -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, size=400)
@@ -87,16 +74,15 @@ def test_binned_auroc_is_the_exact_auroc_of_the_binned_scores() -> None:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_summed_vectors_pool_like_clear_reports(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    layout = MetricsLayout(len(CLASSES), FEATURES, ("val", "test"))
+    layout = MetricsLayout(len(CLASSES), ("val", "test"))
     evals = [{s: _silo_eval(rng, int(rng.integers(5, 60))) for s in layout.splits} for _ in range(4)]
-    norms = [_normalizer(rng) for _ in evals]
     # Through the ring as the secure sum does it: quantize each, add mod 2^64, dequantize.
-    codes = [quantize(encode_metrics(layout, e, nm), METRICS_QUANT, rng) for e, nm in zip(evals, norms)]
+    codes = [quantize(encode_metrics(layout, e), METRICS_QUANT, rng) for e in evals]
     total = dequantize(np.sum(codes, axis=0, dtype=np.uint64), METRICS_QUANT)
     pooled = decode_metrics(layout, total, len(evals))
     for split in layout.splits:
         clear = pool_split([split_report(e[split]) for e in evals])
-        got = pooled["splits"][split]
+        got = pooled[split]
         assert got["n"] == clear["n"] and got["confusion_matrix"] == clear["confusion_matrix"]
         assert got["recall"] == clear["recall"]
         for key in ("accuracy", "macro_f1"):
@@ -107,26 +93,20 @@ def test_summed_vectors_pool_like_clear_reports(seed: int) -> None:
         hist = np.sum([e[split].score_histograms for e in evals], axis=0)
         assert got["macro_auroc"] == pytest.approx(binned_macro_auroc(hist), abs=1e-12)
         assert got["silos"] == 4 and got["secure_sum"] is True
-    want = pool_normalizers(norms, FEATURES)
-    got_norm = pool_normalizers([pooled["normalizer"]], FEATURES)
-    assert isinstance(got_norm, ChannelNormalizer)
-    np.testing.assert_allclose(got_norm.mean, want.mean, rtol=1e-5)
-    np.testing.assert_allclose(got_norm.std, want.std, rtol=1e-4)
 
 
 def test_encoding_refuses_non_finite_and_oversized_sums() -> None:
     rng = np.random.default_rng(4)
-    layout = MetricsLayout(len(CLASSES), FEATURES, ("val",))
+    layout = MetricsLayout(len(CLASSES), ("val",))
     result = _silo_eval(rng, 20)
     bad = EvalResult(result.n_samples, float("nan"), result.classification, None, result.score_histograms)
     with pytest.raises(MetricsEncodingError, match="NaN or infinite"):
-        encode_metrics(layout, {"val": bad}, _normalizer(rng))
-    huge = _normalizer(rng)
-    huge["mean"][0] = 1e9
+        encode_metrics(layout, {"val": bad})
+    huge = EvalResult(result.n_samples, 1e10, result.classification, None, result.score_histograms)
     with pytest.raises(MetricsEncodingError, match=re.escape(f"exceed the secure-sum bound {METRICS_CLIP:g}")):
-        encode_metrics(layout, {"val": result}, huge)
+        encode_metrics(layout, {"val": huge})
     with pytest.raises(MetricsEncodingError, match="no evaluation of the 'test' split"):
-        encode_metrics(MetricsLayout(len(CLASSES), FEATURES, ("val", "test")), {"val": result}, _normalizer(rng))
+        encode_metrics(MetricsLayout(len(CLASSES), ("val", "test")), {"val": result})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,63 +126,35 @@ def _machine(verify) -> RoundMachine:
         allowed=tuple(f"silo-{i + 1}" for i in range(N)), rounds=2, silos_per_round=N, min_silos=2,
         max_attempts=2, seed=0, gather_s=5.0, train_s=10.0, evaluate_s=10.0, liveness_s=1000.0, secure=secure,
     )
-    machine = RoundMachine(plan, "run-1", RoundProgress(0, 0, 0, "evaluate", RoundProgress.start(0).rng_state),
-                           "sha", 0.0)
+    progress = RoundProgress(0, 0, 0, "evaluate", RoundProgress.start(0, statistics=False).rng_state)
+    machine = RoundMachine(plan, "run-1", progress, "sha", 0.0)
     machine.vector_length = 10
-    machine.metrics_shape = (len(CLASSES), FEATURES)
+    machine.data_shape = (len(CLASSES), FEATURES)
     for sid in plan.allowed:
         machine.join(sid, 0.0)
     return machine
 
 
 def test_round_machine_secure_evaluation_reveals_only_the_pooled_scores(silos) -> None:
-    verify, keys, certs = silos
-    machine = _machine(verify)
+    machine = _machine(silos[0])
     rng = np.random.default_rng(7)
     evals = {f"silo-{i + 1}": {"val": _silo_eval(rng, 30 + i)} for i in range(N)}
-    norms = {sid: _normalizer(rng) for sid in evals}
     dropped = "silo-3"  # evaluates and shares keys, then vanishes before its masked input
-    now = 0.0
-    machine.tick(now)
+    machine.tick(0.0)
     assert machine.phase == Phase.ADVERTISE
-    view = machine.task_for("silo-1", now)
+    view = machine.task_for("silo-1", 0.0)
     plan = RoundSettings.from_json(view.settings.to_json())
     assert plan.secagg is not None and plan.secagg.content == "metrics" and plan.eval_splits == ("val",)
-    layout = MetricsLayout(len(CLASSES), FEATURES, plan.eval_splits)
+    layout = MetricsLayout(len(CLASSES), plan.eval_splits)
     assert plan.secagg.vector_length == layout.vector_length
-    clients: dict[str, SecAggClient] = {}
-    deliveries = {}
-    effects: list = []
-    while machine.phase in (Phase.ADVERTISE, Phase.SHARE, Phase.MASKED, Phase.UNMASK):
-        for sid in machine.plan.allowed:
-            view = machine.task_for(sid, now)
-            if view.key.stage == pb.STAGE_WAIT or (sid == dropped and machine.phase in (Phase.MASKED, Phase.UNMASK)):
-                continue
-            rid = view.round_id
-            if view.key.stage == pb.STAGE_ADVERTISE_KEYS:
-                clients[sid] = SecAggClient(machine.secure_config, sid, keys[sid], certs[sid], verify, rounding_seed=3)
-                msg = sw.decode_advert(clients[sid].advertise().to_bytes(), sid)
-            elif view.key.stage == pb.STAGE_SHARE_KEYS:
-                roster = sw.roster_from_proto(rid, sw.roster_to_proto(view.stage_input))
-                msg = sw.share_keys_from_proto(rid, sid, sw.share_keys_to_proto(clients[sid].share_keys(roster)))
-            elif view.key.stage == pb.STAGE_MASKED_INPUT:
-                deliveries[sid] = sw.delivery_from_proto(rid, sid, sw.delivery_to_proto(view.stage_input))
-                vector = encode_metrics(layout, evals[sid], norms[sid])
-                msg = decode_message(clients[sid].masked_input(deliveries[sid], vector).to_bytes())
-            else:
-                survivors = sw.unmask_request_to_proto(view.stage_input)
-                request = sw.unmask_request_from_proto(rid, survivors, deliveries[sid])
-                out = sw.unmask_response_to_proto(clients[sid].unmask(request))
-                msg = sw.unmask_response_from_proto(rid, sid, out)
-            key = StageKey.from_proto(view.key.to_proto())
-            machine.accept_secure(sid, key, hashlib.sha256(msg.to_bytes()).hexdigest(), msg)
-        now += 11.0
-        effects = machine.tick(now)
+    effects = drive_secure_attempt(
+        machine, lambda sid: encode_metrics(layout, evals[sid]), silos, dropped=dropped, start=0.0
+    )
     (done,) = effects
     assert isinstance(done, Evaluated) and machine.phase == Phase.RECORD
     assert done.reports == {} and done.total is not None
     assert done.participants == tuple(s for s in machine.plan.allowed if s != dropped)
-    pooled = decode_metrics(layout, done.total, len(done.participants))["splits"]["val"]
+    pooled = decode_metrics(layout, done.total, len(done.participants))["val"]
     clear = pool_split([split_report(evals[s]["val"]) for s in done.participants])
     assert pooled["confusion_matrix"] == clear["confusion_matrix"]
     assert pooled["accuracy"] == pytest.approx(clear["accuracy"])

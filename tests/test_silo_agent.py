@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from condi_models.configfile import parse_config
+from condi_models.data.normalize import ChannelNormalizer
 from coordinator.cli import main as coordinator_main
 from coordinator.config import FederationConfig
 from coordinator.server import CoordinatorServer
@@ -23,7 +24,8 @@ from federation.transfer import StageKey
 from silo_agent.agent import Faults
 from silo_agent.cli import main as silo_main
 from silo_agent.client import CoordinatorClient, CoordinatorUnreachableError
-from silo_agent.config import CoordinatorEndpoint, SiloTls
+from silo_agent.config import CoordinatorEndpoint, SiloTls, SiteConfig
+from silo_agent.local_data import load_local_data
 from silo_agent.state import AgentState
 
 
@@ -233,3 +235,35 @@ def test_the_client_retries_with_backoff_then_gives_up(material: pki.DevPki) -> 
     assert len(pauses) >= 3
     assert all(0.0 < p <= 0.4 for p in pauses)
     assert pauses[0] <= 0.5 and max(pauses) > pauses[0]
+
+
+def test_a_silos_statistics_describe_its_visible_training_data_and_rescaling_keeps_its_masks() -> None:
+    site = parse_config(
+        {
+            "silo_id": "silo-1",
+            "data": {"source": "synthetic_ecg", "n_records": 40, "seed": 0, "seconds": 1.0},
+            "simulated_missingness": {"ps": 0.8, "pw": 0.5, "pattern": "points", "seed": 3},
+        },
+        SiteConfig,
+        "site.yaml",
+    )
+    data = load_local_data(site, "site.yaml")
+    stats = data.statistics()
+    train = data.sources[0]
+    visible = data.train.observed
+    np.testing.assert_array_equal(stats.channel_count, visible.sum(axis=(0, 2)))
+    np.testing.assert_allclose(stats.channel_sum, np.where(visible, train.x, 0.0).sum(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+        stats.channel_sq_sum, np.where(visible, train.x.astype(np.float64) ** 2, 0.0).sum(axis=(0, 2)), rtol=1e-4
+    )
+    assert stats.class_counts.sum() == len(data.train)
+    # Standardized with the federation's normalizer: the same entries hidden, other values.
+    pooled = ChannelNormalizer(mean=data.fitted.mean + 1.0, std=data.fitted.std * 2.0)
+    scaled = data.scaled_with(pooled)
+    for before, after in ((data.train, scaled.train), (data.val, scaled.val), (data.test, scaled.test)):
+        np.testing.assert_array_equal(before.observed, after.observed)
+        np.testing.assert_array_equal(before.hidden, after.hidden)
+    expected = np.where(visible, (train.x - pooled.mean[None, :, None]) / pooled.std[None, :, None], 0.0)
+    np.testing.assert_allclose(scaled.train.x, expected, atol=1e-5)
+    # What the silo reports stays the sums of its own data, whatever it is scaled with.
+    np.testing.assert_array_equal(scaled.statistics().channel_sum, stats.channel_sum)

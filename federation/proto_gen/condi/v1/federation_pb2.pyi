@@ -18,6 +18,7 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_UNMASK: _ClassVar[Stage]
     STAGE_EVALUATE: _ClassVar[Stage]
     STAGE_DONE: _ClassVar[Stage]
+    STAGE_STATISTICS: _ClassVar[Stage]
 
 class AggregationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +46,7 @@ STAGE_MASKED_INPUT: Stage
 STAGE_UNMASK: Stage
 STAGE_EVALUATE: Stage
 STAGE_DONE: Stage
+STAGE_STATISTICS: Stage
 AGGREGATION_MODE_UNSPECIFIED: AggregationMode
 AGGREGATION_MODE_PLAIN: AggregationMode
 AGGREGATION_MODE_SECURE: AggregationMode
