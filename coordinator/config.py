@@ -107,6 +107,11 @@ class FederationConfig(StrictModel):
     max_chunk_bytes: int = Field(
         default=1 << 20, ge=1024, le=1 << 20, description="largest chunk of a state or update, in bytes"
     )
+    model_selection: Literal["last", "best_val_auroc"] = Field(
+        default="best_val_auroc",
+        description="the model exported and tested: the last round's, or the round's with the best pooled "
+        "validation macro AUROC (test is then evaluated once, on it, after the last round)",
+    )
     max_silo_records: int = Field(
         default=1_000_000,
         ge=1,

@@ -151,15 +151,28 @@ def write_report(
     layout: DatasetInfo | None,
     departed: Mapping[str, str] | None = None,
     aggregation: Mapping[str, Any] | None = None,
+    final: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write report.json, curves.png and, when a model exists, global_model.npz; returns the report path.
 
     ``departed`` names the silos that left the run and why; report.json lists them, and the
     epsilon each DP silo claimed per round under ``privacy``. ``aggregation`` says how updates
-    (and, with secure metrics, evaluation scores) were combined.
+    (and, with secure metrics, evaluation scores) were combined. ``final`` is the final test of
+    the model selected on validation (its row, with ``selected_round`` and ``val_macro_auroc``);
+    without it the last round's test is the final one and the last round's model is exported.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = next((dict(r["test"]) for r in reversed(rows) if "test" in r), None)
+    if final is None:
+        final_test = next((dict(r["test"]) for r in reversed(rows) if "test" in r), None)
+        selection = {"kind": "last", "selected_round": len(rows) - 1 if rows else None}
+    else:
+        final_test = None if final.get("test") is None else dict(final["test"])
+        selection = {
+            "kind": "best_val_auroc",
+            "selected_round": final["selected_round"],
+            "val_macro_auroc": final["val_macro_auroc"],
+            "test_evaluated_by": list(final.get("evaluated_by", [])),
+        }
     accuracy = [r["val"]["accuracy"] for r in rows if "val" in r]
     report = {
         "federation": federation,
@@ -167,7 +180,8 @@ def write_report(
         "status": status,
         "message": message,
         "rounds_completed": len(rows),
-        "final_test": final,
+        "final_test": final_test,
+        "model_selection": selection,
         "val_accuracy_by_round": accuracy,
         "rounds": list(rows),
         "files": {"metrics": "metrics.jsonl", "curves": "curves.png"},
@@ -183,7 +197,8 @@ def write_report(
             model,
             normalizer,
             layout,
-            {"federation": federation, "run_id": run_id, "rounds": len(rows), "status": status},
+            {"federation": federation, "run_id": run_id, "rounds": len(rows), "status": status,
+             "selected_round": selection["selected_round"]},
         )
         report["files"]["global_model"] = "global_model.npz"
     write_round_curves(list(rows), run_dir / "curves.png", title=f"{federation} ({status})")

@@ -54,8 +54,8 @@ from federation.settings import RoundSettings, SecureSettings
 from federation.statistics import STATISTICS_QUANT, PooledStatistics, StatisticsLayout
 from federation.transfer import StageKey, stage_name
 
-Pending = Literal["statistics", "train", "evaluate", "done"]
-PENDING: tuple[Pending, ...] = ("statistics", "train", "evaluate", "done")
+Pending = Literal["statistics", "train", "evaluate", "final", "done"]
+PENDING: tuple[Pending, ...] = ("statistics", "train", "evaluate", "final", "done")
 # What a secure attempt sums.
 Purpose = Literal["update", "metrics", "statistics"]
 # Stages whose task downloads the global state.
@@ -134,6 +134,9 @@ class RoundPlan:
     secure: SecurePlan | None = None
     # The learning-rate factor each round's training runs with (empty: 1 throughout).
     lr_scales: tuple[float, ...] = ()
+    # After the last round, one more evaluation, of the test splits alone, on the model the driver
+    # selected (the best on validation); without it the last round evaluates test too.
+    final_test: bool = False
 
     def lr_scale(self, round_index: int) -> float:
         """The learning-rate factor of round ``round_index``."""
@@ -332,7 +335,7 @@ class RoundMachine:
         # and the (classes, channels) of the data layout the latter two are laid out for, once known.
         self._purpose: Purpose = "update"
         self.data_shape: tuple[int, int] | None = None
-        if progress.pending == "done" or self.round >= plan.rounds:
+        if progress.pending == "done" or (self.round >= plan.rounds and progress.pending != "final"):
             self.phase = Phase.DONE
             self._next: Pending = "done"
         else:
@@ -454,7 +457,10 @@ class RoundMachine:
         return StatisticsLayout(n_features=features, n_classes=classes)
 
     def eval_splits(self, round_index: int) -> tuple[str, ...]:
-        """The local splits silos evaluate in ``round_index``: validation, and test in the last round."""
+        """The local splits silos evaluate in ``round_index``: validation; test in the last round, or,
+        with a final test, in that evaluation alone (its round index is ``rounds``)."""
+        if self.plan.final_test:
+            return ("test",) if round_index >= self.plan.rounds else ("val",)
         return ("val", "test") if round_index == self.plan.rounds - 1 else ("val",)
 
     def task_for(self, silo: str, now: float) -> TaskView:
@@ -490,7 +496,7 @@ class RoundMachine:
         return None if self._secagg is None else self._secagg.config
 
     def _stage_for(self, silo: str, now: float) -> tuple[int, str]:
-        r = f"round {self.round + 1} of {self.plan.rounds}"
+        r = "the final test" if self._next == "final" else f"round {self.round + 1} of {self.plan.rounds}"
         if self.phase == Phase.DONE:
             return pb.STAGE_DONE, f"the run is complete after {self.plan.rounds} rounds"
         if self.phase == Phase.FAILED:
@@ -842,12 +848,18 @@ class RoundMachine:
         self._gather("evaluate", now)
 
     def next_round(self, now: float) -> list[Effect]:
-        """The driver recorded the round's evaluation and checkpointed it: move to the next round."""
+        """The driver recorded the round's evaluation and checkpointed it: move to the next round, to
+        the final test (the driver first calls :meth:`select_state`), or to the end."""
         if self.phase != Phase.RECORD:
             raise RuntimeError(f"next_round() called in phase {self.phase}")
-        self.round += 1
+        if self._next != "final":
+            self.round += 1
         self.attempt = -1
         self.failures = 0
+        if self.round == self.plan.rounds and self.plan.final_test and self._next != "final":
+            # The last round is recorded: evaluate the selected model on test once.
+            self._gather("final", now)
+            return []
         if self.round >= self.plan.rounds:
             self.phase = Phase.DONE
             self._next = "done"
@@ -855,6 +867,17 @@ class RoundMachine:
             return [Finished(self.plan.rounds)]
         self._gather("train", now)
         return []
+
+    def select_state(self, state_sha256: str) -> None:
+        """The model the final test evaluates (the driver serves it from now on)."""
+        if self.phase != Phase.RECORD or self.round != self.plan.rounds - 1 or not self.plan.final_test:
+            raise RuntimeError("select_state() is for the end of the last round of a run with a final test")
+        self.state_sha256 = state_sha256
+
+    @property
+    def final(self) -> bool:
+        """Whether the running (or recorded) evaluation is the final test."""
+        return self._next == "final"
 
     def status(self, now: float) -> dict[str, Any]:
         """Progress for the operator: round, stage, who is selected and who is done."""

@@ -20,7 +20,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -140,6 +140,7 @@ class Coordinator:
             evaluate_s=cfg.timeouts.evaluate_s,
             liveness_s=cfg.timeouts.liveness_s,
             secure=self._secure_plan(cfg),
+            final_test=cfg.model_selection == "best_val_auroc",
             lr_scales=tuple(round_lr_scale(cfg.training, r, cfg.rounds) for r in range(cfg.rounds)),
         )
         self._secure_layout: SecureLayout | None = None
@@ -648,14 +649,15 @@ class Coordinator:
             duplicate = self.machine.accept_metrics(silo, key, digest, report)
             self._fault_point(silo, key, duplicate)
             self._cond.notify_all()
-        val = report["splits"]["val"]
+        name, first = wanted[0], report["splits"][wanted[0]]
         log.info(
-            "%s metrics from silo %s for %s: val accuracy %.3f on %d samples",
+            "%s metrics from silo %s for %s: %s accuracy %.3f on %d samples",
             "duplicate" if duplicate else "accepted",
             silo,
             key.describe(),
-            val["accuracy"],
-            val["n"],
+            name,
+            first["accuracy"],
+            first["n"],
         )
         return pb.Receipt(ref=request.ref, duplicate=duplicate)
 
@@ -841,8 +843,14 @@ class Coordinator:
         secure_sum = None if pooled is None else (effect.participants, pooled)
         row = round_row(summary, effect.attempt, effect.stage_s, effect.reports, eval_bytes, secure_sum=secure_sum)
         with self._cond:
+            if self.machine.final:
+                return self._record_final(row)
             self.ckpt.rows.append(row)
             self.ckpt.pending_row = None
+            if self.plan.final_test:
+                self._track_best(row)
+                if effect.round == self.plan.rounds - 1:
+                    self._select_best()
             effects = self.machine.next_round(self.clock())
             self._checkpoint()
             self._downloads = {k: v for k, v in self._downloads.items() if k[0] > effect.round}
@@ -855,6 +863,58 @@ class Coordinator:
             "n/a" if val is None else f"{val['accuracy']:.3f}",
             len(row["evaluated_by"]),
             extra={"event": {"event": "round_done", "round": effect.round, "val": val}},
+        )
+        return effects
+
+    def _track_best(self, row: Mapping[str, Any]) -> None:
+        """Remember the round whose model has the best pooled validation macro AUROC (lock held)."""
+        auroc = (row.get("val") or {}).get("macro_auroc")
+        best = self.ckpt.best
+        if auroc is None or (best is not None and auroc <= best["macro_auroc"]):
+            return
+        assert self.ckpt.state_file is not None
+        self.ckpt.best = {
+            "round": row["round"],
+            "macro_auroc": float(auroc),
+            "state_file": self.ckpt.state_file,
+            "state_sha256": self.ckpt.state_sha256,
+        }
+
+    def _select_best(self) -> None:
+        """After the last round: serve the best round's model (the last if no round had an AUROC) for
+        the final test, and make it the checkpoint's state, so a restart tests and exports it too."""
+        best = self.ckpt.best
+        if best is not None and best["state_sha256"] != self.ckpt.state_sha256:
+            tensors, _ = split_saved_state(self.store.read_state(best["state_file"], best["state_sha256"]))
+            self._set_state(tensors)
+            self.ckpt.state_file, self.ckpt.state_sha256 = best["state_file"], best["state_sha256"]
+        self.machine.select_state(self.ckpt.state_sha256)
+        log.info(
+            "model selection: round %s's model (validation macro AUROC %s) is tested and exported",
+            "the last" if best is None else best["round"] + 1,
+            "n/a" if best is None else f"{best['macro_auroc']:.3f}",
+            extra={"event": {"event": "model_selected", "round": None if best is None else best["round"]}},
+        )
+
+    def _record_final(self, row: dict[str, Any]) -> list[Any]:
+        """Record the final test of the selected model and end the run (lock held)."""
+        best = self.ckpt.best
+        self.ckpt.final = {
+            "selected_round": self.plan.rounds - 1 if best is None else best["round"],
+            "val_macro_auroc": None if best is None else best["macro_auroc"],
+            **row,
+        }
+        effects = self.machine.next_round(self.clock())
+        self._checkpoint()
+        self._cond.notify_all()
+        test = row.get("test")
+        log.info(
+            "final test of round %d's model: accuracy %s, macro AUROC %s from %d silos",
+            self.ckpt.final["selected_round"] + 1,
+            "n/a" if test is None else f"{test['accuracy']:.3f}",
+            "n/a" if test is None or test.get("macro_auroc") is None else f"{test['macro_auroc']:.3f}",
+            len(row["evaluated_by"]),
+            extra={"event": {"event": "final_test", "test": test}},
         )
         return effects
 
@@ -950,6 +1010,7 @@ class Coordinator:
                     normalizer = self.ckpt.statistics.normalizer
             rows = list(self.ckpt.rows)
             departed = self.machine.departed()
+            final = self.ckpt.final
         return write_report(
             self.run_dir,
             federation=self.cfg.name,
@@ -962,6 +1023,7 @@ class Coordinator:
             layout=self.ckpt.layout,
             departed=departed,
             aggregation=self._aggregation_summary(),
+            final=final,
         )
 
     def _aggregation_summary(self) -> dict[str, Any]:

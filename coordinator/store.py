@@ -8,8 +8,9 @@ Layout under ``<run_dir>/checkpoint``:
 - ``progress.json``: the commit point. It names the state file and its wire-format SHA-256, the
   round progress (round, attempt, failures, what is pending, the selection RNG state), the data
   layout and model config fixed when the first silo joined, every recorded round's metrics row,
-  the training half of the row of a round that still awaits evaluation, and the data statistics
-  (normalizer, class counts) pooled before round 0.
+  the training half of the row of a round that still awaits evaluation, the data statistics
+  (normalizer, class counts) pooled before round 0, and for model selection the round with the
+  best validation score so far (whose state file is kept too) and the final test's row.
 
 Every file is written to a temporary name, fsynced and renamed, and the directory is fsynced, so
 a crash leaves the old commit or the new one. ``<run_dir>/metrics.jsonl`` is rewritten from the
@@ -22,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,6 +66,10 @@ class CoordinatorCheckpoint:
     pending_row: dict[str, Any] | None = None
     # The data statistics pooled before round 0, fixed for the run.
     statistics: PooledStatistics | None = None
+    # Model selection: the round whose model had the best pooled validation macro AUROC so far
+    # (round, macro_auroc, state_file, state_sha256), and the final test's row once evaluated.
+    best: dict[str, Any] | None = None
+    final: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of progress.json."""
@@ -86,6 +92,8 @@ class CoordinatorCheckpoint:
             "rows": self.rows,
             "pending_row": self.pending_row,
             "statistics": None if self.statistics is None else self.statistics.to_dict(),
+            "best": self.best,
+            "final": self.final,
         }
 
     @classmethod
@@ -117,9 +125,21 @@ class CoordinatorCheckpoint:
                 statistics=None
                 if data["statistics"] is None
                 else PooledStatistics.from_dict(data["statistics"], "statistics"),
+                best=_best(data["best"]),
+                final=None if data["final"] is None else dict(data["final"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{source}: inconsistent checkpoint ({exc})") from exc
+
+
+def _best(data: Any) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or sorted(data) != ["macro_auroc", "round", "state_file", "state_sha256"]:
+        raise ValueError("best: expected round, macro_auroc, state_file and state_sha256")
+    if not re.fullmatch(r"global-\d{5}-[0-9a-f]{16}\.npz", str(data["state_file"])):
+        raise ValueError(f"best.state_file: not a state file name: {data['state_file']!r}")
+    return dict(data)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -172,15 +192,16 @@ class CheckpointStore:
 
     def commit(self, checkpoint: CoordinatorCheckpoint) -> None:
         """Make ``checkpoint`` the one a restart resumes from; then tidy up and rewrite metrics.jsonl."""
-        if checkpoint.state_file is not None and not (self.dir / checkpoint.state_file).is_file():
-            raise StoreError(
-                f"{self.dir / checkpoint.state_file}: state file missing; save it before committing"
-            )
+        named = [checkpoint.state_file, None if checkpoint.best is None else checkpoint.best["state_file"]]
+        for name in named:
+            if name is not None and not (self.dir / name).is_file():
+                raise StoreError(f"{self.dir / name}: state file missing; save it before committing")
         text = json.dumps(checkpoint.to_dict(), indent=1, sort_keys=True) + "\n"
         atomic_write_bytes(self.progress_path, text.encode("utf-8"))
         _fsync_dir(self.dir)
+        keep = {checkpoint.state_file, None if checkpoint.best is None else checkpoint.best["state_file"]}
         for old in self.dir.glob("global-*.npz"):
-            if old.name != checkpoint.state_file:
+            if old.name not in keep:
                 old.unlink(missing_ok=True)
         self.write_metrics(checkpoint.rows)
 
@@ -205,13 +226,18 @@ class CheckpointStore:
         checkpoint = CoordinatorCheckpoint.from_dict(data, self.progress_path)
         if checkpoint.state_file is None:
             return checkpoint, None
-        path = self.dir / checkpoint.state_file
+        tensors = self.read_state(checkpoint.state_file, checkpoint.state_sha256)
+        self.write_metrics(checkpoint.rows)
+        return checkpoint, tensors
+
+    def read_state(self, name: str, sha256: str) -> dict[str, np.ndarray]:
+        """The entries of the state file ``name``, whose model tensors must have SHA-256 ``sha256``."""
+        path = self.dir / name
         try:
             with np.load(path, allow_pickle=False) as npz:
                 tensors = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise StoreError(f"{path}: unreadable global state ({exc})") from exc
-        if state_sha256(split_saved_state(tensors)[0]) != checkpoint.state_sha256:
+        if state_sha256(split_saved_state(tensors)[0]) != sha256:
             raise StoreError(f"{path}: content does not match the SHA-256 committed in {self.progress_path}")
-        self.write_metrics(checkpoint.rows)
-        return checkpoint, tensors
+        return tensors

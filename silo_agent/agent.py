@@ -726,10 +726,12 @@ class SiloAgent:
             pb.MetricsReport(ref=key.to_proto(), metrics_json=json.dumps(metrics))
         )
         self.state.mark_done(key)
+        name, first = next(iter(splits.items()))
         log.info(
-            "%s: metrics %s (val accuracy %.3f on %d samples)",
+            "%s: metrics %s (%s accuracy %.3f on %d samples)",
             key.describe(),
             "already accepted" if receipt.duplicate else "accepted",
-            splits["val"]["accuracy"],
-            splits["val"]["n"],
+            name,
+            first["accuracy"],
+            first["n"],
         )

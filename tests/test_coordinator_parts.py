@@ -309,3 +309,30 @@ def test_shipped_examples_parse() -> None:
     assert fed.tls is not None and fed.timeouts.liveness_s > 0
     site = load_site_config(REPO / "examples" / "site-federated.yaml")
     assert isinstance(site, SiteConfig) and site.coordinator is not None and site.tls is not None
+
+
+def test_the_best_rounds_state_file_is_kept_beside_the_current_one_and_read_back_checked(tmp_path: Path) -> None:
+    store, ckpt, state, _ = _checkpoint(tmp_path)
+    name0, sha0 = store.save_state(0, state)
+    ckpt.state_file, ckpt.state_sha256 = name0, sha0
+    ckpt.best = {"round": 0, "macro_auroc": 0.8, "state_file": name0, "state_sha256": sha0}
+    store.commit(ckpt)
+    newer = {k: v + 1 for k, v in state.items()}
+    name1, sha1 = store.save_state(1, newer)
+    ckpt.state_file, ckpt.state_sha256 = name1, sha1
+    store.commit(ckpt)
+    assert sorted(p.name for p in store.dir.glob("global-*.npz")) == sorted([name0, name1])
+    loaded, _ = store.load()
+    assert loaded.best == ckpt.best
+    best = store.read_state(name0, sha0)
+    assert all(np.array_equal(best[k], state[k]) for k in state)
+    with pytest.raises(StoreError, match="does not match the SHA-256"):
+        store.read_state(name1, sha0)
+    ckpt.best = {**ckpt.best, "state_file": "global-00009-0123456789abcdef.npz"}
+    with pytest.raises(StoreError, match="state file missing"):
+        store.commit(ckpt)
+    data = json.loads(store.progress_path.read_text())
+    data["best"]["state_file"] = "../../etc/passwd"
+    store.progress_path.write_text(json.dumps(data))
+    with pytest.raises(StoreError, match="not a state file name"):
+        store.load()

@@ -58,9 +58,17 @@ def test_harness_cli_runs_a_small_federation_and_prints_the_report(tmp_path: Pat
     # Round 0 downloads the initial state; round 1 trains from the state its silos just evaluated.
     assert rows[0]["bytes"]["download_per_silo"] == rows[0]["bytes"]["state"]
     assert rows[1]["bytes"]["download_per_silo"] == 0
-    assert "test" in rows[-1] and report["final_test"] == rows[-1]["test"]
+    # Test is read once, after the last round, on the model of the best validation round.
+    assert all("test" not in r for r in rows)
+    selection = report["model_selection"]
+    assert selection["kind"] == "best_val_auroc" and selection["selected_round"] in (0, 1)
+    aurocs = [r["val"]["macro_auroc"] for r in rows if r["val"].get("macro_auroc") is not None]
+    if aurocs:
+        assert selection["val_macro_auroc"] == max(aurocs)
+        assert rows[selection["selected_round"]]["val"]["macro_auroc"] == max(aurocs)
+    assert report["final_test"]["n"] > 0 and selection["test_evaluated_by"] == ["silo-1", "silo-2", "silo-3"]
 
-    # The exported global model is a condi checkpoint with the pooled normalizer.
+    # The exported global model is a condi checkpoint of the selected round with the pooled normalizer.
     ckpt = load_checkpoint(run_dir / "global_model.npz")
     assert ckpt.info.n_modalities == 12 and ckpt.info.classes == ("NORM", "MI", "STTC", "CD", "HYP")
     assert ckpt.normalizer.mean.shape == (12,) and np.all(ckpt.normalizer.std > 0)
@@ -70,6 +78,9 @@ def test_harness_cli_runs_a_small_federation_and_prints_the_report(tmp_path: Pat
     assert (run_dir / "curves.png").stat().st_size > 0
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "round_done" and e.get("round") == 1 for e in events)
+    assert [e["round"] for e in events if e.get("event") == "model_selected"] == [selection["selected_round"]]
+    assert sum(e.get("event") == "final_test" for e in events) == 1
+    assert sum(e.get("event") == "statistics_pooled" for e in events) == 1
 
     logs = out / "logs"
     for name in ("coordinator", "silo-1", "silo-2", "silo-3"):
@@ -77,7 +88,8 @@ def test_harness_cli_runs_a_small_federation_and_prints_the_report(tmp_path: Pat
         assert " ERROR " not in text and "Traceback" not in text, f"{name}: {text[-2000:]}"
     assert "the run is over: the run is complete after 2 rounds" in (logs / "silo-2.log").read_text()
     state_doc = json.loads((out / "silos" / "silo-1" / "agent.json").read_text())
-    assert state_doc["run_id"] == report["run_id"] and state_doc["last_done"]["round"] == 1
+    # The last task it did: the final test, numbered after rounds 0 and 1.
+    assert state_doc["run_id"] == report["run_id"] and state_doc["last_done"]["round"] == 2
 
 
 def test_harness_refuses_a_used_run_directory_and_unknown_silos(tmp_path: Path) -> None:

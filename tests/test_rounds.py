@@ -360,3 +360,57 @@ def test_plan_rejects_inconsistent_numbers() -> None:
         _plan(min_silos=4)
     with pytest.raises(ValueError):
         _plan(allowed=("a", "a"))
+
+
+def _finish_round(m: RoundMachine, now: float) -> None:
+    """Train, aggregate and evaluate the current round with every silo (to RECORD)."""
+    for s in SILOS:
+        m.seen(s, now)
+    m.tick(now)
+    for s in _members(m, now):
+        m.accept_update(s, m.task_for(s, now).key, m.state_sha256, f"u{s}{now}", {"from": s})
+    m.tick(now + 1)
+    m.aggregated(SHA1, now + 2)
+    m.tick(now + 2)
+    for s in SILOS:
+        m.accept_metrics(s, m.task_for(s, now + 3).key, f"m{s}{now}", {"s": s})
+    (evaluated,) = m.tick(now + 3)
+    assert isinstance(evaluated, Evaluated)
+
+
+def test_with_a_final_test_the_rounds_see_validation_only_and_test_is_read_once_on_the_selected_model() -> None:
+    m = _machine(_plan(final_test=True))
+    _join_all(m)
+    _finish_round(m, 0.0)
+    assert m.eval_splits(0) == ("val",) and not m.final
+    with pytest.raises(RuntimeError, match="select_state"):
+        m.select_state(SHA0)  # not the last round yet
+    assert m.next_round(4.0) == []
+    _finish_round(m, 10.0)
+    assert m.eval_splits(1) == ("val",)
+    m.select_state(SHA0)  # the driver chose round 0's model
+    assert m.next_round(14.0) == [] and m.final and m.progress().pending == "final"
+    for s in SILOS:
+        m.seen(s, 15.0)
+    m.tick(15.0)
+    task = m.task_for("silo-2", 15.0)
+    assert task.key == StageKey(RUN, 2, 0, pb.STAGE_EVALUATE) and task.state_sha256 == SHA0
+    assert task.settings.eval_splits == ("test",) and task.message == "the final test: evaluate"
+    for s in SILOS:
+        m.accept_metrics(s, m.task_for(s, 16.0).key, "final" + s, {"s": s})
+    (evaluated,) = m.tick(16.0)
+    assert isinstance(evaluated, Evaluated) and evaluated.round == 2
+    assert m.next_round(17.0) == [Finished(2)] and m.phase == Phase.DONE
+    # A coordinator restarted during the final test resumes it, not a round.
+    resumed = RoundMachine(m.plan, RUN, dataclasses.replace(m.progress(), pending="final"), SHA0, 0.0)
+    assert resumed.phase == Phase.GATHER and resumed.final and resumed.eval_splits(resumed.round) == ("test",)
+
+
+def test_without_a_final_test_the_last_round_evaluates_test_and_the_run_ends_there() -> None:
+    m = _machine()
+    _join_all(m)
+    _finish_round(m, 0.0)
+    m.next_round(4.0)
+    _finish_round(m, 10.0)
+    assert m.eval_splits(1) == ("val", "test")
+    assert m.next_round(14.0) == [Finished(2)]
