@@ -22,6 +22,7 @@ from condi_models.server_optimizer import ServerOptimizerConfig
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
 from federation.secagg.quantize import OverflowConfigError, check_overflow_bounds, choose_ring_bits
+from federation.wire import MIN_CHUNK_BYTES
 from silo_agent.config import ADDRESS_PATTERN, SILO_ID_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class FederationConfig(StrictModel):
         default=2000, ge=50, description="how often idle silos ask for work and busy silos report liveness"
     )
     max_chunk_bytes: int = Field(
-        default=1 << 20, ge=1024, le=1 << 20, description="largest chunk of a state or update, in bytes"
+        default=1 << 20, ge=MIN_CHUNK_BYTES, le=1 << 20, description="largest chunk of a state or update, in bytes"
     )
     model_selection: Literal["last", "best_val_auroc"] = Field(
         default="best_val_auroc",

@@ -168,7 +168,9 @@ class StateDownload:
             if self.manifest is None:
                 self.manifest = manifest
                 self._assembler = wire.Reassembler(
-                    max_payload_bytes=manifest.payload_bytes, payload_sha256=manifest.payload_sha256
+                    max_payload_bytes=manifest.payload_bytes,
+                    payload_sha256=manifest.payload_sha256,
+                    min_chunk_bytes=min(wire.MIN_CHUNK_BYTES, self.max_chunk_bytes),
                 )
             self._expect_manifest = False
             return
@@ -251,7 +253,9 @@ def receive_upload(
     if check_header is not None:
         check_header(header, manifest)
     assembler = wire.Reassembler(
-        max_payload_bytes=manifest.payload_bytes, payload_sha256=manifest.payload_sha256
+        max_payload_bytes=manifest.payload_bytes,
+        payload_sha256=manifest.payload_sha256,
+        min_chunk_bytes=min(wire.MIN_CHUNK_BYTES, max_chunk_bytes),
     )
     for part in parts:
         if part.WhichOneof("part") != "chunk":

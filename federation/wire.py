@@ -11,6 +11,7 @@ transport: the gRPC layer only moves these objects.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -33,6 +34,14 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 }
 
 _MAX_NAME_CHARS = 512
+# Bounds checked before any work that grows with them (a shape's product, a list of chunks): a
+# model state has a few hundred tensors of rank <= 4.
+MAX_TENSORS = 4096
+MAX_RANK = 8
+MAX_DIM = 2**31 - 1
+MAX_MANIFEST_CHARS = 1 << 20
+# The smallest chunk size a peer may choose (federation.yaml's max_chunk_bytes has this floor).
+MIN_CHUNK_BYTES = 1024
 
 
 class WireError(ValueError):
@@ -91,6 +100,8 @@ class Manifest:
         raw_tensors = data["tensors"]
         if not isinstance(raw_tensors, list):
             raise WireError("manifest.tensors: expected a list")
+        if len(raw_tensors) > MAX_TENSORS:
+            raise WireError(f"manifest.tensors: {len(raw_tensors)} tensors, at most {MAX_TENSORS}")
         tensors = []
         for i, item in enumerate(raw_tensors):
             where = f"manifest.tensors[{i}]"
@@ -102,6 +113,8 @@ class Manifest:
             shape = item["shape"]
             if not isinstance(shape, list):
                 raise WireError(f"{where}.shape: expected a list of integers")
+            if len(shape) > MAX_RANK:
+                raise WireError(f"{where}.shape: {len(shape)} dimensions, at most {MAX_RANK}")
             tensors.append(
                 TensorSpec(
                     name=item["name"],
@@ -122,7 +135,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
-        """Parse and validate a manifest from JSON text."""
+        """Parse and validate a manifest from JSON text (at most ``MAX_MANIFEST_CHARS``)."""
+        if len(text) > MAX_MANIFEST_CHARS:
+            raise WireError(f"manifest: {len(text)} characters, at most {MAX_MANIFEST_CHARS}")
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -188,8 +203,12 @@ def validate_manifest(manifest: Manifest) -> None:
         seen.add(spec.name)
         if spec.dtype not in WIRE_DTYPES:
             raise WireError(f"{where}: dtype {spec.dtype!r} not allowed; expected one of {sorted(WIRE_DTYPES)}")
+        if len(spec.shape) > MAX_RANK:
+            raise WireError(f"{where}: {len(spec.shape)} dimensions, at most {MAX_RANK}")
         if any(d < 0 for d in spec.shape):
             raise WireError(f"{where}: negative dimension in shape {spec.shape}")
+        if any(d > MAX_DIM for d in spec.shape):
+            raise WireError(f"{where}: a dimension of shape {spec.shape} exceeds {MAX_DIM}")
         expected_length = math.prod(spec.shape) * WIRE_DTYPES[spec.dtype].itemsize
         if spec.length != expected_length:
             raise WireError(
@@ -253,13 +272,18 @@ class Reassembler:
 
     A chunk sent twice with the same bytes (a retried RPC) is accepted once; any chunk that is
     corrupt, out of range, from another payload, or that would push the payload past
-    ``max_payload_bytes`` raises :class:`WireError` naming it.
+    ``max_payload_bytes`` raises :class:`WireError` naming it. Every chunk but the last holds at
+    least ``min_chunk_bytes``, so a payload has at most ``ceil(max_payload_bytes /
+    min_chunk_bytes)`` chunks; a larger announced total is refused before anything is kept.
     """
 
-    def __init__(self, *, max_payload_bytes: int, payload_sha256: str | None = None) -> None:
+    def __init__(self, *, max_payload_bytes: int, payload_sha256: str | None = None, min_chunk_bytes: int = 1) -> None:
         if max_payload_bytes < 0:
             raise WireError(f"max_payload_bytes must be >= 0, got {max_payload_bytes}")
+        if min_chunk_bytes < 1:
+            raise WireError(f"min_chunk_bytes must be >= 1, got {min_chunk_bytes}")
         self.max_payload_bytes = max_payload_bytes
+        self.max_chunks = max(1, math.ceil(max_payload_bytes / min_chunk_bytes))
         self._payload_sha256 = payload_sha256
         self._total: int | None = None
         self._parts: dict[int, bytes] = {}
@@ -281,6 +305,10 @@ class Reassembler:
         # Nothing about the stream is learnt from a chunk until the chunk has passed every check.
         if not isinstance(piece.total, int) or piece.total < 1:
             raise WireError(f"{where}: total must be a positive integer")
+        if piece.total > self.max_chunks:
+            raise WireError(
+                f"{where}: a payload of at most {self.max_payload_bytes} bytes has at most {self.max_chunks} chunks"
+            )
         total = piece.total if self._total is None else self._total
         if piece.total != total:
             raise WireError(f"{where}: total {piece.total} differs from the {total} announced before")
@@ -311,9 +339,10 @@ class Reassembler:
         if self._total is None:
             raise WireError("no chunks received")
         if not self.complete:
-            missing = [i for i in range(self._total) if i not in self._parts]
-            shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise WireError(f"payload incomplete: {len(missing)} of {self._total} chunks missing ({shown})")
+            count = self._total - len(self._parts)
+            first = itertools.islice((i for i in range(self._total) if i not in self._parts), 10)
+            shown = ", ".join(str(i) for i in first) + (" ..." if count > 10 else "")
+            raise WireError(f"payload incomplete: {count} of {self._total} chunks missing ({shown})")
         data = b"".join(self._parts[i] for i in range(self._total))
         if _sha256(data) != self._payload_sha256:
             raise WireError("reassembled payload does not match its SHA-256")

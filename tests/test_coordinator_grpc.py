@@ -354,6 +354,22 @@ def test_bad_chunks_are_refused_naming_the_chunk(train: Train) -> None:
     assert (
         "chunk 0 of" in err.value.details() and "65537 bytes, over the limit of 65536" in err.value.details()
     )
+    # A chunk announcing a total the payload cannot have is refused before anything is kept.
+    huge = chunk_to_proto(wire.chunk(encoded, 4096)[0])
+    huge.total = 30_000_000
+    parts = [pb.UpdatePart(header=header), pb.UpdatePart(chunk=huge)]
+    with pytest.raises(grpc.RpcError) as err:
+        train.stubs["silo-1"].UploadUpdate(iter(parts), timeout=TIMEOUT)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "chunk 0 of 30000000: a payload of" in err.value.details()
+    # So is a header whose manifest lists 100,000 dimensions, without a shape product being taken.
+    manifest = encoded.manifest.to_dict()
+    manifest["tensors"][0]["shape"] = [2] * 100_000
+    deep = pb.UpdateHeader()
+    deep.CopyFrom(header)
+    deep.manifest_json = json.dumps(manifest)
+    with pytest.raises(grpc.RpcError) as err:
+        train.stubs["silo-1"].UploadUpdate(iter([pb.UpdatePart(header=deep)]), timeout=TIMEOUT)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "100000 dimensions, at most 8" in err.value.details()
 
 
 def test_updates_of_the_wrong_shape_dtype_or_with_nan_are_refused(train: Train) -> None:

@@ -280,3 +280,40 @@ def test_chunk_objects_are_plain_data() -> None:
     piece = chunk(encode_state({"x": np.ones(3, np.float32)}), 4)[0]
     assert isinstance(piece, Chunk)
     assert set(dataclasses.asdict(piece)) == {"index", "total", "data", "sha256", "payload_sha256"}
+
+
+def test_a_manifest_with_too_many_dimensions_tensors_or_characters_is_refused_before_any_product() -> None:
+    data = encode_state(_state()).manifest.to_dict()
+    deep = json.loads(json.dumps(data))
+    deep["tensors"][0]["shape"] = [2] * 100_000
+    with pytest.raises(WireError, match=r"manifest.tensors\[0\].shape: 100000 dimensions, at most 8"):
+        Manifest.from_json(json.dumps(deep))
+    many = {**data, "tensors": [data["tensors"][0]] * (wire.MAX_TENSORS + 1)}
+    with pytest.raises(WireError, match=f"{wire.MAX_TENSORS + 1} tensors, at most {wire.MAX_TENSORS}"):
+        Manifest.from_json(json.dumps(many))
+    wide = json.loads(json.dumps(data))
+    wide["tensors"][0]["shape"] = [2**40, 0]
+    with pytest.raises(WireError, match="exceeds 2147483647"):
+        Manifest.from_json(json.dumps(wide))
+    with pytest.raises(WireError, match="characters, at most"):
+        Manifest.from_json(" " * (wire.MAX_MANIFEST_CHARS + 1))
+
+
+def test_a_chunk_announcing_more_chunks_than_the_payload_can_have_is_refused_and_nothing_kept() -> None:
+    enc = encode_state({"big": np.zeros(1000, np.float32)})  # 4,000 bytes
+    pieces = chunk(enc, 1024)
+    r = Reassembler(max_payload_bytes=4000, payload_sha256=enc.manifest.payload_sha256, min_chunk_bytes=1024)
+    assert r.max_chunks == 4
+    with pytest.raises(WireError, match="chunk 0 of 30000000: a payload of at most 4000 bytes has at most 4 chunks"):
+        r.add(dataclasses.replace(pieces[0], total=30_000_000))
+    with pytest.raises(WireError, match="no chunks received"):
+        r.payload()
+    for p in pieces:
+        r.add(p)
+    assert r.payload() == enc.payload
+    # Missing chunks are listed without walking every index of a huge total.
+    r2 = Reassembler(max_payload_bytes=2**31, min_chunk_bytes=1)
+    r2.add(dataclasses.replace(pieces[0], total=2**31, index=2**31 - 1))
+    missing = r"2147483647 of 2147483648 chunks missing \(0, 1, 2, 3, 4, 5, 6, 7, 8, 9 \.\.\.\)"
+    with pytest.raises(WireError, match=missing):
+        r2.payload()
