@@ -59,7 +59,8 @@ class AggregationConfig(StrictModel):
         default="secure", description="plain lets the coordinator see every silo's update"
     )
     threshold: float | int = Field(
-        default=0.67,
+        # The smallest majority: with 3 silos a round, t = 2, so one silo may drop at any stage.
+        default=0.51,
         description="silos that must reach unmasking: a fraction (0.5, 1] of the selected or a count >= 2",
     )
     clip_bound: float = Field(default=1.0, ge=1.0, description="largest |parameter delta| summed; larger are clipped")

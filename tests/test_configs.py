@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from condi_models.configfile import ConfigError
-from coordinator.config import load_federation_config
+from coordinator.config import AggregationConfig, load_federation_config
 from silo_agent.cli import main as silo_main
 from silo_agent.config import load_site_config
 from tests.helpers import REPO
@@ -111,3 +111,10 @@ def test_console_scripts_installed():
         check=True,
     )
     assert json.loads(out.stdout)["name"] == "condi-demo"
+
+
+def test_the_default_threshold_survives_one_dropout_with_three_silos_a_round() -> None:
+    agg = AggregationConfig()
+    assert [agg.threshold_for(n) for n in (2, 3, 4, 5, 6, 10)] == [2, 2, 3, 3, 4, 6]
+    # Always a majority of the selected silos, so no two disjoint sets can both unmask.
+    assert all(2 * agg.threshold_for(n) > n for n in range(2, 60))

@@ -171,7 +171,7 @@ def test_clipping_is_counted_and_bounds_every_entry() -> None:
 def test_federation_config_secure_by_default_and_checks_overflow(tmp_path: Path, caplog) -> None:
     base = {"name": "f", "silos": ["a", "b", "c"], "silos_per_round": 3}
     cfg = parse_config(base, FederationConfig, "x")
-    assert cfg.secure and cfg.aggregation.threshold_for(3) == 3 and cfg.aggregation.resolved_ring_bits(3) == 32
+    assert cfg.secure and cfg.aggregation.threshold_for(3) == 2 and cfg.aggregation.resolved_ring_bits(3) == 32
     two = parse_config({**base, "aggregation": {"threshold": 2}}, FederationConfig, "x")
     assert two.aggregation.threshold_for(3) == 2
     for bad, key in (
