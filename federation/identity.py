@@ -104,9 +104,10 @@ def peer_identity(
 class RevocationList:
     """The serials revoked by the CA's CRL file, re-read whenever the file changes on disk.
 
-    A replacement that cannot be used (missing, unreadable, not signed by the CA) is logged once
-    and the last good list stays in force: it is still a valid statement of the CA, whereas
-    dropping it would un-revoke every certificate on it.
+    A replacement that cannot be used (missing, unreadable, not signed by the CA, or older: a
+    lower CRLNumber than the list in force, which would un-revoke what was revoked since) is
+    logged once and the last good list stays in force: it is still a valid statement of the CA,
+    whereas dropping it would un-revoke every certificate on it.
     """
 
     def __init__(self, crl_path: str | os.PathLike[str], ca_cert: x509.Certificate) -> None:
@@ -114,8 +115,13 @@ class RevocationList:
         self._ca_cert = ca_cert
         self._lock = threading.Lock()
         self._seen = self._signature()
-        self._serials = frozenset(pki.load_revoked_serials(self.path, ca_cert))
-        log.info("revocation list %s: %d revoked serials", self.path, len(self._serials))
+        self._current = pki.load_revocations(self.path, ca_cert)
+        log.info(
+            "revocation list %s (CRL number %d): %d revoked serials",
+            self.path,
+            self._current.number,
+            len(self._current.serials),
+        )
 
     def _signature(self) -> tuple[int, int, int, int] | None:
         # An atomic replace gives a new inode even when size and mtime happen to repeat.
@@ -129,27 +135,44 @@ class RevocationList:
         """The revoked serial numbers as of the file's current content."""
         signature = self._signature()
         with self._lock:
+            current = self._current
             if signature == self._seen:
-                return self._serials
+                return current.serials
             self._seen = signature
             if signature is None:
                 log.error(
                     "revocation list %s is gone; keeping the last %d revoked serials",
                     self.path,
-                    len(self._serials),
+                    len(current.serials),
                 )
-                return self._serials
+                return current.serials
             try:
-                self._serials = frozenset(pki.load_revoked_serials(self.path, self._ca_cert))
+                loaded = pki.load_revocations(self.path, self._ca_cert)
             except pki.PkiError as exc:
                 log.error(
                     "revocation list not reloaded, keeping the last %d revoked serials: %s",
-                    len(self._serials),
+                    len(current.serials),
                     exc,
                 )
-                return self._serials
-            log.info("revocation list %s reloaded: %d revoked serials", self.path, len(self._serials))
-            return self._serials
+                return current.serials
+            if loaded.number < current.number:
+                log.error(
+                    "revocation list %s has CRL number %d, older than the %d in force; keeping the %d "
+                    "revoked serials of the newer list",
+                    self.path,
+                    loaded.number,
+                    current.number,
+                    len(current.serials),
+                )
+                return current.serials
+            self._current = loaded
+            log.info(
+                "revocation list %s reloaded (CRL number %d): %d revoked serials",
+                self.path,
+                loaded.number,
+                len(loaded.serials),
+            )
+            return loaded.serials
 
 
 class _IdentifiedContext:

@@ -709,10 +709,18 @@ def _load_crl(crl_path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevo
     return crl
 
 
-def load_revoked_serials(
+@dataclass(frozen=True)
+class Revocations:
+    """What one CA-signed CRL says: its CRLNumber (-1 when it has none) and the revoked serials."""
+
+    number: int
+    serials: frozenset[int]
+
+
+def load_revocations(
     crl_path: str | os.PathLike[str], ca_cert: x509.Certificate, *, now: datetime | None = None
-) -> set[int]:
-    """Serial numbers revoked by the CA-signed CRL at ``crl_path``; a forged CRL is an error.
+) -> Revocations:
+    """The CA-signed CRL at ``crl_path``; a forged CRL is an error.
 
     A CRL past its next-update time is still used (it can only lack newer revocations, and the
     operator who writes it also runs the coordinator) but logged as stale.
@@ -722,7 +730,18 @@ def load_revoked_serials(
     next_update = crl.next_update_utc
     if next_update is not None and _now(now) > next_update:
         log.warning("revocation list %s is stale (next update was due %s)", path, next_update)
-    return {entry.serial_number for entry in crl}
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = -1
+    return Revocations(number=number, serials=frozenset(entry.serial_number for entry in crl))
+
+
+def load_revoked_serials(
+    crl_path: str | os.PathLike[str], ca_cert: x509.Certificate, *, now: datetime | None = None
+) -> set[int]:
+    """Serial numbers revoked by the CA-signed CRL at ``crl_path`` (see :func:`load_revocations`)."""
+    return set(load_revocations(crl_path, ca_cert, now=now).serials)
 
 
 def revoke(

@@ -515,6 +515,29 @@ def test_revocation_list_keeps_the_last_good_list(
     assert len(messages) == 2 and "not reloaded" in messages[0] and "gone" in messages[1]
 
 
+def test_an_older_crl_of_the_same_ca_does_not_un_revoke(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dev = pki.dev_pki(tmp_path / "pki", 2)
+    ca = pki.load_certificate(dev.ca.cert)
+    older = tmp_path / "older-crl.pem"
+    shutil.copy(dev.ca.crl, older)
+    pki.revoke(dev.ca.key.parent, dev.silos["silo-1"].cert)
+    serial = pki.load_certificate(dev.silos["silo-1"].cert).serial_number
+    newer = pki.load_revocations(dev.ca.crl, ca)
+    assert newer.serials == {serial} and newer.number > pki.load_revocations(older, ca).number
+    revocations = identity.RevocationList(dev.ca.crl, ca)
+    shutil.copy(dev.ca.crl, tmp_path / "kept.pem")
+    with caplog.at_level(logging.ERROR, logger="federation.identity"):
+        # Signed by the same CA, so only its CRL number tells it apart: it is refused.
+        shutil.copy(older, dev.ca.crl)
+        assert revocations.serials() == {serial}
+    messages = [r.getMessage() for r in caplog.records if r.name == "federation.identity"]
+    assert any("older than the" in m and "keeping the 1 revoked serials" in m for m in messages), messages
+    # The CA's next list (revoking silo-2 as well) is taken.
+    shutil.copy(tmp_path / "kept.pem", dev.ca.crl)
+    pki.revoke(dev.ca.key.parent, dev.silos["silo-2"].cert)
+    assert len(revocations.serials()) == 2
+
+
 def test_interceptor_fails_closed_on_a_plaintext_port(material: Material) -> None:
     ca = pki.load_certificate(material.main.ca.cert)
     interceptor = identity.IdentityInterceptor(ca, identity.RevocationList(material.main.ca.crl, ca), ALLOWED)
