@@ -173,6 +173,38 @@ class SecureLayout:
         parts.append(np.array([weights[g] for g in self.groups.group_names()], dtype=np.float64))
         return SecureContribution(vector=np.concatenate(parts), clipped=clipped)
 
+    def check_total(self, total: np.ndarray, silos: int, resolution: float) -> None:
+        """Refuse a summed vector that ``silos`` honest contributions cannot give.
+
+        Each silo's weights lie in [0, 1] and each of its entries within clip_bound x its weight of
+        that entry's group, so the sum's group weights lie in [0, silos] and each entry within
+        clip_bound x its group's summed weight; ``resolution`` is the rounding of one silo's entry
+        (2^-frac_bits), allowed once per silo. A silo that skipped clipping or capping, or sent
+        made-up values, is caught here, and :class:`ValueError` says what was out of bounds.
+        """
+        total = np.asarray(total, dtype=np.float64)
+        if total.shape != (self.vector_length,):
+            raise ValueError(f"summed vector has shape {total.shape}, the layout gives ({self.vector_length},)")
+        slack = silos * resolution
+        names = self.groups.group_names()
+        weights = dict(zip(names, total[len(total) - len(names) :].tolist()))
+        bad = {g: round(w, 6) for g, w in weights.items() if not -slack <= w <= silos + slack}
+        if bad:
+            raise ValueError(f"summed group weights outside [0, {silos}] for {silos} silos: {bad}")
+        offset = 0
+        for name in self._names():
+            shape = self.shapes[name]
+            size = int(np.prod(shape))
+            limit = self.clip_bound * np.broadcast_to(self.groups.weight_array(name, shape, weights), shape) + slack
+            entries = np.abs(total[offset : offset + size].reshape(shape))
+            if np.any(entries > limit):
+                worst = float(np.max(entries - limit))
+                raise ValueError(
+                    f"summed update of {name}: {int(np.sum(entries > limit))} entries exceed clip_bound x their "
+                    f"group's summed weight (by up to {worst:.4g}); a contribution was not clipped"
+                )
+            offset += size
+
     def average(self, global_params: Mapping[str, np.ndarray], total: np.ndarray) -> dict[str, np.ndarray]:
         """The new global parameters from the summed vectors alone (the secure counterpart of fedavg)."""
         total = np.asarray(total, dtype=np.float64)

@@ -198,7 +198,7 @@ class Evaluated:
 @dataclass(frozen=True)
 class Counted:
     """STATISTICS ended: pool the sums, checkpoint, then call :meth:`RoundMachine.statistics_recorded`
-    (or :meth:`RoundMachine.statistics_refused` when the sums cannot be used)."""
+    (or :meth:`RoundMachine.refuse_result` when the sums cannot be used)."""
 
     attempt: int
     participants: tuple[str, ...]
@@ -834,10 +834,11 @@ class RoundMachine:
         self.failures = 0
         self._gather("train", now)
 
-    def statistics_refused(self, message: str, now: float) -> list[Effect]:
-        """The summed statistics cannot be used (``message`` says why): the attempt failed."""
-        if self.phase != Phase.RECORD or self._next != "statistics":
-            raise RuntimeError(f"statistics_refused() called in phase {self.phase}")
+    def refuse_result(self, message: str, now: float) -> list[Effect]:
+        """The driver cannot use what the attempt produced (``message`` says why: summed statistics,
+        or an update sum out of bounds): the attempt failed and is retried, or the run fails."""
+        if self.phase != Phase.AGGREGATE and not (self.phase == Phase.RECORD and self._next == "statistics"):
+            raise RuntimeError(f"refuse_result() called in phase {self.phase}")
         return self._fail_attempt(f"round {self.round} attempt {self.attempt}: {message}", now)
 
     def aggregated(self, state_sha256: str, now: float) -> None:

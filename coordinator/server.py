@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2
 
-from condi_models.aggregation import SecureLayout, SiloUpdate, fedavg
+from condi_models.aggregation import SecureLayout, SiloUpdate
 from condi_models.checkpoint import atomic_write_bytes
 from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.config import ModelConfig
@@ -143,7 +143,9 @@ class Coordinator:
             final_test=cfg.model_selection == "best_val_auroc",
             lr_scales=tuple(round_lr_scale(cfg.training, r, cfg.rounds) for r in range(cfg.rounds)),
         )
-        self._secure_layout: SecureLayout | None = None
+        # How updates are averaged, plain or secure alike: weights capped at weight_unit samples,
+        # deltas clipped at clip_bound (condi_models.aggregation.SecureLayout).
+        self._layout: SecureLayout | None = None
         self._server_opt: ServerOptimizer | None = None
         loaded = self.store.load()
         tensors = None
@@ -185,8 +187,8 @@ class Coordinator:
         self.machine = RoundMachine(
             self.plan, self.ckpt.run_id, self.ckpt.progress, self.ckpt.state_sha256, clock(), self.ckpt.statistics
         )
-        if self._secure_layout is not None:
-            self.machine.vector_length = self._secure_layout.vector_length
+        if self._layout is not None and self.plan.secure is not None:
+            self.machine.vector_length = self._layout.vector_length
         if self.ckpt.layout is not None:
             self.machine.data_shape = (len(self.ckpt.layout.classes), self.ckpt.layout.n_features)
         self._downloads: dict[tuple[int, int, int], dict[str, int]] = {}
@@ -250,11 +252,10 @@ class Coordinator:
         )
         self._groups = groups
         self._server_opt = ServerOptimizer.for_model(self.cfg.server_optimizer, model)
-        if self.plan.secure is not None:
-            agg = self.cfg.aggregation
-            self._secure_layout = SecureLayout(groups, shapes, agg.clip_bound, agg.weight_unit)
-            if hasattr(self, "machine"):
-                self.machine.vector_length = self._secure_layout.vector_length
+        agg = self.cfg.aggregation
+        self._layout = SecureLayout(groups, shapes, agg.clip_bound, agg.weight_unit)
+        if self.plan.secure is not None and hasattr(self, "machine"):
+            self.machine.vector_length = self._layout.vector_length
         if hasattr(self, "machine"):
             self.machine.data_shape = (len(layout.classes), layout.n_features)
         sha = self._set_state(state)
@@ -516,8 +517,8 @@ class Coordinator:
         if running is not None:
             length, ring_bits = running.vector_length, running.quant.ring_bits
         else:
-            assert self._secure_layout is not None and self.plan.secure is not None
-            length, ring_bits = self._secure_layout.vector_length, self.plan.secure.quant.ring_bits
+            assert self._layout is not None and self.plan.secure is not None
+            length, ring_bits = self._layout.vector_length, self.plan.secure.quant.ring_bits
         dtype = f"uint{ring_bits}"
         expected = length * ring_bits // 8
 
@@ -744,12 +745,8 @@ class Coordinator:
         except StatisticsError as exc:
             log.error("the statistics of %s cannot be used: %s", ", ".join(effect.participants), exc)
             with self._cond:
-                effects = self.machine.statistics_refused(str(exc), self.clock())
-                for e in effects:
-                    if isinstance(e, Persist):
-                        self._checkpoint()
-                    elif isinstance(e, Retry):
-                        log.warning("retrying the data statistics: %s", e.message)
+                effects = self.machine.refuse_result(str(exc), self.clock())
+                self._persist(effects)
                 self._cond.notify_all()
             return [e for e in effects if isinstance(e, Failed)]
         with self._cond:
@@ -780,17 +777,31 @@ class Coordinator:
             "class_counts": np.rint(rounded[3 * f :]).tolist(),
         }
 
-    def _aggregate(self, effect: Aggregate) -> None:
-        assert self._model is not None
+    def _aggregate(self, effect: Aggregate) -> list[Any]:
+        assert self._model is not None and self._layout is not None and self._server_opt is not None
         t0 = self.clock()
-        assert self._server_opt is not None
+        layout = self._layout
         if effect.total is not None:
-            assert self._secure_layout is not None
-            # Only the sum of the masked vectors was ever unmasked: no individual update exists here.
-            averaged = self._secure_layout.average(self.global_state, effect.total)
+            # Only the sum of the masked vectors was ever unmasked: no individual update exists here,
+            # so the sum itself must be one that clipped, capped contributions can give.
+            assert self.plan.secure is not None
+            try:
+                layout.check_total(effect.total, len(effect.updates), 2.0**-self.plan.secure.quant.frac_bits)
+            except ValueError as exc:
+                return self._refuse_aggregate(effect, str(exc))
+            total = effect.total
         else:
-            updates = [SiloUpdate(params=u.params, weights=u.weights) for u in effect.updates.values()]
-            averaged = fedavg(self.global_state, updates, self._groups)
+            # Plain updates are capped and clipped as secure contributions are, so one silo's claims
+            # move the model no further in plain mode than in secure mode.
+            contributions = {
+                silo: layout.contribution(self.global_state, SiloUpdate(params=u.params, weights=u.weights))
+                for silo, u in effect.updates.items()
+            }
+            clipped = {silo: c.clipped for silo, c in contributions.items() if c.clipped}
+            if clipped:
+                log.warning("round %d: update entries clipped to +-%g: %s", effect.round, layout.clip_bound, clipped)
+            total = np.sum([c.vector for c in contributions.values()], axis=0)
+        averaged = layout.average(self.global_state, total)
         new_state = self._server_opt.step(self.global_state, averaged)
         aggregation_s = self.clock() - t0
         # In secure mode silos download and train in the ADVERTISE_KEYS task.
@@ -811,12 +822,12 @@ class Coordinator:
             self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
             self.ckpt.pending_row = train_summary(effect.round, record)
             self.ckpt.pending_row["aggregation"] = "plain" if effect.total is None else "secure"
-            if effect.total is not None and self._secure_layout is not None:
+            if effect.total is not None and self._layout is not None:
                 names = self._groups.group_names()
                 if "all" in names:
                     # The summed weights are the only sample count the coordinator learns.
                     summed = float(effect.total[names.index("all") - len(names)])
-                    self.ckpt.pending_row["samples"] = round(summed * self._secure_layout.weight_unit)
+                    self.ckpt.pending_row["samples"] = round(summed * self._layout.weight_unit)
                 self.ckpt.pending_row["clipped"] = int(
                     sum(u.claims.get("clipped", 0) for u in effect.updates.values())
                 )
@@ -829,6 +840,23 @@ class Coordinator:
             self.ckpt.pending_row["samples"],
             aggregation_s,
         )
+        return []
+
+    def _refuse_aggregate(self, effect: Aggregate, reason: str) -> list[Any]:
+        """The round's sum cannot be used: fail the attempt (it is retried), naming who took part."""
+        message = f"the sum of {', '.join(sorted(effect.updates))} was refused: {reason}"
+        log.error(
+            "round %d attempt %d: %s",
+            effect.round,
+            effect.attempt,
+            message,
+            extra={"event": {"event": "sum_refused", "round": effect.round, "silos": sorted(effect.updates)}},
+        )
+        with self._cond:
+            effects = self.machine.refuse_result(message, self.clock())
+            self._persist(effects)
+            self._cond.notify_all()
+        return [e for e in effects if isinstance(e, Failed)]
 
     def _record(self, effect: Evaluated) -> list[Any]:
         summary = self.ckpt.pending_row or {"round": effect.round}
@@ -948,6 +976,14 @@ class Coordinator:
             self._status_text = text
             atomic_write_bytes(self.run_dir / "status.json", (text + "\n").encode("utf-8"))
 
+    def _persist(self, effects: list[Any]) -> None:
+        """Carry out the bookkeeping effects (lock held): checkpoint a new attempt, log a retry."""
+        for effect in effects:
+            if isinstance(effect, Persist):
+                self._checkpoint()
+            elif isinstance(effect, Retry):
+                log.warning("retrying round %d: %s", effect.round, effect.message)
+
     def run(self) -> int:
         """Drive the run to its end and write the report; 0 when every round completed, else 1."""
         finished = self.machine.phase == Phase.DONE
@@ -956,11 +992,7 @@ class Coordinator:
                 now = self.clock()
                 before = (self.machine.round, self.machine.attempt, self.machine.phase)
                 effects = self.machine.tick(now)
-                for effect in effects:
-                    if isinstance(effect, Persist):
-                        self._checkpoint()
-                    elif isinstance(effect, Retry):
-                        log.warning("retrying round %d: %s", effect.round, effect.message)
+                self._persist(effects)
                 if (self.machine.round, self.machine.attempt, self.machine.phase) != before:
                     # Silos holding a GetTask long poll learn their new task now, not when the poll ends.
                     self._cond.notify_all()
@@ -971,7 +1003,7 @@ class Coordinator:
                 if isinstance(effect, Counted):
                     queue.extend(self._count(effect))
                 elif isinstance(effect, Aggregate):
-                    self._aggregate(effect)
+                    queue.extend(self._aggregate(effect))
                 elif isinstance(effect, Evaluated):
                     queue.extend(self._record(effect))
                 elif isinstance(effect, Failed):

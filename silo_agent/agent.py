@@ -102,6 +102,8 @@ class Faults:
 
     exit_at: tuple[int, int] | None = None
     nan_at_round: int | None = None
+    # (round, attempt) whose secure contribution is neither clipped nor weighted, as a hostile silo's.
+    unclipped_at: tuple[int, int] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Faults:
@@ -591,7 +593,14 @@ class SiloAgent:
             contribution = layout.contribution(start, SiloUpdate(params, result.group_weights))
         except ValueError as exc:
             raise secagg.ProtocolError(f"refusing to send the update of {key.describe()}: {exc}") from exc
-        if contribution.clipped:
+        vector = contribution.vector
+        if self.faults.unclipped_at == (key.round, key.attempt):
+            # Every entry at the clip bound whatever its weight: what the ring can carry of an update
+            # that was neither clipped nor weighted.
+            log.warning("fault injection: the %s contribution unweighted at +%g", key.describe(), enc.clip_bound)
+            vector = vector.copy()
+            vector[: -len(groups.group_names())] = enc.clip_bound
+        elif contribution.clipped:
             log.warning("%s: clipped %d update entries to +-%g", key.describe(), contribution.clipped, enc.clip_bound)
         capped = sorted(g for g, w in result.group_weights.items() if w > enc.weight_unit)
         if capped:
@@ -604,7 +613,7 @@ class SiloAgent:
             )
         claims.update(clipped=contribution.clipped, capped_weights=len(capped), samples=result.n_samples)
         quant = secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits)
-        return self._begin_secure(task, key, quant, contribution.vector, claims, plan.train_seed or 0)
+        return self._begin_secure(task, key, quant, vector, claims, plan.train_seed or 0)
 
     def _begin_secure(
         self,

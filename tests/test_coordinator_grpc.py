@@ -190,7 +190,7 @@ def _global(t: Train, silo: str) -> dict[str, np.ndarray]:
 
 def _params(t: Train, shift: float = 0.0) -> tuple[dict[str, np.ndarray], tuple[str, ...], dict[str, float]]:
     groups = aggregation_groups(t.model)
-    state = {k: v.numpy() + shift for k, v in t.model.state_to_named_tensors().items()}
+    state = {k: v + shift for k, v in _global(t, "silo-1").items()}
     params = {n: state[n] for n in groups.assignment}
     weights = {g: 8.0 for g in groups.group_names()}
     return params, groups.group_names(), weights
@@ -449,7 +449,7 @@ def _metrics(classes: int, n: int = 5) -> dict:
 
 
 def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: Train) -> None:
-    params, groups, weights = _params(train, shift=1.0)
+    params, groups, weights = _params(train, shift=0.25)
     one = encode_plain_update(params, weights, groups)
     claims = json.dumps({"silo_id": "silo-2", "phase_a_loss": 0.5})
     receipt = _upload(train, "silo-1", one, claims_json=claims)
@@ -465,7 +465,10 @@ def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: T
     assert (
         train.stubs["silo-2"].GetTask(pb.TaskRequest(wait_ms=0), timeout=TIMEOUT).ref.stage == pb.STAGE_TRAIN
     )
-    _upload(train, "silo-2", encode_plain_update(_params(train, shift=3.0)[0], weights, groups))
+    # silo-2 is hostile: it claims 10^12 samples and moves every entry by 1,000. Plain updates are
+    # capped at weight_unit samples and clipped at clip_bound (1) as secure ones are.
+    hostile = {g: 1e12 for g in groups}
+    _upload(train, "silo-2", encode_plain_update(_params(train, shift=1000.0)[0], hostile, groups), num_examples=10**12)
 
     evaluate = {}
     for silo, stub in train.stubs.items():
@@ -475,8 +478,10 @@ def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: T
         evaluate[silo] = task
     new_state = _global(Train(train.running, train.stubs, evaluate, train.settings, train.model), "silo-1")
     first = next(iter(params))
-    # Equal sample weights: the average of shifts 1 and 3 is 2.
-    np.testing.assert_allclose(new_state[first], params[first] + 1.0, rtol=1e-5, atol=1e-5)
+    # Weights 8 and 10,000 (the cap), deltas 0.25 and 1 (clipped): the hostile silo moved the model
+    # by at most the clip bound, not to its own values.
+    expected = (8 * 0.25 + 10_000 * 1.0) / 10_008
+    np.testing.assert_allclose(new_state[first], params[first] - 0.25 + expected, rtol=1e-5, atol=1e-5)
     bad = _metrics(3)
     bad["splits"]["val"]["n"] = 6
     with pytest.raises(grpc.RpcError) as err:
@@ -512,6 +517,42 @@ def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: T
     assert rows[0]["phase_a_loss"] == 0.5
 
 
+def _run_agents(
+    running: Running, material: pki.DevPki, tmp_path: Path, faults: dict[str, Faults], silos: tuple[str, ...]
+) -> dict[str, int]:
+    """Real silo agents on synthetic ECG shares, one thread each, until the run ends; their exit codes."""
+    agents = {}
+    for index, silo in enumerate(silos):
+        site = {
+            "silo_id": silo,
+            "data": {"source": "synthetic_ecg", "n_records": 20 * len(silos), "seed": 0, "seconds": 1.0},
+            "partition": {"silos": len(silos), "index": index, "scheme": "iid"},
+            "state_dir": str(tmp_path / silo),
+            "device": "cpu",
+            "coordinator": {"address": f"127.0.0.1:{running.server.port}", "give_up_after_s": 30},
+            "tls": {
+                "ca": str(material.ca.cert),
+                "cert": str(material.silos[silo].cert),
+                "key": str(material.silos[silo].key),
+            },
+        }
+        cfg = parse_config(site, SiteConfig, f"{silo}.yaml")
+        agents[silo] = SiloAgent(cfg, f"{silo}.yaml", faults=faults.get(silo, Faults()))
+    codes: dict[str, int] = {}
+    threads = [
+        threading.Thread(target=lambda s=s, a=a: codes.__setitem__(s, a.run()), daemon=True)
+        for s, a in agents.items()
+    ]
+    torch.set_num_threads(1)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    running.thread.join(30)
+    running.stop()
+    return codes
+
+
 def test_a_silo_agent_refuses_to_send_a_nan_update_and_the_round_goes_on(
     material: pki.DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -523,37 +564,8 @@ def test_a_silo_agent_refuses_to_send_a_nan_update_and_the_round_goes_on(
         timeouts={"gather_s": 60, "train_s": 8, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 5},
         training={"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100},
     )
-    agents = {}
-    for index, silo in enumerate(("silo-1", "silo-2")):
-        site = {
-            "silo_id": silo,
-            "data": {"source": "synthetic_ecg", "n_records": 40, "seed": 0, "seconds": 1.0},
-            "partition": {"silos": 2, "index": index, "scheme": "iid"},
-            "state_dir": str(tmp_path / silo),
-            "device": "cpu",
-            "coordinator": {"address": f"127.0.0.1:{running.server.port}", "give_up_after_s": 30},
-            "tls": {
-                "ca": str(material.ca.cert),
-                "cert": str(material.silos[silo].cert),
-                "key": str(material.silos[silo].key),
-            },
-        }
-        cfg = parse_config(site, SiteConfig, f"{silo}.yaml")
-        faults = Faults(nan_at_round=0) if silo == "silo-2" else Faults()
-        agents[silo] = SiloAgent(cfg, f"{silo}.yaml", faults=faults)
-    codes: dict[str, int] = {}
-    threads = [
-        threading.Thread(target=lambda s=s, a=a: codes.__setitem__(s, a.run()), daemon=True)
-        for s, a in agents.items()
-    ]
-    torch.set_num_threads(1)
     with caplog.at_level(logging.INFO):
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        running.thread.join(30)
-    running.stop()
+        codes = _run_agents(running, material, tmp_path, {"silo-2": Faults(nan_at_round=0)}, ("silo-1", "silo-2"))
     assert codes == {"silo-1": 0, "silo-2": 0}
     assert running.exit_codes == [0]
     refusals = [r.getMessage() for r in caplog.records if "refusing to send the update" in r.getMessage()]
@@ -565,3 +577,29 @@ def test_a_silo_agent_refuses_to_send_a_nan_update_and_the_round_goes_on(
     report = json.loads((running.run_dir / "report.json").read_text())
     assert report["status"] == "complete" and (running.run_dir / "global_model.npz").is_file()
     assert report["model_selection"]["selected_round"] == 0 and report["final_test"]["n"] > 0
+
+
+def test_a_secure_sum_a_hostile_silo_left_unclipped_is_refused_and_the_round_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    material = pki.dev_pki(tmp_path / "pki", 3)
+    silos = ("silo-1", "silo-2", "silo-3")
+    running = _start(
+        tmp_path,
+        material,
+        list(silos),
+        rounds=1,
+        timeouts={"gather_s": 60, "train_s": 60, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 5},
+        training={"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100, "min_local_steps": 0},
+        aggregation={"mode": "secure"},
+    )
+    # silo-2 skips clipping in the first training attempt (attempt 1: the statistics took 0).
+    with caplog.at_level(logging.INFO):
+        codes = _run_agents(running, material, tmp_path, {"silo-2": Faults(unclipped_at=(0, 1))}, silos)
+    assert codes == dict.fromkeys(silos, 0) and running.exit_codes == [0]
+    messages = [r.getMessage() for r in caplog.records]
+    retries = [m for m in messages if m.startswith("retrying round 0")]
+    assert len(retries) == 1 and "the sum of silo-1, silo-2, silo-3 was refused" in retries[0]
+    assert "a contribution was not clipped" in retries[0]
+    rows = [json.loads(line) for line in (running.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["attempt"]) for r in rows] == [(0, 2)] and rows[0]["aggregation"] == "secure"

@@ -179,7 +179,7 @@ def test_statistics_that_cannot_be_used_fail_the_attempt_and_are_asked_for_again
     for silo, part in zip(machine.plan.allowed, parts, strict=True):
         _report(machine, silo, part)
     machine.tick(2.0)
-    effects = machine.statistics_refused("the summed statistics: nonsense", 2.0)
+    effects = machine.refuse_result("the summed statistics: nonsense", 2.0)
     assert [type(e).__name__ for e in effects] == ["Retry", "Persist"]
     assert effects[1].progress.pending == "statistics"
     machine.tick(3.0)
@@ -187,7 +187,7 @@ def test_statistics_that_cannot_be_used_fail_the_attempt_and_are_asked_for_again
     for silo, part in zip(machine.plan.allowed, parts, strict=True):
         _report(machine, silo, part)
     machine.tick(4.0)
-    (failed,) = machine.statistics_refused("again", 4.0)
+    (failed,) = machine.refuse_result("again", 4.0)
     assert type(failed).__name__ == "Failed" and "giving up after 2 failed attempts" in failed.message
 
 
