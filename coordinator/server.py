@@ -78,6 +78,7 @@ from federation.transfer import (
     stage_name,
     state_parts,
 )
+from federation.untrusted import shown
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +348,8 @@ class Coordinator:
         log.info(
             "silo %s joined (software %s, capabilities %s, %d training samples disclosed)",
             silo,
-            request.software_version or "?",
-            list(request.capabilities),
+            shown(request.software_version or "?", 64),
+            [shown(c, 64) for c in request.capabilities[:16]],
             request.data.num_samples,
         )
         return reply
@@ -702,11 +703,11 @@ class Coordinator:
             now = self.clock()
             self.machine.seen(silo, now)
             if request.leaving:
-                self._depart(silo, request.leaving[:500], now)
+                self._depart(silo, shown(request.leaving, 500), now)
             elif silo in self.machine.joined():
                 reply.current.CopyFrom(self.machine.task_for(silo, now).key.to_proto())
         if request.status:
-            log.debug("silo %s: %s (%.0f%%)", silo, request.status[:200], 100 * request.progress)
+            log.debug("silo %s: %s (%.0f%%)", silo, shown(request.status), 100 * request.progress)
         return reply
 
     def _depart(self, silo: str, reason: str, now: float) -> None:

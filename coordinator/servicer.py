@@ -4,7 +4,7 @@ Each handler is a few lines. The caller's silo id comes only from
 :func:`federation.identity.identity_of` (the per-call certificate check of
 :class:`~federation.identity.IdentityInterceptor`), never from a message field. A refusal is
 aborted with the status the protocol prescribes and logged once, naming the silo, the call and
-the reason.
+the reason; an unexpected error is logged with its traceback and answered with a bare INTERNAL.
 """
 # ruff: noqa: N802  (servicer methods carry the gRPC method names)
 
@@ -65,6 +65,10 @@ class FederationServicer(pb_grpc.FederationServicer):
             )
         except (TransferError, ReportError) as exc:
             self._refuse(context, method, silo, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:
+            # The text of an unexpected error stays in the coordinator's log; the peer learns nothing.
+            log.exception("%s from silo %s failed unexpectedly", method, silo)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error; the coordinator's log has the details")
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         return self._call(context, "Join", lambda silo: self.coordinator.join(silo, request))

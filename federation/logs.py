@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +51,9 @@ def configure(level: int = logging.INFO, json_path: str | Path | None = None) ->
     if json_path is not None:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Events name silos, rounds and refusals: readable by the service's user alone, as metrics are.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        os.chmod(path, 0o600)
         structured = logging.FileHandler(path, encoding="utf-8")
         structured.setFormatter(JsonLinesFormatter())
         root.addHandler(structured)

@@ -13,16 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from condi_models.checkpoint import atomic_write_bytes
 from federation import wire
 from federation.transfer import StageKey
+from federation.untrusted import shown
 
 log = logging.getLogger(__name__)
 
 _KEEP_DONE = 64
+_SHA256 = re.compile("[0-9a-f]{64}")
 
 
 class AgentState:
@@ -77,7 +80,10 @@ class AgentState:
             self._write()
 
     def cached_state(self, sha256: str) -> wire.EncodedState | None:
-        """The cached global state with this SHA-256, or None (also when the cache is damaged)."""
+        """The cached global state with this SHA-256, or None (also when the cache is damaged); a
+        ``sha256`` that is not 64 lowercase hex characters (it names files here) is an error."""
+        if not _SHA256.fullmatch(sha256):
+            raise wire.WireError(f"task.state_sha256: expected 64 lowercase hex characters, got {shown(sha256, 80)}")
         manifest_path = self.cache / f"{sha256}.manifest.json"
         payload_path = self.cache / f"{sha256}.bin"
         if not manifest_path.is_file() or not payload_path.is_file():

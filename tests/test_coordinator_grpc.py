@@ -603,3 +603,29 @@ def test_a_secure_sum_a_hostile_silo_left_unclipped_is_refused_and_the_round_ret
     assert "a contribution was not clipped" in retries[0]
     rows = [json.loads(line) for line in (running.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["attempt"]) for r in rows] == [(0, 2)] and rows[0]["aggregation"] == "secure"
+
+
+def test_silo_strings_are_escaped_and_capped_in_logs_and_unexpected_errors_stay_internal(
+    material: pki.DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = _start(tmp_path, material, ["silo-1", "silo-2"])
+    try:
+        stub = running.stub("silo-1")
+        forged = "1.0\n2026-12-05 INFO coordinator: silo silo-2 joined" + "x" * 3_000_000
+        request = _join_request()
+        request.software_version = forged
+        with caplog.at_level(logging.INFO):
+            assert stub.Join(request, timeout=TIMEOUT).accepted
+        (line,) = [r.getMessage() for r in caplog.records if "silo silo-1 joined" in r.getMessage()]
+        assert "\n" not in line and "1.0\\n2026-12-05" in line and "more characters" in line and len(line) < 1000
+
+        def boom(silo: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+            raise RuntimeError("secret detail of the coordinator's state")
+
+        monkeypatch.setattr(running.server.coordinator, "heartbeat", boom)
+        with caplog.at_level(logging.ERROR), pytest.raises(grpc.RpcError) as err:
+            stub.Heartbeat(pb.HeartbeatRequest(status="x"), timeout=TIMEOUT)
+        assert _code(err) == grpc.StatusCode.INTERNAL and "secret" not in err.value.details()
+        assert any("Heartbeat from silo silo-1 failed unexpectedly" in r.getMessage() for r in caplog.records)
+    finally:
+        running.stop()

@@ -77,6 +77,7 @@ def test_harness_cli_runs_a_small_federation_and_prints_the_report(tmp_path: Pat
         assert torch.equal(value, torch.from_numpy(state[name]))
     assert (run_dir / "curves.png").stat().st_size > 0
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert (run_dir / "events.jsonl").stat().st_mode & 0o777 == 0o600
     assert any(e.get("event") == "round_done" and e.get("round") == 1 for e in events)
     assert [e["round"] for e in events if e.get("event") == "model_selected"] == [selection["selected_round"]]
     assert sum(e.get("event") == "final_test" for e in events) == 1

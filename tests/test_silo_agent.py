@@ -185,6 +185,9 @@ def test_agent_state_remembers_finished_tasks_and_caches_the_state(tmp_path: Pat
     assert again.cached_state(second.manifest.payload_sha256) is None
     (tmp_path / "state" / "agent.json").write_text("{broken")
     assert AgentState(tmp_path / "state").run_id is None
+    # The SHA-256 a task names becomes a file name here: anything but 64 hex characters is refused.
+    with pytest.raises(wire.WireError, match="task.state_sha256: expected 64 lowercase hex characters"):
+        again.cached_state("../../etc/passwd")
 
 
 def test_fault_flags_are_parsed_strictly() -> None:
