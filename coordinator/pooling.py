@@ -36,16 +36,26 @@ def _number(data: Mapping[str, Any], key: str, where: str, *, optional: bool = F
     return float(value)
 
 
-def check_split_report(data: Any, n_classes: int, where: str) -> dict[str, Any]:
-    """Validate one split's scores from a silo; returns them unchanged."""
+def check_split_report(
+    data: Any, n_classes: int, where: str, *, max_n: int, entries_per_sample: int
+) -> dict[str, Any]:
+    """Validate one split's scores from a silo; returns them unchanged.
+
+    Every count is bounded before it weighs in a pooled figure: at most ``max_n`` samples, at most
+    ``entries_per_sample`` hidden entries per sample, scores in [0, 1], losses and errors >= 0.
+    """
     if not isinstance(data, Mapping):
         raise ReportError(f"{where}: expected an object")
     n = _number(data, "n", where)
-    if n is None or n < 1 or n != int(n):
-        raise ReportError(f"{where}.n: expected a positive whole number")
-    for key in ("loss", "accuracy", "macro_f1"):
-        _number(data, key, where)
-    _number(data, "macro_auroc", where, optional=True)
+    if n is None or n < 1 or n != int(n) or n > max_n:
+        raise ReportError(f"{where}.n: expected a whole number from 1 to {max_n}")
+    for key in ("accuracy", "macro_f1", "macro_auroc"):
+        value = _number(data, key, where, optional=key == "macro_auroc")
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ReportError(f"{where}.{key}: expected a score in [0, 1], got {value!r}")
+    loss = _number(data, "loss", where)
+    if loss is None or loss < 0:
+        raise ReportError(f"{where}.loss: expected a number >= 0")
     cm = data.get("confusion_matrix")
     matrix = np.asarray(cm) if isinstance(cm, list) else None
     if (
@@ -61,7 +71,13 @@ def check_split_report(data: Any, n_classes: int, where: str) -> dict[str, Any]:
         if not isinstance(imputation, Mapping):
             raise ReportError(f"{where}.imputation: expected an object or null")
         for key in ("n_entries", "mae", "rmse"):
-            _number(imputation, key, f"{where}.imputation")
+            value = _number(imputation, key, f"{where}.imputation")
+            if value is None or value < 0:
+                raise ReportError(f"{where}.imputation.{key}: expected a number >= 0")
+        if imputation["n_entries"] > n * entries_per_sample:
+            raise ReportError(
+                f"{where}.imputation.n_entries: more than {entries_per_sample} hidden entries per sample"
+            )
     return dict(data)
 
 

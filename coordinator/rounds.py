@@ -836,8 +836,9 @@ class RoundMachine:
 
     def refuse_result(self, message: str, now: float) -> list[Effect]:
         """The driver cannot use what the attempt produced (``message`` says why: summed statistics,
-        or an update sum out of bounds): the attempt failed and is retried, or the run fails."""
-        if self.phase != Phase.AGGREGATE and not (self.phase == Phase.RECORD and self._next == "statistics"):
+        an update sum or summed scores out of bounds): the attempt failed and is retried (the same
+        stage again), or the run fails."""
+        if self.phase not in (Phase.AGGREGATE, Phase.RECORD):
             raise RuntimeError(f"refuse_result() called in phase {self.phase}")
         return self._fail_attempt(f"round {self.round} attempt {self.attempt}: {message}", now)
 

@@ -32,6 +32,7 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from condi_models.aggregation import SecureLayout, SiloUpdate
+from condi_models.batches import record_window_starts
 from condi_models.checkpoint import atomic_write_bytes
 from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.config import ModelConfig
@@ -64,7 +65,7 @@ from federation import secagg_wire as sw
 from federation.faults import exit_hard
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
-from federation.secure_metrics import decode_metrics
+from federation.secure_metrics import MetricsEncodingError, decode_metrics
 from federation.settings import RunSettings
 from federation.statistics import PooledStatistics, StatisticsError, StatisticsLayout, check_statistics_report
 from federation.transfer import (
@@ -641,9 +642,10 @@ class Coordinator:
         missing = [s for s in wanted if s not in data["splits"]]
         if missing:
             raise ReportError(f"metrics_json.splits: missing {missing}")
+        bounds = {"max_n": self.cfg.max_silo_records, "entries_per_sample": self._entries_per_sample()}
         report = {
             "splits": {
-                s: check_split_report(data["splits"][s], len(layout.classes), f"metrics_json.splits.{s}")
+                s: check_split_report(data["splits"][s], len(layout.classes), f"metrics_json.splits.{s}", **bounds)
                 for s in wanted
             },
         }
@@ -662,6 +664,15 @@ class Coordinator:
             first["n"],
         )
         return pb.Receipt(ref=request.ref, duplicate=duplicate)
+
+    def _entries_per_sample(self) -> int:
+        """The most hidden entries one evaluated sample can contribute: every channel of every
+        window evaluation takes of it (overlapping record windows count an entry more than once)."""
+        assert self._model is not None
+        settings = self._model.settings
+        window = settings.model.length
+        windows = len(record_window_starts(settings.layout.length, window, settings.evaluation.window_stride))
+        return settings.layout.n_features * window * windows
 
     def _report_statistics(self, silo: str, key: StageKey, digest: str, data: Any, ref: pb.StageRef) -> pb.Receipt:
         """Check and record a silo's plain statistics report (sums over its training split)."""
@@ -845,13 +856,20 @@ class Coordinator:
 
     def _refuse_aggregate(self, effect: Aggregate, reason: str) -> list[Any]:
         """The round's sum cannot be used: fail the attempt (it is retried), naming who took part."""
-        message = f"the sum of {', '.join(sorted(effect.updates))} was refused: {reason}"
+        return self._refuse_sum(effect.round, effect.attempt, tuple(sorted(effect.updates)), reason)
+
+    def _refuse_evaluation(self, effect: Evaluated, reason: str) -> list[Any]:
+        """The round's summed scores cannot be used: fail the evaluation attempt (it is retried)."""
+        return self._refuse_sum(effect.round, effect.attempt, effect.participants, reason)
+
+    def _refuse_sum(self, round_index: int, attempt: int, silos: tuple[str, ...], reason: str) -> list[Any]:
+        message = f"the sum of {', '.join(silos)} was refused: {reason}"
         log.error(
             "round %d attempt %d: %s",
-            effect.round,
-            effect.attempt,
+            round_index,
+            attempt,
             message,
-            extra={"event": {"event": "sum_refused", "round": effect.round, "silos": sorted(effect.updates)}},
+            extra={"event": {"event": "sum_refused", "round": round_index, "silos": list(silos)}},
         )
         with self._cond:
             effects = self.machine.refuse_result(message, self.clock())
@@ -864,11 +882,15 @@ class Coordinator:
         stage = pb.STAGE_EVALUATE if effect.total is None else pb.STAGE_ADVERTISE_KEYS
         with self._cond:
             eval_bytes = dict(self._downloads.get((effect.round, effect.attempt, stage), {}))
-            pooled = (
-                None
-                if effect.total is None
-                else decode_metrics(self.machine.metrics_layout(effect.round), effect.total, len(effect.participants))
-            )
+            layout = self.machine.metrics_layout(effect.round)
+        pooled = None
+        if effect.total is not None:
+            try:
+                pooled = decode_metrics(
+                    layout, effect.total, len(effect.participants), max_n=self.cfg.max_silo_records
+                )
+            except MetricsEncodingError as exc:
+                return self._refuse_evaluation(effect, str(exc))
         secure_sum = None if pooled is None else (effect.participants, pooled)
         row = round_row(summary, effect.attempt, effect.stage_s, effect.reports, eval_bytes, secure_sum=secure_sum)
         with self._cond:

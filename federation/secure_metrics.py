@@ -101,8 +101,10 @@ def encode_metrics(layout: MetricsLayout, results: Mapping[str, EvalResult]) -> 
     return vector
 
 
-def decode_metrics(layout: MetricsLayout, total: np.ndarray, silos: int) -> dict[str, Any]:
-    """Pooled scores from the unmasked sum of ``silos`` metrics vectors.
+def decode_metrics(layout: MetricsLayout, total: np.ndarray, silos: int, *, max_n: int) -> dict[str, Any]:
+    """Pooled scores from the unmasked sum of ``silos`` metrics vectors, each of at most ``max_n``
+    samples a split; a sum no such silos could give (too many samples, counts that disagree,
+    negative counts or errors) raises :class:`MetricsEncodingError`.
 
     Returns ``{name: pooled}`` per split, each in the form of :func:`coordinator.pooling.pool_split`
     plus ``"secure_sum": True``.
@@ -115,6 +117,8 @@ def decode_metrics(layout: MetricsLayout, total: np.ndarray, silos: int) -> dict
     for i, split in enumerate(layout.splits):
         v = total[i * layout.split_length : (i + 1) * layout.split_length]
         n = int(round(v[0]))
+        if n > silos * max_n:
+            raise MetricsEncodingError(f"metrics sum: {n} {split} samples from {silos} silos of at most {max_n}")
         if n < 1:
             continue
         at = 2
@@ -125,6 +129,17 @@ def decode_metrics(layout: MetricsLayout, total: np.ndarray, silos: int) -> dict
         neg = np.rint(v[at : at + c * b]).reshape(c, b)
         at += c * b
         entries, abs_sum, sq_sum = v[at : at + 3]
+        if (
+            int(confusion.sum()) != n
+            or np.any(confusion < 0)
+            or np.any(pos < 0)
+            or np.any(neg < 0)
+            or np.any(pos.sum(axis=1) + neg.sum(axis=1) != n)
+            or min(entries, abs_sum, sq_sum, v[1]) < -silos
+        ):
+            raise MetricsEncodingError(
+                f"metrics sum: the {split} counts disagree (confusion matrix, score histograms and n) or are negative"
+            )
         pooled: dict[str, Any] = {
             "n": n,
             "silos": silos,

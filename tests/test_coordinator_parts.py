@@ -71,6 +71,10 @@ def test_model_is_built_from_the_layout_with_the_window_cut_to_the_records() -> 
     assert whole.window == 30
 
 
+# At most 50 samples a split and 10 hidden entries a sample.
+BOUNDS = {"max_n": 50, "entries_per_sample": 10}
+
+
 def _split_report(y: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict:
     c = classification_metrics(y, probs, classes)
     return {
@@ -94,7 +98,7 @@ def test_pooled_accuracy_and_macro_f1_equal_the_metrics_of_the_pooled_data() -> 
         probs = rng.dirichlet(np.ones(4), n)
         parts.append((y, probs))
     reports = [
-        check_split_report(_split_report(y, p, classes), 4, f"silo{i}") for i, (y, p) in enumerate(parts)
+        check_split_report(_split_report(y, p, classes), 4, f"silo{i}", **BOUNDS) for i, (y, p) in enumerate(parts)
     ]
     pooled = pool_split(reports)
     whole = classification_metrics(
@@ -113,11 +117,30 @@ def test_split_reports_that_do_not_add_up_are_refused() -> None:
     y = np.array([0, 1, 1])
     good = _split_report(y, np.eye(2)[y], ("a", "b"))
     with pytest.raises(ReportError, match="confusion_matrix"):
-        check_split_report({**good, "n": 4}, 2, "s")
+        check_split_report({**good, "n": 4}, 2, "s", **BOUNDS)
     with pytest.raises(ReportError, match=r"s\.accuracy"):
-        check_split_report({**good, "accuracy": float("nan")}, 2, "s")
+        check_split_report({**good, "accuracy": float("nan")}, 2, "s", **BOUNDS)
     with pytest.raises(ReportError, match="confusion_matrix"):
-        check_split_report(good, 3, "s")
+        check_split_report(good, 3, "s", **BOUNDS)
+
+
+def test_split_reports_are_bounded_before_they_weigh_in_a_pooled_figure() -> None:
+    y = np.arange(60) % 2
+    many = _split_report(y, np.eye(2)[y], ("a", "b"))
+    with pytest.raises(ReportError, match=r"s\.n: expected a whole number from 1 to 50"):
+        check_split_report(many, 2, "s", **BOUNDS)  # issue 13: n = 10^12 outweighed every other silo
+    good = _split_report(y[:5], np.eye(2)[y[:5]], ("a", "b"))
+    assert check_split_report(good, 2, "s", **BOUNDS) == good
+    cases = {
+        r"s\.accuracy: expected a score in \[0, 1\]": {**good, "accuracy": 1.5},
+        r"s\.macro_auroc: expected a score in \[0, 1\]": {**good, "macro_auroc": -0.2},
+        r"s\.loss: expected a number >= 0": {**good, "loss": -3.0},
+        r"s\.imputation\.mae: expected a number >= 0": {**good, "imputation": {**good["imputation"], "mae": -1.0}},
+        "more than 10 hidden entries per sample": {**good, "imputation": {**good["imputation"], "n_entries": 51}},
+    }
+    for message, doc in cases.items():
+        with pytest.raises(ReportError, match=message):
+            check_split_report(doc, 2, "s", **BOUNDS)
 
 
 def _checkpoint(

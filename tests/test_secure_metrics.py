@@ -79,7 +79,7 @@ def test_summed_vectors_pool_like_clear_reports(seed: int) -> None:
     # Through the ring as the secure sum does it: quantize each, add mod 2^64, dequantize.
     codes = [quantize(encode_metrics(layout, e), METRICS_QUANT, rng) for e in evals]
     total = dequantize(np.sum(codes, axis=0, dtype=np.uint64), METRICS_QUANT)
-    pooled = decode_metrics(layout, total, len(evals))
+    pooled = decode_metrics(layout, total, len(evals), max_n=60)
     for split in layout.splits:
         clear = pool_split([split_report(e[split]) for e in evals])
         got = pooled[split]
@@ -107,6 +107,24 @@ def test_encoding_refuses_non_finite_and_oversized_sums() -> None:
         encode_metrics(layout, {"val": huge})
     with pytest.raises(MetricsEncodingError, match="no evaluation of the 'test' split"):
         encode_metrics(MetricsLayout(len(CLASSES), ("val", "test")), {"val": result})
+
+
+def test_a_sum_no_honest_silos_could_give_is_refused() -> None:
+    rng = np.random.default_rng(5)
+    layout = MetricsLayout(len(CLASSES), ("val",))
+    total = sum(encode_metrics(layout, {"val": _silo_eval(rng, 20)}) for _ in range(3))
+    assert decode_metrics(layout, total, 3, max_n=20)["val"]["n"] == 60
+    with pytest.raises(MetricsEncodingError, match="60 val samples from 3 silos of at most 19"):
+        decode_metrics(layout, total, 3, max_n=19)
+    # A silo adding 10^12 samples to n alone (issue 13: it set the pooled accuracy to 0.99999999999).
+    inflated = total.copy()
+    inflated[0] += 1e6
+    with pytest.raises(MetricsEncodingError, match="the val counts disagree"):
+        decode_metrics(layout, inflated, 3, max_n=10**7)
+    negative = total.copy()
+    negative[2] -= 5  # a confusion count made negative
+    with pytest.raises(MetricsEncodingError, match="disagree"):
+        decode_metrics(layout, negative, 3, max_n=20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +172,7 @@ def test_round_machine_secure_evaluation_reveals_only_the_pooled_scores(silos) -
     assert isinstance(done, Evaluated) and machine.phase == Phase.RECORD
     assert done.reports == {} and done.total is not None
     assert done.participants == tuple(s for s in machine.plan.allowed if s != dropped)
-    pooled = decode_metrics(layout, done.total, len(done.participants))["val"]
+    pooled = decode_metrics(layout, done.total, len(done.participants), max_n=100)["val"]
     clear = pool_split([split_report(evals[s]["val"]) for s in done.participants])
     assert pooled["confusion_matrix"] == clear["confusion_matrix"]
     assert pooled["accuracy"] == pytest.approx(clear["accuracy"])

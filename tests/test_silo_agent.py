@@ -186,7 +186,7 @@ def test_agent_state_remembers_finished_tasks_and_caches_the_state(tmp_path: Pat
     (tmp_path / "state" / "agent.json").write_text("{broken")
     assert AgentState(tmp_path / "state").run_id is None
     # The SHA-256 a task names becomes a file name here: anything but 64 hex characters is refused.
-    with pytest.raises(wire.WireError, match="task.state_sha256: expected 64 lowercase hex characters"):
+    with pytest.raises(wire.WireError, match=r"task\.state_sha256: expected 64 lowercase hex characters"):
         again.cached_state("../../etc/passwd")
 
 
