@@ -139,7 +139,7 @@ def transfer_case(repeats: int, root: Path) -> dict[str, Any]:
         reply = client.join(
             pb.JoinRequest(
                 protocol_version=PROTOCOL_VERSION,
-                data=data_summary(info, num_samples=100, observed_samples=[100] * 12),
+                data=data_summary(info),
             )
         )
         settings = RunSettings.from_json(reply.model_config_json)

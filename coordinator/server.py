@@ -347,11 +347,10 @@ class Coordinator:
         reply.accepted = True
         reply.model_config_json = self._model.settings.to_json()
         log.info(
-            "silo %s joined (software %s, capabilities %s, %d training samples disclosed)",
+            "silo %s joined (software %s, capabilities %s)",
             silo,
             shown(request.software_version or "?", 64),
             [shown(c, 64) for c in request.capabilities[:16]],
-            request.data.num_samples,
         )
         return reply
 
@@ -793,6 +792,7 @@ class Coordinator:
         assert self._model is not None and self._layout is not None and self._server_opt is not None
         t0 = self.clock()
         layout = self._layout
+        clipped_entries: int | None = None  # known in plain mode only
         if effect.total is not None:
             # Only the sum of the masked vectors was ever unmasked: no individual update exists here,
             # so the sum itself must be one that clipped, capped contributions can give.
@@ -812,6 +812,7 @@ class Coordinator:
             clipped = {silo: c.clipped for silo, c in contributions.items() if c.clipped}
             if clipped:
                 log.warning("round %d: update entries clipped to +-%g: %s", effect.round, layout.clip_bound, clipped)
+            clipped_entries = sum(clipped.values())
             total = np.sum([c.vector for c in contributions.values()], axis=0)
         averaged = layout.average(self.global_state, total)
         new_state = self._server_opt.step(self.global_state, averaged)
@@ -840,9 +841,8 @@ class Coordinator:
                     # The summed weights are the only sample count the coordinator learns.
                     summed = float(effect.total[names.index("all") - len(names)])
                     self.ckpt.pending_row["samples"] = round(summed * self._layout.weight_unit)
-                self.ckpt.pending_row["clipped"] = int(
-                    sum(u.claims.get("clipped", 0) for u in effect.updates.values())
-                )
+            if clipped_entries is not None:
+                self.ckpt.pending_row["clipped"] = clipped_entries
             self._checkpoint()
             self._cond.notify_all()
         log.info(

@@ -335,22 +335,18 @@ def decode_plain_update(
 # Data layout
 
 
-def data_summary(info: DatasetInfo, *, num_samples: int, observed_samples: Sequence[int]) -> pb.DataSummary:
-    """What a silo tells the coordinator about its data: the layout and counts, never a record."""
-    if len(observed_samples) != info.n_modalities:
-        raise TransferError(f"{len(observed_samples)} observed counts for {info.n_modalities} modalities")
+def data_summary(info: DatasetInfo) -> pb.DataSummary:
+    """What a silo tells the coordinator about its data at Join: the layout alone, no count and no
+    record (counts go through the statistics stage, federation.statistics)."""
     return pb.DataSummary(
         dataset=info.name,
         sampling_rate_hz=info.sampling_rate_hz,
         length=info.length,
         modalities=[
-            pb.ModalitySummary(
-                name=m.name, channels=len(m.channels), observed_samples=int(c), channel_names=list(m.channels)
-            )
-            for m, c in zip(info.modalities, observed_samples, strict=True)
+            pb.ModalitySummary(name=m.name, channels=len(m.channels), channel_names=list(m.channels))
+            for m in info.modalities
         ],
         classes=list(info.classes),
-        num_samples=num_samples,
         task=info.task,
     )
 

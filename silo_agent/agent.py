@@ -87,6 +87,10 @@ _LONG_POLL_MS = 30_000
 _MOVED_ON = frozenset(
     {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
 )
+# What a silo still says about its update under secure aggregation.
+_SECURE_CLAIMS = frozenset(
+    {"phase_a_s", "phase_b_s", "download_s", "download_bytes", "epsilon", "delta", "noise_multiplier"}
+)
 _SECURE_STAGES = (pb.STAGE_ADVERTISE_KEYS, pb.STAGE_SHARE_KEYS, pb.STAGE_MASKED_INPUT, pb.STAGE_UNMASK)
 LEDGER_FILE = "privacy-ledger.json"
 SECRET_FILE = "dp.secret"
@@ -611,9 +615,11 @@ class SiloAgent:
                 enc.weight_unit,
                 enc.weight_unit,
             )
-        claims.update(clipped=contribution.clipped, capped_weights=len(capped), samples=result.n_samples)
+        # Sample counts and losses would tell the coordinator what the secure sum hides; only timings,
+        # bytes and the DP budget spent go out in the clear.
+        public = {k: v for k, v in claims.items() if k in _SECURE_CLAIMS}
         quant = secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits)
-        return self._begin_secure(task, key, quant, vector, claims, plan.train_seed or 0)
+        return self._begin_secure(task, key, quant, vector, public, plan.train_seed or 0)
 
     def _begin_secure(
         self,

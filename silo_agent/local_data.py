@@ -51,9 +51,7 @@ class LocalData:
 
     def summary(self) -> pb.DataSummary:
         """The Join data summary: layout and counts, no record."""
-        return data_summary(
-            self.info, num_samples=len(self.train), observed_samples=self.train.modality_counts().tolist()
-        )
+        return data_summary(self.info)
 
     def statistics(self) -> SiloStatistics:
         """The sums over the training split that the federation pools before round 0."""

@@ -119,7 +119,7 @@ def _join_request(info=INFO, version: int = 1) -> pb.JoinRequest:
     return pb.JoinRequest(
         protocol_version=version,
         software_version="test",
-        data=data_summary(info, num_samples=8, observed_samples=[8] * info.n_modalities),
+        data=data_summary(info),
     )
 
 

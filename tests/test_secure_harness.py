@@ -83,6 +83,8 @@ def test_secure_metrics_leave_the_coordinator_only_pooled_scores(tmp_path: Path)
         assert row["val"]["secure_sum"] is True and row["val"]["silos"] == 3, row["val"]
         assert row["evaluated_by"] == ["silo-1", "silo-2", "silo-3"]
         assert sum(map(sum, row["val"]["confusion_matrix"])) == row["val"]["n"]
+    # Nor did any silo's sample count or losses: the rows hold the summed weight alone.
+    assert all(r["phase_a_loss"] is None and r["phase_b_loss"] is None and r["samples"] > 0 for r in rows)
     # The data statistics went through a secure sum too: no silo's own sums reached the coordinator.
     assert "data statistics pooled from 3 silos (secure sum)" in coordinator_log
     assert "statistics from silo" not in coordinator_log

@@ -163,11 +163,13 @@ def test_upload_stream_is_checked_header_first() -> None:
         receive_upload(iter([*parts, parts[0]]), max_chunk_bytes=64, max_payload_bytes=10**6)
 
 
-def test_data_summary_carries_the_layout_without_records() -> None:
+def test_data_summary_carries_the_layout_without_records_or_counts() -> None:
     ds = toy_dataset(20, modalities=(1, 2, 3), length=30, n_classes=3)
-    summary = data_summary(ds.info, num_samples=20, observed_samples=[20, 18, 5])
-    assert summary.modalities[1].channels == 2 and summary.modalities[2].observed_samples == 5
-    assert info_from_summary(summary) == ds.info
+    summary = data_summary(ds.info)
+    assert summary.modalities[1].channels == 2 and info_from_summary(summary) == ds.info
+    # No count travels at Join (issue 13 item 9): the fields are gone from the wire contract.
+    assert "num_samples" not in pb.DataSummary.DESCRIPTOR.fields_by_name
+    assert "observed_samples" not in pb.ModalitySummary.DESCRIPTOR.fields_by_name
     broken = pb.DataSummary()
     broken.CopyFrom(summary)
     del broken.modalities[1].channel_names[1]

@@ -84,34 +84,30 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ..., payload_sha256: _Optional[str] = ...) -> None: ...
 
 class ModalitySummary(_message.Message):
-    __slots__ = ("name", "channels", "observed_samples", "channel_names")
+    __slots__ = ("name", "channels", "channel_names")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
-    OBSERVED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     channels: int
-    observed_samples: int
     channel_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., channels: _Optional[int] = ..., observed_samples: _Optional[int] = ..., channel_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., channels: _Optional[int] = ..., channel_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DataSummary(_message.Message):
-    __slots__ = ("dataset", "sampling_rate_hz", "length", "modalities", "classes", "num_samples", "task")
+    __slots__ = ("dataset", "sampling_rate_hz", "length", "modalities", "classes", "task")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
-    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     sampling_rate_hz: float
     length: int
     modalities: _containers.RepeatedCompositeFieldContainer[ModalitySummary]
     classes: _containers.RepeatedScalarFieldContainer[str]
-    num_samples: int
     task: str
-    def __init__(self, dataset: _Optional[str] = ..., sampling_rate_hz: _Optional[float] = ..., length: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalitySummary, _Mapping]]] = ..., classes: _Optional[_Iterable[str]] = ..., num_samples: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., sampling_rate_hz: _Optional[float] = ..., length: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalitySummary, _Mapping]]] = ..., classes: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("protocol_version", "software_version", "capabilities", "data")
