@@ -114,6 +114,12 @@ class FederationConfig(StrictModel):
         description="the model exported and tested: the last round's, or the round's with the best pooled "
         "validation macro AUROC (test is then evaluated once, on it, after the last round)",
     )
+    max_calls_per_silo: int = Field(
+        default=4,
+        ge=2,
+        le=64,
+        description="calls one silo may have in progress at once (long poll, heartbeat, transfer); more are refused",
+    )
     max_silo_records: int = Field(
         default=1_000_000,
         ge=1,

@@ -1136,11 +1136,13 @@ class CoordinatorServer:
         ca = pki.load_certificate(cfg.tls.ca)
         interceptor = identity.IdentityInterceptor(ca, identity.RevocationList(cfg.tls.crl, ca), cfg.silos)
         credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
-        # Every silo may hold a long poll and run one more call at a time.
+        # Each silo may have max_calls_per_silo calls in progress (the servicer refuses more), so the
+        # workers cannot all be taken by one silo; a few more serve health checks.
+        workers = cfg.max_calls_per_silo * len(cfg.silos) + 8
         self._bound = tls.secure_server(
-            cfg.listen, credentials, interceptors=[interceptor], max_workers=4 * len(cfg.silos) + 8
+            cfg.listen, credentials, interceptors=[interceptor], max_workers=workers, max_concurrent_rpcs=workers
         )
-        FederationServicer(self.coordinator).register(self._bound.server)
+        FederationServicer(self.coordinator, max_calls_per_silo=cfg.max_calls_per_silo).register(self._bound.server)
         self._health = tls.add_health_service(self._bound.server)
         self.port = self._bound.port
 

@@ -10,7 +10,9 @@ the reason; an unexpected error is logged with its traceback and answered with a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
@@ -41,8 +43,13 @@ _CODES = {
 class FederationServicer(pb_grpc.FederationServicer):
     """Thin handlers over one :class:`~coordinator.server.Coordinator`."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, *, max_calls_per_silo: int) -> None:
         self.coordinator = coordinator
+        # Calls each silo has in progress: one silo's flood of long polls must not occupy the
+        # worker threads every other silo's heartbeats need.
+        self.max_calls_per_silo = max_calls_per_silo
+        self._in_flight: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def register(self, server: grpc.Server) -> None:
         """Add this servicer to ``server``."""
@@ -55,8 +62,29 @@ class FederationServicer(pb_grpc.FederationServicer):
         log.warning("refused %s from silo %s (%s): %s", method, silo, code.name, why)
         context.abort(code, why)
 
+    @contextlib.contextmanager
+    def _slot(self, context: grpc.ServicerContext, method: str, silo: str) -> Iterator[None]:
+        with self._lock:
+            busy = self._in_flight.get(silo, 0)
+            if busy < self.max_calls_per_silo:
+                self._in_flight[silo] = busy + 1
+        if busy >= self.max_calls_per_silo:
+            self._refuse(
+                context, method, silo, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"silo {silo!r} already has {busy} calls in progress (max_calls_per_silo {self.max_calls_per_silo})",
+            )
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight[silo] -= 1
+
     def _call(self, context: grpc.ServicerContext, method: str, action: Callable[[str], T]) -> T:
         silo = identity_of(context).silo_id
+        with self._slot(context, method, silo):
+            return self._act(context, method, silo, action)
+
+    def _act(self, context: grpc.ServicerContext, method: str, silo: str, action: Callable[[str], T]) -> T:
         try:
             return action(silo)
         except ProtocolError as exc:

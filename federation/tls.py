@@ -199,16 +199,18 @@ def secure_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_workers: int = 16,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_concurrent_rpcs: int | None = None,
 ) -> BoundServer:
     """A gRPC server with only a TLS port, bound at ``address`` (``host:0`` picks a free port).
 
     Add servicers, then call ``start()``; ``max_workers`` bounds concurrent calls, long polls
-    included.
+    included; beyond ``max_concurrent_rpcs`` calls are refused (RESOURCE_EXHAUSTED) instead of queued.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="condi-grpc"),
         interceptors=list(interceptors),
         options=server_options(max_message_bytes),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     try:
         port = server.add_secure_port(address, credentials)

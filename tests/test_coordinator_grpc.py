@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -627,5 +628,29 @@ def test_silo_strings_are_escaped_and_capped_in_logs_and_unexpected_errors_stay_
             stub.Heartbeat(pb.HeartbeatRequest(status="x"), timeout=TIMEOUT)
         assert _code(err) == grpc.StatusCode.INTERNAL and "secret" not in err.value.details()
         assert any("Heartbeat from silo silo-1 failed unexpectedly" in r.getMessage() for r in caplog.records)
+    finally:
+        running.stop()
+
+
+def test_one_silo_flooding_long_polls_is_capped_and_others_are_still_served(
+    material: pki.DevPki, tmp_path: Path
+) -> None:
+    running = _start(tmp_path, material, ["silo-1", "silo-2"], max_calls_per_silo=4)
+    try:
+        flooder, other = running.stub("silo-1"), running.stub("silo-2")
+        # silo-2 stays out of the run, so the gather (and silo-1's task) holds still.
+        assert flooder.Join(_join_request(), timeout=TIMEOUT).accepted
+        current = flooder.GetTask(pb.TaskRequest(wait_ms=0), timeout=TIMEOUT).ref
+        held = pb.TaskRequest(ref=current, wait_ms=8000)
+        with futures.ThreadPoolExecutor(max_workers=40) as pool:
+            calls = [pool.submit(flooder.GetTask.future(held, timeout=TIMEOUT).exception) for _ in range(40)]
+            # The four allowed polls are held for 8 s; the others come back at once.
+            done, _ = futures.wait(calls, timeout=4)
+            refused = [call.result() for call in done]
+            assert len(refused) == 36
+            assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
+            assert "already has 4 calls in progress" in refused[0].details()
+            # The four held polls do not starve anyone else: silo-2 is answered at once.
+            assert other.Heartbeat(pb.HeartbeatRequest(status="ok"), timeout=5).silo_id == "silo-2"
     finally:
         running.stop()
