@@ -270,6 +270,9 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
         }
         if profile.missingness is not None:
             site["simulated_missingness"] = dict(profile.missingness)
+        if not opts.secure or per_round < 2:
+            # The sites agree to what the harness was asked to run (one silo a round is plain).
+            site["policy"] = {"require_secure_aggregation": False, "min_silos_per_round": min(2, per_round)}
         privacy = opts.privacy(sid)
         if privacy is not None:
             site["privacy"] = privacy

@@ -100,6 +100,10 @@ class JoinRefusedError(RuntimeError):
     """The coordinator would not accept this silo; the message is its reason."""
 
 
+class PolicyRefusedError(RuntimeError):
+    """The run breaks this site's policy; the message says how."""
+
+
 @dataclass(frozen=True)
 class Faults:
     """Failures to inject on purpose (tests and the harness); none by default."""
@@ -235,6 +239,9 @@ class SiloAgent:
         reply = self.client.join(request)
         if not reply.accepted:
             raise JoinRefusedError(reply.reason)
+        violation = self._policy_violation(None, reply)
+        if violation is not None:
+            raise PolicyRefusedError(violation)
         if reply.silo_id != self.cfg.silo_id:
             log.warning(
                 "the coordinator knows this certificate as silo %s, site.yaml says %s",
@@ -306,12 +313,16 @@ class SiloAgent:
 
     def _leave(self, exc: BudgetExhausted) -> int:
         """The budget is spent: tell the coordinator this silo leaves the run, then end with status 0."""
-        assert self.client is not None
         log.warning("%s", exc)
-        reason = (
+        self._depart(
             f"privacy budget spent: epsilon {exc.spent:.4g} of {exc.target:g} over {exc.rounds_done} of "
             f"{exc.planned_rounds} planned rounds"
         )
+        return 0
+
+    def _depart(self, reason: str) -> None:
+        """Tell the coordinator this silo leaves the run for good, and why (it records the reason)."""
+        assert self.client is not None
         timeout = self.client.endpoint.rpc_timeout_s
         request = pb.HeartbeatRequest(status="leaving", leaving=reason)
         try:
@@ -321,7 +332,29 @@ class SiloAgent:
             detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
             log.warning("could not tell the coordinator that this silo leaves (%s)", detail)
         log.info("silo %s leaves the run: %s", self.cfg.silo_id, reason)
-        return 0
+
+    def _policy_violation(self, task: pb.Task | None, reply: pb.JoinReply | None = None) -> str | None:
+        """Why the run or ``task`` breaks this site's policy (site.yaml ``policy:``), or None."""
+        policy = self.cfg.policy
+        if reply is not None and policy.max_rounds is not None and reply.rounds > policy.max_rounds:
+            return f"the run has {reply.rounds} rounds, site policy allows at most {policy.max_rounds}"
+        if task is None:
+            return None
+        if policy.require_secure_aggregation and task.aggregation != pb.AGGREGATION_MODE_SECURE:
+            return (
+                "site policy requires secure aggregation, and this run is plain "
+                "(the coordinator would see this silo's data sums and updates)"
+            )
+        if task.threshold and task.threshold < policy.min_threshold:
+            return f"threshold t = {task.threshold}, site policy requires at least {policy.min_threshold}"
+        if task.selected and len(task.selected) < policy.min_silos_per_round:
+            return f"{len(task.selected)} silos in this stage, site policy requires {policy.min_silos_per_round}"
+        return None
+
+    def _refuse_by_policy(self, reason: str) -> int:
+        log.error("silo %s refuses the run: %s", self.cfg.silo_id, reason)
+        self._depart(f"refused by site policy: {reason}")
+        return 2
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -343,6 +376,8 @@ class SiloAgent:
             return self._loop()
         except BudgetExhausted as exc:
             return self._leave(exc)
+        except PolicyRefusedError as exc:
+            return self._refuse_by_policy(str(exc))
         except JoinRefusedError as exc:
             log.error("the coordinator refused silo %s: %s", self.cfg.silo_id, exc)
             return 2
@@ -377,6 +412,9 @@ class SiloAgent:
                 return 0
             workable = key.stage in (pb.STAGE_STATISTICS, pb.STAGE_TRAIN, pb.STAGE_EVALUATE, *_SECURE_STAGES)
             if workable and not self.state.is_done(key) and key not in self._refused:
+                violation = self._policy_violation(task)
+                if violation is not None:
+                    raise PolicyRefusedError(violation)
                 self._work(task, key)
             elif key == last and time.monotonic() - asked < 0.05:
                 time.sleep(task.poll_after_ms / 1000.0 or self.poll_interval_s)

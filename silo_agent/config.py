@@ -117,6 +117,22 @@ def expected_rounds(rounds: int, silos_per_round: int, allowed_silos: int) -> in
     return max(1, math.ceil(rounds * min(silos_per_round, allowed_silos) / allowed_silos))
 
 
+class SitePolicy(StrictModel):
+    """What this hospital agrees to take part in; a run that breaks it is left, saying why."""
+
+    require_secure_aggregation: bool = Field(
+        default=True, description="refuse a run whose coordinator would see this silo's update or statistics"
+    )
+    min_threshold: int = Field(
+        default=2, ge=2, description="least secure-aggregation threshold t this silo takes part under"
+    )
+    min_silos_per_round: int = Field(
+        default=2, ge=1, description="least silos a stage may have beside this one included"
+    )
+    max_rounds: int | None = Field(default=None, ge=1, description="most rounds a run may have (none: any)")
+    require_dp: bool = Field(default=False, description="train only with DP-SGD: site.yaml must have privacy:")
+
+
 class SiteConfig(StrictModel):
     """A silo's configuration (site.yaml)."""
 
@@ -135,11 +151,14 @@ class SiteConfig(StrictModel):
     privacy: SitePrivacy | None = Field(
         default=None, description="DP-SGD with a budget kept in state_dir (none when absent)"
     )
+    policy: SitePolicy = Field(default_factory=SitePolicy, description="what runs this silo takes part in")
 
     @model_validator(mode="after")
     def _tls_with_coordinator(self) -> SiteConfig:
         if self.coordinator is not None and self.tls is None:
             raise ValueError("tls: required when a coordinator is configured")
+        if self.policy.require_dp and self.privacy is None:
+            raise ValueError("policy.require_dp: the site requires DP-SGD, so a privacy: section is needed")
         return self
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from condi_models.configfile import parse_config
+from condi_models.configfile import ConfigError, parse_config
 from condi_models.nn.model import CondIModel
 from condi_models.training import aggregation_groups
 from coordinator.config import FederationConfig
@@ -519,9 +519,18 @@ def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: T
 
 
 def _run_agents(
-    running: Running, material: pki.DevPki, tmp_path: Path, faults: dict[str, Faults], silos: tuple[str, ...]
+    running: Running,
+    material: pki.DevPki,
+    tmp_path: Path,
+    faults: dict[str, Faults],
+    silos: tuple[str, ...],
+    policies: dict[str, dict] | None = None,
 ) -> dict[str, int]:
-    """Real silo agents on synthetic ECG shares, one thread each, until the run ends; their exit codes."""
+    """Real silo agents on synthetic ECG shares, one thread each, until the run ends; their exit codes.
+
+    A silo's site policy allows the run's aggregation mode unless ``policies`` says otherwise.
+    """
+    plain = running.server.coordinator.plan.secure is None
     agents = {}
     for index, silo in enumerate(silos):
         site = {
@@ -536,6 +545,7 @@ def _run_agents(
                 "cert": str(material.silos[silo].cert),
                 "key": str(material.silos[silo].key),
             },
+            "policy": (policies or {}).get(silo, {"require_secure_aggregation": not plain}),
         }
         cfg = parse_config(site, SiteConfig, f"{silo}.yaml")
         agents[silo] = SiloAgent(cfg, f"{silo}.yaml", faults=faults.get(silo, Faults()))
@@ -654,3 +664,42 @@ def test_one_silo_flooding_long_polls_is_capped_and_others_are_still_served(
             assert other.Heartbeat(pb.HeartbeatRequest(status="ok"), timeout=5).silo_id == "silo-2"
     finally:
         running.stop()
+
+
+def test_a_silo_whose_policy_the_run_breaks_leaves_it_saying_why(
+    material: pki.DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A plain run: silo-2 keeps the default policy (secure aggregation required), silo-1 allows it.
+    running = _start(
+        tmp_path,
+        material,
+        ["silo-1", "silo-2"],
+        rounds=1,
+        timeouts={"gather_s": 60, "train_s": 60, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 5},
+        training={"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100, "min_local_steps": 0},
+    )
+    policies = {"silo-1": {"require_secure_aggregation": False, "min_silos_per_round": 1}, "silo-2": {}}
+    with caplog.at_level(logging.INFO):
+        codes = _run_agents(running, material, tmp_path, {}, ("silo-1", "silo-2"), policies)
+    assert codes == {"silo-1": 0, "silo-2": 2} and running.exit_codes == [0]
+    report = json.loads((running.run_dir / "report.json").read_text())
+    assert report["status"] == "complete"
+    assert "refused by site policy: site policy requires secure aggregation" in report["departed"]["silo-2"]
+    # It refused before sending anything: the statistics came from silo-1 alone.
+    assert any("data statistics pooled from 1 silos (silo-1)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_longer_than_the_sites_policy_allows_is_refused_at_join(material: pki.DevPki, tmp_path: Path) -> None:
+    running = _start(tmp_path, material, ["silo-1", "silo-2"], rounds=5)
+    try:
+        policy = {"require_secure_aggregation": False, "max_rounds": 3}
+        codes = _run_agents(running, material, tmp_path, {}, ("silo-1",), {"silo-1": policy})
+    finally:
+        running.stop()
+    assert codes == {"silo-1": 2}
+
+
+def test_a_site_that_requires_dp_needs_a_privacy_section() -> None:
+    site = {"silo_id": "silo-1", "data": {"source": "synthetic_ecg", "n_records": 8}, "policy": {"require_dp": True}}
+    with pytest.raises(ConfigError, match=r"policy\.require_dp"):
+        parse_config(site, SiteConfig, "site.yaml")
