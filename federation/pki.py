@@ -151,8 +151,7 @@ def read_passphrase(file: str | os.PathLike[str] | None = None, env: str | None 
             data = path.read_bytes()
         except OSError as exc:
             raise PkiError(f"{path}: cannot read passphrase file ({exc.strerror})") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("passphrase file %s is readable by other users; chmod 600 it", path)
+        _refuse_shared(path, mode, "passphrase file")
         if data.endswith(b"\r\n"):
             data = data[:-2]
         elif data.endswith(b"\n"):
@@ -206,6 +205,12 @@ def _make_dir(path: Path) -> None:
         raise PkiError(f"{path}: cannot create directory ({exc.strerror})") from exc
 
 
+def _refuse_shared(path: Path, mode: int, what: str) -> None:
+    """A key or passphrase other users can read (or change) is refused, not used with a warning."""
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PkiError(f"{path}: {what} is open to other users (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -230,6 +235,7 @@ def load_private_key(
     """Read a PEM P-256 private key, decrypting it with ``passphrase`` when it is protected."""
     p = Path(path)
     data = _read(p, "private key")
+    _refuse_shared(p, p.stat().st_mode, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=passphrase)
     except TypeError as exc:

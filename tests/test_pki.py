@@ -383,8 +383,18 @@ def test_read_passphrase_from_file_or_environment(tmp_path: Path, monkeypatch: p
         pki.read_passphrase(file=f, env="CONDI_TEST_PASS")
     empty = tmp_path / "empty"
     empty.write_bytes(b"\n")
+    empty.chmod(0o600)
     with pytest.raises(pki.PkiError, match="empty: passphrase file is empty"):
         pki.read_passphrase(file=empty)
+    f.chmod(0o640)
+    with pytest.raises(pki.PkiError, match=r"pass: passphrase file is open to other users \(mode 640\); chmod 600 it"):
+        pki.read_passphrase(file=f)
+    dev = pki.dev_pki(tmp_path / "dev", 1)
+    key = dev.silos["silo-1"].key
+    assert pki.load_private_key(key) is not None  # written 0600
+    key.chmod(0o644)
+    with pytest.raises(pki.PkiError, match="private key is open to other users"):
+        pki.load_private_key(key)
     with pytest.raises(pki.PkiError, match="absent: cannot read passphrase file"):
         pki.read_passphrase(file=tmp_path / "absent")
 
