@@ -54,12 +54,7 @@ def _start(root: Path, material: pki.DevPki) -> CoordinatorServer:
         "min_silos": 1,
         "run_dir": str(root / "run"),
         "listen": "127.0.0.1:0",
-        "tls": {
-            "ca": str(material.ca.cert),
-            "cert": str(material.server.cert),
-            "key": str(material.server.key),
-            "crl": str(material.ca.crl),
-        },
+        "tls": material.coordinator_tls(),
         "poll_interval_ms": 100,
         "timeouts": {"gather_s": 600, "train_s": 600, "evaluate_s": 600, "liveness_s": 600},
         "aggregation": {"mode": "plain"},

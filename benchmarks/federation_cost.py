@@ -116,12 +116,7 @@ def transfer_case(repeats: int, root: Path) -> dict[str, Any]:
         "min_silos": 1,
         "run_dir": str(root / "run"),
         "listen": "127.0.0.1:0",
-        "tls": {
-            "ca": str(material.ca.cert),
-            "cert": str(material.server.cert),
-            "key": str(material.server.key),
-            "crl": str(material.ca.crl),
-        },
+        "tls": material.coordinator_tls(),
         "model": LARGE_MODEL,
         "timeouts": {"train_s": 3600.0, "liveness_s": 600.0},
     }

@@ -214,12 +214,7 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
         "seed": opts.seed,
         "run_dir": str(out / "coordinator"),
         "listen": f"127.0.0.1:{port}",
-        "tls": {
-            "ca": str(material.ca.cert),
-            "cert": str(material.server.cert),
-            "key": str(material.server.key),
-            "crl": str(material.ca.crl),
-        },
+        "tls": material.coordinator_tls(),
         "poll_interval_ms": 500,
         "timeouts": timeouts,
         "model": dict(opts.model if opts.model is not None else profile.model),

@@ -110,6 +110,15 @@ class DevPki:
     server: ServerPaths
     silos: dict[str, SiloPaths]
 
+    def coordinator_tls(self) -> dict[str, str]:
+        """The ``tls:`` section of a federation.yaml served with this PKI."""
+        return {
+            "ca": str(self.ca.cert),
+            "cert": str(self.server.cert),
+            "key": str(self.server.key),
+            "crl": str(self.ca.crl),
+        }
+
 
 @dataclass(frozen=True)
 class ChainReport:

@@ -83,12 +83,7 @@ def _start(root: Path, material: pki.DevPki, allowed: list[str], **overrides: ob
         "seed": 3,
         "run_dir": str(root / "run"),
         "listen": "127.0.0.1:0",
-        "tls": {
-            "ca": str(material.ca.cert),
-            "cert": str(material.server.cert),
-            "key": str(material.server.key),
-            "crl": str(material.ca.crl),
-        },
+        "tls": material.coordinator_tls(),
         "poll_interval_ms": 100,
         "max_chunk_bytes": 65536,
         "timeouts": {"gather_s": 60, "train_s": 60, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 1},
@@ -518,6 +513,21 @@ def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: T
     assert rows[0]["phase_a_loss"] == 0.5
 
 
+def _start_for_agents(
+    tmp_path: Path, material: pki.DevPki, allowed: list[str], *, train_s: float = 60, **overrides: object
+) -> Running:
+    """A one-round coordinator for real silo agents (see :func:`_run_agents`)."""
+    return _start(
+        tmp_path,
+        material,
+        allowed,
+        rounds=1,
+        timeouts={"gather_s": 60, "train_s": train_s, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 5},
+        training={"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100, "min_local_steps": 0},
+        **overrides,
+    )
+
+
 def _run_agents(
     running: Running,
     material: pki.DevPki,
@@ -567,14 +577,7 @@ def _run_agents(
 def test_a_silo_agent_refuses_to_send_a_nan_update_and_the_round_goes_on(
     material: pki.DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    running = _start(
-        tmp_path,
-        material,
-        ["silo-1", "silo-2"],
-        rounds=1,
-        timeouts={"gather_s": 60, "train_s": 8, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 5},
-        training={"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100},
-    )
+    running = _start_for_agents(tmp_path, material, ["silo-1", "silo-2"], train_s=8)
     with caplog.at_level(logging.INFO):
         codes = _run_agents(running, material, tmp_path, {"silo-2": Faults(nan_at_round=0)}, ("silo-1", "silo-2"))
     assert codes == {"silo-1": 0, "silo-2": 0}
@@ -595,15 +598,7 @@ def test_a_secure_sum_a_hostile_silo_left_unclipped_is_refused_and_the_round_ret
 ) -> None:
     material = pki.dev_pki(tmp_path / "pki", 3)
     silos = ("silo-1", "silo-2", "silo-3")
-    running = _start(
-        tmp_path,
-        material,
-        list(silos),
-        rounds=1,
-        timeouts={"gather_s": 60, "train_s": 60, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 5},
-        training={"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100, "min_local_steps": 0},
-        aggregation={"mode": "secure"},
-    )
+    running = _start_for_agents(tmp_path, material, list(silos), aggregation={"mode": "secure"})
     # silo-2 skips clipping in the first training attempt (attempt 1: the statistics took 0).
     with caplog.at_level(logging.INFO):
         codes = _run_agents(running, material, tmp_path, {"silo-2": Faults(unclipped_at=(0, 1))}, silos)
@@ -670,14 +665,7 @@ def test_a_silo_whose_policy_the_run_breaks_leaves_it_saying_why(
     material: pki.DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A plain run: silo-2 keeps the default policy (secure aggregation required), silo-1 allows it.
-    running = _start(
-        tmp_path,
-        material,
-        ["silo-1", "silo-2"],
-        rounds=1,
-        timeouts={"gather_s": 60, "train_s": 60, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 5},
-        training={"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100, "min_local_steps": 0},
-    )
+    running = _start_for_agents(tmp_path, material, ["silo-1", "silo-2"])
     policies = {"silo-1": {"require_secure_aggregation": False, "min_silos_per_round": 1}, "silo-2": {}}
     with caplog.at_level(logging.INFO):
         codes = _run_agents(running, material, tmp_path, {}, ("silo-1", "silo-2"), policies)

@@ -42,12 +42,7 @@ def _fed_doc(material: pki.DevPki, run_dir: Path, listen: str = "127.0.0.1:0") -
         "min_silos": 1,
         "run_dir": str(run_dir),
         "listen": listen,
-        "tls": {
-            "ca": str(material.ca.cert),
-            "cert": str(material.server.cert),
-            "key": str(material.server.key),
-            "crl": str(material.ca.crl),
-        },
+        "tls": material.coordinator_tls(),
     }
 
 
