@@ -22,6 +22,7 @@ from condi_models.server_optimizer import ServerOptimizerConfig
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
 from federation.secagg.quantize import OverflowConfigError, check_overflow_bounds, choose_ring_bits
+from federation.transfer import LayoutLimits
 from federation.wire import MIN_CHUNK_BYTES
 from silo_agent.config import ADDRESS_PATTERN, SILO_ID_PATTERN
 
@@ -119,6 +120,10 @@ class FederationConfig(StrictModel):
         ge=2,
         le=64,
         description="calls one silo may have in progress at once (long poll, heartbeat, transfer); more are refused",
+    )
+    layout_limits: LayoutLimits = Field(
+        default_factory=LayoutLimits,
+        description="largest data layout (modalities, channels, length, classes, name length) a silo may bring",
     )
     max_silo_records: int = Field(
         default=1_000_000,

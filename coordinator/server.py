@@ -315,7 +315,7 @@ class Coordinator:
                 f"{PROTOCOL_VERSION}"
             )
         try:
-            info = info_from_summary(request.data)
+            info = info_from_summary(request.data, self.cfg.layout_limits)
         except TransferError as exc:
             return refuse(str(exc))
         with self._cond:

@@ -351,10 +351,40 @@ def data_summary(info: DatasetInfo) -> pb.DataSummary:
     )
 
 
-def info_from_summary(summary: pb.DataSummary) -> DatasetInfo:
-    """The data layout a summary describes; an inconsistent summary raises naming the field."""
+@dataclass(frozen=True)
+class LayoutLimits:
+    """The largest data layout a federation takes from a silo's summary (federation.yaml
+    ``layout_limits``): the model grows with modalities, channels and classes, and the first silo
+    to join fixes the layout, so each is bounded before any model is built."""
+
+    max_modalities: int = 64
+    max_channels: int = 512
+    max_length: int = 100_000
+    max_classes: int = 256
+    max_name_chars: int = 128
+
+
+def info_from_summary(summary: pb.DataSummary, limits: LayoutLimits | None = None) -> DatasetInfo:
+    """The data layout a summary describes; an inconsistent summary, or one past ``limits``, raises
+    naming the field."""
+    limits = limits or LayoutLimits()
     if not summary.modalities:
         raise TransferError("data summary: no modalities")
+    counts = {
+        "modalities": (len(summary.modalities), limits.max_modalities),
+        "channels": (sum(m.channels for m in summary.modalities), limits.max_channels),
+        "classes": (len(summary.classes), limits.max_classes),
+        "length": (summary.length, limits.max_length),
+    }
+    for what, (value, most) in counts.items():
+        if value > most:
+            raise TransferError(f"data summary: {value} {what}, this federation takes at most {most}")
+    names = [summary.dataset, summary.task, *summary.classes]
+    for m in summary.modalities:
+        names += [m.name, *m.channel_names]
+    longest = max(len(n) for n in names)
+    if longest > limits.max_name_chars:
+        raise TransferError(f"data summary: a name of {longest} characters, at most {limits.max_name_chars}")
     modalities = []
     for i, m in enumerate(summary.modalities):
         if not m.name:

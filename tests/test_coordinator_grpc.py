@@ -275,6 +275,9 @@ def test_join_refuses_other_versions_and_layouts_naming_the_mismatch(train: Trai
     shorter = toy_dataset(8, modalities=(1, 2), length=30, n_classes=3).info
     reply = stub.Join(_join_request(shorter), timeout=TIMEOUT)
     assert not reply.accepted and "30 steps" in reply.reason
+    wide = toy_dataset(2, modalities=(1,) * 1_600, length=40, n_classes=3).info
+    reply = stub.Join(_join_request(wide), timeout=TIMEOUT)
+    assert not reply.accepted and "1600 modalities, this federation takes at most 64" in reply.reason
     # The first silo fixed the layout; the model fits it.
     assert train.settings.layout == INFO and train.settings.model.n_features == 3
     assert train.settings.training.window == 40

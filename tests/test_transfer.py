@@ -16,6 +16,7 @@ from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.settings import RoundSettings, RunSettings, SettingsError
 from federation.transfer import (
     GROUP_WEIGHTS,
+    LayoutLimits,
     NonFiniteUpdateError,
     StageKey,
     StateDownload,
@@ -206,3 +207,22 @@ def test_run_and_round_settings_round_trip_and_refuse_bad_documents() -> None:
         with pytest.raises(SettingsError):
             RoundSettings.from_json(bad)
     assert dataclasses.replace(plan, train_seed=1) != plan
+
+
+def test_a_layout_past_the_federations_limits_is_refused_before_any_model_is_built() -> None:
+    # Issue 13: 1,600 modalities made a 58 M-parameter model (it grows quadratically with them).
+    wide = toy_dataset(4, modalities=(1,) * 1_600, length=10, n_classes=2)
+    with pytest.raises(TransferError, match="1600 modalities, this federation takes at most 64"):
+        info_from_summary(data_summary(wide.info))
+    limits = LayoutLimits(max_channels=5, max_length=20, max_classes=2, max_name_chars=3)
+    ds = toy_dataset(4, modalities=(1, 2, 3), length=30, n_classes=3)
+    cases = {
+        "6 channels, this federation takes at most 5": limits,
+        "30 length, this federation takes at most 20": LayoutLimits(max_length=20),
+        "3 classes, this federation takes at most 2": LayoutLimits(max_classes=2),
+        "a name of 6 characters, at most 3": LayoutLimits(max_name_chars=3),
+    }
+    for message, case in cases.items():
+        with pytest.raises(TransferError, match=message):
+            info_from_summary(data_summary(ds.info), case)
+    assert info_from_summary(data_summary(ds.info), LayoutLimits()) == ds.info
