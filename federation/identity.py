@@ -32,10 +32,6 @@ from federation import pki
 
 log = logging.getLogger(__name__)
 
-# The standard health service answers any client that passed the TLS handshake, so probes need
-# no allow-listed silo identity.
-HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
-
 _PEM_KEY = "x509_pem_cert"
 
 
@@ -215,7 +211,6 @@ class IdentityInterceptor(grpc.ServerInterceptor):
         revocations: RevocationList,
         allow_list: Iterable[str],
         *,
-        exempt_prefixes: tuple[str, ...] = (HEALTH_SERVICE_PREFIX,),
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         allowed = frozenset(allow_list)
@@ -226,7 +221,6 @@ class IdentityInterceptor(grpc.ServerInterceptor):
         self.ca_cert = ca_cert
         self.revocations = revocations
         self.allow_list = allowed
-        self._exempt = exempt_prefixes
         self._clock = clock
 
     def identify(self, context: grpc.ServicerContext, method: str = "") -> PeerIdentity:
@@ -255,7 +249,9 @@ class IdentityInterceptor(grpc.ServerInterceptor):
         """Wrap the method's handler so that the identity check runs first."""
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(self._exempt):
+        # Every service is guarded, the health service included: a revoked or off-list certificate
+        # learns nothing, not even whether the coordinator is up.
+        if handler is None:
             return handler
         for attr, factory in _HANDLER_KINDS:
             behavior = getattr(handler, attr)

@@ -424,17 +424,20 @@ def test_revocation_takes_effect_without_restart(tmp_path: Path) -> None:
 
 
 def test_health_service_answers_serving_over_mutual_tls(material: Material, running: Running) -> None:
-    # A valid certificate outside the allow-list may probe health but not call the federation.
-    for silo_id in ("silo-1", "silo-outsider"):
+    with _channel(running.port, _silo_creds(material, "silo-1")) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", tls.FEDERATION_SERVICE):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        unknown = _refusal(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=TIMEOUT_S))
+        assert unknown.code() == grpc.StatusCode.NOT_FOUND
+    # A certificate of the CA that is off the allow-list, or revoked, is not answered (issue 13).
+    refusals = {"silo-outsider": grpc.StatusCode.PERMISSION_DENIED, "silo-revoked": grpc.StatusCode.UNAUTHENTICATED}
+    for silo_id, code in refusals.items():
         with _channel(running.port, _silo_creds(material, silo_id)) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for service in ("", tls.FEDERATION_SERVICE):
-                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            unknown = _refusal(
-                lambda h=health: h.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=TIMEOUT_S)
-            )
-            assert unknown.code() == grpc.StatusCode.NOT_FOUND
+            stub = health_pb2_grpc.HealthStub(channel)
+            refused = _refusal(lambda s=stub: s.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S))
+            assert refused.code() == code, silo_id
     error = _refusal(
         lambda: health_pb2_grpc.HealthStub(
             tls.secure_channel(f"127.0.0.1:{running.port}", _raw_creds(material.main.ca.cert))
