@@ -1,6 +1,6 @@
 """``condi certs``: the operator's and hospitals' PKI commands on top of :mod:`federation.pki`.
 
-Subcommands: ``init-ca``, ``request``, ``sign``, ``server``, ``dev``, ``revoke``. The umbrella
+Subcommands: ``init-ca``, ``request``, ``sign``, ``server``, ``dev``, ``revoke``, ``pins``. The umbrella
 ``condi`` CLI mounts them with :func:`add_certs_parser` and calls ``args.func(args)``; until then
 ``python -m federation.certs_cli <subcommand> ...`` runs them directly. Passphrases are read from
 a file or an environment variable only. A failure prints one line to stderr and exits with 2.
@@ -102,6 +102,13 @@ def _cmd_revoke(args: argparse.Namespace) -> None:
     print(f"revoked {args.cert}; revocation list {crl} updated (give it to the coordinator)")
 
 
+def _cmd_pins(args: argparse.Namespace) -> None:
+    print("peers:")
+    for path in args.certs:
+        cert = pki.load_certificate(path)
+        print(f"  {pki.silo_id_from_certificate(cert)}: {pki.certificate_fingerprint(cert)}")
+
+
 def _handler(command: str, body: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -185,6 +192,12 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     )
     _passphrase_args(p, "CA key's")
     p.set_defaults(func=_handler("revoke", _cmd_revoke))
+
+    p = sub.add_parser(
+        "pins", help="everyone: the tls.peers section pinning these silo certificates (site.yaml, out of band)"
+    )
+    p.add_argument("certs", type=Path, nargs="+", help="the federation's silo certificates")
+    p.set_defaults(func=_handler("pins", _cmd_pins))
 
 
 def add_certs_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -235,6 +235,8 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
             "seed": opts.seed,
             "seconds": profile.seconds,
         }
+    # Every site pins the federation's silos, as hospitals would from a roster received out of band.
+    peers = {sid: pki.certificate_fingerprint(pki.load_certificate(material.silos[sid].cert)) for sid in ids}
     sites = {}
     for index, sid in enumerate(ids):
         site: dict[str, Any] = {
@@ -261,6 +263,7 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
                 "ca": str(material.ca.cert),
                 "cert": str(material.silos[sid].cert),
                 "key": str(material.silos[sid].key),
+                "peers": peers,
             },
         }
         if profile.missingness is not None:

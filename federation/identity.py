@@ -26,7 +26,6 @@ from typing import Any, NoReturn
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from federation import pki
 
@@ -90,7 +89,7 @@ def peer_identity(
         silo_id=silo_id,
         subject=subject,
         serial=cert.serial_number,
-        fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
+        fingerprint_sha256=pki.certificate_fingerprint(cert),
         not_valid_after=cert.not_valid_after_utc,
         peer=context.peer(),
         certificate_pem=pem,

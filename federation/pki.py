@@ -279,6 +279,11 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 # Names and identities
 
 
+def certificate_fingerprint(cert: x509.Certificate) -> str:
+    """The SHA-256 fingerprint of ``cert`` as lowercase hex: how silos pin each other out of band."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
 def validate_silo_id(silo_id: str) -> str:
     """Return ``silo_id`` when it is a valid silo id, else raise with the rule it breaks."""
     if not isinstance(silo_id, str) or not SILO_ID_PATTERN.fullmatch(silo_id):

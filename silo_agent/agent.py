@@ -225,6 +225,13 @@ class SiloAgent:
         self._signing_key = pki.load_private_key(tls_cfg.key, passphrase)
         self._cert_pem = Path(tls_cfg.cert).read_bytes()
         self._verify_cert = secagg.ca_cert_verifier(pki.load_certificate(tls_cfg.ca))
+        if tls_cfg.peers is not None:
+            self._verify_cert = secagg.pinned_cert_verifier(self._verify_cert, tls_cfg.peers)
+        else:
+            log.warning(
+                "tls.peers is not set: secure aggregation takes any certificate of the federation CA, whose "
+                "holder could add silos of its own to a round; pin the federation's silos to prevent it"
+            )
 
     # ---- setup ------------------------------------------------------------------------------
 

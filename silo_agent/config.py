@@ -13,6 +13,7 @@ agent then plans for its expected participation in the run it joins.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -52,11 +53,21 @@ class SiloTls(StrictModel):
     key: str
     passphrase_file: str | None = None
     passphrase_env: str | None = None
+    peers: dict[str, str] | None = Field(
+        default=None,
+        description="the federation's silos pinned out of band: silo id -> SHA-256 fingerprint (hex) of its "
+        "certificate; secure aggregation then sums only with them (absent: any certificate of the CA)",
+    )
 
     @model_validator(mode="after")
     def _one_passphrase_source(self) -> SiloTls:
         if self.passphrase_file is not None and self.passphrase_env is not None:
             raise ValueError("give passphrase_file or passphrase_env, not both")
+        for silo, fingerprint in (self.peers or {}).items():
+            if not re.fullmatch(SILO_ID_PATTERN, silo):
+                raise ValueError(f"peers: {silo!r} is not a silo id")
+            if not re.fullmatch("[0-9a-f]{64}", fingerprint):
+                raise ValueError(f"peers.{silo}: expected a SHA-256 fingerprint, 64 lowercase hex characters")
         return self
 
 

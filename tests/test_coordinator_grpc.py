@@ -694,3 +694,18 @@ def test_a_site_that_requires_dp_needs_a_privacy_section() -> None:
     site = {"silo_id": "silo-1", "data": {"source": "synthetic_ecg", "n_records": 8}, "policy": {"require_dp": True}}
     with pytest.raises(ConfigError, match=r"policy\.require_dp"):
         parse_config(site, SiteConfig, "site.yaml")
+
+
+def test_pinned_peers_in_site_yaml_must_be_silo_ids_and_fingerprints() -> None:
+    tls_section = {"ca": "ca.crt", "cert": "s.crt", "key": "s.key", "peers": {"silo-2": "XYZ"}}
+    site = {
+        "silo_id": "silo-1",
+        "data": {"source": "synthetic_ecg", "n_records": 8},
+        "coordinator": {"address": "127.0.0.1:50051"},
+        "tls": tls_section,
+    }
+    with pytest.raises(ConfigError, match="expected a SHA-256 fingerprint, 64 lowercase hex characters"):
+        parse_config(site, SiteConfig, "site.yaml")
+    tls_section["peers"] = {"Silo 2": "0" * 64}
+    with pytest.raises(ConfigError, match="'Silo 2' is not a silo id"):
+        parse_config(site, SiteConfig, "site.yaml")

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -475,3 +476,15 @@ def test_certs_commands_mount_on_an_umbrella_parser(tmp_path: Path, capsys: pyte
     args = parser.parse_args(["certs", "revoke", "--ca-dir", str(tmp_path / "nowhere"), "--cert", "x.crt"])
     assert args.func(args) == 2
     assert "ca.crt: certificate not found" in capsys.readouterr().err
+
+
+def test_pins_prints_the_peers_section_a_site_pins_its_federation_with(tmp_path: Path) -> None:
+    dev = pki.dev_pki(tmp_path / "dev", 2)
+    certs = [str(dev.silos[s].cert) for s in ("silo-1", "silo-2")]
+    done = _cli("pins", *certs, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    peers = yaml.safe_load(done.stdout)["peers"]
+    assert peers == {s: pki.certificate_fingerprint(pki.load_certificate(dev.silos[s].cert)) for s in peers}
+    assert sorted(peers) == ["silo-1", "silo-2"]
+    missing = _cli("pins", str(tmp_path / "nope.crt"), cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.crt" in missing.stderr

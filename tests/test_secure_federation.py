@@ -18,17 +18,21 @@ from condi_models.aggregation import ParameterGroups, SecureLayout, SiloUpdate, 
 from condi_models.configfile import ConfigError, parse_config
 from coordinator.config import FederationConfig, load_federation_config
 from coordinator.rounds import Aggregate, Phase, Retry, RoundMachine, RoundPlan, RoundProgress, SecurePlan
+from federation import pki
 from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import (
     KeyRoster,
     MessageError,
+    ProtocolError,
     QuantConfig,
     RoundAbort,
     RoundConfig,
     SecAggClient,
     SecAggServer,
+    ca_cert_verifier,
     decode_message,
+    pinned_cert_verifier,
 )
 from federation.transfer import StageKey
 from tests.helpers import secagg_identities
@@ -309,3 +313,21 @@ def test_proto_mapping_refuses_substituted_ids_and_bad_lengths(silos) -> None:
     zero_x = pb.RevealedShare(owner="silo-2", kind=pb.SHARE_KIND_MASK_KEY, share=bytes(68))
     with pytest.raises(MessageError, match="revealed share of 'silo-2'"):
         sw.unmask_response_from_proto("run/r0/a0", "silo-1", [zero_x])
+
+
+def test_pinned_peers_refuse_sybil_and_second_certificates_of_the_same_ca(tmp_path: Path) -> None:
+    """Issue 13, item 8: the operator holds the CA, so it can issue certificates for silos that do
+    not exist, or a second one for a real silo; a silo that pins its peers sums with neither."""
+    dev = pki.dev_pki(tmp_path / "pki", 3, silo_ids=["silo-1", "silo-2", "silo-sybil"])
+    ca = pki.load_certificate(dev.ca.cert)
+    pins = {s: pki.certificate_fingerprint(pki.load_certificate(dev.silos[s].cert)) for s in ("silo-1", "silo-2")}
+    verify = pinned_cert_verifier(ca_cert_verifier(ca), pins)
+    assert verify(dev.silos["silo-2"].cert.read_bytes()) == "silo-2"
+    with pytest.raises(ProtocolError, match="'silo-sybil': not among the peers pinned"):
+        verify(dev.silos["silo-sybil"].cert.read_bytes())
+    # A second certificate for silo-2, from the same CA, with a key the operator holds.
+    request = pki.make_request(tmp_path / "again", "silo-2")
+    second = pki.sign_request(request.csr, dev.ca.key.parent, tmp_path / "again" / "silo-2.crt")
+    assert ca_cert_verifier(ca)(second.read_bytes()) == "silo-2"  # the CA alone accepts it
+    with pytest.raises(ProtocolError, match="'silo-2': its certificate is not the one pinned"):
+        verify(second.read_bytes())

@@ -22,6 +22,7 @@ from federation.secagg.messages import (
     UnmaskResponse,
     ca_cert_verifier,
     decode_message,
+    pinned_cert_verifier,
 )
 from federation.secagg.quantize import (
     OverflowConfigError,
@@ -58,5 +59,6 @@ __all__ = [
     "choose_ring_bits",
     "decode_message",
     "dequantize",
+    "pinned_cert_verifier",
     "quantize",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
@@ -688,6 +688,23 @@ def decode_message(data: bytes) -> Message:
     if kind not in _KINDS:
         raise MessageError(f"secure-aggregation message: unknown kind {kind}")
     return _KINDS[kind].from_bytes(data)  # type: ignore[return-value]
+
+
+def pinned_cert_verifier(base: CertVerifier, pins: Mapping[str, str]) -> CertVerifier:
+    """``base`` narrowed to the peers pinned out of band: silo id -> SHA-256 fingerprint (hex) of
+    its certificate. The operator holds the federation CA and could issue certificates for silos
+    that do not exist, or a second one for a real silo; neither matches a pin."""
+
+    def verify(cert_pem: bytes) -> str:
+        silo = base(cert_pem)
+        fingerprint = pki.certificate_fingerprint(x509.load_pem_x509_certificate(cert_pem))
+        if silo not in pins:
+            raise ProtocolError(f"advert of silo {silo!r}: not among the peers pinned for this federation")
+        if pins[silo] != fingerprint:
+            raise ProtocolError(f"advert of silo {silo!r}: its certificate is not the one pinned for it")
+        return silo
+
+    return verify
 
 
 def ca_cert_verifier(ca_cert: x509.Certificate, *, revoked: frozenset[int] = frozenset()) -> CertVerifier:
