@@ -207,7 +207,9 @@ class Coordinator:
             raise ValueError("aggregation.mode secure needs tls.ca: peers' key adverts are checked against it")
         agg = cfg.aggregation
         quant = QuantConfig(agg.clip_bound, agg.frac_bits, agg.resolved_ring_bits(cfg.silos_per_round))
-        verify = ca_cert_verifier(pki.load_certificate(cfg.tls.ca))
+        ca = pki.load_certificate(cfg.tls.ca)
+        # Adverts are checked against the same reloading CRL as the calls themselves.
+        verify = ca_cert_verifier(ca, revoked=identity.RevocationList(cfg.tls.crl, ca).serials)
         return SecurePlan(
             agg.threshold_for, cfg.timeouts.secure_stage_s, quant, verify, agg.weight_unit, agg.secure_metrics
         )

@@ -263,6 +263,7 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
                 "ca": str(material.ca.cert),
                 "cert": str(material.silos[sid].cert),
                 "key": str(material.silos[sid].key),
+                "crl": str(material.ca.crl),
                 "peers": peers,
             },
         }

@@ -59,7 +59,7 @@ from condi_models.evaluation import EvalResult, evaluate
 from condi_models.nn.model import CondIModel, resolve_device
 from condi_models.privacy import BudgetExhausted, SiloPrivacy, load_or_create_secret
 from condi_models.training import LocalResult, TrainingProgress, aggregation_groups, train_local
-from federation import pki, secagg, wire
+from federation import identity, pki, secagg, wire
 from federation import secagg_wire as sw
 from federation.faults import SILO_EXIT_AT, exit_hard, parse_exit_at
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
@@ -224,7 +224,9 @@ class SiloAgent:
         passphrase = pki.read_passphrase(tls_cfg.passphrase_file, tls_cfg.passphrase_env)
         self._signing_key = pki.load_private_key(tls_cfg.key, passphrase)
         self._cert_pem = Path(tls_cfg.cert).read_bytes()
-        self._verify_cert = secagg.ca_cert_verifier(pki.load_certificate(tls_cfg.ca))
+        ca = pki.load_certificate(tls_cfg.ca)
+        revoked = frozenset if tls_cfg.crl is None else identity.RevocationList(tls_cfg.crl, ca).serials
+        self._verify_cert = secagg.ca_cert_verifier(ca, revoked=revoked)
         if tls_cfg.peers is not None:
             self._verify_cert = secagg.pinned_cert_verifier(self._verify_cert, tls_cfg.peers)
         else:

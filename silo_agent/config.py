@@ -53,6 +53,9 @@ class SiloTls(StrictModel):
     key: str
     passphrase_file: str | None = None
     passphrase_env: str | None = None
+    crl: str | None = Field(
+        default=None, description="the CA's revocation list, re-read on change: peers' adverts are checked against it"
+    )
     peers: dict[str, str] | None = Field(
         default=None,
         description="the federation's silos pinned out of band: silo id -> SHA-256 fingerprint (hex) of its "
@@ -185,6 +188,8 @@ def check_site_files(cfg: SiteConfig, source: str | Path) -> None:
     keys = {"tls.ca": cfg.tls.ca, "tls.cert": cfg.tls.cert, "tls.key": cfg.tls.key}
     if cfg.tls.passphrase_file is not None:
         keys["tls.passphrase_file"] = cfg.tls.passphrase_file
+    if cfg.tls.crl is not None:
+        keys["tls.crl"] = cfg.tls.crl
     missing = [
         f"{source}: {key}: file {path} does not exist"
         for key, path in keys.items()

@@ -20,6 +20,7 @@ from coordinator.config import FederationConfig, load_federation_config
 from coordinator.rounds import Aggregate, Phase, Retry, RoundMachine, RoundPlan, RoundProgress, SecurePlan
 from federation import pki
 from federation import secagg_wire as sw
+from federation.identity import RevocationList
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import (
     KeyRoster,
@@ -331,3 +332,14 @@ def test_pinned_peers_refuse_sybil_and_second_certificates_of_the_same_ca(tmp_pa
     assert ca_cert_verifier(ca)(second.read_bytes()) == "silo-2"  # the CA alone accepts it
     with pytest.raises(ProtocolError, match="'silo-2': its certificate is not the one pinned"):
         verify(second.read_bytes())
+
+
+def test_a_revoked_certificates_advert_is_refused_once_the_crl_says_so(tmp_path: Path) -> None:
+    dev = pki.dev_pki(tmp_path / "pki", 2)
+    ca = pki.load_certificate(dev.ca.cert)
+    verify = ca_cert_verifier(ca, revoked=RevocationList(dev.ca.crl, ca).serials)
+    advert_cert = dev.silos["silo-2"].cert.read_bytes()
+    assert verify(advert_cert) == "silo-2"
+    pki.revoke(dev.ca.key.parent, dev.silos["silo-2"].cert)  # the CRL file is re-read on change
+    with pytest.raises(pki.PkiError, match="revoked"):
+        verify(advert_cert)

@@ -19,6 +19,7 @@ import re
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
@@ -707,14 +708,17 @@ def pinned_cert_verifier(base: CertVerifier, pins: Mapping[str, str]) -> CertVer
     return verify
 
 
-def ca_cert_verifier(ca_cert: x509.Certificate, *, revoked: frozenset[int] = frozenset()) -> CertVerifier:
-    """A :data:`CertVerifier` backed by the federation CA and its revocation list (:mod:`federation.pki`)."""
+def ca_cert_verifier(
+    ca_cert: x509.Certificate, *, revoked: Callable[[], AbstractSet[int]] = frozenset
+) -> CertVerifier:
+    """A :data:`CertVerifier` backed by the federation CA and its revocation list (:mod:`federation.pki`):
+    ``revoked`` gives the revoked serials at the time of each check (a reloading CRL's ``serials``)."""
 
     def verify(cert_pem: bytes) -> str:
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
         except ValueError as exc:
             raise ProtocolError("advert certificate is not a PEM X.509 certificate") from exc
-        return pki.verify_peer_certificate(cert, ca_cert, revoked=set(revoked))
+        return pki.verify_peer_certificate(cert, ca_cert, revoked=set(revoked()))
 
     return verify
