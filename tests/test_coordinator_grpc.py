@@ -657,7 +657,8 @@ def test_one_silo_flooding_long_polls_is_capped_and_others_are_still_served(
             refused = [call.result() for call in done]
             assert len(refused) == 36
             assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
-            assert "already has 4 calls in progress" in refused[0].details()
+            # Refused by the per-silo cap (or, when 16 calls are in flight at once, by the server's limit).
+            assert any("already has 4 calls in progress" in e.details() for e in refused)
             # The four held polls do not starve anyone else: silo-2 is answered at once.
             assert other.Heartbeat(pb.HeartbeatRequest(status="ok"), timeout=5).silo_id == "silo-2"
     finally:
