@@ -682,7 +682,9 @@ def test_a_silo_whose_policy_the_run_breaks_leaves_it_saying_why(
 
 
 def test_a_run_longer_than_the_sites_policy_allows_is_refused_at_join(material: pki.DevPki, tmp_path: Path) -> None:
-    running = _start(tmp_path, material, ["silo-1", "silo-2"], rounds=5)
+    # With no silo left to gather, the coordinator gives up within seconds.
+    timeouts = {"gather_s": 1, "train_s": 60, "evaluate_s": 60, "liveness_s": 60, "done_grace_s": 1}
+    running = _start(tmp_path, material, ["silo-1", "silo-2"], rounds=5, timeouts=timeouts)
     try:
         policy = {"require_secure_aggregation": False, "max_rounds": 3}
         codes = _run_agents(running, material, tmp_path, {}, ("silo-1",), {"silo-1": policy})
