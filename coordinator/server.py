@@ -118,6 +118,7 @@ class Coordinator:
         self,
         cfg: FederationConfig,
         *,
+        revocations: identity.RevocationList,
         clock: Callable[[], float] = time.monotonic,
         exit_at: tuple[int, int] | None = None,
     ) -> None:
@@ -141,7 +142,7 @@ class Coordinator:
             train_s=cfg.timeouts.train_s,
             evaluate_s=cfg.timeouts.evaluate_s,
             liveness_s=cfg.timeouts.liveness_s,
-            secure=self._secure_plan(cfg),
+            secure=self._secure_plan(cfg, revocations),
             final_test=cfg.model_selection == "best_val_auroc",
             lr_scales=tuple(round_lr_scale(cfg.training, r, cfg.rounds) for r in range(cfg.rounds)),
         )
@@ -199,7 +200,7 @@ class Coordinator:
         self.outcome: tuple[str, str] | None = None
 
     @staticmethod
-    def _secure_plan(cfg: FederationConfig) -> SecurePlan | None:
+    def _secure_plan(cfg: FederationConfig, revocations: identity.RevocationList) -> SecurePlan | None:
         if not cfg.secure:
             log.warning("aggregation is plain: the coordinator sees every silo's individual update")
             return None
@@ -207,9 +208,8 @@ class Coordinator:
             raise ValueError("aggregation.mode secure needs tls.ca: peers' key adverts are checked against it")
         agg = cfg.aggregation
         quant = QuantConfig(agg.clip_bound, agg.frac_bits, agg.resolved_ring_bits(cfg.silos_per_round))
-        ca = pki.load_certificate(cfg.tls.ca)
         # Adverts are checked against the same reloading CRL as the calls themselves.
-        verify = ca_cert_verifier(ca, revoked=identity.RevocationList(cfg.tls.crl, ca).serials)
+        verify = ca_cert_verifier(pki.load_certificate(cfg.tls.ca), revoked=revocations.serials)
         return SecurePlan(
             agg.threshold_for, cfg.timeouts.secure_stage_s, quant, verify, agg.weight_unit, agg.secure_metrics
         )
@@ -695,8 +695,7 @@ class Coordinator:
 
     def _statistics_layout(self) -> StatisticsLayout:
         assert self._model is not None
-        layout = self._model.settings.layout
-        return StatisticsLayout(n_features=layout.n_features, n_classes=len(layout.classes))
+        return StatisticsLayout.of(self._model.settings.layout)
 
     def _fault_point(self, silo: str, key: StageKey, duplicate: bool) -> None:
         """Die, as a crash would, on accepting the first submission of the injected round and stage.
@@ -748,20 +747,14 @@ class Coordinator:
             if effect.total is None:
                 pooled = PooledStatistics.pool(list(effect.reports.values()))
             else:
-                silos = len(effect.participants)
-                # Only the sum exists; it must still be one that silos' real data could give.
-                check_statistics_report(
-                    self._statistics_sums(effect.total), self._statistics_layout(), "the summed statistics",
-                    max_records=silos * self.cfg.max_silo_records,
+                pooled = PooledStatistics.from_total(
+                    self._statistics_layout(),
+                    effect.total,
+                    len(effect.participants),
+                    max_records=self.cfg.max_silo_records,
                 )
-                pooled = PooledStatistics.from_total(self._statistics_layout(), effect.total, silos)
         except StatisticsError as exc:
-            log.error("the statistics of %s cannot be used: %s", ", ".join(effect.participants), exc)
-            with self._cond:
-                effects = self.machine.refuse_result(str(exc), self.clock())
-                self._persist(effects)
-                self._cond.notify_all()
-            return [e for e in effects if isinstance(e, Failed)]
+            return self._refuse_sum(0, effect.attempt, effect.participants, str(exc))
         with self._cond:
             self.ckpt.statistics = pooled
             self.machine.statistics_recorded(pooled, self.clock())
@@ -779,17 +772,6 @@ class Coordinator:
         )
         return []
 
-    def _statistics_sums(self, total: np.ndarray) -> dict[str, list[float]]:
-        """The unmasked statistics sum in the form of a plain report, so one check serves both."""
-        f = self._statistics_layout().n_features
-        rounded = np.asarray(total, dtype=np.float64)
-        return {
-            "channel_count": np.rint(rounded[:f]).tolist(),
-            "channel_sum": rounded[f : 2 * f].tolist(),
-            "channel_sq_sum": rounded[2 * f : 3 * f].tolist(),
-            "class_counts": np.rint(rounded[3 * f :]).tolist(),
-        }
-
     def _aggregate(self, effect: Aggregate) -> list[Any]:
         assert self._model is not None and self._layout is not None and self._server_opt is not None
         t0 = self.clock()
@@ -802,7 +784,7 @@ class Coordinator:
             try:
                 layout.check_total(effect.total, len(effect.updates), 2.0**-self.plan.secure.quant.frac_bits)
             except ValueError as exc:
-                return self._refuse_aggregate(effect, str(exc))
+                return self._refuse_sum(effect.round, effect.attempt, tuple(sorted(effect.updates)), str(exc))
             total = effect.total
         else:
             # Plain updates are capped and clipped as secure contributions are, so one silo's claims
@@ -856,15 +838,9 @@ class Coordinator:
         )
         return []
 
-    def _refuse_aggregate(self, effect: Aggregate, reason: str) -> list[Any]:
-        """The round's sum cannot be used: fail the attempt (it is retried), naming who took part."""
-        return self._refuse_sum(effect.round, effect.attempt, tuple(sorted(effect.updates)), reason)
-
-    def _refuse_evaluation(self, effect: Evaluated, reason: str) -> list[Any]:
-        """The round's summed scores cannot be used: fail the evaluation attempt (it is retried)."""
-        return self._refuse_sum(effect.round, effect.attempt, effect.participants, reason)
-
     def _refuse_sum(self, round_index: int, attempt: int, silos: tuple[str, ...], reason: str) -> list[Any]:
+        """What an attempt produced (summed statistics, updates or scores) cannot be used: fail the
+        attempt (it is retried, or the run fails), naming who took part."""
         message = f"the sum of {', '.join(silos)} was refused: {reason}"
         log.error(
             "round %d attempt %d: %s",
@@ -892,7 +868,7 @@ class Coordinator:
                     layout, effect.total, len(effect.participants), max_n=self.cfg.max_silo_records
                 )
             except MetricsEncodingError as exc:
-                return self._refuse_evaluation(effect, str(exc))
+                return self._refuse_sum(effect.round, effect.attempt, effect.participants, str(exc))
         secure_sum = None if pooled is None else (effect.participants, pooled)
         row = round_row(summary, effect.attempt, effect.stage_s, effect.reports, eval_bytes, secure_sum=secure_sum)
         with self._cond:
@@ -1134,9 +1110,10 @@ class CoordinatorServer:
 
         check_federation_files(cfg, source)
         assert cfg.tls is not None
-        self.coordinator = Coordinator(cfg, exit_at=exit_at)
         ca = pki.load_certificate(cfg.tls.ca)
-        interceptor = identity.IdentityInterceptor(ca, identity.RevocationList(cfg.tls.crl, ca), cfg.silos)
+        revocations = identity.RevocationList(cfg.tls.crl, ca)
+        self.coordinator = Coordinator(cfg, revocations=revocations, exit_at=exit_at)
+        interceptor = identity.IdentityInterceptor(ca, revocations, cfg.silos)
         credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
         # Each silo may have max_calls_per_silo calls in progress (the servicer refuses more), so the
         # workers cannot all be taken by one silo; a few more serve health checks.

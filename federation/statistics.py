@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from condi_models.data.normalize import ChannelNormalizer
+from condi_models.data.dataset import DatasetInfo
+from condi_models.data.normalize import ChannelNormalizer, mean_std_from_moments
 from federation.secagg.quantize import QuantConfig
 
 # Sums of squares of raw signals are large (a channel's 10^6 entries at 10^2 give 10^10), so the
@@ -45,6 +46,11 @@ class StatisticsLayout:
 
     n_features: int
     n_classes: int
+
+    @classmethod
+    def of(cls, info: DatasetInfo) -> StatisticsLayout:
+        """The layout for a run's data layout."""
+        return cls(n_features=info.n_features, n_classes=len(info.classes))
 
     @property
     def vector_length(self) -> int:
@@ -77,6 +83,15 @@ class SiloStatistics:
             channel_sq_sum=count * (var + mean**2),
             class_counts=np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64),
         )
+
+    @classmethod
+    def from_vector(cls, layout: StatisticsLayout, vector: np.ndarray) -> SiloStatistics:
+        """The sums a statistics vector (or the secure sum of several) holds; counts are rounded."""
+        vector = np.asarray(vector, dtype=np.float64)
+        if vector.shape != (layout.vector_length,):
+            raise StatisticsError(f"statistics sum: expected {layout.vector_length} entries, got {vector.shape}")
+        f = layout.n_features
+        return cls(np.rint(vector[:f]), vector[f : 2 * f], vector[2 * f : 3 * f], np.rint(vector[3 * f :]))
 
     def to_dict(self) -> dict[str, list[float]]:
         """The JSON form of a plain report."""
@@ -123,18 +138,24 @@ def check_statistics_report(data: Any, layout: StatisticsLayout, where: str, *, 
         if arr is None or arr.shape != (size,) or not np.all(np.isfinite(arr)):
             raise StatisticsError(f"{where}.{key}: expected {size} finite numbers")
         arrays[key] = arr
+    sums = SiloStatistics(**arrays)
+    _check_sums(sums, where, max_records)
+    return sums
+
+
+def _check_sums(sums: SiloStatistics, where: str, max_records: int) -> None:
+    """Whole non-negative counts, 1 to ``max_records`` records, sums a real data set could have."""
     for key in ("channel_count", "class_counts"):
-        arr = arrays[key]
+        arr = getattr(sums, key)
         if np.any(arr < 0) or np.any(arr != np.round(arr)):
             raise StatisticsError(f"{where}.{key}: expected whole numbers >= 0")
-    records = float(arrays["class_counts"].sum())
+    records = float(sums.class_counts.sum())
     if not 1 <= records <= max_records:
         raise StatisticsError(f"{where}.class_counts: {records:g} records, expected 1 to {max_records}")
-    count, total, sq = arrays["channel_count"], arrays["channel_sum"], arrays["channel_sq_sum"]
+    count, total, sq = sums.channel_count, sums.channel_sum, sums.channel_sq_sum
     # Cauchy-Schwarz: sum^2 <= count * sum of squares holds for any real entries.
     if np.any(sq < 0) or np.any(total**2 > count * sq * (1 + 1e-9) + 1e-9):
         raise StatisticsError(f"{where}: channel sums no data set could have (sum^2 > count x sum of squares)")
-    return SiloStatistics(count, total, sq, arrays["class_counts"])
 
 
 @dataclass(frozen=True)
@@ -153,10 +174,7 @@ class PooledStatistics:
     ) -> PooledStatistics:
         """Mean and deviation per channel from the summed moments; unseen channels get 0 / 1."""
         count = np.maximum(np.asarray(count, dtype=np.float64), 0.0)
-        safe = np.maximum(count, 1.0)
-        mean = np.where(count > 0, np.asarray(total, dtype=np.float64) / safe, 0.0)
-        std = np.sqrt(np.maximum(np.asarray(sq, dtype=np.float64) / safe - mean**2, 0.0))
-        std = np.where((count > 1) & (std > 1e-6), std, 1.0)
+        mean, std = mean_std_from_moments(count, total, sq)
         return cls(
             mean=tuple(float(v) for v in mean),
             std=tuple(float(v) for v in std),
@@ -179,13 +197,14 @@ class PooledStatistics:
         )
 
     @classmethod
-    def from_total(cls, layout: StatisticsLayout, total: np.ndarray, silos: int) -> PooledStatistics:
-        """The statistics from the unmasked secure sum of ``silos`` statistics vectors."""
-        total = np.asarray(total, dtype=np.float64)
-        if total.shape != (layout.vector_length,):
-            raise StatisticsError(f"statistics sum: expected {layout.vector_length} entries, got {total.shape}")
-        f = layout.n_features
-        return cls.from_sums(total[:f], total[f : 2 * f], total[2 * f : 3 * f], np.rint(total[3 * f :]), silos)
+    def from_total(
+        cls, layout: StatisticsLayout, total: np.ndarray, silos: int, *, max_records: int
+    ) -> PooledStatistics:
+        """The statistics from the unmasked secure sum of ``silos`` statistics vectors, each of at
+        most ``max_records`` records; only the sum exists, so it is checked as a report would be."""
+        sums = SiloStatistics.from_vector(layout, total)
+        _check_sums(sums, "the summed statistics", silos * max_records)
+        return cls.from_sums(sums.channel_count, sums.channel_sum, sums.channel_sq_sum, sums.class_counts, silos)
 
     @property
     def normalizer(self) -> ChannelNormalizer:

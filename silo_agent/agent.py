@@ -691,10 +691,6 @@ class SiloAgent:
         self._secure = _SecureRound(key, round_id, client, vector, task.state_sha256, claims)
         return client.advertise()
 
-    def _statistics_layout(self) -> StatisticsLayout:
-        assert self.settings is not None
-        return StatisticsLayout(n_features=self.settings.layout.n_features, n_classes=len(self.settings.layout.classes))
-
     def _report_statistics(self, key: StageKey) -> None:
         """Send the sums over the local training split in the clear (plain aggregation)."""
         assert self.client is not None and self.data is not None
@@ -707,7 +703,8 @@ class SiloAgent:
         """Write the sums over the local training split as a vector and make this attempt's protocol client."""
         assert self.data is not None and plan.secagg is not None
         enc = plan.secagg
-        layout = self._statistics_layout()
+        assert self.settings is not None
+        layout = StatisticsLayout.of(self.settings.layout)
         quant = secagg.QuantConfig(enc.clip_bound, enc.frac_bits, enc.ring_bits)
         if enc.vector_length != layout.vector_length or quant != STATISTICS_QUANT:
             raise SettingsError(

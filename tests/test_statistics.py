@@ -65,7 +65,7 @@ def test_pooled_statistics_equal_the_fit_on_every_silos_data_in_the_clear_and_th
     rng = np.random.default_rng(0)
     codes = [quantize(p.to_vector(LAYOUT), STATISTICS_QUANT, rng) for p in parts]
     total = dequantize(np.sum(codes, axis=0, dtype=np.uint64), STATISTICS_QUANT)
-    secure = PooledStatistics.from_total(LAYOUT, total, 3)
+    secure = PooledStatistics.from_total(LAYOUT, total, 3, max_records=100)
     assert secure.class_counts == clear.class_counts and secure.channel_count == clear.channel_count
     np.testing.assert_allclose(secure.mean, clear.mean, atol=1e-4)
     np.testing.assert_allclose(secure.std, clear.std, rtol=1e-4)
@@ -211,7 +211,7 @@ def test_under_secure_aggregation_only_the_sum_of_the_statistics_is_revealed(ide
     (counted,) = effects
     assert isinstance(counted, Counted) and counted.reports == {} and counted.total is not None
     assert counted.participants == ("silo-1", "silo-2", "silo-3")
-    secure_pooled = PooledStatistics.from_total(LAYOUT, counted.total, len(counted.participants))
+    secure_pooled = PooledStatistics.from_total(LAYOUT, counted.total, len(counted.participants), max_records=100)
     clear = PooledStatistics.pool([parts[s] for s in counted.participants])
     assert secure_pooled.class_counts == clear.class_counts
     np.testing.assert_allclose(secure_pooled.mean, clear.mean, atol=1e-4)

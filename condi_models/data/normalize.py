@@ -7,6 +7,18 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def mean_std_from_moments(
+    count: np.ndarray, total: np.ndarray, sq: np.ndarray, min_std: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and deviation (float64) of entries given their count, sum and sum of
+    squares; a channel with no entries gets 0 / 1, one with fewer than two or no spread std 1."""
+    count = np.asarray(count, dtype=np.float64)
+    safe = np.maximum(count, 1.0)
+    mean = np.where(count > 0, np.asarray(total, dtype=np.float64) / safe, 0.0)
+    std = np.sqrt(np.maximum(np.asarray(sq, dtype=np.float64) / safe - mean**2, 0.0))
+    return mean, np.where((count > 1) & (std > min_std), std, 1.0)
+
+
 @dataclass(frozen=True)
 class ChannelNormalizer:
     """Per-channel mean and standard deviation, shape (F,), and the observed entries behind them."""
@@ -41,11 +53,9 @@ class ChannelNormalizer:
         means = np.stack([p.mean for p in parts]).astype(np.float64)
         var = np.stack([p.std for p in parts]).astype(np.float64) ** 2
         total = counts.sum(axis=0)
-        safe = np.maximum(total, 1.0)
-        mean = (counts * means).sum(axis=0) / safe
-        second = (counts * (var + means**2)).sum(axis=0) / safe
-        std = np.sqrt(np.maximum(second - mean**2, 0.0))
-        std = np.where((total > 1) & (std > min_std), std, 1.0)
+        mean, std = mean_std_from_moments(
+            total, (counts * means).sum(axis=0), (counts * (var + means**2)).sum(axis=0), min_std
+        )
         return cls(mean=mean.astype(np.float32), std=std.astype(np.float32), count=total)
 
     def apply(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
