@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from condi_models.configfile import ConfigError, StrictModel, load_config
+from condi_models.data.sources import DataLayout
 from condi_models.evaluation import EvalOptions
 from condi_models.server_optimizer import ServerOptimizerConfig
 from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
+from federation.names import ADDRESS_PATTERN, SILO_ID_PATTERN, is_silo_id
 from federation.secagg.quantize import OverflowConfigError, check_overflow_bounds, choose_ring_bits
 from federation.transfer import LayoutLimits
 from federation.wire import MIN_CHUNK_BYTES
-from silo_agent.config import ADDRESS_PATTERN, SILO_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,25 @@ class AggregationConfig(StrictModel):
         return self.ring_bits
 
 
+def layout_problem(layout: DataLayout, limits: LayoutLimits) -> str | None:
+    """Why federation.yaml's ``layout`` is past ``limits`` or names something twice; else None."""
+    channels = [c for m in layout.modalities for c in m.channels]
+    modalities = [m.name for m in layout.modalities]
+    problem = limits.problem(
+        modalities=len(modalities),
+        channels=len(channels),
+        classes=len(layout.classes),
+        length=layout.length,
+        names=[layout.task, *layout.classes, *modalities, *channels],
+    )
+    if problem is not None:
+        return problem
+    for what, names in (("classes", layout.classes), ("modalities", modalities), ("channels", channels)):
+        if len(set(names)) != len(names):
+            return f"{what}: a name appears twice"
+    return None
+
+
 class FederationConfig(StrictModel):
     """The operator's federation.yaml."""
 
@@ -121,6 +140,10 @@ class FederationConfig(StrictModel):
         le=64,
         description="calls one silo may have in progress at once (long poll, heartbeat, transfer); more are refused",
     )
+    layout: DataLayout | None = Field(
+        default=None,
+        description="the data layout every silo must bring; unset, the first silo to join fixes it",
+    )
     layout_limits: LayoutLimits = Field(
         default_factory=LayoutLimits,
         description="largest data layout (modalities, channels, length, classes, name length) a silo may bring",
@@ -142,7 +165,7 @@ class FederationConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
-        bad = [s for s in self.silos if not re.match(SILO_ID_PATTERN, s)]
+        bad = [s for s in self.silos if not is_silo_id(s)]
         if bad:
             raise ValueError(f"silos: ids must match {SILO_ID_PATTERN}, got {bad}")
         if len(set(self.silos)) != len(self.silos):
@@ -153,6 +176,8 @@ class FederationConfig(StrictModel):
             )
         if self.min_silos > self.silos_per_round:
             raise ValueError(f"min_silos ({self.min_silos}) exceeds silos_per_round ({self.silos_per_round})")
+        if self.layout is not None and (problem := layout_problem(self.layout, self.layout_limits)) is not None:
+            raise ValueError(f"layout: {problem}")
         if self.timeouts.liveness_s * 1000 < 3 * self.poll_interval_ms:
             raise ValueError(
                 f"timeouts.liveness_s ({self.timeouts.liveness_s:g}) must cover at least three poll "

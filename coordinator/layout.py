@@ -1,10 +1,10 @@
 """The federation's data layout and the model built for it.
 
-The coordinator never reads data. The first silo it accepts fixes the layout (modalities and
-their channels in order, classes, sampling rate, record length, task); the initial global model
-is built from that layout and federation.yaml's ``model:`` and ``training.window``, and every
-later silo must match the layout exactly. Layout and model config are checkpointed, so a
-restarted coordinator keeps them.
+The coordinator never reads data. federation.yaml's ``layout:`` pins the layout (modalities and
+their channels in order, classes, sampling rate, record length, task); without it the first silo
+the coordinator accepts fixes it. The initial global model is built from that layout and
+federation.yaml's ``model:`` and ``training.window``, and every silo must match the layout exactly.
+Layout and model config are checkpointed, so a restarted coordinator keeps them.
 """
 
 from __future__ import annotations

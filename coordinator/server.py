@@ -194,10 +194,27 @@ class Coordinator:
             self.machine.vector_length = self._layout.vector_length
         if self.ckpt.layout is not None:
             self.machine.data_shape = (len(self.ckpt.layout.classes), self.ckpt.layout.n_features)
+        self._pin_layout()
         self._downloads: dict[tuple[int, int, int], dict[str, int]] = {}
         self._status_text = ""
         self._progress_line = ""
         self.outcome: tuple[str, str] | None = None
+
+    def _pin_layout(self) -> None:
+        """Adopt federation.yaml's ``layout:`` before any silo joins, or check the checkpoint keeps it."""
+        if self.cfg.layout is None:
+            log.warning("federation.yaml has no layout: the first silo to join fixes the data layout")
+            return
+        pinned = self.cfg.layout.to_info(self.cfg.name)
+        if self.ckpt.layout is None:
+            self._fix_layout(pinned, "federation.yaml")
+            return
+        reason = layout_mismatch(pinned, self.ckpt.layout)
+        if reason is not None:
+            raise StoreError(
+                f"{self.store.progress_path}: the checkpointed run's data layout differs from federation.yaml's "
+                f"layout ({reason}); use another run_dir or restore the layout"
+            )
 
     @staticmethod
     def _secure_plan(cfg: FederationConfig, revocations: identity.RevocationList) -> SecurePlan | None:
@@ -274,6 +291,26 @@ class Coordinator:
             self._model.update_bytes,
         )
 
+    def _fix_layout(self, info: DatasetInfo, by: str) -> None:
+        """Build the initial global model for ``info`` and checkpoint both (caller holds the lock)."""
+        self._adopt_layout(info, None, None)
+        assert self._model is not None
+        name, sha = self.store.save_state(self.machine.round, self.global_state)
+        self.ckpt.layout = info
+        self.ckpt.model = self._model.settings.model
+        self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
+        self.machine.state_sha256 = sha
+        self._checkpoint()
+        log.info(
+            "data layout fixed by %s: %d modalities, %d channels, %d steps at %g Hz, classes %s",
+            by,
+            info.n_modalities,
+            info.n_features,
+            info.length,
+            info.sampling_rate_hz,
+            list(info.classes),
+        )
+
     def _set_state(self, state: dict[str, np.ndarray]) -> str:
         encoded = wire.encode_state(state)
         self.global_state = state
@@ -290,7 +327,7 @@ class Coordinator:
     # ---- handler operations ---------------------------------------------------------------
 
     def join(self, silo: str, request: pb.JoinRequest) -> pb.JoinReply:
-        """Handshake: check version and layout, fix the layout on the first join, send the run settings."""
+        """Handshake: check version and layout (fixed by the first join unless pinned), send the run settings."""
         reply = pb.JoinReply(
             silo_id=silo,
             federation_name=self.cfg.name,
@@ -322,23 +359,7 @@ class Coordinator:
             return refuse(str(exc))
         with self._cond:
             if self.ckpt.layout is None:
-                self._adopt_layout(info, None, None)
-                assert self._model is not None
-                name, sha = self.store.save_state(self.machine.round, self.global_state)
-                self.ckpt.layout = info
-                self.ckpt.model = self._model.settings.model
-                self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
-                self.machine.state_sha256 = sha
-                self._checkpoint()
-                log.info(
-                    "data layout fixed by silo %s: %d modalities, %d channels, %d steps at %g Hz, classes %s",
-                    silo,
-                    info.n_modalities,
-                    info.n_features,
-                    info.length,
-                    info.sampling_rate_hz,
-                    list(info.classes),
-                )
+                self._fix_layout(info, f"silo {silo}")
             else:
                 reason = layout_mismatch(self.ckpt.layout, info)
                 if reason is not None:

@@ -45,13 +45,16 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import yaml
+from pydantic import TypeAdapter
 
+from condi_models.data.sources import DataLayout, DataSource, source_layout
 from federation import faults, pki
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PTBXL = REPO.parent / "shared" / "data" / "ptbxl"
+_DATA_SOURCE: TypeAdapter[DataSource] = TypeAdapter(DataSource)
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,8 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
             "seed": opts.seed,
             "seconds": profile.seconds,
         }
+    # The federation pins the layout of the data every site loads, so no silo's summary decides it.
+    federation["layout"] = DataLayout.of(source_layout(_DATA_SOURCE.validate_python(data))).model_dump()
     # Every site pins the federation's silos, as hospitals would from a roster received out of band.
     peers = {sid: pki.certificate_fingerprint(pki.load_certificate(material.silos[sid].cert)) for sid in ids}
     sites = {}

@@ -354,14 +354,33 @@ def data_summary(info: DatasetInfo) -> pb.DataSummary:
 @dataclass(frozen=True)
 class LayoutLimits:
     """The largest data layout a federation takes from a silo's summary (federation.yaml
-    ``layout_limits``): the model grows with modalities, channels and classes, and the first silo
-    to join fixes the layout, so each is bounded before any model is built."""
+    ``layout_limits``): the model grows with modalities, channels and classes, and unless
+    federation.yaml pins ``layout:`` the first silo to join fixes it, so each is bounded before any
+    model is built."""
 
     max_modalities: int = 64
     max_channels: int = 512
     max_length: int = 100_000
     max_classes: int = 256
     max_name_chars: int = 128
+
+    def problem(
+        self, *, modalities: int, channels: int, classes: int, length: int, names: Iterable[str]
+    ) -> str | None:
+        """Why a layout of these sizes and names is past the limits, or None when it is within them."""
+        counts = {
+            "modalities": (modalities, self.max_modalities),
+            "channels": (channels, self.max_channels),
+            "classes": (classes, self.max_classes),
+            "length": (length, self.max_length),
+        }
+        for what, (value, most) in counts.items():
+            if value > most:
+                return f"{value} {what}, this federation takes at most {most}"
+        longest = max((len(n) for n in names), default=0)
+        if longest > self.max_name_chars:
+            return f"a name of {longest} characters, at most {self.max_name_chars}"
+        return None
 
 
 def info_from_summary(summary: pb.DataSummary, limits: LayoutLimits | None = None) -> DatasetInfo:
@@ -370,21 +389,18 @@ def info_from_summary(summary: pb.DataSummary, limits: LayoutLimits | None = Non
     limits = limits or LayoutLimits()
     if not summary.modalities:
         raise TransferError("data summary: no modalities")
-    counts = {
-        "modalities": (len(summary.modalities), limits.max_modalities),
-        "channels": (sum(m.channels for m in summary.modalities), limits.max_channels),
-        "classes": (len(summary.classes), limits.max_classes),
-        "length": (summary.length, limits.max_length),
-    }
-    for what, (value, most) in counts.items():
-        if value > most:
-            raise TransferError(f"data summary: {value} {what}, this federation takes at most {most}")
     names = [summary.dataset, summary.task, *summary.classes]
     for m in summary.modalities:
         names += [m.name, *m.channel_names]
-    longest = max(len(n) for n in names)
-    if longest > limits.max_name_chars:
-        raise TransferError(f"data summary: a name of {longest} characters, at most {limits.max_name_chars}")
+    problem = limits.problem(
+        modalities=len(summary.modalities),
+        channels=sum(m.channels for m in summary.modalities),
+        classes=len(summary.classes),
+        length=summary.length,
+        names=names,
+    )
+    if problem is not None:
+        raise TransferError(f"data summary: {problem}")
     modalities = []
     for i, m in enumerate(summary.modalities):
         if not m.name:

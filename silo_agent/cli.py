@@ -4,7 +4,8 @@
 when the coordinator was lost, 2 when the configuration, the certificates or the coordinator
 refused). ``silo-agent check --config site.yaml`` validates the config and the data and, when
 the sections are present, the certificate chain (issued by the CA, key matches, silo id equals
-``silo_id``, not expired) and whether the coordinator answers its health service.
+``silo_id``, not expired) and whether the coordinator answers its health service; with
+``--layout`` it prints the data's layout as federation.yaml's ``layout:`` section instead.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 
 from condi_models.configfile import ConfigError
 from condi_models.data.missingness import simulate_missingness
-from condi_models.data.sources import DataSourceError, load_source, source_details
+from condi_models.data.sources import DataLayout, DataSourceError, load_source, source_details
 from condi_models.data.summary import summarize
 from federation import logs, pki
 from federation.tls import TlsError
@@ -76,9 +78,17 @@ def _coordinator_check(cfg: SiteConfig) -> dict[str, Any]:
     return out
 
 
-def run_check(config_path: str, as_json: bool) -> int:
-    """Validate the site config, its data, certificates and coordinator now; print a summary."""
+def run_check(config_path: str, as_json: bool, layout: bool = False) -> int:
+    """Validate the site config, its data, certificates and coordinator now; print a summary.
+
+    With ``layout``, print only federation.yaml's ``layout:`` section for the data read, for the
+    operator to pin.
+    """
     cfg = load_site_config(config_path)
+    if layout:
+        dataset = load_source(cfg.data, origin=config_path)
+        print(yaml.safe_dump({"layout": DataLayout.of(dataset.info).model_dump()}, sort_keys=False), end="")
+        return 0
     check_site_files(cfg, config_path)
     dataset = load_source(cfg.data, origin=config_path)
     view = simulate_missingness(dataset, cfg.simulated_missingness) if cfg.simulated_missingness else None
@@ -130,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", required=True, help="path to site.yaml")
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
+    check.add_argument(
+        "--layout", action="store_true", help="print the data's layout as federation.yaml's `layout:` section"
+    )
     return parser
 
 
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --config site.yaml to take part, or use `silo-agent check --config ...`")
     try:
         if args.command == "check":
-            return run_check(args.config, args.json)
+            return run_check(args.config, args.json, args.layout)
         return run_agent(args.config, args.verbose)
     except (
         ConfigError,

@@ -24,9 +24,7 @@ from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.sources import DataSource
 from condi_models.privacy import PHASES, PrivacySpec
 from condi_models.simulation import SplitSpec
-
-SILO_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-ADDRESS_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
+from federation.names import ADDRESS_PATTERN, SILO_ID_PATTERN, is_silo_id
 
 
 class CoordinatorEndpoint(StrictModel):
@@ -67,7 +65,7 @@ class SiloTls(StrictModel):
         if self.passphrase_file is not None and self.passphrase_env is not None:
             raise ValueError("give passphrase_file or passphrase_env, not both")
         for silo, fingerprint in (self.peers or {}).items():
-            if not re.fullmatch(SILO_ID_PATTERN, silo):
+            if not is_silo_id(silo):
                 raise ValueError(f"peers: {silo!r} is not a silo id")
             if not re.fullmatch("[0-9a-f]{64}", fingerprint):
                 raise ValueError(f"peers.{silo}: expected a SHA-256 fingerprint, 64 lowercase hex characters")

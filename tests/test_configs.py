@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from condi_models.configfile import ConfigError
+from condi_models.data.sources import source_layout
 from coordinator.config import AggregationConfig, load_federation_config
+from coordinator.layout import layout_mismatch
 from silo_agent.cli import main as silo_main
 from silo_agent.config import load_site_config
 from tests.helpers import REPO
@@ -118,3 +120,29 @@ def test_the_default_threshold_survives_one_dropout_with_three_silos_a_round() -
     assert [agg.threshold_for(n) for n in (2, 3, 4, 5, 6, 10)] == [2, 2, 3, 3, 4, 6]
     # Always a majority of the selected silos, so no two disjoint sets can both unmask.
     assert all(2 * agg.threshold_for(n) > n for n in range(2, 60))
+
+
+def test_a_pinned_layout_is_bounded_and_names_each_thing_once(tmp_path):
+    head = "name: f\nsilos: [s-1, s-2, s-3]\nsilos_per_round: 2\nmin_silos: 2\n"
+    layout = (
+        "layout:\n  task: t\n  classes: [a, b]\n  sampling_rate_hz: 100\n  length: {length}\n"
+        "  modalities:\n    - {{name: m1, channels: [{channels}]}}\n"
+    )
+    ok = _write(tmp_path, head + layout.format(length=50, channels="x, y"), "ok.yaml")
+    assert load_federation_config(ok).layout.to_info("f").n_features == 2
+    cases = {
+        "200000 length, this federation takes at most 100000": layout.format(length=200_000, channels="x"),
+        "channels: a name appears twice": layout.format(length=50, channels="x, x"),
+    }
+    for message, text in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_federation_config(_write(tmp_path, head + text, "bad.yaml"))
+    limited = head + "layout_limits: {max_channels: 1}\n" + layout.format(length=50, channels="x, y")
+    with pytest.raises(ConfigError, match="2 channels, this federation takes at most 1"):
+        load_federation_config(_write(tmp_path, limited, "limited.yaml"))
+
+
+def test_the_shipped_federation_pins_the_layout_of_the_shipped_site():
+    cfg = load_federation_config(REPO / "examples" / "federation.yaml")
+    site = load_site_config(REPO / "examples" / "site-federated.yaml")
+    assert layout_mismatch(cfg.layout.to_info(cfg.name), source_layout(site.data)) is None

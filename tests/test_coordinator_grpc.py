@@ -21,10 +21,13 @@ import pytest
 import torch
 
 from condi_models.configfile import ConfigError, parse_config
+from condi_models.data.sources import DataLayout
 from condi_models.nn.model import CondIModel
 from condi_models.training import aggregation_groups
 from coordinator.config import FederationConfig
+from coordinator.layout import layout_mismatch
 from coordinator.server import CoordinatorServer
+from coordinator.store import StoreError
 from federation import pki, tls, wire
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
@@ -281,6 +284,30 @@ def test_join_refuses_other_versions_and_layouts_naming_the_mismatch(train: Trai
     # The first silo fixed the layout; the model fits it.
     assert train.settings.layout == INFO and train.settings.model.n_features == 3
     assert train.settings.training.window == 40
+
+
+def test_a_layout_pinned_in_federation_yaml_decides_and_survives_no_first_joiner(
+    material: pki.DevPki, tmp_path: Path
+) -> None:
+    pinned = DataLayout.of(INFO).model_dump()
+    running = _start(tmp_path, material, ["silo-1", "silo-2"], layout=pinned)
+    try:
+        # The model exists before anyone joins, built for federation.yaml's layout.
+        assert running.server.coordinator.ckpt.layout is not None
+        assert layout_mismatch(INFO, running.server.coordinator.ckpt.layout) is None
+        # The first silo to join no longer decides: another layout is refused though nobody joined yet.
+        other = toy_dataset(8, modalities=(2, 1), length=40, n_classes=3).info
+        reply = running.stub("silo-1").Join(_join_request(other), timeout=TIMEOUT)
+        assert not reply.accepted and "data layout does not match" in reply.reason and "channels" in reply.reason
+        reply = running.stub("silo-2").Join(_join_request(), timeout=TIMEOUT)
+        assert reply.accepted, reply.reason
+        assert RunSettings.from_json(reply.model_config_json).model.n_features == 3
+    finally:
+        running.stop()
+    # The run's checkpoint keeps its layout: a federation.yaml whose layout changed is refused.
+    changed = {**pinned, "classes": ["a", "b"]}
+    with pytest.raises(StoreError, match=r"layout differs from federation\.yaml's layout"):
+        _start(tmp_path, material, ["silo-1", "silo-2"], layout=changed)
 
 
 def test_a_silo_outside_the_allow_list_is_refused(train: Train, caplog: pytest.LogCaptureFixture) -> None:

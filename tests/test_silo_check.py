@@ -6,6 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+import yaml
+
+from condi_models.data.sources import DataLayout, MimicSource, PtbxlSource, load_source, source_layout
+from coordinator.layout import layout_mismatch
+from silo_agent.config import load_site_config
 from tests.helpers import REPO
 
 
@@ -44,6 +50,27 @@ def test_check_mimic_demo_reports_stays_and_both_label_balances(mimic_root):
     assert details["absent_tables"] == ["icu/chartevents"]
     assert report["natural_observed_fraction"]["vitals"] == 0.0
     assert report["natural_observed_fraction"]["chemistry"] > 0.0
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["examples/site-synthetic-ecg.yaml", "examples/site-synthetic-psg.yaml", "examples/site-synthetic-icu.yaml"],
+)
+def test_check_prints_the_layout_federation_yaml_pins_and_the_data_has(config):
+    out = _check(config, "--layout")
+    assert out.returncode == 0, out.stderr
+    printed = DataLayout.model_validate(yaml.safe_load(out.stdout)["layout"])
+    site = load_site_config(REPO / config)
+    loaded = load_source(site.data).info
+    assert layout_mismatch(loaded, printed.to_info("pinned")) is None
+    # The layout known without reading the data is the one the data has.
+    assert layout_mismatch(loaded, source_layout(site.data)) is None
+
+
+def test_the_layout_of_the_shared_records_is_known_without_reading_them(ptbxl_root, mimic_root):
+    for source in (PtbxlSource(source="ptbxl", path=str(ptbxl_root), max_records=5),
+                   MimicSource(source="mimic", path=str(mimic_root))):
+        assert layout_mismatch(load_source(source).info, source_layout(source)) is None
 
 
 def test_check_synthetic_text_summary():

@@ -138,6 +138,19 @@ def read_signal(path: Path, fs: int, length: int) -> np.ndarray:
     return out
 
 
+def ptbxl_info(resolution: Literal["records100", "records500"] = "records100") -> DatasetInfo:
+    """PTB-XL's layout at ``resolution``: one modality per lead, 10 s records, the five superclasses."""
+    fs = _RATES[resolution]
+    return DatasetInfo(
+        name="ptbxl",
+        modalities=tuple(Modality(name=lead, channels=(lead,)) for lead in PTBXL_LEADS),
+        sampling_rate_hz=float(fs),
+        length=fs * RECORD_SECONDS,
+        classes=SUPERCLASSES,
+        task="superclass",
+    )
+
+
 def load_ptbxl(
     root: Path,
     *,
@@ -193,14 +206,7 @@ def load_ptbxl(
     x = np.stack(signals) if signals else np.zeros((0, len(PTBXL_LEADS), length))
     observed = ~np.isnan(x)
     x = np.where(observed, x, 0.0).astype(np.float32)
-    info = DatasetInfo(
-        name="ptbxl",
-        modalities=tuple(Modality(name=lead, channels=(lead,)) for lead in PTBXL_LEADS),
-        sampling_rate_hz=float(fs),
-        length=length,
-        classes=SUPERCLASSES,
-        task="superclass",
-    )
+    info = ptbxl_info(resolution)
     n_unlabeled = sum(s.reason.startswith("unlabeled") for s in skipped)
     logger.info(
         "PTB-XL %s: kept %d records (%d Hz x %d), skipped %d (%d unlabeled, %d unreadable or absent)",

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from condi_models.configfile import StrictModel, resolve_path
-from condi_models.data.dataset import ClinicalDataset
+from condi_models.data.dataset import ClinicalDataset, DatasetInfo, Modality
 
 
 class DataSourceError(ValueError):
@@ -132,6 +132,73 @@ def load_source(cfg: DataSource, *, base_dir: Path | None = None, origin: str = 
 
         return generate_icu(cfg.n_stays, seed=cfg.seed, task=cfg.task, hours=cfg.hours)
     raise DataSourceError(f"{origin}: data.source: unknown source {cfg!r}")
+
+
+class LayoutModality(StrictModel):
+    """One modality of the federation's data layout: its name and its channels, in order."""
+
+    name: str = Field(min_length=1)
+    channels: list[str] = Field(min_length=1)
+
+
+class DataLayout(StrictModel):
+    """The data layout every silo must bring (federation.yaml ``layout:``).
+
+    ``silo-agent check --config site.yaml --layout`` prints this section for a site's data. With it
+    the coordinator builds the initial model before any silo joins, and a silo whose data differs is
+    refused; without it the first silo to join fixes the layout (within ``layout_limits``).
+    """
+
+    task: str = Field(min_length=1)
+    classes: list[str] = Field(min_length=2)
+    sampling_rate_hz: float = Field(gt=0)
+    length: int = Field(ge=1, description="steps per record")
+    modalities: list[LayoutModality] = Field(min_length=1)
+
+    @classmethod
+    def of(cls, info: DatasetInfo) -> DataLayout:
+        """The section that describes ``info``."""
+        return cls(
+            task=info.task,
+            classes=list(info.classes),
+            sampling_rate_hz=info.sampling_rate_hz,
+            length=info.length,
+            modalities=[LayoutModality(name=m.name, channels=list(m.channels)) for m in info.modalities],
+        )
+
+    def to_info(self, name: str) -> DatasetInfo:
+        """The layout as the model code sees it, named ``name``."""
+        return DatasetInfo(
+            name=name,
+            modalities=tuple(Modality(m.name, tuple(m.channels)) for m in self.modalities),
+            sampling_rate_hz=float(self.sampling_rate_hz),
+            length=self.length,
+            classes=tuple(self.classes),
+            task=self.task,
+        )
+
+
+def source_layout(cfg: DataSource) -> DatasetInfo:
+    """The layout (modalities, channels, time grid, classes, task) of ``cfg``'s data, without
+    reading any record: what federation.yaml's ``layout:`` pins for silos holding such data."""
+    if isinstance(cfg, PtbxlSource):
+        from condi_models.data.ptbxl import ptbxl_info
+
+        return ptbxl_info(cfg.resolution)
+    if isinstance(cfg, MimicSource | SyntheticIcuSource):
+        from condi_models.data.mimic import dataset_info
+
+        return dataset_info(cfg.task, cfg.hours)
+    if isinstance(cfg, SleepEdfSource | SyntheticPsgSource):
+        from condi_models.data.sleep_edf import sleep_edf_info
+
+        rate = cfg.resample_hz if isinstance(cfg, SleepEdfSource) else cfg.fs
+        return sleep_edf_info(rate, name=cfg.source)
+    if isinstance(cfg, SyntheticEcgSource):
+        from condi_models.data.synthetic_ecg import synthetic_ecg_info
+
+        return synthetic_ecg_info(cfg.fs, cfg.seconds)
+    raise DataSourceError(f"data.source: unknown source {cfg!r}")
 
 
 def source_details(cfg: DataSource, *, base_dir: Path | None = None, origin: str = "config") -> dict:
