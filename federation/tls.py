@@ -18,13 +18,10 @@ import os
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from federation import pki
@@ -88,26 +85,6 @@ def _load_ca(ca_cert: str | os.PathLike[str]) -> tuple[x509.Certificate, bytes]:
     return cert, cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _server_certificate_problem(cert: x509.Certificate, ca: x509.Certificate) -> str | None:
-    """Why silos would refuse ``cert`` as the coordinator's certificate, or None."""
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return f"not issued by the CA {ca.subject.rfc4514_string()}"
-    now = datetime.now(UTC)
-    if now > cert.not_valid_after_utc:
-        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-    if now < cert.not_valid_before_utc:
-        return f"not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-    try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return "no extended key usage; serverAuth is required"
-    if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
-        return "no serverAuth extended key usage"
-    return None
-
-
 def server_credentials(
     server_cert: str | os.PathLike[str],
     server_key: str | os.PathLike[str],
@@ -121,7 +98,7 @@ def server_credentials(
     """
     cert, cert_pem, key_pem = _load_pair(server_cert, server_key, None)
     ca, ca_pem = _load_ca(ca_cert)
-    problem = _server_certificate_problem(cert, ca)
+    problem = pki.server_certificate_problem(cert, ca)
     if problem is not None:
         raise TlsError(f"{server_cert}: {problem}; silos would refuse it")
     return grpc.ssl_server_credentials(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.verification import VerificationError
 
 from federation import certs_cli, pki
 
@@ -108,16 +111,20 @@ def test_certificate_from_another_ca_is_rejected(ca_dir: Path, tmp_path: Path) -
     assert "intruder" in str(info.value)
 
 
-def test_expired_certificate_is_rejected_with_its_date(ca_dir: Path, tmp_path: Path) -> None:
-    req = pki.make_request(tmp_path, "old-site")
+def test_expired_certificate_is_rejected_with_its_date(tmp_path: Path) -> None:
     issued = datetime.now(UTC) - timedelta(days=100)
-    cert = pki.load_certificate(pki.sign_request(req.csr, ca_dir, tmp_path / "old.crt", days=30, now=issued))
+    # The CA must already exist when the certificate is checked in the past: the verifier checks its validity too.
+    ca = pki.init_ca(tmp_path / "ca", now=issued)
+    req = pki.make_request(tmp_path, "old-site")
+    cert = pki.load_certificate(
+        pki.sign_request(req.csr, ca.cert.parent, tmp_path / "old.crt", days=30, now=issued)
+    )
     expiry = (issued + timedelta(days=30)).strftime("%Y-%m-%d")
     with pytest.raises(pki.CertificateRejected, match=f"expired on {expiry}") as info:
-        pki.verify_peer_certificate(cert, _ca_cert(ca_dir), revoked=set())
+        pki.verify_peer_certificate(cert, _ca_cert(ca.cert.parent), revoked=set())
     assert info.value.subject == "CN=old-site"
     # The same certificate was fine while it was valid.
-    assert pki.verify_peer_certificate(cert, _ca_cert(ca_dir), revoked=set(), now=issued + timedelta(days=1))
+    assert pki.verify_peer_certificate(cert, _ca_cert(ca.cert.parent), revoked=set(), now=issued + timedelta(days=1))
 
 
 def test_not_yet_valid_certificate_is_rejected(silo_cert: tuple[pki.RequestPaths, Path], ca_dir: Path) -> None:
@@ -173,8 +180,15 @@ def test_crl_with_bad_signature_is_refused_naming_the_file(ca_dir: Path, tmp_pat
 
 
 def _raw_cert(
-    ca_dir: Path, *, cn: str | None, uris: list[str], eku: list[x509.ObjectIdentifier] | None
+    ca_dir: Path,
+    *,
+    cn: str | None,
+    uris: list[str],
+    eku: list[x509.ObjectIdentifier] | None,
+    aki: bool = True,
+    names: tuple[x509.GeneralName, ...] = (),
 ) -> x509.Certificate:
+    """A certificate signed by the CA in ``ca_dir`` with SAN URIs ``uris`` and other SAN ``names``."""
     ca_key, ca_cert = pki.load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
@@ -187,9 +201,14 @@ def _raw_cert(
         .not_valid_before(now - timedelta(hours=1))
         .not_valid_after(now + timedelta(days=1))
     )
-    if uris:
+    # The verifier requires an authority key identifier on every leaf; aki=False leaves it out.
+    if aki:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
+        )
+    if uris or names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([*(x509.UniformResourceIdentifier(u) for u in uris), *names]), critical=False
         )
     if eku is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
@@ -208,7 +227,8 @@ def test_silo_id_comes_from_the_san_uri_before_the_cn(ca_dir: Path) -> None:
     nothing = _raw_cert(ca_dir, cn=None, uris=["https://example.org"], eku=client)
     with pytest.raises(pki.CertificateRejected, match="no condi://silo/ SAN URI and no common name"):
         pki.silo_id_from_certificate(nothing)
-    bad = _raw_cert(ca_dir, cn="Not A Valid Id", uris=[], eku=client)
+    # A SAN without a silo URI: the verifier requires a subjectAltName, and the CN is the silo id.
+    bad = _raw_cert(ca_dir, cn="Not A Valid Id", uris=["https://example.org"], eku=client)
     with pytest.raises(pki.CertificateRejected, match="invalid silo id"):
         pki.verify_peer_certificate(bad, _ca_cert(ca_dir), revoked=set())
 
@@ -223,6 +243,129 @@ def test_certificates_without_client_auth_are_rejected(ca_dir: Path, tmp_path: P
         pki.verify_peer_certificate(pki.load_certificate(server.cert), ca_cert, revoked=set())
     with pytest.raises(pki.CertificateRejected, match="is a CA certificate"):
         pki.verify_peer_certificate(ca_cert, ca_cert, revoked=set())
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A CA made a month ago and what it issued since, plus certificates of a second CA of the same name."""
+
+    ca: x509.Certificate
+    certs: dict[str, x509.Certificate]
+    revoked: frozenset[int]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    root = tmp_path_factory.mktemp("deployment")
+    month_ago = datetime.now(UTC) - timedelta(days=30)
+    ca = pki.init_ca(root / "ca", now=month_ago)
+    other = pki.init_ca(root / "other")  # the same default name, another key
+    certs: dict[str, x509.Certificate] = {}
+    for name, ca_dir, extra in [
+        ("good", ca.cert.parent, {}),
+        ("revoked", ca.cert.parent, {}),
+        ("expired", ca.cert.parent, {"days": 1, "now": month_ago}),
+        ("foreign", other.cert.parent, {}),
+    ]:
+        req = pki.make_request(root / name, name)
+        certs[name] = pki.load_certificate(pki.sign_request(req.csr, ca_dir, root / name / "silo.crt", **extra))
+    for name, ca_dir, extra in [
+        ("server", ca.cert.parent, {}),
+        ("server-expired", ca.cert.parent, {"days": 1, "now": month_ago}),
+        ("server-foreign", other.cert.parent, {}),
+    ]:
+        paths = pki.issue_server_cert(ca_dir, root / name, hostnames=["localhost"], ips=["127.0.0.1"], **extra)
+        certs[name] = pki.load_certificate(paths.cert)
+    pki.revoke(ca.cert.parent, root / "revoked" / "silo.crt")
+    ca_cert = pki.load_certificate(ca.cert)
+    certs["ca"] = ca_cert
+    return Deployment(ca=ca_cert, certs=certs, revoked=frozenset(pki.load_revoked_serials(ca.crl, ca_cert)))
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("foreign", r"not issued by this CA \(CN=CondI Federation CA\)"),
+        ("expired", r"expired on \d{4}-\d\d-\d\d"),
+        ("server", "no clientAuth extended key usage"),
+        ("ca", "is a CA certificate, not a silo certificate"),
+    ],
+)
+def test_the_library_verifier_refuses_unfit_client_certificates(
+    deployment: Deployment, case: str, reason: str
+) -> None:
+    assert pki.verify_peer_certificate(deployment.certs["good"], deployment.ca, revoked=deployment.revoked) == "good"
+    with pytest.raises(pki.CertificateRejected, match=reason) as info:
+        pki.verify_peer_certificate(deployment.certs[case], deployment.ca, revoked=deployment.revoked)
+    # cryptography's verifier refused it; the federation only put the reason in its own words.
+    assert isinstance(info.value.__cause__, VerificationError)
+    assert info.value.subject == deployment.certs[case].subject.rfc4514_string()
+
+
+def test_a_revoked_certificate_the_library_accepts_is_still_refused(deployment: Deployment) -> None:
+    cert = deployment.certs["revoked"]
+    assert pki.verify_peer_certificate(cert, deployment.ca, revoked=frozenset()) == "revoked"
+    with pytest.raises(pki.CertificateRejected, match=rf"revoked \(serial {cert.serial_number:x}\)") as info:
+        pki.verify_peer_certificate(cert, deployment.ca, revoked=deployment.revoked)
+    assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    ("case", "problem"),
+    [
+        ("server", None),
+        ("server-foreign", r"not issued by this CA \(CN=CondI Federation CA\)"),
+        ("server-expired", r"expired on \d{4}-\d\d-\d\d"),
+        ("good", "no serverAuth extended key usage"),
+        ("ca", "is a CA certificate, not a coordinator certificate"),
+    ],
+)
+def test_the_library_verifier_checks_the_coordinator_certificate(
+    deployment: Deployment, case: str, problem: str | None
+) -> None:
+    found = pki.server_certificate_problem(deployment.certs[case], deployment.ca)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and re.match(problem, found), found
+
+
+@pytest.mark.parametrize(
+    ("names", "problem"),
+    [
+        ((x509.DNSName("*.example.org"), x509.DNSName("coordinator.example.org")), None),
+        ((x509.DNSName("*.example.org"),), "no DNS name or IP address a silo could dial in its subjectAltName"),
+        ((), "no DNS name or IP address a silo could dial in its subjectAltName"),
+    ],
+)
+def test_a_coordinator_certificate_is_verified_for_a_name_a_silo_can_dial(
+    ca_dir: Path, names: tuple[x509.GeneralName, ...], problem: str | None
+) -> None:
+    # The verifier cannot be built for a wildcard, so the next name is used.
+    cert = _raw_cert(ca_dir, cn="c", uris=[], eku=[ExtendedKeyUsageOID.SERVER_AUTH], names=names)
+    assert pki.server_certificate_problem(cert, _ca_cert(ca_dir)) == problem
+
+
+@pytest.mark.parametrize(
+    ("aki", "uris", "extension"),
+    [
+        (False, ["condi://silo/a"], ExtensionOID.AUTHORITY_KEY_IDENTIFIER),
+        (True, [], ExtensionOID.SUBJECT_ALTERNATIVE_NAME),
+    ],
+)
+def test_leaves_lacking_what_the_library_policy_requires_are_refused(
+    ca_dir: Path, aki: bool, uris: list[str], extension: x509.ObjectIdentifier
+) -> None:
+    """Rules the hand-written checks never had: they show the library's policy is the one applied."""
+    client = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    ca_cert = _ca_cert(ca_dir)
+    complete = _raw_cert(ca_dir, cn="a", uris=["condi://silo/a"], eku=client)
+    assert pki.verify_peer_certificate(complete, ca_cert, revoked=set()) == "a"
+    lacking = _raw_cert(ca_dir, cn="a", uris=uris, eku=client, aki=aki)
+    with pytest.raises(pki.CertificateRejected, match=re.escape(extension.dotted_string)) as info:
+        pki.verify_peer_certificate(lacking, ca_cert, revoked=set())
+    assert isinstance(info.value.__cause__, VerificationError)
+    assert "<Certificate" not in str(info.value)
 
 
 @pytest.mark.parametrize(
