@@ -65,7 +65,6 @@ from federation.secagg.messages import (
     RoundAbort,
     RoundConfig,
     ca_cert_verifier,
-    decode_message,
 )
 from federation.secagg.prg import BLOCK_BYTES, apply_masks
 from federation.secagg.quantize import QuantConfig, quantize
@@ -156,11 +155,6 @@ class Federation:
         self.certs = {sid: p.cert.read_bytes() for sid, p in dev.silos.items()}
 
 
-def _wire(msg: Any) -> Any:
-    """A message as the far end sees it: through its byte encoding and back."""
-    return decode_message(msg.to_bytes())
-
-
 def silo_input(seed: int, length: int) -> np.ndarray:
     """One silo's float vector for the sum, inside the clip bound as SecureLayout's entries are."""
     return np.random.default_rng(seed).uniform(-1.0, 1.0, size=length)
@@ -170,8 +164,8 @@ def run_round(fed: Federation, length: int, dropouts: int, agg: AggregationConfi
     """One full round over all of ``fed``'s silos, ``dropouts`` of them leaving after ShareKeys.
 
     Masked inputs go to the server as the objects the clients return (not re-decoded), so that
-    only one copy of each large upload is held at a time; every other message travels through its
-    byte encoding.
+    only one copy of each large upload is held at a time; every other message crosses its proto
+    form as the silo agent and the coordinator convert it (:mod:`federation.secagg_wire`).
     """
     n = len(fed.ids)
     t = agg.threshold_for(n)
@@ -186,23 +180,27 @@ def run_round(fed: Federation, length: int, dropouts: int, agg: AggregationConfi
         )
         for i, sid in enumerate(fed.ids)
     }
+    rid = config.round_id
     for sid in fed.ids:
-        server.receive_advert(sid, _wire(clients[sid].advertise()))
+        advert = sw.advert_to_proto(pb.StageRef(), clients[sid].advertise())
+        server.receive_advert(sid, sw.advert_from_proto(rid, sid, advert))
     roster = server.close_adverts()
     if isinstance(roster, RoundAbort):
         raise RuntimeError(f"n={n}: the round aborted at the adverts: {roster.reason}")
     for sid in fed.ids:
-        server.receive_shares(sid, _wire(clients[sid].share_keys(_wire(roster))))
+        shares = sw.share_keys_to_proto(clients[sid].share_keys(sw.roster_from_proto(rid, sw.roster_to_proto(roster))))
+        server.receive_shares(sid, sw.share_keys_from_proto(rid, sid, shares))
     deliveries = server.close_shares()
     if isinstance(deliveries, RoundAbort):
         raise RuntimeError(f"n={n}: the round aborted at the shares: {deliveries.reason}")
     expected = np.zeros(length, dtype=np.float64)
     mask_wall, mask_cpu = [], []
+    received = {}
     for i, sid in enumerate(fed.ids):
         if sid in dropped:
             continue
         x = silo_input(seed * 1000 + i, length)
-        delivery = _wire(deliveries[sid])
+        delivery = received[sid] = sw.delivery_from_proto(rid, sid, sw.delivery_to_proto(deliveries[sid]))
         masked, wall, cpu = timed(lambda sid=sid, delivery=delivery, x=x: clients[sid].masked_input(delivery, x))
         mask_wall.append(wall)
         mask_cpu.append(cpu)
@@ -212,7 +210,9 @@ def run_round(fed: Federation, length: int, dropouts: int, agg: AggregationConfi
     if isinstance(request, RoundAbort):
         raise RuntimeError(f"n={n}: the round aborted at the masked inputs: {request.reason}")
     for sid in request.uploaded:
-        server.receive_unmask(sid, _wire(clients[sid].unmask(_wire(request))))
+        asked = sw.unmask_request_from_proto(rid, sw.unmask_request_to_proto(request), received[sid])
+        revealed = sw.unmask_response_to_proto(clients[sid].unmask(asked))
+        server.receive_unmask(sid, sw.unmask_response_from_proto(rid, sid, revealed))
     result, unmask_s, unmask_cpu = timed(server.finish)
     if not result.completed or result.total is None:
         raise RuntimeError(f"n={n}, length {length}, {dropouts} dropouts: the round did not complete ({result.reason})")
@@ -428,7 +428,7 @@ def demo_bytes(root: Path) -> dict[str, Any]:
     )
     encoded = wire.encode_state({"masked": np.frombuffer(m.data, dtype=np.dtype(f"<u{m.ring_bits // 8}"))})
     masked_upload = _bytes(update_parts(masked_header, encoded, cfg.max_chunk_bytes))
-    advertise = pb.AdvertiseKeysRequest(ref=ref(pb.STAGE_ADVERTISE_KEYS), signed_keys=adverts[sid].to_bytes())
+    advertise = sw.advert_to_proto(ref(pb.STAGE_ADVERTISE_KEYS), adverts[sid])
     share = pb.ShareKeysRequest(ref=ref(pb.STAGE_SHARE_KEYS), shares=sw.share_keys_to_proto(share_msgs[sid]))
     unmask = pb.UnmaskRequest(ref=ref(pb.STAGE_UNMASK), shares=sw.unmask_response_to_proto(responses[sid]))
     up_keys = advertise.ByteSize() + share.ByteSize() + unmask.ByteSize()

@@ -597,8 +597,15 @@ class Coordinator:
             ref=header.ref, payload_sha256=received.manifest.payload_sha256, duplicate=duplicate
         )
 
-    def _secure_call(self, silo: str, ref: pb.StageRef, stage: int, build: Callable[[str], Any]) -> pb.Receipt:
+    def _secure_call(
+        self,
+        silo: str,
+        request: pb.AdvertiseKeysRequest | pb.ShareKeysRequest | pb.UnmaskRequest,
+        stage: int,
+        build: Callable[[str], Any],
+    ) -> pb.Receipt:
         """One of AdvertiseKeys, ShareKeys, Unmask: rebuild the protocol message and give it to the machine."""
+        ref = request.ref
         if self.plan.secure is None:
             raise ProtocolError(
                 "unimplemented",
@@ -615,7 +622,8 @@ class Coordinator:
                 message = build(config.round_id)
             except MessageError as exc:
                 raise ProtocolError("invalid_argument", f"{stage_name(stage)}: {exc}") from exc
-            digest = hashlib.sha256(message.to_bytes()).hexdigest()
+            # A retried call resends the same request, so its deterministic serialization repeats.
+            digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
             duplicate = self.machine.accept_secure(silo, key, digest, message)
             self._fault_point(silo, key, duplicate)
             self._cond.notify_all()
@@ -625,19 +633,19 @@ class Coordinator:
     def advertise_keys(self, silo: str, request: pb.AdvertiseKeysRequest) -> pb.Receipt:
         """Stage 1: the silo's signed fresh public keys."""
         return self._secure_call(
-            silo, request.ref, pb.STAGE_ADVERTISE_KEYS, lambda _rid: sw.decode_advert(request.signed_keys, silo)
+            silo, request, pb.STAGE_ADVERTISE_KEYS, lambda rid: sw.advert_from_proto(rid, silo, request)
         )
 
     def share_keys(self, silo: str, request: pb.ShareKeysRequest) -> pb.Receipt:
         """Stage 2: the silo's encrypted shares for its peers."""
         return self._secure_call(
-            silo, request.ref, pb.STAGE_SHARE_KEYS, lambda rid: sw.share_keys_from_proto(rid, silo, request.shares)
+            silo, request, pb.STAGE_SHARE_KEYS, lambda rid: sw.share_keys_from_proto(rid, silo, request.shares)
         )
 
     def unmask(self, silo: str, request: pb.UnmaskRequest) -> pb.Receipt:
         """Stage 4: the shares that remove the masks of the sum."""
         return self._secure_call(
-            silo, request.ref, pb.STAGE_UNMASK, lambda rid: sw.unmask_response_from_proto(rid, silo, request.shares)
+            silo, request, pb.STAGE_UNMASK, lambda rid: sw.unmask_response_from_proto(rid, silo, request.shares)
         )
 
     def report_metrics(self, silo: str, request: pb.MetricsReport) -> pb.Receipt:

@@ -1,18 +1,24 @@
-"""Secure-aggregation messages on the gRPC contract: the protocol's own encodings inside the proto fields.
+"""Secure-aggregation messages on the gRPC contract: the protocol's messages as proto fields.
 
 The state machines in :mod:`federation.secagg` speak in their own message types; the federation
-contract carries them as opaque bytes next to the ids the coordinator read from certificates.
-Each pair of functions here is an exact round trip, and the ``from_proto`` side rebuilds the
-protocol message with the ids the transport vouches for, never ids taken from the payload alone.
+contract carries their fields next to the ids the coordinator read from certificates. Each pair
+of functions here is an exact round trip, and the ``from_proto`` side rebuilds the protocol
+message with the round and the ids the transport vouches for, never ones taken from the payload
+alone. What a peer sent is checked against the protocol's bounds (list lengths, key, signature
+and certificate sizes) before anything is built from it, and a refusal names the field and the
+peer; gRPC's message size limit bounds the whole message before that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence, Sized
 
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg.messages import (
     CIPHERTEXT_BYTES,
+    KEY_BYTES,
+    MAX_CERT_BYTES,
+    MAX_SIGNATURE_BYTES,
     NONCE_BYTES,
     EncryptedShare,
     KeyAdvert,
@@ -23,9 +29,17 @@ from federation.secagg.messages import (
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
-    decode_message,
 )
-from federation.secagg.shamir import SHARE_BYTES, ShamirError, Share
+from federation.secagg.shamir import MAX_SHARES, SHARE_BYTES, ShamirError, Share
+
+# The byte fields of a key advert as AdvertiseKeysRequest and AdvertisedKeys both name them, with
+# the most bytes each may hold and whether it must hold exactly that many.
+_ADVERT_SIZES = (
+    ("encryption_public_key", KEY_BYTES, True),
+    ("mask_public_key", KEY_BYTES, True),
+    ("signature", MAX_SIGNATURE_BYTES, False),
+    ("certificate_pem", MAX_CERT_BYTES, False),
+)
 
 
 def secure_round_id(run_id: str, round_index: int, attempt: int) -> str:
@@ -33,35 +47,69 @@ def secure_round_id(run_id: str, round_index: int, attempt: int) -> str:
     return f"{run_id}/r{round_index}/a{attempt}"
 
 
-def decode_advert(data: bytes, sender: str) -> KeyAdvert:
-    """A silo's AdvertiseKeys payload; its silo id must be the caller's."""
-    advert = decode_message(data)
-    if not isinstance(advert, KeyAdvert):
-        raise MessageError(f"signed_keys: expected a KeyAdvert, got {type(advert).__name__}")
-    if advert.silo_id != sender:
-        raise MessageError(f"signed_keys: advert names silo {advert.silo_id!r}, the caller is {sender!r}")
-    return advert
+def _check_count(items: Sized, where: str) -> None:
+    """Refuse a list longer than any round can have, before anything is built from its entries."""
+    if len(items) > MAX_SHARES:
+        raise MessageError(f"{where}: at most {MAX_SHARES} entries allowed, got {len(items)}")
+
+
+def _advert_fields(advert: KeyAdvert) -> dict[str, bytes]:
+    """The advert's fields under the names AdvertiseKeysRequest and AdvertisedKeys give them."""
+    return {
+        "encryption_public_key": advert.c_public,
+        "mask_public_key": advert.s_public,
+        "signature": advert.signature,
+        "certificate_pem": advert.cert_pem,
+    }
+
+
+def _advert_from(round_id: str, silo_id: str, fields: pb.AdvertiseKeysRequest | pb.AdvertisedKeys) -> KeyAdvert:
+    """The advert of ``silo_id`` for ``round_id`` from its proto fields, sizes checked first."""
+    where = f"key advert of {silo_id!r}"
+    for name, most, exact in _ADVERT_SIZES:
+        size = len(getattr(fields, name))
+        if exact and size != most:
+            raise MessageError(f"{where}: {name} must be {most} bytes, got {size}")
+        if size > most:
+            raise MessageError(f"{where}: {name} may hold at most {most} bytes, got {size}")
+    try:
+        return KeyAdvert(
+            round_id,
+            silo_id,
+            fields.encryption_public_key,
+            fields.mask_public_key,
+            fields.certificate_pem,
+            fields.signature,
+        )
+    except MessageError as exc:
+        raise MessageError(f"{where}: {exc}") from exc
+
+
+def advert_to_proto(ref: pb.StageRef, advert: KeyAdvert) -> pb.AdvertiseKeysRequest:
+    """A silo's key advert as its AdvertiseKeys request for the task ``ref``."""
+    return pb.AdvertiseKeysRequest(ref=ref, **_advert_fields(advert))
+
+
+def advert_from_proto(round_id: str, sender: str, request: pb.AdvertiseKeysRequest) -> KeyAdvert:
+    """AdvertiseKeysRequest from the authenticated ``sender`` as its advert for ``round_id``.
+
+    The round and the silo id are not in the request: a silo that signed for other ones fails
+    the signature check of the protocol server.
+    """
+    return _advert_from(round_id, sender, request)
 
 
 def roster_to_proto(roster: KeyRoster) -> pb.KeyRoster:
     """The key roster as Task.key_roster."""
     return pb.KeyRoster(
-        entries=[
-            pb.AdvertisedKeys(silo_id=a.silo_id, certificate_pem=a.cert_pem, signed_keys=a.to_bytes())
-            for a in roster.adverts
-        ]
+        entries=[pb.AdvertisedKeys(silo_id=a.silo_id, **_advert_fields(a)) for a in roster.adverts]
     )
 
 
 def roster_from_proto(round_id: str, message: pb.KeyRoster) -> KeyRoster:
     """Task.key_roster back as the protocol's roster (signatures are checked by the client)."""
-    adverts = []
-    for entry in message.entries:
-        advert = decode_advert(entry.signed_keys, entry.silo_id)
-        if advert.cert_pem != entry.certificate_pem:
-            raise MessageError(f"key_roster: certificate of {entry.silo_id!r} differs from the one in its advert")
-        adverts.append(advert)
-    return KeyRoster(round_id, tuple(adverts))
+    _check_count(message.entries, "key_roster.entries")
+    return KeyRoster(round_id, tuple(_advert_from(round_id, e.silo_id, e) for e in message.entries))
 
 
 def _pack(share: EncryptedShare) -> bytes:
@@ -81,8 +129,9 @@ def share_keys_to_proto(msg: ShareKeys) -> list[pb.OutgoingShare]:
     return [pb.OutgoingShare(recipient=s.recipient, ciphertext=_pack(s)) for s in msg.shares]
 
 
-def share_keys_from_proto(round_id: str, sender: str, shares: Iterable[pb.OutgoingShare]) -> ShareKeys:
+def share_keys_from_proto(round_id: str, sender: str, shares: Sequence[pb.OutgoingShare]) -> ShareKeys:
     """ShareKeysRequest.shares from the authenticated ``sender``."""
+    _check_count(shares, f"shares from {sender!r}")
     return ShareKeys(round_id, sender, tuple(_unpack(sender, s.recipient, s.ciphertext) for s in shares))
 
 
@@ -95,6 +144,7 @@ def delivery_to_proto(delivery: ShareDelivery) -> pb.ShareBundle:
 
 def delivery_from_proto(round_id: str, recipient: str, bundle: pb.ShareBundle) -> ShareDelivery:
     """Task.shares back as the protocol's delivery to ``recipient``."""
+    _check_count(bundle.shares, f"shares for {recipient!r}")
     return ShareDelivery(
         round_id, recipient, tuple(_unpack(s.sender, recipient, s.ciphertext) for s in bundle.shares)
     )
@@ -109,6 +159,7 @@ def unmask_request_from_proto(
     round_id: str, survivors: pb.SurvivorList, delivery: ShareDelivery
 ) -> UnmaskRequest:
     """Task.survivors as an unmask request: everyone this silo holds shares of and who did not upload dropped."""
+    _check_count(survivors.silo_ids, "survivors.silo_ids")
     uploaded = tuple(sorted(survivors.silo_ids))
     shared = {s.sender for s in delivery.shares} | {delivery.recipient}
     return UnmaskRequest(round_id, uploaded, tuple(sorted(shared - set(uploaded))))
@@ -140,8 +191,9 @@ def unmask_response_to_proto(response: UnmaskResponse) -> list[pb.RevealedShare]
     return seeds + keys
 
 
-def unmask_response_from_proto(round_id: str, sender: str, shares: Iterable[pb.RevealedShare]) -> UnmaskResponse:
+def unmask_response_from_proto(round_id: str, sender: str, shares: Sequence[pb.RevealedShare]) -> UnmaskResponse:
     """UnmaskRequest.shares from the authenticated ``sender``; unknown share kinds are refused."""
+    _check_count(shares, f"revealed shares from {sender!r}")
     seeds, keys = [], []
     for s in shares:
         revealed = RevealedShare(s.owner, _share_from(s.share, s.owner))

@@ -12,7 +12,9 @@ on what comes back:
   the update as the secure vector (weighted clipped deltas and group weights, clipping counted)
   and sends fresh keys signed with the silo's certificate key; SHARE_KEYS, MASKED_INPUT and
   UNMASK drive :class:`federation.secagg.SecAggClient` with the task's inputs, peers' adverts
-  checked against the federation CA;
+  checked against the federation CA. A silo whose own certificate that check refuses (revoked
+  by its CRL, expired, not among the pinned peers) cannot take part: it tells the coordinator it
+  leaves the run and exits with status 2;
 - EVALUATE: take the new global state, evaluate it on the local validation (and, in the last
   round, test) split and report aggregate scores and the local normalization statistics;
 - DONE: exit.
@@ -387,6 +389,11 @@ class SiloAgent:
             return self._leave(exc)
         except PolicyRefusedError as exc:
             return self._refuse_by_policy(str(exc))
+        except secagg.IdentityError as exc:
+            # Every peer would refuse this silo's adverts, in this round and every later one.
+            log.error("silo %s cannot take part in secure aggregation: %s", self.cfg.silo_id, exc)
+            self._depart(f"its certificate cannot be used for secure aggregation: {exc}")
+            return 2
         except JoinRefusedError as exc:
             log.error("the coordinator refused silo %s: %s", self.cfg.silo_id, exc)
             return 2
@@ -585,7 +592,7 @@ class SiloAgent:
                 advert = self._start_secure_statistics(task, key, plan)
             else:
                 advert = self._start_secure(task, key, beats)
-            request = pb.AdvertiseKeysRequest(ref=ref, signed_keys=advert.to_bytes())
+            request = sw.advert_to_proto(ref, advert)
             receipt = self.client.retrying("AdvertiseKeys", lambda: stub.AdvertiseKeys(request, timeout=timeout))
         else:
             current = self._secure

@@ -13,7 +13,17 @@ from condi_models.data.dataset import ClinicalDataset, DatasetInfo, Modality
 from federation import pki
 from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
-from federation.secagg import SecAggClient, ca_cert_verifier, decode_message
+from federation.secagg import (
+    KeyAdvert,
+    KeyRoster,
+    MaskedInput,
+    SecAggClient,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    ca_cert_verifier,
+)
 from federation.transfer import StageKey
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,6 +71,40 @@ def secagg_identities(folder: Path, n: int):
     return verify, keys, certs
 
 
+def through_proto(msg: Any) -> Any:
+    """``msg`` as the far end of its gRPC call rebuilds it: converted to its proto fields,
+    serialized, parsed and converted back by :mod:`federation.secagg_wire`.
+
+    A masked input travels as a wire-format tensor, and an unmask request is rebuilt from the
+    survivors and the receiving silo's own delivery, so those two come back as they are.
+    """
+
+    def trip(proto: Any) -> Any:
+        return type(proto).FromString(proto.SerializeToString())
+
+    if isinstance(msg, KeyAdvert):
+        return sw.advert_from_proto(msg.round_id, msg.silo_id, trip(sw.advert_to_proto(pb.StageRef(), msg)))
+    if isinstance(msg, KeyRoster):
+        return sw.roster_from_proto(msg.round_id, trip(sw.roster_to_proto(msg)))
+    if isinstance(msg, ShareKeys):
+        shares = trip(pb.ShareKeysRequest(shares=sw.share_keys_to_proto(msg))).shares
+        return sw.share_keys_from_proto(msg.round_id, msg.sender, shares)
+    if isinstance(msg, ShareDelivery):
+        return sw.delivery_from_proto(msg.round_id, msg.recipient, trip(sw.delivery_to_proto(msg)))
+    if isinstance(msg, UnmaskResponse):
+        shares = trip(pb.UnmaskRequest(shares=sw.unmask_response_to_proto(msg))).shares
+        return sw.unmask_response_from_proto(msg.round_id, msg.sender, shares)
+    if isinstance(msg, MaskedInput | UnmaskRequest):
+        return msg
+    raise TypeError(f"{type(msg).__name__} does not travel between coordinator and silos")
+
+
+def submission_digest(msg: Any) -> str:
+    """A digest of a secure-stage submission that repeats exactly when the submission does; the
+    round machine only compares them (the coordinator digests the request it received)."""
+    return hashlib.sha256(repr(msg).encode()).hexdigest()
+
+
 _SECURE_STAGES = (pb.STAGE_ADVERTISE_KEYS, pb.STAGE_SHARE_KEYS, pb.STAGE_MASKED_INPUT, pb.STAGE_UNMASK)
 
 
@@ -89,19 +133,19 @@ def drive_secure_attempt(
             rid = view.round_id
             if view.key.stage == pb.STAGE_ADVERTISE_KEYS:
                 clients[sid] = SecAggClient(machine.secure_config, sid, keys[sid], certs[sid], verify, rounding_seed=3)
-                msg = sw.decode_advert(clients[sid].advertise().to_bytes(), sid)
+                msg = sw.advert_from_proto(rid, sid, sw.advert_to_proto(view.key.to_proto(), clients[sid].advertise()))
             elif view.key.stage == pb.STAGE_SHARE_KEYS:
                 roster = sw.roster_from_proto(rid, sw.roster_to_proto(view.stage_input))
                 msg = sw.share_keys_from_proto(rid, sid, sw.share_keys_to_proto(clients[sid].share_keys(roster)))
             elif view.key.stage == pb.STAGE_MASKED_INPUT:
                 deliveries[sid] = sw.delivery_from_proto(rid, sid, sw.delivery_to_proto(view.stage_input))
-                msg = decode_message(clients[sid].masked_input(deliveries[sid], vector_for(sid)).to_bytes())
+                msg = clients[sid].masked_input(deliveries[sid], vector_for(sid))
             else:
                 survivors = sw.unmask_request_to_proto(view.stage_input)
                 request = sw.unmask_request_from_proto(rid, survivors, deliveries[sid])
                 msg = sw.unmask_response_from_proto(rid, sid, sw.unmask_response_to_proto(clients[sid].unmask(request)))
             key = StageKey.from_proto(view.key.to_proto())
-            machine.accept_secure(sid, key, hashlib.sha256(msg.to_bytes()).hexdigest(), msg)
+            machine.accept_secure(sid, key, submission_digest(msg), msg)
         now += 11.0
         effects = machine.tick(now)
     return effects

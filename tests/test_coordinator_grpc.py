@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -29,8 +30,10 @@ from coordinator.layout import layout_mismatch
 from coordinator.server import CoordinatorServer
 from coordinator.store import StoreError
 from federation import pki, tls, wire
+from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
+from federation.secagg import KeyAdvert
 from federation.settings import RoundSettings, RunSettings
 from federation.transfer import (
     GROUP_WEIGHTS,
@@ -543,6 +546,46 @@ def test_a_round_completes_with_duplicates_accepted_and_replays_refused(train: T
     assert rows[0]["phase_a_loss"] == 0.5
 
 
+def test_a_hostile_advert_is_refused_naming_field_and_silo_and_a_resent_one_is_a_duplicate(
+    material: pki.DevPki, tmp_path: Path
+) -> None:
+    running = _start(tmp_path, material, ["silo-1", "silo-2"], aggregation={"mode": "secure"})
+    try:
+        stubs = {s: running.stub(s) for s in ("silo-1", "silo-2")}
+        for stub in stubs.values():
+            assert stub.Join(_join_request(), timeout=TIMEOUT).accepted
+        # Under secure aggregation the statistics are the first secure sum: its adverts come first.
+        task = _task(stubs["silo-1"], pb.STAGE_ADVERTISE_KEYS)
+        round_id = sw.secure_round_id(task.ref.run_id, task.ref.round, task.ref.attempt)
+        paths = material.silos["silo-1"]
+        cert, key = paths.cert.read_bytes(), pki.load_private_key(paths.key)
+
+        def request(c_public: bytes = bytes(32), **fields: bytes) -> pb.AdvertiseKeysRequest:
+            advert = KeyAdvert.signed(round_id, "silo-1", c_public, bytes(32), cert, key)
+            out = sw.advert_to_proto(task.ref, advert)
+            for name, value in fields.items():
+                setattr(out, name, value)
+            return out
+
+        stub = stubs["silo-1"]
+        for fields, refusal in (
+            ({"mask_public_key": bytes(33)}, "mask_public_key must be 32 bytes, got 33"),
+            ({"signature": bytes(81)}, "signature may hold at most 80 bytes, got 81"),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.AdvertiseKeys(request(**fields), timeout=TIMEOUT)
+            assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"key advert of 'silo-1': {refusal}" in err.value.details()
+        accepted = request()
+        assert not stub.AdvertiseKeys(accepted, timeout=TIMEOUT).duplicate
+        assert stub.AdvertiseKeys(accepted, timeout=TIMEOUT).duplicate  # a retried call
+        with pytest.raises(grpc.RpcError) as err:
+            stub.AdvertiseKeys(request(bytes(range(32))), timeout=TIMEOUT)
+        assert _code(err) == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        running.stop()
+
+
 def _start_for_agents(
     tmp_path: Path, material: pki.DevPki, allowed: list[str], *, train_s: float = 60, **overrides: object
 ) -> Running:
@@ -565,10 +608,12 @@ def _run_agents(
     faults: dict[str, Faults],
     silos: tuple[str, ...],
     policies: dict[str, dict] | None = None,
+    crls: dict[str, Path] | None = None,
 ) -> dict[str, int]:
     """Real silo agents on synthetic ECG shares, one thread each, until the run ends; their exit codes.
 
-    A silo's site policy allows the run's aggregation mode unless ``policies`` says otherwise.
+    A silo's site policy allows the run's aggregation mode unless ``policies`` says otherwise; a
+    silo in ``crls`` checks adverts against that revocation list.
     """
     plain = running.server.coordinator.plan.secure is None
     agents = {}
@@ -584,6 +629,7 @@ def _run_agents(
                 "ca": str(material.ca.cert),
                 "cert": str(material.silos[silo].cert),
                 "key": str(material.silos[silo].key),
+                **({"crl": str(crls[silo])} if crls and silo in crls else {}),
             },
             "policy": (policies or {}).get(silo, {"require_secure_aggregation": not plain}),
         }
@@ -639,6 +685,25 @@ def test_a_secure_sum_a_hostile_silo_left_unclipped_is_refused_and_the_round_ret
     assert "a contribution was not clipped" in retries[0]
     rows = [json.loads(line) for line in (running.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["attempt"]) for r in rows] == [(0, 2)] and rows[0]["aggregation"] == "secure"
+
+
+def test_a_silo_whose_crl_revokes_its_own_certificate_leaves_saying_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    material = pki.dev_pki(tmp_path / "pki", 3)
+    silos = ("silo-1", "silo-2", "silo-3")
+    # silo-3 holds a newer CRL than the coordinator, one that revokes its own certificate.
+    own_crl = pki.revoke(shutil.copytree(material.ca.key.parent, tmp_path / "ca-copy"), material.silos["silo-3"].cert)
+    running = _start_for_agents(tmp_path, material, list(silos), aggregation={"mode": "secure"})
+    with caplog.at_level(logging.INFO):
+        codes = _run_agents(running, material, tmp_path, {}, silos, crls={"silo-3": own_crl})
+    assert codes == {"silo-1": 0, "silo-2": 0, "silo-3": 2} and running.exit_codes == [0]
+    (line,) = [r.getMessage() for r in caplog.records if "cannot take part in secure aggregation" in r.getMessage()]
+    assert line.startswith("silo silo-3 cannot take part") and "the certificate of silo 'silo-3' is refused" in line
+    report = json.loads((running.run_dir / "report.json").read_text())
+    assert report["status"] == "complete"
+    assert "its certificate cannot be used for secure aggregation" in report["departed"]["silo-3"]
+    assert "revoked" in report["departed"]["silo-3"]
 
 
 def test_silo_strings_are_escaped_and_capped_in_logs_and_unexpected_errors_stay_internal(

@@ -6,7 +6,6 @@ AES-CTR masks) in process; the coordinator side only ever touches masked vectors
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from pathlib import Path
@@ -23,6 +22,7 @@ from federation import secagg_wire as sw
 from federation.identity import RevocationList
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import (
+    IdentityError,
     KeyRoster,
     MessageError,
     ProtocolError,
@@ -32,11 +32,12 @@ from federation.secagg import (
     SecAggClient,
     SecAggServer,
     ca_cert_verifier,
-    decode_message,
     pinned_cert_verifier,
 )
+from federation.secagg.messages import MAX_CERT_BYTES, MAX_SIGNATURE_BYTES
+from federation.secagg.shamir import MAX_SHARES
 from federation.transfer import StageKey
-from tests.helpers import secagg_identities
+from tests.helpers import secagg_identities, submission_digest, through_proto
 
 GROUPS = ParameterGroups({"theta": "all", "w_mod": ("modality/0", "modality/1"), "stem": "modality/1"})
 SHAPES = {"theta": (4, 3), "w_mod": (2, 5), "stem": (6,)}
@@ -63,11 +64,11 @@ def _world(seed: int):
 
 
 def _secure_round(silos, layout, global_params, updates, drop, threshold=3, seed=0):
-    """One secure round; returns the new global state, or the abort notice."""
+    """One secure round, every message across the federation contract; returns the new global state,
+    or the abort notice."""
     verify, keys, certs = silos
     ids = sorted(updates)
     config = RoundConfig("r7-a0", threshold, layout.vector_length, QuantConfig(layout.clip_bound, 24, 32))
-    wire = lambda m: decode_message(m.to_bytes())  # noqa: E731 - every message crosses the wire encoding
     source = random.Random(seed).randbytes
     clients = {
         s: SecAggClient(config, s, keys[s], certs[s], verify, rounding_seed=seed + i, randbytes=source)
@@ -80,27 +81,27 @@ def _secure_round(silos, layout, global_params, updates, drop, threshold=3, seed
 
     for s in ids:
         if alive(s, "advert"):
-            server.receive_advert(s, wire(clients[s].advertise()))
+            server.receive_advert(s, through_proto(clients[s].advertise()))
     roster = server.close_adverts()
     if isinstance(roster, RoundAbort):
         return roster
     assert isinstance(roster, KeyRoster)
     for s in roster.silo_ids():
         if alive(s, "shares"):
-            server.receive_shares(s, wire(clients[s].share_keys(wire(roster))))
+            server.receive_shares(s, through_proto(clients[s].share_keys(through_proto(roster))))
     deliveries = server.close_shares()
     if isinstance(deliveries, RoundAbort):
         return deliveries
     for s, delivery in deliveries.items():
         if alive(s, "masked"):
             vector = layout.contribution(global_params, updates[s]).vector
-            server.receive_masked(s, wire(clients[s].masked_input(wire(delivery), vector)))
+            server.receive_masked(s, through_proto(clients[s].masked_input(through_proto(delivery), vector)))
     request = server.close_masked()
     if isinstance(request, RoundAbort):
         return request
     for s in request.uploaded:
         if alive(s, "unmask"):
-            server.receive_unmask(s, wire(clients[s].unmask(wire(request))))
+            server.receive_unmask(s, through_proto(clients[s].unmask(through_proto(request))))
     result = server.finish()
     if not result.completed:
         return result
@@ -238,8 +239,7 @@ def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[st
             if view.key.stage == pb.STAGE_ADVERTISE_KEYS:
                 config = machine.secure_config
                 clients[sid] = SecAggClient(config, sid, keys[sid], certs[sid], silos[0], rounding_seed=1)
-                data = clients[sid].advertise().to_bytes()
-                msg = sw.decode_advert(data, sid)
+                msg = sw.advert_from_proto(rid, sid, sw.advert_to_proto(view.key.to_proto(), clients[sid].advertise()))
             elif view.key.stage == pb.STAGE_SHARE_KEYS:
                 roster = sw.roster_from_proto(rid, sw.roster_to_proto(view.stage_input))
                 out = sw.share_keys_to_proto(clients[sid].share_keys(roster))
@@ -247,14 +247,13 @@ def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[st
             elif view.key.stage == pb.STAGE_MASKED_INPUT:
                 deliveries[sid] = sw.delivery_from_proto(rid, sid, sw.delivery_to_proto(view.stage_input))
                 vector = layout.contribution(global_params, updates[sid]).vector
-                masked = clients[sid].masked_input(deliveries[sid], vector)
-                msg = decode_message(masked.to_bytes())
+                msg = clients[sid].masked_input(deliveries[sid], vector)
             else:
                 survivors = sw.unmask_request_to_proto(view.stage_input)
                 request = sw.unmask_request_from_proto(rid, survivors, deliveries[sid])
                 out = sw.unmask_response_to_proto(clients[sid].unmask(request))
                 msg = sw.unmask_response_from_proto(rid, sid, out)
-            digest = hashlib.sha256(msg.to_bytes()).hexdigest()
+            digest = submission_digest(msg)
             assert machine.accept_secure(sid, key, digest, msg, {"clipped": 0}) is False
             assert machine.accept_secure(sid, key, digest, msg) is True
         now += 11.0  # past the stage deadline: the dropped silos are waited for no longer
@@ -295,17 +294,26 @@ def test_round_machine_too_few_survivors_retry_with_fresh_round_id(silos) -> Non
     )
 
 
-def test_proto_mapping_refuses_substituted_ids_and_bad_lengths(silos) -> None:
+def _advert(silos, silo: str = "silo-1"):
     verify, keys, certs = silos
     config = RoundConfig("run/r0/a0", 2, 4, QuantConfig(1.0, 16, 32))
-    client = SecAggClient(config, "silo-1", keys["silo-1"], certs["silo-1"], verify, rounding_seed=0)
-    advert = client.advertise().to_bytes()
-    with pytest.raises(MessageError, match="the caller is 'silo-2'"):
-        sw.decode_advert(advert, "silo-2")
-    swapped = pb.AdvertisedKeys(silo_id="silo-1", certificate_pem=certs["silo-2"], signed_keys=advert)
-    roster = pb.KeyRoster(entries=[swapped])
-    with pytest.raises(MessageError, match="certificate of 'silo-1' differs"):
-        sw.roster_from_proto("run/r0/a0", roster)
+    return SecAggClient(config, silo, keys[silo], certs[silo], verify, rounding_seed=0).advertise()
+
+
+def test_proto_mapping_refuses_substituted_ids_and_bad_lengths(silos) -> None:
+    verify, _, certs = silos
+    advert = _advert(silos)
+    request = sw.advert_to_proto(pb.StageRef(), advert)
+    assert sw.advert_from_proto("run/r0/a0", "silo-1", request) == advert
+    # The round and the silo id are the call's, not the request's, and the signature binds both.
+    with pytest.raises(ProtocolError, match="certificate belongs to silo 'silo-1'"):
+        sw.advert_from_proto("run/r0/a0", "silo-2", request).verify(verify)
+    with pytest.raises(ProtocolError, match="signature does not match the keys, round and silo id"):
+        sw.advert_from_proto("run/r0/a1", "silo-1", request).verify(verify)
+    roster = sw.roster_to_proto(KeyRoster("run/r0/a0", (advert,)))
+    roster.entries[0].certificate_pem = certs["silo-2"]
+    with pytest.raises(ProtocolError, match="certificate belongs to silo 'silo-2'"):
+        sw.roster_from_proto("run/r0/a0", roster).adverts[0].verify(verify)
     with pytest.raises(MessageError, match="bytes, expected"):
         sw.share_keys_from_proto("run/r0/a0", "silo-1", [pb.OutgoingShare(recipient="silo-2", ciphertext=b"x" * 10)])
     bad_kind = pb.RevealedShare(owner="silo-2", kind=pb.SHARE_KIND_UNSPECIFIED, share=b"\x00\x01" + bytes(66))
@@ -314,6 +322,53 @@ def test_proto_mapping_refuses_substituted_ids_and_bad_lengths(silos) -> None:
     zero_x = pb.RevealedShare(owner="silo-2", kind=pb.SHARE_KIND_MASK_KEY, share=bytes(68))
     with pytest.raises(MessageError, match="revealed share of 'silo-2'"):
         sw.unmask_response_from_proto("run/r0/a0", "silo-1", [zero_x])
+
+
+@pytest.mark.parametrize(
+    ("field", "size", "refusal"),
+    [
+        ("encryption_public_key", 31, "encryption_public_key must be 32 bytes, got 31"),
+        ("mask_public_key", 33, "mask_public_key must be 32 bytes, got 33"),
+        ("signature", MAX_SIGNATURE_BYTES + 1, "signature may hold at most 80 bytes, got 81"),
+        ("certificate_pem", MAX_CERT_BYTES + 1, "certificate_pem may hold at most 16384 bytes, got 16385"),
+    ],
+)
+def test_a_hostile_advert_field_is_refused_naming_the_field_and_the_silo(silos, field, size, refusal) -> None:
+    """What a hostile silo puts in its AdvertiseKeys request, or a hostile coordinator in a
+    roster entry, is refused by size before any advert is built from it."""
+    request = sw.advert_to_proto(pb.StageRef(), _advert(silos))
+    setattr(request, field, b"\x01" * size)
+    with pytest.raises(MessageError, match=f"^key advert of 'silo-1': {refusal}$"):
+        sw.advert_from_proto("run/r0/a0", "silo-1", request)
+    roster = sw.roster_to_proto(KeyRoster("run/r0/a0", (_advert(silos, "silo-2"),)))
+    setattr(roster.entries[0], field, b"\x01" * size)
+    with pytest.raises(MessageError, match=f"^key advert of 'silo-2': {refusal}$"):
+        sw.roster_from_proto("run/r0/a0", roster)
+
+
+def test_proto_lists_and_ids_are_bounded_before_their_entries_are_read(silos) -> None:
+    request = sw.advert_to_proto(pb.StageRef(), _advert(silos))
+    with pytest.raises(MessageError, match="key advert of 'silo-1': KeyAdvert: round_id must be"):
+        sw.advert_from_proto("run r0", "silo-1", request)
+    roster = sw.roster_to_proto(KeyRoster("run/r0/a0", (_advert(silos),)))
+    roster.entries[0].silo_id = "Silo 1"
+    with pytest.raises(MessageError, match=r"key advert of 'Silo 1': KeyAdvert\.silo_id: silo id must match"):
+        sw.roster_from_proto("run/r0/a0", roster)
+    # Empty entries, one more than any round can have: reading the first would fail on its keys.
+    over = MAX_SHARES + 1
+    refusal = f"at most {MAX_SHARES} entries allowed, got {over}"
+    with pytest.raises(MessageError, match=f"^key_roster.entries: {refusal}$"):
+        sw.roster_from_proto("run/r0/a0", pb.KeyRoster(entries=[pb.AdvertisedKeys()] * over))
+    with pytest.raises(MessageError, match=f"^shares from 'silo-1': {refusal}$"):
+        sw.share_keys_from_proto("run/r0/a0", "silo-1", [pb.OutgoingShare()] * over)
+    with pytest.raises(MessageError, match=f"^shares for 'silo-1': {refusal}$"):
+        sw.delivery_from_proto("run/r0/a0", "silo-1", pb.ShareBundle(shares=[pb.IncomingShare()] * over))
+    with pytest.raises(MessageError, match=f"^revealed shares from 'silo-1': {refusal}$"):
+        sw.unmask_response_from_proto("run/r0/a0", "silo-1", [pb.RevealedShare()] * over)
+    delivery = sw.delivery_from_proto("run/r0/a0", "silo-1", pb.ShareBundle())
+    survivors = pb.SurvivorList(silo_ids=["Silo"] * over)
+    with pytest.raises(MessageError, match=f"^survivors.silo_ids: {refusal}$"):
+        sw.unmask_request_from_proto("run/r0/a0", survivors, delivery)
 
 
 def test_pinned_peers_refuse_sybil_and_second_certificates_of_the_same_ca(tmp_path: Path) -> None:
@@ -343,3 +398,19 @@ def test_a_revoked_certificates_advert_is_refused_once_the_crl_says_so(tmp_path:
     pki.revoke(dev.ca.key.parent, dev.silos["silo-2"].cert)  # the CRL file is re-read on change
     with pytest.raises(pki.PkiError, match="revoked"):
         verify(advert_cert)
+
+
+def test_a_silo_whose_own_certificate_is_refused_cannot_start_a_round(tmp_path: Path) -> None:
+    """Its adverts would be refused by every peer: the client says so instead of a PKI traceback."""
+    dev = pki.dev_pki(tmp_path / "pki", 2)
+    ca = pki.load_certificate(dev.ca.cert)
+    verify = ca_cert_verifier(ca, revoked=RevocationList(dev.ca.crl, ca).serials)
+    config = RoundConfig("run/r0/a0", 2, 4, QuantConfig(1.0, 16, 32))
+    key, cert = pki.load_private_key(dev.silos["silo-1"].key), dev.silos["silo-1"].cert.read_bytes()
+    assert SecAggClient(config, "silo-1", key, cert, verify, rounding_seed=0).stage.value == "new"
+    refused = "the certificate of silo 'silo-1' is refused: "
+    with pytest.raises(IdentityError, match=rf"{refused}.* not among the peers pinned"):
+        SecAggClient(config, "silo-1", key, cert, pinned_cert_verifier(verify, {}), rounding_seed=0)
+    pki.revoke(dev.ca.key.parent, dev.silos["silo-1"].cert)
+    with pytest.raises(IdentityError, match=rf"{refused}.* revoked \(serial"):
+        SecAggClient(config, "silo-1", key, cert, verify, rounding_seed=0)

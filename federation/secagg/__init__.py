@@ -2,13 +2,14 @@
 
 :mod:`~federation.secagg.shamir`, :mod:`~federation.secagg.prg` and
 :mod:`~federation.secagg.quantize` are the primitives; :mod:`~federation.secagg.messages` the
-stage messages and their encoding; :class:`SecAggClient` (silo) and :class:`SecAggServer`
-(coordinator) the state machines. The gRPC layer only moves the messages.
+stage messages; :class:`SecAggClient` (silo) and :class:`SecAggServer` (coordinator) the state
+machines. The gRPC layer carries the messages as protobuf fields (:mod:`federation.secagg_wire`).
 """
 
 from federation.secagg.client import ClientStage, SecAggClient
 from federation.secagg.messages import (
     CertVerifier,
+    IdentityError,
     KeyAdvert,
     KeyRoster,
     MaskedInput,
@@ -21,7 +22,6 @@ from federation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
     ca_cert_verifier,
-    decode_message,
     pinned_cert_verifier,
 )
 from federation.secagg.quantize import (
@@ -37,6 +37,7 @@ from federation.secagg.server import RoundResult, SecAggServer, ServerStage
 __all__ = [
     "CertVerifier",
     "ClientStage",
+    "IdentityError",
     "KeyAdvert",
     "KeyRoster",
     "MaskedInput",
@@ -57,7 +58,6 @@ __all__ = [
     "ca_cert_verifier",
     "check_overflow_bounds",
     "choose_ring_bits",
-    "decode_message",
     "dequantize",
     "pinned_cert_verifier",
     "quantize",

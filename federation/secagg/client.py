@@ -38,6 +38,7 @@ from federation.secagg.messages import (
     NONCE_BYTES,
     CertVerifier,
     EncryptedShare,
+    IdentityError,
     KeyAdvert,
     KeyRoster,
     MaskedInput,
@@ -96,9 +97,11 @@ class SecAggClient:
     """One silo in one round. Make a new client for every round: keys and seeds are never reused.
 
     ``signing_key`` is the private key of the silo's certificate ``cert_pem``; ``verify_cert``
-    checks peers' certificates against the federation PKI. ``randbytes`` makes the X25519 keys,
-    the self-mask seed, Shamir coefficients and GCM nonces: leave it at ``os.urandom`` outside
-    tests. ``rounding_seed`` seeds the (non-secret) stochastic rounding.
+    checks peers' certificates against the federation PKI, and this silo's own: one it refuses
+    (revoked, expired, not pinned), one of another silo or a key that is not the certificate's
+    raises :class:`IdentityError`, as no peer would accept this silo's advert. ``randbytes`` makes
+    the X25519 keys, the self-mask seed, Shamir coefficients and GCM nonces: leave it at
+    ``os.urandom`` outside tests. ``rounding_seed`` seeds the (non-secret) stochastic rounding.
     """
 
     def __init__(
@@ -112,12 +115,15 @@ class SecAggClient:
         rounding_seed: int,
         randbytes: RandBytes = os.urandom,
     ) -> None:
-        own_silo = verify_cert(cert_pem)
+        try:
+            own_silo = verify_cert(cert_pem)
+        except Exception as exc:  # the injected PKI check may raise anything; all of it means "refused"
+            raise IdentityError(f"the certificate of silo {silo_id!r} is refused: {exc}") from exc
         if own_silo != silo_id:
-            raise ValueError(f"certificate is for silo {own_silo!r}, not {silo_id!r}")
+            raise IdentityError(f"the certificate is for silo {own_silo!r}, not {silo_id!r}")
         cert_key = x509.load_pem_x509_certificate(cert_pem).public_key()
         if cert_key != signing_key.public_key():
-            raise ValueError(f"signing key of silo {silo_id!r} is not the key of its certificate")
+            raise IdentityError(f"the signing key of silo {silo_id!r} is not the key of its certificate")
         self.config = config
         self.silo_id = silo_id
         self._signing_key = signing_key

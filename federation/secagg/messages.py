@@ -1,11 +1,10 @@
-"""The secure-aggregation messages and their explicit binary encoding.
+"""The secure-aggregation messages: frozen dataclasses that validate their fields on construction.
 
-Every message is a frozen dataclass that validates its fields on construction and has
-``to_bytes`` / ``from_bytes``. The encoding is ``b"CSAG"``, a version byte and a kind byte,
-then the fields in declaration order: integers big-endian and fixed width, strings and byte
-strings with a length prefix, lists with a count. Ring vectors are raw little-endian words.
-Nothing is pickled; malformed input raises :class:`MessageError` naming the message, the field
-and what was expected. The transport only moves these bytes.
+Ids, byte strings and lists are checked for form and bounded in size; invalid values raise
+:class:`MessageError` naming the message, the field and what was expected. The messages have no
+encoding of their own: they travel as the fields of the federation's protobuf contract, and
+:mod:`federation.secagg_wire` converts between the two, checking a peer's fields against the
+same bounds before anything is built from them.
 
 Stage order (Bonawitz et al., CCS 2017): :class:`RoundConfig` (coordinator announces) ->
 :class:`KeyAdvert` (silo) -> :class:`KeyRoster` (coordinator) -> :class:`ShareKeys` (silo) ->
@@ -16,12 +15,10 @@ Stage order (Bonawitz et al., CCS 2017): :class:`RoundConfig` (coordinator annou
 from __future__ import annotations
 
 import re
-import struct
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar
 
 import numpy as np
 from cryptography import x509
@@ -30,11 +27,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation import pki
-from federation.secagg.quantize import OverflowConfigError, QuantConfig, ring_dtype
-from federation.secagg.shamir import MAX_SHARES, SHARE_BYTES, ShamirError, Share
+from federation.secagg.quantize import QuantConfig, ring_dtype
+from federation.secagg.shamir import MAX_SHARES, SHARE_BYTES, Share
 
-MAGIC = b"CSAG"
-VERSION = 1
 KEY_BYTES = 32
 NONCE_BYTES = 12
 # Share plaintext: x (2 bytes), then the self-mask seed share and the mask-key share.
@@ -50,11 +45,16 @@ CertVerifier = Callable[[bytes], str]
 
 
 class MessageError(ValueError):
-    """Bytes or field values that do not form a valid message; the text names message and field."""
+    """Field values that do not form a valid message; the text names message and field."""
 
 
 class ProtocolError(Exception):
     """A well-formed message that the protocol must refuse (wrong round, stage, sender, signature...)."""
+
+
+class IdentityError(ValueError):
+    """This silo's own certificate or signing key is unusable (revoked, expired, another silo's,
+    not the certificate's key): it cannot take part in any round until that is mended."""
 
 
 def context_bytes(label: str, *parts: str) -> bytes:
@@ -96,6 +96,8 @@ def _check_int(value: object, where: str, low: int, high: int) -> None:
 def _check_ids(values: object, where: str) -> None:
     if not isinstance(values, tuple):
         raise MessageError(f"{where}: expected a tuple of silo ids, got {type(values).__name__}")
+    if len(values) > MAX_SHARES:
+        raise MessageError(f"{where}: at most {MAX_SHARES} silo ids allowed, got {len(values)}")
     for value in values:
         _check_silo_id(value, where)
     if len(set(values)) != len(values):
@@ -109,153 +111,10 @@ def _check_items(values: object, kind: type, where: str) -> None:
         raise MessageError(f"{where}: at most {MAX_SHARES} entries allowed, got {len(values)}")
 
 
-class _Writer:
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def header(self, kind: int) -> None:
-        self._parts.append(MAGIC + bytes([VERSION, kind]))
-
-    def uint(self, value: int, size: int) -> None:
-        self._parts.append(value.to_bytes(size, "big"))
-
-    def f64(self, value: float) -> None:
-        self._parts.append(struct.pack(">d", value))
-
-    def blob(self, value: bytes) -> None:
-        self._parts.append(len(value).to_bytes(4, "big"))
-        self._parts.append(value)
-
-    def text(self, value: str) -> None:
-        self.blob(value.encode())
-
-    def texts(self, values: Iterable[str]) -> None:
-        values = tuple(values)
-        self.uint(len(values), 4)
-        for v in values:
-            self.text(v)
-
-    def result(self) -> bytes:
-        return b"".join(self._parts)
-
-
-class _Reader:
-    def __init__(self, data: bytes, message: str) -> None:
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise MessageError(f"{message}: expected bytes, got {type(data).__name__}")
-        self._data = memoryview(data).cast("B")
-        self._pos = 0
-        self.message = message
-
-    def _take(self, n: int, field: str) -> memoryview:
-        left = len(self._data) - self._pos
-        if n > left:
-            raise MessageError(
-                f"{self.message}: truncated at field {field!r} (offset {self._pos}):"
-                f" needs {n} bytes, {left} left"
-            )
-        out = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return out
-
-    def header(self, expected_kind: int | None) -> int:
-        head = bytes(self._take(6, "header"))
-        if head[:4] != MAGIC:
-            raise MessageError(
-                f"{self.message}: not a secure-aggregation message (magic {head[:4]!r}, expected {MAGIC!r})"
-            )
-        if head[4] != VERSION:
-            raise MessageError(
-                f"{self.message}: format version {head[4]} is not supported (expected {VERSION})"
-            )
-        kind = head[5]
-        if expected_kind is not None and kind != expected_kind:
-            got = _KINDS[kind].__name__ if kind in _KINDS else f"unknown kind {kind}"
-            raise MessageError(f"{self.message}: got a {got} message instead")
-        return kind
-
-    def uint(self, size: int, field: str) -> int:
-        return int.from_bytes(self._take(size, field), "big")
-
-    def f64(self, field: str) -> float:
-        return float(struct.unpack(">d", self._take(8, field))[0])
-
-    def blob(self, field: str, most: int) -> bytes:
-        n = self.uint(4, f"{field} length")
-        if n > most:
-            raise MessageError(f"{self.message}: field {field!r} claims {n} bytes, at most {most} allowed")
-        return bytes(self._take(n, field))
-
-    def text(self, field: str) -> str:
-        raw = self.blob(field, MAX_TEXT_BYTES)
-        try:
-            return raw.decode()
-        except UnicodeDecodeError as exc:
-            raise MessageError(f"{self.message}: field {field!r} is not UTF-8 text") from exc
-
-    def count(self, field: str) -> int:
-        n = self.uint(4, f"{field} count")
-        if n > MAX_SHARES:
-            raise MessageError(
-                f"{self.message}: field {field!r} claims {n} entries, at most {MAX_SHARES} allowed"
-            )
-        return n
-
-    def texts(self, field: str) -> tuple[str, ...]:
-        return tuple(self.text(field) for _ in range(self.count(field)))
-
-    def done(self) -> None:
-        left = len(self._data) - self._pos
-        if left:
-            raise MessageError(
-                f"{self.message}: {left} unexpected bytes after the last field (offset {self._pos})"
-            )
-
-
-class _Message(ABC):
-    """Shared encode/decode plumbing; subclasses define ``KIND``, ``_encode`` and ``_decode``."""
-
-    KIND: ClassVar[int]
-
-    @abstractmethod
-    def _encode(self, w: _Writer) -> None:
-        """Write the message's fields after the header."""
-
-    @classmethod
-    @abstractmethod
-    def _decode(cls, r: _Reader) -> Self:
-        """Read the message's fields after the header."""
-
-    def to_bytes(self) -> bytes:
-        """The message's wire encoding."""
-        w = _Writer()
-        w.header(self.KIND)
-        self._encode(w)
-        return w.result()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Self:
-        """Decode and validate one message of this type; raises :class:`MessageError` if malformed."""
-        r = _Reader(data, cls.__name__)
-        r.header(cls.KIND)
-        msg = cls._decode(r)
-        r.done()
-        return msg
-
-
-def _quant_from(r: _Reader) -> QuantConfig:
-    clip, frac, ring = r.f64("clip_bound"), r.uint(1, "frac_bits"), r.uint(1, "ring_bits")
-    try:
-        return QuantConfig(clip, frac, ring)
-    except OverflowConfigError as exc:
-        raise MessageError(f"{r.message}: {exc}") from exc
-
-
 @dataclass(frozen=True)
-class RoundConfig(_Message):
+class RoundConfig:
     """What coordinator and silos agree on before a round: its id, threshold, vector length, encoding."""
 
-    KIND: ClassVar[int] = 1
     round_id: str
     threshold: int
     vector_length: int
@@ -268,19 +127,6 @@ class RoundConfig(_Message):
         if not isinstance(self.quant, QuantConfig):
             raise MessageError("RoundConfig.quant: expected a QuantConfig")
 
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.uint(self.threshold, 2)
-        w.uint(self.vector_length, 8)
-        w.f64(float(self.quant.clip_bound))
-        w.uint(self.quant.frac_bits, 1)
-        w.uint(self.quant.ring_bits, 1)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        round_id, threshold, length = r.text("round_id"), r.uint(2, "threshold"), r.uint(8, "vector_length")
-        return cls(round_id, threshold, length, _quant_from(r))
-
 
 def advert_signed_bytes(round_id: str, silo_id: str, c_public: bytes, s_public: bytes) -> bytes:
     """What a silo signs in its advert: both public keys bound to the round and its own id."""
@@ -288,10 +134,9 @@ def advert_signed_bytes(round_id: str, silo_id: str, c_public: bytes, s_public: 
 
 
 @dataclass(frozen=True)
-class KeyAdvert(_Message):
+class KeyAdvert:
     """A silo's two fresh X25519 public keys, signed with its certificate key for this round."""
 
-    KIND: ClassVar[int] = 2
     round_id: str
     silo_id: str
     c_public: bytes
@@ -349,31 +194,11 @@ class KeyAdvert(_Message):
         except InvalidSignature as exc:
             raise ProtocolError(f"{where}: signature does not match the keys, round and silo id") from exc
 
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.text(self.silo_id)
-        w.blob(self.c_public)
-        w.blob(self.s_public)
-        w.blob(self.cert_pem)
-        w.blob(self.signature)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(
-            r.text("round_id"),
-            r.text("silo_id"),
-            r.blob("c_public", KEY_BYTES),
-            r.blob("s_public", KEY_BYTES),
-            r.blob("cert_pem", MAX_CERT_BYTES),
-            r.blob("signature", MAX_SIGNATURE_BYTES),
-        )
-
 
 @dataclass(frozen=True)
-class KeyRoster(_Message):
+class KeyRoster:
     """The coordinator's relay of every advert it accepted (the set U1), sorted by silo id."""
 
-    KIND: ClassVar[int] = 3
     round_id: str
     adverts: tuple[KeyAdvert, ...]
 
@@ -385,17 +210,6 @@ class KeyRoster(_Message):
     def silo_ids(self) -> tuple[str, ...]:
         """The advertised silos in roster order."""
         return tuple(a.silo_id for a in self.adverts)
-
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.uint(len(self.adverts), 4)
-        for advert in self.adverts:
-            advert._encode(w)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        round_id = r.text("round_id")
-        return cls(round_id, tuple(KeyAdvert._decode(r) for _ in range(r.count("adverts"))))
 
 
 @dataclass(frozen=True)
@@ -415,31 +229,11 @@ class EncryptedShare:
         _check_bytes(self.nonce, "EncryptedShare.nonce", exact=NONCE_BYTES)
         _check_bytes(self.ciphertext, "EncryptedShare.ciphertext", exact=CIPHERTEXT_BYTES)
 
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.sender)
-        w.text(self.recipient)
-        w.blob(self.nonce)
-        w.blob(self.ciphertext)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> EncryptedShare:
-        return cls(
-            r.text("sender"),
-            r.text("recipient"),
-            r.blob("nonce", NONCE_BYTES),
-            r.blob("ciphertext", CIPHERTEXT_BYTES),
-        )
-
-
-def _decode_shares(r: _Reader) -> tuple[EncryptedShare, ...]:
-    return tuple(EncryptedShare._decode(r) for _ in range(r.count("shares")))
-
 
 @dataclass(frozen=True)
-class ShareKeys(_Message):
+class ShareKeys:
     """A silo's encrypted shares, one per other advertised silo."""
 
-    KIND: ClassVar[int] = 4
     round_id: str
     sender: str
     shares: tuple[EncryptedShare, ...]
@@ -452,23 +246,11 @@ class ShareKeys(_Message):
             raise MessageError(f"ShareKeys: every share must come from the sender {self.sender!r}")
         _check_ids(tuple(s.recipient for s in self.shares), "ShareKeys.shares recipients")
 
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.text(self.sender)
-        w.uint(len(self.shares), 4)
-        for share in self.shares:
-            share._encode(w)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.text("round_id"), r.text("sender"), _decode_shares(r))
-
 
 @dataclass(frozen=True)
-class ShareDelivery(_Message):
+class ShareDelivery:
     """The shares addressed to one silo from every other silo whose ShareKeys arrived (the set U2)."""
 
-    KIND: ClassVar[int] = 5
     round_id: str
     recipient: str
     shares: tuple[EncryptedShare, ...]
@@ -481,23 +263,11 @@ class ShareDelivery(_Message):
             raise MessageError(f"ShareDelivery: every share must be addressed to {self.recipient!r}")
         _check_ids(tuple(s.sender for s in self.shares), "ShareDelivery.shares senders")
 
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.text(self.recipient)
-        w.uint(len(self.shares), 4)
-        for share in self.shares:
-            share._encode(w)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.text("round_id"), r.text("recipient"), _decode_shares(r))
-
 
 @dataclass(frozen=True)
-class MaskedInput(_Message):
+class MaskedInput:
     """A silo's masked, quantized vector: raw little-endian ring words."""
 
-    KIND: ClassVar[int] = 6
     MAX_BYTES: ClassVar[int] = 2**32 - 1
     round_id: str
     sender: str
@@ -525,24 +295,11 @@ class MaskedInput(_Message):
         """The ring vector as a read-only array."""
         return np.frombuffer(self.data, dtype=ring_dtype(self.ring_bits))
 
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.text(self.sender)
-        w.uint(self.ring_bits, 1)
-        w.blob(self.data)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(
-            r.text("round_id"), r.text("sender"), r.uint(1, "ring_bits"), r.blob("data", cls.MAX_BYTES)
-        )
-
 
 @dataclass(frozen=True)
-class UnmaskRequest(_Message):
+class UnmaskRequest:
     """The coordinator's claim of who uploaded (U3) and who dropped after sharing (U2 minus U3)."""
 
-    KIND: ClassVar[int] = 7
     round_id: str
     uploaded: tuple[str, ...]
     dropped: tuple[str, ...]
@@ -551,15 +308,6 @@ class UnmaskRequest(_Message):
         _check_round_id(self.round_id, "UnmaskRequest")
         _check_ids(self.uploaded, "UnmaskRequest.uploaded")
         _check_ids(self.dropped, "UnmaskRequest.dropped")
-
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.texts(self.uploaded)
-        w.texts(self.dropped)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.text("round_id"), r.texts("uploaded"), r.texts("dropped"))
 
 
 @dataclass(frozen=True)
@@ -574,29 +322,11 @@ class RevealedShare:
         if not isinstance(self.share, Share):
             raise MessageError("RevealedShare.share: expected a Share")
 
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.peer)
-        w.uint(self.share.x, 2)
-        w.blob(self.share.y_bytes())
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> RevealedShare:
-        peer, x, y = r.text("peer"), r.uint(2, "x"), r.blob("y", SHARE_BYTES)
-        try:
-            return cls(peer, Share(x, int.from_bytes(y, "big")))
-        except ShamirError as exc:
-            raise MessageError(f"{r.message}: share of {peer!r}: {exc}") from exc
-
-
-def _decode_revealed(r: _Reader, field: str) -> tuple[RevealedShare, ...]:
-    return tuple(RevealedShare._decode(r) for _ in range(r.count(field)))
-
 
 @dataclass(frozen=True)
-class UnmaskResponse(_Message):
+class UnmaskResponse:
     """A survivor's shares: self-mask seed shares of uploaders, mask-key shares of dropped silos."""
 
-    KIND: ClassVar[int] = 8
     round_id: str
     sender: str
     seed_shares: tuple[RevealedShare, ...]
@@ -615,25 +345,11 @@ class UnmaskResponse(_Message):
         if both:
             raise MessageError(f"UnmaskResponse: both shares revealed for {sorted(both)}")
 
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.text(self.sender)
-        for group in (self.seed_shares, self.key_shares):
-            w.uint(len(group), 4)
-            for item in group:
-                item._encode(w)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        round_id, sender = r.text("round_id"), r.text("sender")
-        return cls(round_id, sender, _decode_revealed(r, "seed_shares"), _decode_revealed(r, "key_shares"))
-
 
 @dataclass(frozen=True)
-class RoundAbort(_Message):
+class RoundAbort:
     """The coordinator ends the round without a result; silos discard their round secrets."""
 
-    KIND: ClassVar[int] = 9
     round_id: str
     stage: str
     reason: str
@@ -642,53 +358,9 @@ class RoundAbort(_Message):
         _check_round_id(self.round_id, "RoundAbort")
         if not isinstance(self.stage, str) or not isinstance(self.reason, str):
             raise MessageError("RoundAbort: stage and reason must be text")
-        if len(self.reason.encode()) > MAX_TEXT_BYTES:
-            raise MessageError(f"RoundAbort.reason: at most {MAX_TEXT_BYTES} bytes allowed")
-
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.round_id)
-        w.text(self.stage)
-        w.text(self.reason)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.text("round_id"), r.text("stage"), r.text("reason"))
-
-
-Message = (
-    RoundConfig
-    | KeyAdvert
-    | KeyRoster
-    | ShareKeys
-    | ShareDelivery
-    | MaskedInput
-    | UnmaskRequest
-    | UnmaskResponse
-    | RoundAbort
-)
-
-_KINDS: dict[int, type[_Message]] = {
-    cls.KIND: cls
-    for cls in (
-        RoundConfig,
-        KeyAdvert,
-        KeyRoster,
-        ShareKeys,
-        ShareDelivery,
-        MaskedInput,
-        UnmaskRequest,
-        UnmaskResponse,
-        RoundAbort,
-    )
-}
-
-
-def decode_message(data: bytes) -> Message:
-    """Decode any secure-aggregation message, its type read from the header."""
-    kind = _Reader(data, "secure-aggregation message").header(None)
-    if kind not in _KINDS:
-        raise MessageError(f"secure-aggregation message: unknown kind {kind}")
-    return _KINDS[kind].from_bytes(data)  # type: ignore[return-value]
+        for name, text in (("stage", self.stage), ("reason", self.reason)):
+            if len(text.encode()) > MAX_TEXT_BYTES:
+                raise MessageError(f"RoundAbort.{name}: at most {MAX_TEXT_BYTES} bytes allowed")
 
 
 def pinned_cert_verifier(base: CertVerifier, pins: Mapping[str, str]) -> CertVerifier:

@@ -162,14 +162,18 @@ class TaskRequest(_message.Message):
     def __init__(self, ref: _Optional[_Union[StageRef, _Mapping]] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class AdvertisedKeys(_message.Message):
-    __slots__ = ("silo_id", "certificate_pem", "signed_keys")
+    __slots__ = ("silo_id", "certificate_pem", "encryption_public_key", "mask_public_key", "signature")
     SILO_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
-    SIGNED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     silo_id: str
     certificate_pem: bytes
-    signed_keys: bytes
-    def __init__(self, silo_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., signed_keys: _Optional[bytes] = ...) -> None: ...
+    encryption_public_key: bytes
+    mask_public_key: bytes
+    signature: bytes
+    def __init__(self, silo_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., encryption_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class KeyRoster(_message.Message):
     __slots__ = ("entries",)
@@ -286,12 +290,18 @@ class Receipt(_message.Message):
     def __init__(self, ref: _Optional[_Union[StageRef, _Mapping]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class AdvertiseKeysRequest(_message.Message):
-    __slots__ = ("ref", "signed_keys")
+    __slots__ = ("ref", "encryption_public_key", "mask_public_key", "signature", "certificate_pem")
     REF_FIELD_NUMBER: _ClassVar[int]
-    SIGNED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     ref: StageRef
-    signed_keys: bytes
-    def __init__(self, ref: _Optional[_Union[StageRef, _Mapping]] = ..., signed_keys: _Optional[bytes] = ...) -> None: ...
+    encryption_public_key: bytes
+    mask_public_key: bytes
+    signature: bytes
+    certificate_pem: bytes
+    def __init__(self, ref: _Optional[_Union[StageRef, _Mapping]] = ..., encryption_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class OutgoingShare(_message.Message):
     __slots__ = ("recipient", "ciphertext")
