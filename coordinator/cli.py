@@ -3,7 +3,9 @@
 ``coordinator --config federation.yaml`` serves the federation until the run ends (exit 0 when
 every round completed, 1 when the run failed or was stopped, 2 on a configuration error).
 ``coordinator check --config federation.yaml`` validates the file and prints the round plan;
-files it names that do not exist yet are listed on stderr.
+files it names that do not exist yet are listed on stderr. ``coordinator replay --config
+federation.yaml`` rebuilds the run's global model from its journal of summed contributions and
+checks it against every recorded round (exit 0 when all match, 1 when not).
 
 For fault tests, ``CONDI_COORDINATOR_EXIT_AT=ROUND:STAGE`` makes the coordinator exit hard (status 17)
 right after it accepts the first submission of that round's stage, as a crash mid-stage would.
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     check = sub.add_parser("check", help="validate federation.yaml and print the round plan")
     check.add_argument("--config", required=True, help="path to federation.yaml")
+    replay = sub.add_parser("replay", help="rebuild the run's model from its journal and check every round")
+    replay.add_argument("--config", required=True, help="path to federation.yaml")
+    replay.add_argument("--run-dir", help="the run directory (default: federation.yaml's run_dir)")
     return parser
 
 
@@ -43,6 +48,19 @@ def _check(config: str) -> int:
     for problem in federation_file_problems(cfg, config):
         print(f"coordinator: warning: {problem}; serving will refuse to start", file=sys.stderr)
     return 0
+
+
+def _replay(config: str, run_dir: str | None) -> int:
+    from coordinator.replay import replay
+    from coordinator.store import StoreError
+
+    try:
+        result = replay(load_federation_config(config), run_dir)
+    except StoreError as err:
+        print(f"coordinator: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2))
+    return 0 if result.matches else 1
 
 
 def _serve(config: str, verbose: bool) -> int:
@@ -70,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args.config)
+        if args.command == "replay":
+            return _replay(args.config, args.run_dir)
         if args.config is None:
             parser.error("give --config federation.yaml to serve, or use `coordinator check --config ...`")
         return _serve(args.config, args.verbose)

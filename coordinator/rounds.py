@@ -264,6 +264,9 @@ class _Submission:
 @dataclass
 class _Silo:
     last_seen: float
+    # When this silo's current process joined: one that joined after a secure attempt began has
+    # lost that attempt's keys and cannot finish its later stages.
+    joined_at: float = 0.0
     told_done: bool = False
     # Why the silo left the run for good (it said so), or None while it takes part.
     departed: str | None = None
@@ -377,7 +380,7 @@ class RoundMachine:
         """A silo was accepted by Join (its certificate and data layout already checked)."""
         if silo not in self.plan.allowed:
             raise ProtocolError("permission_denied", f"silo {silo!r} is not in this federation's allow-list")
-        self._silos[silo] = _Silo(last_seen=now)
+        self._silos[silo] = _Silo(last_seen=now, joined_at=now)
 
     def depart(self, silo: str, reason: str, now: float) -> None:
         """``silo`` leaves the run for good (e.g. its privacy budget is spent): from now on it is not
@@ -758,7 +761,15 @@ class RoundMachine:
         stage, server, secure = self._stage, self._secagg, self.plan.secure
         assert stage is not None and server is not None and secure is not None
         alive = set(self.alive(now))
-        still_working = [s for s in stage.members if s not in stage.received and s in alive]
+        # A member that restarted after the attempt began can still advertise keys, but it holds
+        # none of the keys its later stages need: waiting for it would only run out the deadline.
+        still_working = [
+            s
+            for s in stage.members
+            if s not in stage.received
+            and s in alive
+            and (self.phase == Phase.ADVERTISE or self._silos[s].joined_at <= self._train_started)
+        ]
         if still_working and now < stage.deadline:
             return []
         phase = self.phase

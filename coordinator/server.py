@@ -38,9 +38,9 @@ from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.config import ModelConfig
 from condi_models.nn.model import CondIModel
 from condi_models.server_optimizer import ServerOptimizer
-from condi_models.training import aggregation_groups, round_lr_scale
+from condi_models.training import round_lr_scale
 from coordinator.config import FederationConfig, check_federation_files
-from coordinator.layout import build_model_config, layout_mismatch
+from coordinator.layout import averaging_for, build_model_config, initial_model, layout_mismatch
 from coordinator.pooling import ReportError, check_split_report
 from coordinator.report import SiloUpload, TrainRecord, round_row, train_summary, write_report
 from coordinator.rounds import (
@@ -62,7 +62,8 @@ from coordinator.rounds import (
 from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError, split_saved_state
 from federation import identity, pki, tls, wire
 from federation import secagg_wire as sw
-from federation.faults import exit_hard
+from federation.audit import AuditLog
+from federation.faults import FaultPoint, exit_hard
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
 from federation.secure_metrics import MetricsEncodingError, decode_metrics
@@ -120,7 +121,7 @@ class Coordinator:
         *,
         revocations: identity.RevocationList,
         clock: Callable[[], float] = time.monotonic,
-        exit_at: tuple[int, int] | None = None,
+        exit_at: FaultPoint | None = None,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -248,9 +249,7 @@ class Coordinator:
                 model_cfg.length,
             )
             training = dataclasses.replace(training, window=model_cfg.length)
-        # The initial global model is seeded, so two runs of one config start from the same weights.
-        torch.manual_seed(self.cfg.seed)
-        model = CondIModel(model_cfg)
+        model = initial_model(model_cfg, self.cfg.seed)
         if tensors is not None:
             try:
                 model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
@@ -258,9 +257,8 @@ class Coordinator:
                 raise StoreError(
                     f"{self.store.dir}: the checkpointed state does not fit its model ({exc})"
                 ) from exc
-        groups = aggregation_groups(model)
-        state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
-        shapes = {n: tuple(state[n].shape) for n in groups.assignment}
+        averaging = averaging_for(model, self.cfg)
+        groups, state, shapes = averaging.groups, averaging.state, averaging.shapes
         names = groups.group_names()
         self._model = _Model(
             model=model,
@@ -272,9 +270,8 @@ class Coordinator:
             update_bytes=plain_update_payload_bytes(shapes, len(names)),
         )
         self._groups = groups
-        self._server_opt = ServerOptimizer.for_model(self.cfg.server_optimizer, model)
-        agg = self.cfg.aggregation
-        self._layout = SecureLayout(groups, shapes, agg.clip_bound, agg.weight_unit)
+        self._server_opt = averaging.optimizer
+        self._layout = averaging.layout
         if self.plan.secure is not None and hasattr(self, "machine"):
             self.machine.vector_length = self._layout.vector_length
         if hasattr(self, "machine"):
@@ -732,7 +729,7 @@ class Coordinator:
         Called with the lock held, before the driver can act on the submission: the round is then
         always mid-stage when the process ends, however fast the silos are.
         """
-        if not duplicate and self.exit_at == (key.round, key.stage):
+        if not duplicate and self.exit_at is not None and self.exit_at.reached(key.round, key.stage):
             exit_hard(log, f"stopping in {key.describe()} after accepting the submission of silo {silo}")
 
     def heartbeat(self, silo: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
@@ -833,6 +830,8 @@ class Coordinator:
         # In secure mode silos download and train in the ADVERTISE_KEYS task.
         train_stage = pb.STAGE_TRAIN if effect.total is None else pb.STAGE_ADVERTISE_KEYS
         name, sha = self.store.save_state(effect.round, new_state, self._server_opt.state())
+        # The round's sum, journaled: with the initial model the run can be replayed and checked.
+        aggregate = self.store.save_aggregate(effect.round, total)
         record = TrainRecord(
             attempt=effect.attempt,
             selected=effect.selected,
@@ -848,6 +847,8 @@ class Coordinator:
             self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
             self.ckpt.pending_row = train_summary(effect.round, record)
             self.ckpt.pending_row["aggregation"] = "plain" if effect.total is None else "secure"
+            self.ckpt.pending_row["aggregate"] = aggregate
+            self.ckpt.pending_row["state_sha256"] = sha
             if effect.total is not None and self._layout is not None:
                 names = self._groups.group_names()
                 if "all" in names:
@@ -1133,7 +1134,7 @@ class CoordinatorServer:
     """A :class:`Coordinator` behind a mutual-TLS gRPC server with per-call identity and health service."""
 
     def __init__(
-        self, cfg: FederationConfig, source: str | Path, *, exit_at: tuple[int, int] | None = None
+        self, cfg: FederationConfig, source: str | Path, *, exit_at: FaultPoint | None = None
     ) -> None:
         from coordinator.servicer import FederationServicer
 
@@ -1142,7 +1143,9 @@ class CoordinatorServer:
         ca = pki.load_certificate(cfg.tls.ca)
         revocations = identity.RevocationList(cfg.tls.crl, ca)
         self.coordinator = Coordinator(cfg, revocations=revocations, exit_at=exit_at)
-        interceptor = identity.IdentityInterceptor(ca, revocations, cfg.silos)
+        # Opened after the coordinator: a run directory it refuses (another federation's) is left untouched.
+        self.audit = AuditLog(self.coordinator.run_dir / "audit.jsonl")
+        interceptor = identity.IdentityInterceptor(ca, revocations, cfg.silos, audit=self.audit)
         credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
         # Each silo may have max_calls_per_silo calls in progress (the servicer refuses more), so the
         # workers cannot all be taken by one silo; a few more serve health checks.
@@ -1150,7 +1153,9 @@ class CoordinatorServer:
         self._bound = tls.secure_server(
             cfg.listen, credentials, interceptors=[interceptor], max_workers=workers, max_concurrent_rpcs=workers
         )
-        FederationServicer(self.coordinator, max_calls_per_silo=cfg.max_calls_per_silo).register(self._bound.server)
+        FederationServicer(
+            self.coordinator, max_calls_per_silo=cfg.max_calls_per_silo, audit=self.audit
+        ).register(self._bound.server)
         self._health = tls.add_health_service(self._bound.server)
         self.port = self._bound.port
 
@@ -1166,9 +1171,10 @@ class CoordinatorServer:
             self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.coordinator.stop()
         self._bound.server.stop(grace=2).wait()
+        self.audit.close()
 
 
-def serve(cfg: FederationConfig, source: str | Path, *, exit_at: tuple[int, int] | None = None) -> int:
+def serve(cfg: FederationConfig, source: str | Path, *, exit_at: FaultPoint | None = None) -> int:
     """Run the coordinator of ``cfg`` until the run ends; returns the exit code. ``exit_at`` injects a
     crash at a (round, stage) for fault tests."""
     server = CoordinatorServer(cfg, source, exit_at=exit_at)

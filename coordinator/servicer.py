@@ -5,6 +5,7 @@ Each handler is a few lines. The caller's silo id comes only from
 :class:`~federation.identity.IdentityInterceptor`), never from a message field. A refusal is
 aborted with the status the protocol prescribes and logged once, naming the silo, the call and
 the reason; an unexpected error is logged with its traceback and answered with a bare INTERNAL.
+Every call's outcome goes to the audit log (:mod:`federation.audit`) when one is given.
 """
 # ruff: noqa: N802  (servicer methods carry the gRPC method names)
 
@@ -21,7 +22,8 @@ import grpc
 from coordinator.pooling import ReportError
 from coordinator.rounds import ProtocolError
 from coordinator.server import Coordinator
-from federation.identity import identity_of
+from federation.audit import AuditLog, Outcome
+from federation.identity import PeerIdentity, identity_of
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
 from federation.transfer import TransferError
@@ -43,11 +45,14 @@ _CODES = {
 class FederationServicer(pb_grpc.FederationServicer):
     """Thin handlers over one :class:`~coordinator.server.Coordinator`."""
 
-    def __init__(self, coordinator: Coordinator, *, max_calls_per_silo: int) -> None:
+    def __init__(
+        self, coordinator: Coordinator, *, max_calls_per_silo: int, audit: AuditLog | None = None
+    ) -> None:
         self.coordinator = coordinator
         # Calls each silo has in progress: one silo's flood of long polls must not occupy the
         # worker threads every other silo's heartbeats need.
         self.max_calls_per_silo = max_calls_per_silo
+        self.audit = audit
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -55,22 +60,37 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Add this servicer to ``server``."""
         pb_grpc.add_FederationServicer_to_server(self, server)
 
-    @staticmethod
+    def _record(
+        self, method: str, who: PeerIdentity, outcome: Outcome, code: grpc.StatusCode, reason: str = ""
+    ) -> None:
+        if self.audit is not None:
+            self.audit.record(
+                method=method,
+                outcome=outcome,
+                code=code.name,
+                peer=who.peer,
+                silo=who.silo_id,
+                subject=who.subject,
+                reason=reason,
+            )
+
     def _refuse(
-        context: grpc.ServicerContext, method: str, silo: str, code: grpc.StatusCode, why: str
+        self, context: grpc.ServicerContext, method: str, who: PeerIdentity, code: grpc.StatusCode, why: str
     ) -> NoReturn:
-        log.warning("refused %s from silo %s (%s): %s", method, silo, code.name, why)
+        log.warning("refused %s from silo %s (%s): %s", method, who.silo_id, code.name, why)
+        self._record(method, who, "refused", code, why)
         context.abort(code, why)
 
     @contextlib.contextmanager
-    def _slot(self, context: grpc.ServicerContext, method: str, silo: str) -> Iterator[None]:
+    def _slot(self, context: grpc.ServicerContext, method: str, who: PeerIdentity) -> Iterator[None]:
+        silo = who.silo_id
         with self._lock:
             busy = self._in_flight.get(silo, 0)
             if busy < self.max_calls_per_silo:
                 self._in_flight[silo] = busy + 1
         if busy >= self.max_calls_per_silo:
             self._refuse(
-                context, method, silo, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                context, method, who, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"silo {silo!r} already has {busy} calls in progress (max_calls_per_silo {self.max_calls_per_silo})",
             )
         try:
@@ -80,22 +100,28 @@ class FederationServicer(pb_grpc.FederationServicer):
                 self._in_flight[silo] -= 1
 
     def _call(self, context: grpc.ServicerContext, method: str, action: Callable[[str], T]) -> T:
-        silo = identity_of(context).silo_id
-        with self._slot(context, method, silo):
-            return self._act(context, method, silo, action)
+        who = identity_of(context)
+        with self._slot(context, method, who):
+            result = self._act(context, method, who, action)
+        self._record(method, who, "ok", grpc.StatusCode.OK)
+        return result
 
-    def _act(self, context: grpc.ServicerContext, method: str, silo: str, action: Callable[[str], T]) -> T:
+    def _act(
+        self, context: grpc.ServicerContext, method: str, who: PeerIdentity, action: Callable[[str], T]
+    ) -> T:
+        silo = who.silo_id
         try:
             return action(silo)
         except ProtocolError as exc:
             self._refuse(
-                context, method, silo, _CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), exc.message
+                context, method, who, _CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), exc.message
             )
         except (TransferError, ReportError) as exc:
-            self._refuse(context, method, silo, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._refuse(context, method, who, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception:
             # The text of an unexpected error stays in the coordinator's log; the peer learns nothing.
             log.exception("%s from silo %s failed unexpectedly", method, silo)
+            self._record(method, who, "error", grpc.StatusCode.INTERNAL)
             context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error; the coordinator's log has the details")
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:

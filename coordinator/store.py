@@ -5,6 +5,10 @@ Layout under ``<run_dir>/checkpoint``:
 - ``global-<round>-<sha>.npz``: the global model's named tensors (numpy, read with
   ``allow_pickle=False``) and, under ``server_optimizer/``, the server optimizer's moments,
   written before the commit that names it (the SHA-256 covers the model's tensors alone);
+- ``aggregates/round-<round>-<sha>.npy``: each recorded round's summed contribution vector (the
+  unmasked secure sum, or the sum of the capped, clipped plain contributions), float64, named with
+  its round in that round's row; with the initial model it replays the run
+  (:mod:`coordinator.replay`);
 - ``progress.json``: the commit point. It names the state file and its wire-format SHA-256, the
   round progress (round, attempt, failures, what is pending, the selection RNG state), the data
   layout and model config fixed when the first silo joined, every recorded round's metrics row,
@@ -19,6 +23,7 @@ committed rows after each commit: it holds every recorded round exactly once.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -190,6 +195,35 @@ class CheckpointStore:
         atomic_write_bytes(self.dir / name, buf.getvalue())
         return name, sha
 
+    @property
+    def aggregates_dir(self) -> Path:
+        """Where each recorded round's summed contributions are kept."""
+        return self.dir / "aggregates"
+
+    def save_aggregate(self, round_index: int, total: np.ndarray) -> dict[str, str]:
+        """Write a round's summed contribution vector (not yet committed); returns the reference a
+        row keeps: ``{"file": name, "sha256": sha}`` (SHA-256 of the raw float64 vector)."""
+        vector = np.ascontiguousarray(total, dtype=np.float64)
+        sha = hashlib.sha256(vector.tobytes()).hexdigest()
+        name = f"round-{round_index:05d}-{sha[:16]}.npy"
+        buf = io.BytesIO()
+        np.save(buf, vector, allow_pickle=False)
+        atomic_write_bytes(self.aggregates_dir / name, buf.getvalue())
+        return {"file": name, "sha256": sha}
+
+    def read_aggregate(self, ref: Mapping[str, Any]) -> np.ndarray:
+        """The vector a row's ``aggregate`` reference names, checked against its SHA-256."""
+        path = self.aggregates_dir / str(ref["file"])
+        try:
+            vector = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise StoreError(f"{path}: unreadable aggregate ({exc})") from exc
+        if vector.dtype != np.float64 or vector.ndim != 1:
+            raise StoreError(f"{path}: expected a float64 vector, got {vector.dtype} of shape {vector.shape}")
+        if hashlib.sha256(vector.tobytes()).hexdigest() != ref["sha256"]:
+            raise StoreError(f"{path}: content does not match the SHA-256 its round's row names")
+        return vector
+
     def commit(self, checkpoint: CoordinatorCheckpoint) -> None:
         """Make ``checkpoint`` the one a restart resumes from; then tidy up and rewrite metrics.jsonl."""
         named = [checkpoint.state_file, None if checkpoint.best is None else checkpoint.best["state_file"]]
@@ -202,6 +236,12 @@ class CheckpointStore:
         keep = {checkpoint.state_file, None if checkpoint.best is None else checkpoint.best["state_file"]}
         for old in self.dir.glob("global-*.npz"):
             if old.name not in keep:
+                old.unlink(missing_ok=True)
+        # An aggregate saved by an attempt that never committed (a crash, a refused sum) is dropped.
+        rows = [*checkpoint.rows, *([checkpoint.pending_row] if checkpoint.pending_row else [])]
+        journal = {row["aggregate"]["file"] for row in rows if "aggregate" in row}
+        for old in self.aggregates_dir.glob("round-*.npy"):
+            if old.name not in journal:
                 old.unlink(missing_ok=True)
         self.write_metrics(checkpoint.rows)
 

@@ -2,15 +2,19 @@
 
 A fault test must hit its fault every time, so a process is told where to die instead of being
 killed by a poll that races it: ``ROUND:STAGE`` names the point, and the process exits with
-:data:`FAULT_EXIT_CODE` when it gets there. Where exactly "there" is depends on the side: the silo
-stops once that stage's task is in hand (see :mod:`silo_agent.agent`), the coordinator once it
-has accepted the stage's first submission of that round (see :mod:`coordinator.server`).
+:data:`FAULT_EXIT_CODE` when it gets there: at that stage of that round, or of the first later
+round where it meets the stage (a silo that was not selected in ROUND dies in the next round
+that selects it, so a schedule of faults cannot silently miss one). Where exactly "there" is
+depends on the side: the silo stops once that stage's task is in hand (see
+:mod:`silo_agent.agent`), the coordinator once it has accepted the stage's first submission of
+that round (see :mod:`coordinator.server`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 
@@ -30,14 +34,31 @@ STAGES = {
 }
 
 
-def parse_exit_at(variable: str, text: str | None) -> tuple[int, int] | None:
-    """``ROUND:STAGE`` from environment variable ``variable`` as (round, proto stage); None when unset."""
+@dataclass(frozen=True)
+class FaultPoint:
+    """Where a process stops: the first time it reaches ``stage`` in round ``round`` or later."""
+
+    round: int
+    stage: int
+
+    def reached(self, round_index: int, stage: int) -> bool:
+        """Whether being at (``round_index``, ``stage``) is at or past this point."""
+        return stage == self.stage and round_index >= self.round
+
+    def to_text(self) -> str:
+        """The ``ROUND:STAGE`` form :func:`parse_exit_at` reads."""
+        name = next(k for k, v in STAGES.items() if v == self.stage)
+        return f"{self.round}:{name}"
+
+
+def parse_exit_at(variable: str, text: str | None) -> FaultPoint | None:
+    """``ROUND:STAGE`` from environment variable ``variable``; None when unset."""
     if not text:
         return None
     round_text, _, stage = text.partition(":")
     if not round_text.isdigit() or stage not in STAGES:
         raise ValueError(f"{variable}={text!r}: expected ROUND:STAGE with STAGE one of {list(STAGES)}")
-    return int(round_text), STAGES[stage]
+    return FaultPoint(int(round_text), STAGES[stage])
 
 
 def exit_hard(logger: logging.Logger, why: str) -> None:

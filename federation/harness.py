@@ -21,10 +21,14 @@ refuses to send); ``--restart-coordinator-at ROUND[:STAGE]`` makes the coordinat
 after it accepts the first submission of that round's stage (``train`` by default; in secure mode
 a secure stage), and starts it again from its checkpoint. Both faults are injected at a named
 point, not by racing a poll, so a fault run always hits them. ``--restart-killed`` starts a silo
-killed by ``--kill-silo`` again (without the fault), on the same state directory.
+killed by ``--kill-silo`` again (without the fault), on the same state directory. ``--churn`` is
+a soak: every silo is killed twice and the coordinator twice at fault points drawn from
+``--seed`` (:mod:`federation.churn`), each restarted on its state; afterwards ``churn.json``
+holds the schedule, the kills and restarts seen, and ``coordinator replay``'s check that every
+round was recorded once and that the model equals the replay of the run's journal.
 
 Run directory layout: ``pki/``, ``federation.yaml``, ``sites/<id>.yaml``, ``logs/<process>.log``,
-``coordinator/`` (checkpoint, metrics.jsonl, status.json, events.jsonl, report.json,
+``coordinator/`` (checkpoint, metrics.jsonl, status.json, events.jsonl, audit.jsonl, report.json,
 curves.png, global_model.npz) and ``silos/<id>/`` (each agent's state directory).
 """
 
@@ -49,6 +53,7 @@ from pydantic import TypeAdapter
 
 from condi_models.data.sources import DataLayout, DataSource, source_layout
 from federation import faults, pki
+from federation.churn import ChurnError, ChurnPlan
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,9 @@ class HarnessOptions:
     max_attempts: int = 3
     timeout_s: float = 1800.0
     restart_killed: bool = False
+    # A seeded soak: each silo killed twice and the coordinator twice, at drawn fault points, each
+    # restarted; the run is then replayed from its journal (federation.churn).
+    churn: bool = False
     dp: bool = False
     dp_epsilon: float = 8.0
     dp_delta: float = 1e-5
@@ -168,6 +176,8 @@ class HarnessResult:
     coordinator_exit: int
     silo_exits: dict[str, int | None]
     coordinator_starts: int
+    # With --churn: the schedule, what happened (kills and restarts) and the replay check.
+    churn: dict[str, Any] | None = None
 
 
 class HarnessError(RuntimeError):
@@ -229,6 +239,9 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
             **({} if opts.threshold is None else {"threshold": opts.threshold}),
         },
     }
+    if opts.churn:
+        # Under churn a round may lose attempts to kills one after another; give it more of them.
+        federation["max_attempts"] = max(opts.max_attempts, 6)
     if opts.data == "ptbxl":
         data: dict[str, Any] = {"source": "ptbxl", "path": str(opts.ptbxl_path.resolve())}
     else:
@@ -330,6 +343,27 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _churn_plan(opts: HarnessOptions) -> ChurnPlan:
+    try:
+        return ChurnPlan.draw(opts.silo_ids(), opts.rounds, opts.seed, secure=opts.secure)
+    except ChurnError as exc:
+        raise HarnessError(f"--churn: {exc}") from exc
+
+
+def _replay(fed_yaml: Path) -> dict[str, Any]:
+    """``coordinator replay`` on the finished run: every round once, the model equal to its journal's replay."""
+    done = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "replay", "--config", str(fed_yaml)],
+        capture_output=True,
+        text=True,
+        env=_child_env({}),
+        cwd=REPO,
+    )
+    if done.returncode not in (0, 1):
+        return {"matches": False, "problems": [f"coordinator replay failed: {done.stderr.strip()[-400:]}"]}
+    return dict(json.loads(done.stdout))
+
+
 def run_harness(
     opts: HarnessOptions, progress: Callable[[dict[str, Any]], None] | None = None
 ) -> HarnessResult:
@@ -350,28 +384,48 @@ def run_harness(
     crash = opts.restart_coordinator_at
     if crash is not None and crash[1] not in faults.STAGES:
         raise HarnessError(f"--restart-coordinator-at: stage {crash[1]!r} is not one of {list(faults.STAGES)}")
+    plan = _churn_plan(opts) if opts.churn else None
+    # The fault points each process still has ahead, in order: one is handed to each start.
+    coordinator_points = list(plan.coordinator) if plan is not None else []
+    if crash is not None:
+        coordinator_points = [faults.FaultPoint(crash[0], faults.STAGES[crash[1]])]
+    silo_points = {sid: [faults.FaultPoint(k[1], faults.STAGES[k[2]])] for sid, k in kills.items()}
+    if plan is not None:
+        silo_points = {sid: list(points) for sid, points in plan.silos.items()}
+    restartable = set(ids) if plan is not None else (set(kills) if opts.restart_killed else set())
     port = free_port()
     fed_yaml, sites = write_configs(opts, port)
     run_dir = out / "coordinator"
     logs_dir = out / "logs"
     coordinator_args = ["-m", "coordinator.cli", "--config", str(fed_yaml)]
-    crash_env = {} if crash is None else {faults.COORDINATOR_EXIT_AT: f"{crash[0]}:{crash[1]}"}
-    coordinator = _start("coordinator", coordinator_args, logs_dir / "coordinator.log", crash_env)
+    events: list[dict[str, Any]] = []
+    last_status: dict[str, Any] | None = None
+
+    def next_point(points: list[faults.FaultPoint], variable: str) -> dict[str, str]:
+        return {variable: points.pop(0).to_text()} if points else {}
+
+    def start_coordinator() -> _Process:
+        env = next_point(coordinator_points, faults.COORDINATOR_EXIT_AT)
+        return _start("coordinator", coordinator_args, logs_dir / "coordinator.log", env)
+
+    def start_silo(sid: str) -> _Process:
+        env = next_point(silo_points.get(sid, []), faults.SILO_EXIT_AT)
+        # The NaN fault is for the first start only: a restarted silo trains normally.
+        if opts.nan_update is not None and opts.nan_update[0] == sid and sid not in silos:
+            env["CONDI_FAULT_NAN_AT"] = str(opts.nan_update[1])
+        return _start(sid, ["-m", "silo_agent.cli", "--config", str(sites[sid])], logs_dir / f"{sid}.log", env)
+
+    def note(process: str, what: str) -> None:
+        where = {} if last_status is None else {"round": last_status.get("round"), "phase": last_status.get("phase")}
+        events.append({"time_s": round(time.monotonic() - began, 1), "process": process, "event": what, **where})
+
+    began = time.monotonic()
+    coordinator = start_coordinator()
     starts = 1
     silos: dict[str, _Process] = {}
     for sid in ids:
-        env = {}
-        if sid in kills:
-            env[faults.SILO_EXIT_AT] = f"{kills[sid][1]}:{kills[sid][2]}"
-        if opts.nan_update is not None and opts.nan_update[0] == sid:
-            env["CONDI_FAULT_NAN_AT"] = str(opts.nan_update[1])
-        silos[sid] = _start(
-            sid, ["-m", "silo_agent.cli", "--config", str(sites[sid])], logs_dir / f"{sid}.log", env
-        )
-    to_restart = set(kills) if opts.restart_killed else set()
-    restart_pending = crash is not None
+        silos[sid] = start_silo(sid)
     deadline = time.monotonic() + opts.timeout_s
-    last_status: dict[str, Any] | None = None
     try:
         while True:
             status = read_status(run_dir)
@@ -379,20 +433,20 @@ def run_harness(
                 last_status = status
                 if progress is not None:
                     progress(status)
-            if restart_pending and coordinator.popen.poll() == faults.FAULT_EXIT_CODE:
-                log.warning("the coordinator stopped at its injected fault (round %d %s); restarting it", *crash)
+            if coordinator.popen.poll() == faults.FAULT_EXIT_CODE:
+                log.warning("the coordinator stopped at its injected fault; restarting it from its checkpoint")
+                note("coordinator", "stopped at its fault point; restarted")
                 coordinator.log.close()
-                coordinator = _start("coordinator", coordinator_args, logs_dir / "coordinator.log", {})
+                coordinator = start_coordinator()
                 starts += 1
-                restart_pending = False
-            for sid in sorted(to_restart):
+            for sid in sorted(restartable):
                 if silos[sid].popen.poll() == faults.FAULT_EXIT_CODE:
                     log.warning("%s was killed as asked; starting it again on its state directory", sid)
+                    note(sid, "stopped at its fault point; restarted")
                     silos[sid].log.close()
-                    silos[sid] = _start(
-                        sid, ["-m", "silo_agent.cli", "--config", str(sites[sid])], logs_dir / f"{sid}.log", {}
-                    )
-                    to_restart.discard(sid)
+                    silos[sid] = start_silo(sid)
+                    if plan is None:
+                        restartable.discard(sid)
             if coordinator.popen.poll() is not None:
                 break
             if time.monotonic() > deadline:
@@ -406,6 +460,10 @@ def run_harness(
     finally:
         silo_exits = {sid: _stop(p) for sid, p in silos.items()}
         code = _stop(coordinator)
+    churn = None
+    if plan is not None:
+        churn = {"plan": plan.to_dict(), "events": events, "replay": _replay(fed_yaml)}
+        (out / "churn.json").write_text(json.dumps(churn, indent=1) + "\n")
     report = run_dir / "report.json"
     return HarnessResult(
         out=out,
@@ -414,6 +472,7 @@ def run_harness(
         coordinator_exit=int(code if code is not None else -1),
         silo_exits=silo_exits,
         coordinator_starts=starts,
+        churn=churn,
     )
 
 
@@ -466,6 +525,7 @@ def _harness(args: argparse.Namespace) -> int:
         secure=not args.plain,
         secure_metrics=args.secure_metrics,
         restart_killed=args.restart_killed,
+        churn=args.churn,
         dp=args.dp,
         dp_epsilon=args.dp_epsilon,
         dp_delta=args.dp_delta,
@@ -510,8 +570,18 @@ def _harness(args: argparse.Namespace) -> int:
         f"validation accuracy by round: {accuracy}",
         file=sys.stderr,
     )
+    if result.churn is not None:
+        replayed = result.churn["replay"]
+        print(
+            f"churn: {len(result.churn['events'])} kills and restarts ({result.coordinator_starts - 1} of the "
+            f"coordinator); replay of {replayed.get('rounds')} rounds from the journal "
+            f"{'matches' if replayed.get('matches') else 'DOES NOT match'} the committed model; "
+            f"details in {result.out / 'churn.json'}",
+            file=sys.stderr,
+        )
     print(result.report)
-    return 0 if result.coordinator_exit == 0 else 1
+    ok = result.churn is None or bool(result.churn["replay"].get("matches"))
+    return 0 if result.coordinator_exit == 0 and ok else 1
 
 
 def dp_summary(opts: HarnessOptions, report: Mapping[str, Any]) -> str:
@@ -570,6 +640,12 @@ def add_harness_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--restart-killed", action="store_true", help="start a silo killed by --kill-silo again on its state"
+    )
+    p.add_argument(
+        "--churn",
+        action="store_true",
+        help="soak: kill every silo twice and the coordinator twice at seeded fault points, restart each, "
+        "then check every round was recorded once and replay the model from the run's journal (churn.json)",
     )
     p.add_argument("--dp", action="store_true", help="train every silo with DP-SGD (privacy: in each site.yaml)")
     p.add_argument("--dp-epsilon", type=float, default=8.0, help="--dp: target epsilon per silo (default 8)")

@@ -28,6 +28,7 @@ import grpc
 from cryptography import x509
 
 from federation import pki
+from federation.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,20 @@ class PeerIdentity:
     certificate_pem: bytes
 
 
-def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, method: str) -> NoReturn:
+def _refuse(
+    context: grpc.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    method: str,
+    audit: AuditLog | None,
+    subject: str | None = None,
+) -> NoReturn:
     log.warning("refused %s from %s (%s): %s", method or "call", context.peer(), code.name, message)
+    if audit is not None:
+        audit.record(
+            method=method or "call", outcome="refused", code=code.name, peer=context.peer(), subject=subject,
+            reason=message,
+        )
     context.abort(code, message)
 
 
@@ -60,30 +73,34 @@ def peer_identity(
     allow_list: Set[str],
     now: datetime | None = None,
     method: str = "",
+    audit: AuditLog | None = None,
 ) -> PeerIdentity:
     """The silo identity of the caller of ``context``, or abort the call saying why not.
 
-    ``now`` overrides the clock (tests); ``method`` only names the call in the log line.
+    ``now`` overrides the clock (tests); ``method`` names the call in the log line and in the
+    refusal ``audit`` records.
     """
     pems = context.auth_context().get(_PEM_KEY)
     if not pems:
-        _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented", method)
+        _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented", method, audit)
     pem = pems[0]
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
-        _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "the client certificate cannot be parsed", method)
+        _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "the client certificate cannot be parsed", method, audit)
     subject = cert.subject.rfc4514_string() or "(empty subject)"
     try:
         silo_id = pki.verify_peer_certificate(cert, ca_cert, revoked=revoked, now=now)
     except pki.CertificateRejected as exc:
-        _refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc), method)
+        _refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc), method, audit, subject)
     if silo_id not in allow_list:
         _refuse(
             context,
             grpc.StatusCode.PERMISSION_DENIED,
             f"silo {silo_id!r} ({subject}) is not in this federation's allow-list",
             method,
+            audit,
+            subject,
         )
     return PeerIdentity(
         silo_id=silo_id,
@@ -211,6 +228,7 @@ class IdentityInterceptor(grpc.ServerInterceptor):
         allow_list: Iterable[str],
         *,
         clock: Callable[[], datetime] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         allowed = frozenset(allow_list)
         if not allowed:
@@ -221,6 +239,7 @@ class IdentityInterceptor(grpc.ServerInterceptor):
         self.revocations = revocations
         self.allow_list = allowed
         self._clock = clock
+        self.audit = audit
 
     def identify(self, context: grpc.ServicerContext, method: str = "") -> PeerIdentity:
         """The caller's identity under the current CRL and allow-list, or abort the call."""
@@ -231,6 +250,7 @@ class IdentityInterceptor(grpc.ServerInterceptor):
             allow_list=self.allow_list,
             now=self._clock() if self._clock is not None else None,
             method=method,
+            audit=self.audit,
         )
 
     def _guard(self, behavior: Callable[[Any, Any], Any], method: str) -> Callable[[Any, Any], Any]:

@@ -63,7 +63,7 @@ from condi_models.privacy import BudgetExhausted, SiloPrivacy, load_or_create_se
 from condi_models.training import LocalResult, TrainingProgress, aggregation_groups, train_local
 from federation import identity, pki, secagg, wire
 from federation import secagg_wire as sw
-from federation.faults import SILO_EXIT_AT, exit_hard, parse_exit_at
+from federation.faults import SILO_EXIT_AT, FaultPoint, exit_hard, parse_exit_at
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secure_metrics import METRICS_QUANT, MetricsEncodingError, MetricsLayout, encode_metrics
 from federation.settings import RoundSettings, RunSettings, SettingsError
@@ -110,7 +110,7 @@ class PolicyRefusedError(RuntimeError):
 class Faults:
     """Failures to inject on purpose (tests and the harness); none by default."""
 
-    exit_at: tuple[int, int] | None = None
+    exit_at: FaultPoint | None = None
     nan_at_round: int | None = None
     # (round, attempt) whose secure contribution is neither clipped nor weighted, as a hostile silo's.
     unclipped_at: tuple[int, int] | None = None
@@ -477,7 +477,7 @@ class SiloAgent:
             self.state.keep_state(encoded)
         tensors = wire.decode_state(encoded.manifest, encoded.payload, self._expected, finite=True)
         self.model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
-        if self.faults.exit_at == (key.round, key.stage):
+        if self.faults.exit_at is not None and self.faults.exit_at.reached(key.round, key.stage):
             exit_hard(log, f"stopping in {key.describe()}")
         return time.perf_counter() - t0, received
 
@@ -573,7 +573,8 @@ class SiloAgent:
 
     def _secure_stage(self, task: pb.Task, key: StageKey, beats: Heartbeats) -> None:
         assert self.client is not None and self.run_id is not None
-        if key.stage != pb.STAGE_ADVERTISE_KEYS and self.faults.exit_at == (key.round, key.stage):
+        exit_at = self.faults.exit_at
+        if key.stage != pb.STAGE_ADVERTISE_KEYS and exit_at is not None and exit_at.reached(key.round, key.stage):
             exit_hard(log, f"stopping in {key.describe()}")
         if task.aggregation != pb.AGGREGATION_MODE_SECURE:
             raise SettingsError(f"{key.describe()}: a secure-aggregation stage in a run that is not secure")

@@ -321,6 +321,31 @@ def test_a_silo_outside_the_allow_list_is_refused(train: Train, caplog: pytest.L
     assert any("silo-outsider" in r.getMessage() for r in caplog.records)
 
 
+def test_every_call_and_refusal_is_audited_in_a_private_append_only_file(train: Train) -> None:
+    with pytest.raises(grpc.RpcError):
+        train.running.stub("silo-outsider").Heartbeat(pb.HeartbeatRequest(), timeout=TIMEOUT)
+    forged = 'r1\n{"outcome": "ok"}'
+    bad_ref = pb.StageRef(run_id=forged, round=0, attempt=1, stage=pb.STAGE_TRAIN)
+    with pytest.raises(grpc.RpcError) as err:
+        train.stubs["silo-2"].ReportMetrics(pb.MetricsReport(ref=bad_ref, metrics_json="{}"), timeout=TIMEOUT)
+    path = train.running.run_dir / "audit.jsonl"
+    assert path.stat().st_mode & 0o777 == 0o600
+    lines = path.read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    joined = [e for e in entries if e["method"] == "Join" and e["outcome"] == "ok"]
+    assert {e["silo"] for e in joined} >= {"silo-1", "silo-2"}
+    assert all(e["peer"].startswith("ipv") and "silo-" in e["subject"] for e in joined)
+    refused = [e for e in entries if e["method"] == "ReportMetrics" and e["outcome"] == "refused"]
+    assert refused and refused[-1]["silo"] == "silo-2" and refused[-1]["code"] == _code(err).name
+    # Refused by the identity check, before any handler: the peer and its certificate are on record.
+    outsider = [e for e in entries if "silo-outsider" in e.get("subject", "")][-1]
+    assert outsider["outcome"] == "refused" and outsider["code"] == "PERMISSION_DENIED"
+    assert outsider["method"].endswith("/Heartbeat") and "allow-list" in outsider["reason"]
+    # The peer's newline neither splits the line nor forges an entry.
+    assert all(line.startswith('{"time"') for line in lines)
+    assert not any(e.get("outcome") == "ok" and e["method"] == "ReportMetrics" and "silo" not in e for e in entries)
+
+
 def test_the_caller_is_the_certificate_whatever_the_message_says(train: Train) -> None:
     other_ref = train.tasks["silo-2"].ref
     reply = train.stubs["silo-1"].Heartbeat(

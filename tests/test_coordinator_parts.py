@@ -359,3 +359,24 @@ def test_the_best_rounds_state_file_is_kept_beside_the_current_one_and_read_back
     store.progress_path.write_text(json.dumps(data))
     with pytest.raises(StoreError, match="not a state file name"):
         store.load()
+
+
+def test_the_aggregate_journal_keeps_what_rows_name_and_refuses_altered_sums(tmp_path: Path) -> None:
+    store, ckpt, state, _ = _checkpoint(tmp_path)
+    ckpt.state_file, ckpt.state_sha256 = store.save_state(0, state)
+    recorded = store.save_aggregate(0, np.arange(5.0))
+    pending = store.save_aggregate(1, np.full(5, 0.25))
+    orphan = store.save_aggregate(1, np.ones(5))  # an attempt that never committed (a crash)
+    ckpt.rows = [{"round": 0, "aggregate": recorded}]
+    ckpt.pending_row = {"round": 1, "aggregate": pending}
+    store.commit(ckpt)
+    kept = sorted(p.name for p in store.aggregates_dir.iterdir())
+    assert kept == sorted([recorded["file"], pending["file"]]) and orphan["file"] not in kept
+    np.testing.assert_array_equal(store.read_aggregate(recorded), np.arange(5.0))
+    path = store.aggregates_dir / recorded["file"]
+    np.save(path, np.arange(5.0) + 1e-9)
+    with pytest.raises(StoreError, match=f"{path}: content does not match"):
+        store.read_aggregate(recorded)
+    np.save(path, np.arange(5, dtype=np.float32))
+    with pytest.raises(StoreError, match="expected a float64 vector"):
+        store.read_aggregate(recorded)

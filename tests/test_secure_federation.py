@@ -219,8 +219,14 @@ def _machine(silos, layout: SecureLayout, threshold: int = 3, max_attempts: int 
     return machine
 
 
-def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[str, str], now: float):
-    """Run one attempt through the machine; a silo in ``drop`` never answers from that stage on."""
+def _drive_attempt(
+    machine, silos, layout, global_params, updates, drop: dict[str, str], now: float, *, rejoin=(), step=11.0
+):
+    """Run one attempt through the machine; a silo in ``drop`` never answers from that stage on.
+
+    A dropped silo in ``rejoin`` joins again when it drops (a restarted process); ``step`` is how
+    far the clock moves after each stage (past the 10 s deadline by default).
+    """
 
     _, keys, certs = silos
     effects = machine.tick(now)
@@ -233,6 +239,8 @@ def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[st
         for sid in machine.plan.allowed:
             view = machine.task_for(sid, now)
             if view.key.stage in (pb.STAGE_WAIT,) or (sid in drop and STAGES.index(drop[sid]) <= STAGES.index(stage)):
+                if sid in rejoin and drop[sid] == stage:
+                    machine.join(sid, now)
                 continue
             key = StageKey.from_proto(view.key.to_proto())
             rid = view.round_id
@@ -256,7 +264,7 @@ def _drive_attempt(machine, silos, layout, global_params, updates, drop: dict[st
             digest = submission_digest(msg)
             assert machine.accept_secure(sid, key, digest, msg, {"clipped": 0}) is False
             assert machine.accept_secure(sid, key, digest, msg) is True
-        now += 11.0  # past the stage deadline: the dropped silos are waited for no longer
+        now += step  # past the stage deadline by default: the dropped silos are waited for no longer
         effects = machine.tick(now)
     return effects, now
 
@@ -275,6 +283,24 @@ def test_round_machine_secure_round_matches_fedavg(silos, drop_stage) -> None:
     assert ("silo-2" in uploaded) == (drop_stage == "unmask")
     assert agg.selected == machine.plan.allowed
     _check_matches_fedavg(layout.average(global_params, agg.total), global_params, updates, uploaded, layout)
+
+
+@pytest.mark.parametrize("drop_stage", ["shares", "masked", "unmask"])
+def test_a_member_restarted_mid_attempt_is_not_waited_for_until_the_deadline(silos, drop_stage) -> None:
+    layout = _layout()
+    global_params, updates = _world(5)
+    machine = _machine(silos, layout)
+    # silo-2's process restarts in the middle of the attempt: it is connected again but holds none
+    # of the attempt's keys. The clock moves 1 s a stage, far from the 10 s deadline.
+    drop = {"silo-2": drop_stage}
+    effects, now = _drive_attempt(
+        machine, silos, layout, global_params, updates, drop, 0.0, rejoin=("silo-2",), step=1.0
+    )
+    assert machine.phase == Phase.AGGREGATE and now <= 4.0
+    (agg,) = effects
+    assert ("silo-2" in agg.updates) == (drop_stage == "unmask")
+    _check_matches_fedavg(layout.average(global_params, agg.total), global_params, updates, tuple(sorted(agg.updates)),
+                          layout)
 
 
 def test_round_machine_too_few_survivors_retry_with_fresh_round_id(silos) -> None:

@@ -19,6 +19,7 @@ from coordinator.cli import main as coordinator_main
 from coordinator.config import FederationConfig
 from coordinator.server import CoordinatorServer
 from federation import pki, wire
+from federation.faults import FaultPoint
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.transfer import StageKey
 from silo_agent.agent import Faults
@@ -188,7 +189,7 @@ def test_agent_state_remembers_finished_tasks_and_caches_the_state(tmp_path: Pat
 def test_fault_flags_are_parsed_strictly() -> None:
     assert Faults.from_env({}) == Faults()
     faults = Faults.from_env({"CONDI_FAULT_EXIT_AT": "3:evaluate", "CONDI_FAULT_NAN_AT": "1"})
-    assert faults.exit_at == (3, pb.STAGE_EVALUATE) and faults.nan_at_round == 1
+    assert faults.exit_at == FaultPoint(3, pb.STAGE_EVALUATE) and faults.nan_at_round == 1
     for bad in (
         {"CONDI_FAULT_EXIT_AT": "x:train"},
         {"CONDI_FAULT_EXIT_AT": "1:upload"},
