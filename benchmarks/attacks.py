@@ -35,8 +35,8 @@ from _common import RESULTS, machine, markdown_table, write_json
 
 from condi_models.configfile import parse_config
 from condi_models.data.synthetic_ecg import synthetic_ecg_info
+from coordinator.app import CoordinatorServer
 from coordinator.config import FederationConfig
-from coordinator.server import CoordinatorServer
 from federation import pki, tls, wire
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc

@@ -33,8 +33,8 @@ from condi_models.configfile import parse_config
 from condi_models.data.synthetic_ecg import generate_ecg
 from condi_models.nn.model import CondIModel
 from condi_models.training import aggregation_groups
+from coordinator.app import CoordinatorServer
 from coordinator.config import FederationConfig
-from coordinator.server import CoordinatorServer
 from federation import pki
 from federation.harness import PROFILES, HarnessOptions, run_harness
 from federation.proto_gen.condi.v1 import federation_pb2 as pb

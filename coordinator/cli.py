@@ -64,7 +64,7 @@ def _replay(config: str, run_dir: str | None) -> int:
 
 
 def _serve(config: str, verbose: bool) -> int:
-    from coordinator.server import serve
+    from coordinator.app import serve
     from coordinator.store import StoreError
 
     cfg = load_federation_config(config)

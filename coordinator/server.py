@@ -1,46 +1,40 @@
-"""The coordinator process: the round machine, the global model, checkpoints, and the serve loop.
+"""The coordinator's state and driver: the round machine, the global model, checkpoints.
 
 :class:`Coordinator` holds everything the gRPC handlers touch behind one lock: the
 :class:`~coordinator.rounds.RoundMachine`, the global state (and its encoded, chunked form for
 downloads), the data layout and the checkpoint. Handlers only record and answer; one driver
 thread (:meth:`Coordinator.run`) makes every transition, averages updates outside the lock,
 commits checkpoints, writes ``status.json`` for the operator and logs progress (round, stage,
-silos done). :func:`serve` wires it to a mutual-TLS gRPC server with per-call identity and the
-health service, and returns the process exit code.
+silos done). :mod:`coordinator.app` serves it over mutual TLS; :mod:`coordinator.servicer` is its
+gRPC face.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from grpc_health.v1 import health_pb2
 
-from condi_models.aggregation import SecureLayout, SiloUpdate
+from condi_models.aggregation import SiloUpdate
 from condi_models.batches import record_window_starts
 from condi_models.checkpoint import atomic_write_bytes
 from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.config import ModelConfig
-from condi_models.nn.model import CondIModel
-from condi_models.server_optimizer import ServerOptimizer
 from condi_models.training import round_lr_scale
-from coordinator.config import FederationConfig, check_federation_files
-from coordinator.layout import averaging_for, build_model_config, initial_model, layout_mismatch
+from coordinator.config import FederationConfig
+from coordinator.global_model import GlobalModel
+from coordinator.layout import layout_mismatch
 from coordinator.pooling import ReportError, check_split_report
 from coordinator.report import SiloUpload, TrainRecord, round_row, train_summary, write_report
 from coordinator.rounds import (
@@ -60,14 +54,12 @@ from coordinator.rounds import (
     TaskView,
 )
 from coordinator.store import CheckpointStore, CoordinatorCheckpoint, StoreError, split_saved_state
-from federation import identity, pki, tls, wire
+from federation import identity, pki, wire
 from federation import secagg_wire as sw
-from federation.audit import AuditLog
 from federation.faults import FaultPoint, exit_hard
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
 from federation.secure_metrics import MetricsEncodingError, decode_metrics
-from federation.settings import RunSettings
 from federation.statistics import PooledStatistics, StatisticsError, StatisticsLayout, check_statistics_report
 from federation.transfer import (
     PROTOCOL_VERSION,
@@ -75,10 +67,8 @@ from federation.transfer import (
     TransferError,
     decode_plain_update,
     info_from_summary,
-    plain_update_payload_bytes,
     receive_upload,
     stage_name,
-    state_parts,
 )
 from federation.untrusted import shown
 
@@ -99,17 +89,6 @@ def software_version() -> str:
 def new_run_id(federation: str) -> str:
     """A fresh run id: the federation name, the UTC start time and a random suffix."""
     return f"{federation}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-@dataclass(frozen=True)
-class _Model:
-    """The federation's model, built once the layout is known."""
-
-    model: CondIModel
-    settings: RunSettings
-    param_shapes: dict[str, tuple[int, ...]]
-    group_names: tuple[str, ...]
-    update_bytes: int
 
 
 class Coordinator:
@@ -147,10 +126,6 @@ class Coordinator:
             final_test=cfg.model_selection == "best_val_auroc",
             lr_scales=tuple(round_lr_scale(cfg.training, r, cfg.rounds) for r in range(cfg.rounds)),
         )
-        # How updates are averaged, plain or secure alike: weights capped at weight_unit samples,
-        # deltas clipped at clip_bound (condi_models.aggregation.SecureLayout).
-        self._layout: SecureLayout | None = None
-        self._server_opt: ServerOptimizer | None = None
         loaded = self.store.load()
         tensors = None
         optimizer_state: dict[str, np.ndarray] = {}
@@ -177,24 +152,20 @@ class Coordinator:
                 p.pending,
                 len(self.ckpt.rows),
             )
-        self._model: _Model | None = None
-        self.global_state: dict[str, np.ndarray] = {}
-        self._pieces: list[pb.StatePart] = []
-        self._manifest_part: pb.StatePart | None = None
+        # Built once the layout is known (federation.yaml, the checkpoint or the first silo to join).
+        self.model: GlobalModel | None = None
         if self.ckpt.layout is not None:
             self._adopt_layout(self.ckpt.layout, self.ckpt.model, tensors)
-            assert self._server_opt is not None
+            assert self.model is not None
             try:
-                self._server_opt.load_state(optimizer_state)
+                self.model.optimizer.load_state(optimizer_state)
             except ValueError as exc:
                 raise StoreError(f"{self.store.dir}: {exc}") from exc
         self.machine = RoundMachine(
             self.plan, self.ckpt.run_id, self.ckpt.progress, self.ckpt.state_sha256, clock(), self.ckpt.statistics
         )
-        if self._layout is not None and self.plan.secure is not None:
-            self.machine.vector_length = self._layout.vector_length
-        if self.ckpt.layout is not None:
-            self.machine.data_shape = (len(self.ckpt.layout.classes), self.ckpt.layout.n_features)
+        if self.model is not None:
+            self._shape_machine()
         self._pin_layout()
         self._downloads: dict[tuple[int, int, int], dict[str, int]] = {}
         self._status_text = ""
@@ -237,64 +208,33 @@ class Coordinator:
     def _adopt_layout(
         self, layout: DatasetInfo, model_cfg: ModelConfig | None, tensors: dict[str, np.ndarray] | None
     ) -> None:
-        built, training = build_model_config(layout, self.cfg.model, self.cfg.training)
-        if model_cfg is None:
-            model_cfg = built
-        elif training.window != model_cfg.length:
-            # The checkpointed model was built for its window; training must keep using it.
-            log.warning(
-                "training.window %s differs from the checkpointed model's window %d; keeping %d",
-                training.window,
-                model_cfg.length,
-                model_cfg.length,
-            )
-            training = dataclasses.replace(training, window=model_cfg.length)
-        model = initial_model(model_cfg, self.cfg.seed)
-        if tensors is not None:
+        if tensors is None:
+            self.model = GlobalModel(self.cfg, layout, model_cfg)
+        else:
             try:
-                model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
+                self.model = GlobalModel(self.cfg, layout, model_cfg, tensors)
             except ValueError as exc:
-                raise StoreError(
-                    f"{self.store.dir}: the checkpointed state does not fit its model ({exc})"
-                ) from exc
-        averaging = averaging_for(model, self.cfg)
-        groups, state, shapes = averaging.groups, averaging.state, averaging.shapes
-        names = groups.group_names()
-        self._model = _Model(
-            model=model,
-            settings=RunSettings(
-                model=model_cfg, training=training, evaluation=self.cfg.evaluation, layout=layout
-            ),
-            param_shapes=shapes,
-            group_names=names,
-            update_bytes=plain_update_payload_bytes(shapes, len(names)),
-        )
-        self._groups = groups
-        self._server_opt = averaging.optimizer
-        self._layout = averaging.layout
-        if self.plan.secure is not None and hasattr(self, "machine"):
-            self.machine.vector_length = self._layout.vector_length
+                raise StoreError(f"{self.store.dir}: the checkpointed state does not fit its model ({exc})") from exc
+            if self.model.sha256 != self.ckpt.state_sha256:
+                raise StoreError(f"{self.store.dir}: the checkpointed state changed when loaded into its model")
         if hasattr(self, "machine"):
-            self.machine.data_shape = (len(layout.classes), layout.n_features)
-        sha = self._set_state(state)
-        if tensors is not None and sha != self.ckpt.state_sha256:
-            raise StoreError(f"{self.store.dir}: the checkpointed state changed when loaded into its model")
-        log.info(
-            "model: %s with %d parameters in %d tensors; window %s; plain update %d bytes",
-            model_cfg.variant.value,
-            sum(int(np.prod(s)) for s in shapes.values()),
-            len(shapes),
-            training.window,
-            self._model.update_bytes,
-        )
+            self._shape_machine()
+
+    def _shape_machine(self) -> None:
+        """Tell the round machine the sizes submissions must have (caller holds the lock)."""
+        assert self.model is not None
+        if self.plan.secure is not None:
+            self.machine.vector_length = self.model.secure_layout.vector_length
+        layout = self.model.settings.layout
+        self.machine.data_shape = (len(layout.classes), layout.n_features)
 
     def _fix_layout(self, info: DatasetInfo, by: str) -> None:
         """Build the initial global model for ``info`` and checkpoint both (caller holds the lock)."""
         self._adopt_layout(info, None, None)
-        assert self._model is not None
-        name, sha = self.store.save_state(self.machine.round, self.global_state)
+        assert self.model is not None
+        name, sha = self.store.save_state(self.machine.round, self.model.state)
         self.ckpt.layout = info
-        self.ckpt.model = self._model.settings.model
+        self.ckpt.model = self.model.settings.model
         self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
         self.machine.state_sha256 = sha
         self._checkpoint()
@@ -307,14 +247,6 @@ class Coordinator:
             info.sampling_rate_hz,
             list(info.classes),
         )
-
-    def _set_state(self, state: dict[str, np.ndarray]) -> str:
-        encoded = wire.encode_state(state)
-        self.global_state = state
-        self._manifest_part = pb.StatePart(manifest_json=encoded.manifest.to_json())
-        self._pieces = list(state_parts(encoded, self.max_chunk_bytes))[1:]
-        self._state_bytes = encoded.manifest.payload_bytes
-        return encoded.manifest.payload_sha256
 
     def _checkpoint(self) -> None:
         """Commit the current progress (caller holds the lock)."""
@@ -363,9 +295,9 @@ class Coordinator:
                     return refuse(f"data layout does not match the federation's: {reason}")
             self.machine.join(silo, self.clock())
             self._cond.notify_all()
-        assert self._model is not None
+        assert self.model is not None
         reply.accepted = True
-        reply.model_config_json = self._model.settings.to_json()
+        reply.model_config_json = self.model.settings.to_json()
         log.info(
             "silo %s joined (software %s, capabilities %s)",
             silo,
@@ -433,7 +365,8 @@ class Coordinator:
                     f"state {request.state_sha256[:12] or '(none)'} is not the current one "
                     f"({self.machine.state_sha256[:12]})",
                 )
-            manifest, pieces = self._manifest_part, self._pieces
+            assert self.model is not None
+            manifest, pieces = self.model.manifest_part, self.model.pieces
             counter = self._downloads.setdefault((key.round, key.attempt, key.stage), {})
         if request.first_chunk > len(pieces):
             raise ProtocolError(
@@ -452,7 +385,7 @@ class Coordinator:
     def upload(self, silo: str, parts: Iterator[pb.UpdatePart]) -> pb.UploadReceipt:
         """Receive, check and record a plain update of the silo's current TRAIN task, or in secure mode
         its masked vector of the MASKED_INPUT task."""
-        model = self._model
+        model = self.model
         if model is None:
             raise ProtocolError("failed_precondition", "no model yet: no silo has joined")
         if self.plan.secure is not None:
@@ -538,8 +471,8 @@ class Coordinator:
         if running is not None:
             length, ring_bits = running.vector_length, running.quant.ring_bits
         else:
-            assert self._layout is not None and self.plan.secure is not None
-            length, ring_bits = self._layout.vector_length, self.plan.secure.quant.ring_bits
+            assert self.model is not None and self.plan.secure is not None
+            length, ring_bits = self.model.secure_layout.vector_length, self.plan.secure.quant.ring_bits
         dtype = f"uint{ring_bits}"
         expected = length * ring_bits // 8
 
@@ -655,8 +588,8 @@ class Coordinator:
             if self.machine.repeats(silo, key, digest):
                 return pb.Receipt(ref=request.ref, duplicate=True)
             self.machine.check(silo, key, stage)
-        assert self._model is not None
-        layout = self._model.settings.layout
+        assert self.model is not None
+        layout = self.model.settings.layout
         try:
             data = json.loads(request.metrics_json)
         except json.JSONDecodeError as exc:
@@ -695,8 +628,8 @@ class Coordinator:
     def _entries_per_sample(self) -> int:
         """The most hidden entries one evaluated sample can contribute: every channel of every
         window evaluation takes of it (overlapping record windows count an entry more than once)."""
-        assert self._model is not None
-        settings = self._model.settings
+        assert self.model is not None
+        settings = self.model.settings
         window = settings.model.length
         windows = len(record_window_starts(settings.layout.length, window, settings.evaluation.window_stride))
         return settings.layout.n_features * window * windows
@@ -720,8 +653,8 @@ class Coordinator:
         return pb.Receipt(ref=ref, duplicate=duplicate)
 
     def _statistics_layout(self) -> StatisticsLayout:
-        assert self._model is not None
-        return StatisticsLayout.of(self._model.settings.layout)
+        assert self.model is not None
+        return StatisticsLayout.of(self.model.settings.layout)
 
     def _fault_point(self, silo: str, key: StageKey, duplicate: bool) -> None:
         """Die, as a crash would, on accepting the first submission of the injected round and stage.
@@ -786,8 +719,8 @@ class Coordinator:
             self.machine.statistics_recorded(pooled, self.clock())
             self._checkpoint()
             self._cond.notify_all()
-        assert self._model is not None
-        per_class = dict(zip(self._model.settings.layout.classes, pooled.class_counts, strict=True))
+        assert self.model is not None
+        per_class = dict(zip(self.model.settings.layout.classes, pooled.class_counts, strict=True))
         log.info(
             "data statistics pooled from %d silos (%s): %d training records, per class %s",
             pooled.silos,
@@ -799,9 +732,9 @@ class Coordinator:
         return []
 
     def _aggregate(self, effect: Aggregate) -> list[Any]:
-        assert self._model is not None and self._layout is not None and self._server_opt is not None
+        assert self.model is not None
         t0 = self.clock()
-        layout = self._layout
+        layout = self.model.secure_layout
         clipped_entries: int | None = None  # known in plain mode only
         if effect.total is not None:
             # Only the sum of the masked vectors was ever unmasked: no individual update exists here,
@@ -816,7 +749,7 @@ class Coordinator:
             # Plain updates are capped and clipped as secure contributions are, so one silo's claims
             # move the model no further in plain mode than in secure mode.
             contributions = {
-                silo: layout.contribution(self.global_state, SiloUpdate(params=u.params, weights=u.weights))
+                silo: layout.contribution(self.model.state, SiloUpdate(params=u.params, weights=u.weights))
                 for silo, u in effect.updates.items()
             }
             clipped = {silo: c.clipped for silo, c in contributions.items() if c.clipped}
@@ -824,12 +757,11 @@ class Coordinator:
                 log.warning("round %d: update entries clipped to +-%g: %s", effect.round, layout.clip_bound, clipped)
             clipped_entries = sum(clipped.values())
             total = np.sum([c.vector for c in contributions.values()], axis=0)
-        averaged = layout.average(self.global_state, total)
-        new_state = self._server_opt.step(self.global_state, averaged)
+        new_state = self.model.next_state(total)
         aggregation_s = self.clock() - t0
         # In secure mode silos download and train in the ADVERTISE_KEYS task.
         train_stage = pb.STAGE_TRAIN if effect.total is None else pb.STAGE_ADVERTISE_KEYS
-        name, sha = self.store.save_state(effect.round, new_state, self._server_opt.state())
+        name, sha = self.store.save_state(effect.round, new_state, self.model.optimizer.state())
         # The round's sum, journaled: with the initial model the run can be replayed and checked.
         aggregate = self.store.save_aggregate(effect.round, total)
         record = TrainRecord(
@@ -837,24 +769,24 @@ class Coordinator:
             selected=effect.selected,
             uploads=effect.updates,
             download_bytes=dict(self._downloads.get((effect.round, effect.attempt, train_stage), {})),
-            state_bytes=self._state_bytes,
+            state_bytes=self.model.state_bytes,
             stage_s=effect.stage_s,
             aggregation_s=aggregation_s,
         )
         with self._cond:
-            self._set_state(new_state)
+            self.model.set_state(new_state)
             self.machine.aggregated(sha, self.clock())
             self.ckpt.state_file, self.ckpt.state_sha256 = name, sha
             self.ckpt.pending_row = train_summary(effect.round, record)
             self.ckpt.pending_row["aggregation"] = "plain" if effect.total is None else "secure"
             self.ckpt.pending_row["aggregate"] = aggregate
             self.ckpt.pending_row["state_sha256"] = sha
-            if effect.total is not None and self._layout is not None:
-                names = self._groups.group_names()
+            if effect.total is not None:
+                names = self.model.group_names
                 if "all" in names:
                     # The summed weights are the only sample count the coordinator learns.
                     summed = float(effect.total[names.index("all") - len(names)])
-                    self.ckpt.pending_row["samples"] = round(summed * self._layout.weight_unit)
+                    self.ckpt.pending_row["samples"] = round(summed * layout.weight_unit)
             if clipped_entries is not None:
                 self.ckpt.pending_row["clipped"] = clipped_entries
             self._checkpoint()
@@ -945,7 +877,8 @@ class Coordinator:
         best = self.ckpt.best
         if best is not None and best["state_sha256"] != self.ckpt.state_sha256:
             tensors, _ = split_saved_state(self.store.read_state(best["state_file"], best["state_sha256"]))
-            self._set_state(tensors)
+            assert self.model is not None
+            self.model.set_state(tensors)
             self.ckpt.state_file, self.ckpt.state_sha256 = best["state_file"], best["state_sha256"]
         self.machine.select_state(self.ckpt.state_sha256)
         log.info(
@@ -1066,9 +999,8 @@ class Coordinator:
         normalizer = None
         with self._cond:
             self._write_status(self.clock())
-            if self._model is not None:
-                model = self._model.model
-                model.load_named_tensors({k: torch.from_numpy(v) for k, v in self.global_state.items()})
+            if self.model is not None:
+                model = self.model.loaded_model()
                 if self.ckpt.statistics is not None:
                     normalizer = self.ckpt.statistics.normalizer
             rows = list(self.ckpt.rows)
@@ -1128,66 +1060,3 @@ def _claims(text: str) -> dict[str, Any]:
         for k, v in data.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
-
-
-class CoordinatorServer:
-    """A :class:`Coordinator` behind a mutual-TLS gRPC server with per-call identity and health service."""
-
-    def __init__(
-        self, cfg: FederationConfig, source: str | Path, *, exit_at: FaultPoint | None = None
-    ) -> None:
-        from coordinator.servicer import FederationServicer
-
-        check_federation_files(cfg, source)
-        assert cfg.tls is not None
-        ca = pki.load_certificate(cfg.tls.ca)
-        revocations = identity.RevocationList(cfg.tls.crl, ca)
-        self.coordinator = Coordinator(cfg, revocations=revocations, exit_at=exit_at)
-        # Opened after the coordinator: a run directory it refuses (another federation's) is left untouched.
-        self.audit = AuditLog(self.coordinator.run_dir / "audit.jsonl")
-        interceptor = identity.IdentityInterceptor(ca, revocations, cfg.silos, audit=self.audit)
-        credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
-        # Each silo may have max_calls_per_silo calls in progress (the servicer refuses more), so the
-        # workers cannot all be taken by one silo; a few more serve health checks.
-        workers = cfg.max_calls_per_silo * len(cfg.silos) + 8
-        self._bound = tls.secure_server(
-            cfg.listen, credentials, interceptors=[interceptor], max_workers=workers, max_concurrent_rpcs=workers
-        )
-        FederationServicer(
-            self.coordinator, max_calls_per_silo=cfg.max_calls_per_silo, audit=self.audit
-        ).register(self._bound.server)
-        self._health = tls.add_health_service(self._bound.server)
-        self.port = self._bound.port
-
-    def start(self) -> int:
-        """Start serving; returns the port."""
-        self._bound.server.start()
-        log.info("coordinator of %s serving on port %d", self.coordinator.cfg.name, self.port)
-        return self.port
-
-    def stop(self) -> None:
-        """Report NOT_SERVING, end held calls and stop the server."""
-        for name in ("", tls.FEDERATION_SERVICE):
-            self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.coordinator.stop()
-        self._bound.server.stop(grace=2).wait()
-        self.audit.close()
-
-
-def serve(cfg: FederationConfig, source: str | Path, *, exit_at: FaultPoint | None = None) -> int:
-    """Run the coordinator of ``cfg`` until the run ends; returns the exit code. ``exit_at`` injects a
-    crash at a (round, stage) for fault tests."""
-    server = CoordinatorServer(cfg, source, exit_at=exit_at)
-    server.start()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.warning("received signal %d; stopping", signum)
-        server.coordinator.stop()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return server.coordinator.run()
-    finally:
-        server.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)

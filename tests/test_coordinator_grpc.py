@@ -25,9 +25,9 @@ from condi_models.configfile import ConfigError, parse_config
 from condi_models.data.sources import DataLayout
 from condi_models.nn.model import CondIModel
 from condi_models.training import aggregation_groups
+from coordinator.app import CoordinatorServer
 from coordinator.config import FederationConfig
 from coordinator.layout import layout_mismatch
-from coordinator.server import CoordinatorServer
 from coordinator.store import StoreError
 from federation import pki, tls, wire
 from federation import secagg_wire as sw

@@ -15,9 +15,9 @@ import yaml
 
 from condi_models.configfile import parse_config
 from condi_models.data.normalize import ChannelNormalizer
+from coordinator.app import CoordinatorServer
 from coordinator.cli import main as coordinator_main
 from coordinator.config import FederationConfig
-from coordinator.server import CoordinatorServer
 from federation import pki, wire
 from federation.faults import FaultPoint
 from federation.proto_gen.condi.v1 import federation_pb2 as pb

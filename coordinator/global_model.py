@@ -1,0 +1,96 @@
+"""The federation's global model on the coordinator: built for the layout, moved by each round's sum.
+
+A :class:`GlobalModel` exists once the data layout is known. It holds the model and the run
+settings sent to every silo, how summed contributions become the next state (the aggregation
+layout and the server optimizer, :func:`coordinator.layout.averaging_for`), and the current state
+both as named arrays and in the encoded, chunked form silos download. It knows nothing of rounds,
+silos or locks; the :class:`~coordinator.server.Coordinator` owns it and serialises access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from condi_models.data.dataset import DatasetInfo
+from condi_models.nn.config import ModelConfig
+from coordinator.config import FederationConfig
+from coordinator.layout import averaging_for, build_model_config, initial_model
+from federation import wire
+from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.settings import RunSettings
+from federation.transfer import plain_update_payload_bytes, state_parts
+
+log = logging.getLogger(__name__)
+
+
+class GlobalModel:
+    """The model for one layout, its current state and how rounds move it."""
+
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        layout: DatasetInfo,
+        model_cfg: ModelConfig | None = None,
+        tensors: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Build the run's model for ``layout``: the initial one, or with a checkpoint's ``model_cfg``
+        and ``tensors``. Tensors that do not fit the model raise :class:`ValueError`."""
+        built, training = build_model_config(layout, cfg.model, cfg.training)
+        if model_cfg is None:
+            model_cfg = built
+        elif training.window != model_cfg.length:
+            # The checkpointed model was built for its window; training must keep using it.
+            log.warning(
+                "training.window %s differs from the checkpointed model's window %d; keeping %d",
+                training.window,
+                model_cfg.length,
+                model_cfg.length,
+            )
+            training = dataclasses.replace(training, window=model_cfg.length)
+        self.model = initial_model(model_cfg, cfg.seed)
+        if tensors is not None:
+            self.model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
+        averaging = averaging_for(self.model, cfg)
+        self.groups = averaging.groups
+        self.secure_layout = averaging.layout
+        self.optimizer = averaging.optimizer
+        self.group_names = self.groups.group_names()
+        self.param_shapes = averaging.shapes
+        self.settings = RunSettings(model=model_cfg, training=training, evaluation=cfg.evaluation, layout=layout)
+        self.update_bytes = plain_update_payload_bytes(self.param_shapes, len(self.group_names))
+        self.max_chunk_bytes = cfg.max_chunk_bytes
+        self.state: dict[str, np.ndarray] = {}
+        self.sha256 = self.set_state(averaging.state)
+        log.info(
+            "model: %s with %d parameters in %d tensors; window %s; plain update %d bytes",
+            model_cfg.variant.value,
+            sum(int(np.prod(s)) for s in self.param_shapes.values()),
+            len(self.param_shapes),
+            training.window,
+            self.update_bytes,
+        )
+
+    def set_state(self, state: dict[str, np.ndarray]) -> str:
+        """Make ``state`` current and chunk it for downloads; returns its wire SHA-256."""
+        encoded = wire.encode_state(state)
+        self.state = state
+        self.manifest_part = pb.StatePart(manifest_json=encoded.manifest.to_json())
+        self.pieces = list(state_parts(encoded, self.max_chunk_bytes))[1:]
+        self.state_bytes = encoded.manifest.payload_bytes
+        self.sha256 = encoded.manifest.payload_sha256
+        return self.sha256
+
+    def next_state(self, total: np.ndarray) -> dict[str, np.ndarray]:
+        """The state a round's summed contributions give: their average, through the server optimizer
+        (whose moments move; the current state does not until :meth:`set_state`)."""
+        return self.optimizer.step(self.state, self.secure_layout.average(self.state, total))
+
+    def loaded_model(self) -> torch.nn.Module:
+        """The model module holding the current state (for the report and the exported file)."""
+        self.model.load_named_tensors({k: torch.from_numpy(v) for k, v in self.state.items()})
+        return self.model
