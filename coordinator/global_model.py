@@ -94,3 +94,34 @@ class GlobalModel:
         """The model module holding the current state (for the report and the exported file)."""
         self.model.load_named_tensors({k: torch.from_numpy(v) for k, v in self.state.items()})
         return self.model
+
+
+class RunningSums:
+    """Plain mode: the contributions of each round attempt, added up as they are accepted.
+
+    No silo's update is kept once added: the driver takes one attempt's sum when the attempt
+    aggregates, and older attempts' sums (failed ones) are dropped then.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[tuple[int, int], tuple[np.ndarray, set[str]]] = {}
+
+    def add(self, round_index: int, attempt: int, silo: str, vector: np.ndarray) -> None:
+        """Add ``silo``'s contribution to its attempt's sum (once per silo)."""
+        total, silos = self._sums.setdefault((round_index, attempt), (np.zeros_like(vector), set()))
+        if silo in silos:
+            raise ValueError(f"round {round_index} attempt {attempt}: silo {silo!r} was already summed")
+        total += vector
+        silos.add(silo)
+
+    def take(self, round_index: int, attempt: int, silos: tuple[str, ...]) -> np.ndarray:
+        """The attempt's sum, which must hold exactly ``silos``; this and every earlier attempt's are dropped."""
+        total, summed = self._sums.get((round_index, attempt), (None, set()))
+        for key in [k for k in self._sums if k <= (round_index, attempt)]:
+            del self._sums[key]
+        if total is None or summed != set(silos):
+            raise RuntimeError(
+                f"round {round_index} attempt {attempt}: the running sum holds {sorted(summed)}, "
+                f"the round machine accepted {sorted(silos)}"
+            )
+        return total

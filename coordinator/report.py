@@ -30,13 +30,14 @@ from coordinator.pooling import pool_split
 
 @dataclass(frozen=True)
 class SiloUpload:
-    """One accepted plain update with what the coordinator learnt about it."""
+    """What the coordinator learnt about one accepted update (its tensors went into the round's sum)."""
 
-    params: Mapping[str, np.ndarray]
     weights: Mapping[str, float]
     claims: Mapping[str, Any]
     upload_s: float
     upload_bytes: int
+    # Plain mode: entries of the update clipped to the clip bound before they were summed.
+    clipped: int = 0
 
 
 @dataclass(frozen=True)

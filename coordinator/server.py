@@ -33,7 +33,7 @@ from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.config import ModelConfig
 from condi_models.training import round_lr_scale
 from coordinator.config import FederationConfig
-from coordinator.global_model import GlobalModel
+from coordinator.global_model import GlobalModel, RunningSums
 from coordinator.layout import layout_mismatch
 from coordinator.pooling import ReportError, check_split_report
 from coordinator.report import SiloUpload, TrainRecord, round_row, train_summary, write_report
@@ -168,6 +168,8 @@ class Coordinator:
             self._shape_machine()
         self._pin_layout()
         self._downloads: dict[tuple[int, int, int], dict[str, int]] = {}
+        # Plain mode: each attempt's accepted contributions, summed as they arrive.
+        self._sums = RunningSums()
         self._status_text = ""
         self._progress_line = ""
         self.outcome: tuple[str, str] | None = None
@@ -391,6 +393,8 @@ class Coordinator:
         if self.plan.secure is not None:
             return self._upload_masked(silo, parts)
         started = self.clock()
+        # The state the update was trained from, read with the base-state check under the lock.
+        base: dict[str, dict[str, np.ndarray]] = {}
 
         def check_header(header: pb.UpdateHeader, manifest: wire.Manifest) -> None:
             if header.encoding != pb.UPDATE_ENCODING_PLAIN:
@@ -411,6 +415,7 @@ class Coordinator:
                         f"stale update: computed from state {header.base_state_sha256[:12] or '(none)'}, "
                         f"the round trains from {self.machine.state_sha256[:12]}",
                     )
+                base["state"] = model.state
             if manifest.payload_bytes != model.update_bytes:
                 raise ProtocolError(
                     "invalid_argument",
@@ -436,17 +441,24 @@ class Coordinator:
                 f"{weights.get('all', 0.0):g}",
             )
         key = StageKey.from_proto(header.ref)
+        # Capped and clipped as a secure contribution is, so one silo's claims move the model no
+        # further in plain mode than in secure mode; from here on only the sum holds its tensors.
+        contribution = model.secure_layout.contribution(
+            base.get("state", model.state), SiloUpdate(params=params, weights=weights)
+        )
         record = SiloUpload(
-            params=params,
             weights=weights,
             claims=_claims(header.claims_json),
             upload_s=upload_s,
             upload_bytes=received.manifest.payload_bytes,
+            clipped=contribution.clipped,
         )
         with self._cond:
             duplicate = self.machine.accept_update(
                 silo, key, header.base_state_sha256, received.manifest.payload_sha256, record
             )
+            if not duplicate:
+                self._sums.add(key.round, key.attempt, silo, contribution.vector)
             self._fault_point(silo, key, duplicate)
             self._cond.notify_all()
         log.info(
@@ -499,7 +511,6 @@ class Coordinator:
         header = received.header
         key = StageKey.from_proto(header.ref)
         claims = SiloUpload(
-            params={},
             weights={"all": float(_claims(header.claims_json).get("samples", 0.0))},
             claims=_claims(header.claims_json),
             upload_s=self.clock() - started,
@@ -746,17 +757,12 @@ class Coordinator:
                 return self._refuse_sum(effect.round, effect.attempt, tuple(sorted(effect.updates)), str(exc))
             total = effect.total
         else:
-            # Plain updates are capped and clipped as secure contributions are, so one silo's claims
-            # move the model no further in plain mode than in secure mode.
-            contributions = {
-                silo: layout.contribution(self.model.state, SiloUpdate(params=u.params, weights=u.weights))
-                for silo, u in effect.updates.items()
-            }
-            clipped = {silo: c.clipped for silo, c in contributions.items() if c.clipped}
+            with self._cond:
+                total = self._sums.take(effect.round, effect.attempt, tuple(effect.updates))
+            clipped = {silo: u.clipped for silo, u in effect.updates.items() if u.clipped}
             if clipped:
                 log.warning("round %d: update entries clipped to +-%g: %s", effect.round, layout.clip_bound, clipped)
             clipped_entries = sum(clipped.values())
-            total = np.sum([c.vector for c in contributions.values()], axis=0)
         new_state = self.model.next_state(total)
         aggregation_s = self.clock() - t0
         # In secure mode silos download and train in the ADVERTISE_KEYS task.

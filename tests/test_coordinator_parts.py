@@ -25,6 +25,7 @@ from coordinator.config import (
     federation_file_problems,
     load_federation_config,
 )
+from coordinator.global_model import RunningSums
 from coordinator.layout import build_model_config, layout_mismatch
 from coordinator.pooling import ReportError, check_split_report, pool_split
 from coordinator.report import write_report
@@ -380,3 +381,19 @@ def test_the_aggregate_journal_keeps_what_rows_name_and_refuses_altered_sums(tmp
     np.save(path, np.arange(5, dtype=np.float32))
     with pytest.raises(StoreError, match="expected a float64 vector"):
         store.read_aggregate(recorded)
+
+
+def test_running_sums_keep_one_sum_per_attempt_and_no_update() -> None:
+    sums = RunningSums()
+    sums.add(3, 1, "silo-1", np.array([1.0, 2.0]))
+    sums.add(3, 0, "silo-2", np.array([5.0, 5.0]))  # a failed attempt's
+    sums.add(3, 1, "silo-3", np.array([0.5, -1.0]))
+    with pytest.raises(ValueError, match="already summed"):
+        sums.add(3, 1, "silo-1", np.array([1.0, 2.0]))
+    np.testing.assert_array_equal(sums.take(3, 1, ("silo-1", "silo-3")), [1.5, 1.0])
+    # Taken once, with the failed attempt's sum gone too.
+    with pytest.raises(RuntimeError, match=r"holds \[\], the round machine accepted \['silo-2'\]"):
+        sums.take(3, 0, ("silo-2",))
+    sums.add(4, 0, "silo-1", np.ones(2))
+    with pytest.raises(RuntimeError, match="holds \\['silo-1'\\]"):
+        sums.take(4, 0, ("silo-1", "silo-2"))
