@@ -39,7 +39,7 @@ from federation import pki
 from federation.harness import PROFILES, HarnessOptions, run_harness
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.settings import RunSettings
-from federation.transfer import PROTOCOL_VERSION, StageKey, data_summary, encode_plain_update
+from federation.transfer import PROTOCOL_VERSION, data_summary, encode_plain_update, stage_key
 from silo_agent.client import CoordinatorClient
 from silo_agent.config import CoordinatorEndpoint, SiloTls
 
@@ -140,8 +140,8 @@ def transfer_case(repeats: int, root: Path) -> dict[str, Any]:
         settings = RunSettings.from_json(reply.model_config_json)
         task = client.get_task(None, 0)
         while task.ref.stage != pb.STAGE_TRAIN:
-            task = client.get_task(StageKey.from_proto(task.ref), 5000)
-        key = StageKey.from_proto(task.ref)
+            task = client.get_task(stage_key(task.ref), 5000)
+        key = stage_key(task.ref)
         model = CondIModel(settings.model)
         state_bytes = sum(t.numel() * t.element_size() for t in model.state_to_named_tensors().values())
         down = []

@@ -69,7 +69,8 @@ from federation.secagg.messages import (
 from federation.secagg.prg import BLOCK_BYTES, apply_masks
 from federation.secagg.quantize import QuantConfig, quantize
 from federation.secagg.server import SecAggServer
-from federation.transfer import StageKey, encode_plain_update, update_parts
+from federation.stages import StageKey
+from federation.transfer import encode_plain_update, stage_ref, update_parts
 from silo_agent.config import load_site_config
 from silo_agent.local_data import load_local_data
 
@@ -362,7 +363,7 @@ def demo_bytes(root: Path) -> dict[str, Any]:
     }
 
     def ref(stage: int) -> pb.StageRef:
-        return StageKey(run_id, 3, 0, stage).to_proto()
+        return stage_ref(StageKey(run_id, 3, 0, stage))
 
     plain_header = pb.UpdateHeader(
         ref=ref(pb.STAGE_TRAIN),

@@ -47,19 +47,18 @@ from typing import Any, Literal
 import numpy as np
 
 from federation import secagg
-from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg_wire import secure_round_id
 from federation.secure_metrics import METRICS_QUANT, MetricsLayout
 from federation.settings import RoundSettings, SecureSettings
+from federation.stages import Stage, StageKey, stage_name
 from federation.statistics import STATISTICS_QUANT, PooledStatistics, StatisticsLayout
-from federation.transfer import StageKey, stage_name
 
 Pending = Literal["statistics", "train", "evaluate", "final", "done"]
 PENDING: tuple[Pending, ...] = ("statistics", "train", "evaluate", "final", "done")
 # What a secure attempt sums.
 Purpose = Literal["update", "metrics", "statistics"]
 # Stages whose task downloads the global state.
-_TRAINING_STAGES = (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS, pb.STAGE_EVALUATE)
+_TRAINING_STAGES = (Stage.TRAIN, Stage.ADVERTISE_KEYS, Stage.EVALUATE)
 
 
 class Phase(enum.StrEnum):
@@ -91,15 +90,15 @@ class ProtocolError(Exception):
 # The secure stages in order, with the task each hands out; TRAIN's task in secure mode ends with
 # the advert, so the silo trains and then advertises fresh keys in one task.
 _SECURE = {
-    Phase.ADVERTISE: pb.STAGE_ADVERTISE_KEYS,
-    Phase.SHARE: pb.STAGE_SHARE_KEYS,
-    Phase.MASKED: pb.STAGE_MASKED_INPUT,
-    Phase.UNMASK: pb.STAGE_UNMASK,
+    Phase.ADVERTISE: Stage.ADVERTISE_KEYS,
+    Phase.SHARE: Stage.SHARE_KEYS,
+    Phase.MASKED: Stage.MASKED_INPUT,
+    Phase.UNMASK: Stage.UNMASK,
 }
 _RUNNING = {
-    Phase.STATISTICS: pb.STAGE_STATISTICS,
-    Phase.TRAIN: pb.STAGE_TRAIN,
-    Phase.EVALUATE: pb.STAGE_EVALUATE,
+    Phase.STATISTICS: Stage.STATISTICS,
+    Phase.TRAIN: Stage.TRAIN,
+    Phase.EVALUATE: Stage.EVALUATE,
     **_SECURE,
 }
 
@@ -408,29 +407,29 @@ class RoundMachine:
 
     # ---- what a silo should do ------------------------------------------------------------
 
-    def _key(self, stage: int) -> StageKey:
+    def _key(self, stage: Stage) -> StageKey:
         return StageKey(run_id=self.run_id, round=self.round, attempt=max(self.attempt, 0), stage=stage)
 
-    def _settings(self, silo: str, stage: int) -> RoundSettings:
+    def _settings(self, silo: str, stage: Stage) -> RoundSettings:
         stats = self.statistics
-        if stage == pb.STAGE_ADVERTISE_KEYS and self._purpose == "statistics":
+        if stage == Stage.ADVERTISE_KEYS and self._purpose == "statistics":
             return RoundSettings(
                 secagg=_secure_settings(STATISTICS_QUANT, self.statistics_layout().vector_length, 1.0, "statistics")
             )
         evaluate = RoundSettings(
             eval_seed=self._eval_seed(), eval_splits=self.eval_splits(self.round), statistics=stats
         )
-        if stage == pb.STAGE_ADVERTISE_KEYS and self._purpose == "metrics":
+        if stage == Stage.ADVERTISE_KEYS and self._purpose == "metrics":
             length = self.metrics_layout(self.round).vector_length
             return dataclasses.replace(evaluate, secagg=_secure_settings(METRICS_QUANT, length, 1.0, "metrics"))
-        if stage == pb.STAGE_EVALUATE:
+        if stage == Stage.EVALUATE:
             return evaluate
-        if stage in (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS):
+        if stage in (Stage.TRAIN, Stage.ADVERTISE_KEYS):
             index = self.plan.allowed.index(silo)
             seed = _derived_seed(self.plan.seed, 2, self.round, self.attempt, index)
             train = RoundSettings(train_seed=seed, lr_scale=self.plan.lr_scale(self.round), statistics=stats)
             secure = self.plan.secure
-            if stage == pb.STAGE_TRAIN or secure is None or self.vector_length is None:
+            if stage == Stage.TRAIN or secure is None or self.vector_length is None:
                 return train
             encoding = _secure_settings(secure.quant, self.vector_length, secure.weight_unit, "update")
             return dataclasses.replace(train, secagg=encoding)
@@ -470,10 +469,10 @@ class RoundMachine:
         """The task ``silo`` should work on now."""
         self._require_joined(silo)
         stage, message = self._stage_for(silo, now)
-        if stage == pb.STAGE_DONE:
+        if stage == Stage.DONE:
             self._silos[silo].told_done = True
         remaining = 0.0 if self._stage is None else max(0.0, self._stage.deadline - now)
-        secure = self.phase in _SECURE and stage != pb.STAGE_WAIT
+        secure = self.phase in _SECURE and stage != Stage.WAIT
         return TaskView(
             key=self._key(stage),
             remaining_s=remaining,
@@ -501,24 +500,24 @@ class RoundMachine:
     def _stage_for(self, silo: str, now: float) -> tuple[int, str]:
         r = "the final test" if self._next == "final" else f"round {self.round + 1} of {self.plan.rounds}"
         if self.phase == Phase.DONE:
-            return pb.STAGE_DONE, f"the run is complete after {self.plan.rounds} rounds"
+            return Stage.DONE, f"the run is complete after {self.plan.rounds} rounds"
         if self.phase == Phase.FAILED:
-            return pb.STAGE_DONE, f"the run failed: {self.failure}"
+            return Stage.DONE, f"the run failed: {self.failure}"
         if self.phase == Phase.GATHER:
             return (
-                pb.STAGE_WAIT,
+                Stage.WAIT,
                 f"{r}: waiting for silos ({len(self.alive(now))} of {len(self.plan.allowed)} connected)",
             )
         if self.phase == Phase.AGGREGATE:
-            return pb.STAGE_WAIT, f"{r}: aggregating"
+            return Stage.WAIT, f"{r}: aggregating"
         if self.phase == Phase.RECORD:
-            return pb.STAGE_WAIT, f"{r}: recording the {'statistics' if self._next == 'statistics' else 'evaluation'}"
+            return Stage.WAIT, f"{r}: recording the {'statistics' if self._next == 'statistics' else 'evaluation'}"
         assert self._stage is not None
         stage = _RUNNING[self.phase]
         if silo not in self._stage.members:
-            return pb.STAGE_WAIT, f"{r}: not selected for {stage_name(stage).lower()}"
+            return Stage.WAIT, f"{r}: not selected for {stage_name(stage).lower()}"
         if silo in self._stage.received:
-            return pb.STAGE_WAIT, f"{r}: {stage_name(stage).lower()} received, waiting for the others"
+            return Stage.WAIT, f"{r}: {stage_name(stage).lower()} received, waiting for the others"
         return stage, f"{r}: {stage_name(stage).lower()}"
 
     def told_done(self) -> tuple[str, ...]:
@@ -527,7 +526,7 @@ class RoundMachine:
 
     # ---- submissions ----------------------------------------------------------------------
 
-    def check(self, silo: str, key: StageKey, stage: int) -> None:
+    def check(self, silo: str, key: StageKey, stage: Stage) -> None:
         """Refuse unless ``key`` is ``silo``'s current task and that task is ``stage``."""
         self._require_joined(silo)
         if key.run_id != self.run_id:
@@ -541,7 +540,7 @@ class RoundMachine:
                 f"this call belongs to stage {stage_name(stage)}, the request names {key.describe()}",
             )
         running = _RUNNING.get(self.phase)
-        current = self._key(running if running is not None else pb.STAGE_WAIT)
+        current = self._key(running if running is not None else Stage.WAIT)
         if running is None or (key.round, key.attempt, key.stage) != (
             current.round,
             current.attempt,
@@ -571,7 +570,7 @@ class RoundMachine:
             )
         return True
 
-    def _submit(self, silo: str, key: StageKey, stage: int, digest: str, value: Any) -> bool:
+    def _submit(self, silo: str, key: StageKey, stage: Stage, digest: str, value: Any) -> bool:
         if self.repeats(silo, key, digest):
             return True
         self.check(silo, key, stage)
@@ -586,14 +585,14 @@ class RoundMachine:
         """Record a checked update; returns True when it repeats one already accepted."""
         if self.repeats(silo, key, payload_sha256):
             return True
-        self.check(silo, key, pb.STAGE_TRAIN)
+        self.check(silo, key, Stage.TRAIN)
         if base_state_sha256 != self.state_sha256:
             raise ProtocolError(
                 "failed_precondition",
                 f"update computed from state {base_state_sha256[:12] or '(none)'}, "
                 f"but {key.describe()} trains from {self.state_sha256[:12]}",
             )
-        return self._submit(silo, key, pb.STAGE_TRAIN, payload_sha256, update)
+        return self._submit(silo, key, Stage.TRAIN, payload_sha256, update)
 
     def accept_secure(self, silo: str, key: StageKey, digest: str, message: Any, claims: Any = None) -> bool:
         """Record a secure-stage submission (advert, shares, masked vector, unmasking shares) and hand it
@@ -620,11 +619,11 @@ class RoundMachine:
 
     def accept_metrics(self, silo: str, key: StageKey, digest: str, metrics: Any) -> bool:
         """Record a silo's evaluation report; returns True when it repeats one already accepted."""
-        return self._submit(silo, key, pb.STAGE_EVALUATE, digest, metrics)
+        return self._submit(silo, key, Stage.EVALUATE, digest, metrics)
 
     def accept_statistics(self, silo: str, key: StageKey, digest: str, statistics: Any) -> bool:
         """Record a silo's checked statistics report; returns True when it repeats one already accepted."""
-        return self._submit(silo, key, pb.STAGE_STATISTICS, digest, statistics)
+        return self._submit(silo, key, Stage.STATISTICS, digest, statistics)
 
     # ---- transitions (driver thread only) -------------------------------------------------
 

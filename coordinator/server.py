@@ -60,15 +60,16 @@ from federation.faults import FaultPoint, exit_hard
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
 from federation.secure_metrics import MetricsEncodingError, decode_metrics
+from federation.stages import StageKey, stage_name
 from federation.statistics import PooledStatistics, StatisticsError, StatisticsLayout, check_statistics_report
 from federation.transfer import (
     PROTOCOL_VERSION,
-    StageKey,
     TransferError,
     decode_plain_update,
     info_from_summary,
     receive_upload,
-    stage_name,
+    stage_key,
+    stage_ref,
 )
 from federation.untrusted import shown
 
@@ -310,7 +311,7 @@ class Coordinator:
 
     def _task_message(self, view: TaskView) -> pb.Task:
         task = pb.Task(
-            ref=view.key.to_proto(),
+            ref=stage_ref(view.key),
             remaining_ms=int(view.remaining_s * 1000),
             poll_after_ms=self.cfg.poll_interval_ms,
             message=view.message,
@@ -334,7 +335,7 @@ class Coordinator:
 
     def get_task(self, silo: str, request: pb.TaskRequest) -> pb.Task:
         """The silo's task, held while unchanged for up to ``wait_ms`` (at most a third of liveness_s)."""
-        asked = StageKey.from_proto(request.ref) if request.HasField("ref") else None
+        asked = stage_key(request.ref) if request.HasField("ref") else None
         hold = min(request.wait_ms / 1000.0, self.cfg.timeouts.liveness_s / 3.0)
         with self._cond:
             now = self.clock()
@@ -352,7 +353,7 @@ class Coordinator:
 
     def download(self, silo: str, request: pb.DownloadRequest) -> Iterator[pb.StatePart]:
         """The current global state for the silo's TRAIN or EVALUATE task, from ``first_chunk`` on."""
-        key = StageKey.from_proto(request.ref)
+        key = stage_key(request.ref)
         with self._cond:
             self.machine.seen(silo, self.clock())
             if key.stage not in (pb.STAGE_TRAIN, pb.STAGE_ADVERTISE_KEYS, pb.STAGE_EVALUATE):
@@ -403,7 +404,7 @@ class Coordinator:
                     f"update encoding {pb.UpdateEncoding.Name(header.encoding)}: "
                     "this run aggregates plain updates",
                 )
-            key = StageKey.from_proto(header.ref)
+            key = stage_key(header.ref)
             with self._cond:
                 self.machine.seen(silo, self.clock())
                 if self.machine.repeats(silo, key, manifest.payload_sha256):
@@ -440,7 +441,7 @@ class Coordinator:
                 f"num_examples {header.num_examples} differs from the update's sample weight "
                 f"{weights.get('all', 0.0):g}",
             )
-        key = StageKey.from_proto(header.ref)
+        key = stage_key(header.ref)
         # Capped and clipped as a secure contribution is, so one silo's claims move the model no
         # further in plain mode than in secure mode; from here on only the sum holds its tensors.
         contribution = model.secure_layout.contribution(
@@ -495,7 +496,7 @@ class Coordinator:
                     f"update encoding {pb.UpdateEncoding.Name(header.encoding)}: this run aggregates securely; "
                     "the coordinator takes masked vectors only",
                 )
-            key = StageKey.from_proto(header.ref)
+            key = stage_key(header.ref)
             with self._cond:
                 self.machine.seen(silo, self.clock())
                 if self.machine.repeats(silo, key, manifest.payload_sha256):
@@ -509,7 +510,7 @@ class Coordinator:
             parts, max_chunk_bytes=self.max_chunk_bytes, max_payload_bytes=expected, check_header=check_header
         )
         header = received.header
-        key = StageKey.from_proto(header.ref)
+        key = stage_key(header.ref)
         claims = SiloUpload(
             weights={"all": float(_claims(header.claims_json).get("samples", 0.0))},
             claims=_claims(header.claims_json),
@@ -552,7 +553,7 @@ class Coordinator:
                 "unimplemented",
                 "this run aggregates in the clear (AGGREGATION_MODE_PLAIN); secure-aggregation calls are not served",
             )
-        key = StageKey.from_proto(ref)
+        key = stage_key(ref)
         with self._cond:
             self.machine.seen(silo, self.clock())
             config = self.machine.secure_config
@@ -591,7 +592,7 @@ class Coordinator:
 
     def report_metrics(self, silo: str, request: pb.MetricsReport) -> pb.Receipt:
         """Check and record a silo's evaluation of the current global state, or its statistics."""
-        key = StageKey.from_proto(request.ref)
+        key = stage_key(request.ref)
         stage = pb.STAGE_STATISTICS if key.stage == pb.STAGE_STATISTICS else pb.STAGE_EVALUATE
         digest = hashlib.sha256(request.metrics_json.encode("utf-8")).hexdigest()
         with self._cond:
@@ -686,7 +687,7 @@ class Coordinator:
             if request.leaving:
                 self._depart(silo, shown(request.leaving, 500), now)
             elif silo in self.machine.joined():
-                reply.current.CopyFrom(self.machine.task_for(silo, now).key.to_proto())
+                reply.current.CopyFrom(stage_ref(self.machine.task_for(silo, now).key))
         if request.status:
             log.debug("silo %s: %s (%.0f%%)", silo, shown(request.status), 100 * request.progress)
         return reply

@@ -23,6 +23,7 @@ import numpy as np
 from condi_models.data.dataset import DatasetInfo, Modality
 from federation import wire
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.stages import Stage, StageKey
 
 # Version of the wire contract in proto/condi/v1 that both sides speak.
 PROTOCOL_VERSION = 1
@@ -37,35 +38,18 @@ class NonFiniteUpdateError(TransferError):
     """An update holding NaN or infinite values; a silo refuses to send it."""
 
 
-@dataclass(frozen=True)
-class StageKey:
-    """The (run, round, attempt, stage) of a request or task, as plain Python values."""
-
-    run_id: str
-    round: int
-    attempt: int
-    stage: int
-
-    def to_proto(self) -> pb.StageRef:
-        """The StageRef message of this key."""
-        return pb.StageRef(run_id=self.run_id, round=self.round, attempt=self.attempt, stage=self.stage)
-
-    @classmethod
-    def from_proto(cls, ref: pb.StageRef) -> StageKey:
-        """The key a StageRef message carries."""
-        return cls(run_id=ref.run_id, round=int(ref.round), attempt=int(ref.attempt), stage=int(ref.stage))
-
-    def describe(self) -> str:
-        """Short text for log lines, e.g. ``round 3 attempt 1 TRAIN``."""
-        return f"round {self.round} attempt {self.attempt} {stage_name(self.stage)}"
-
-
-def stage_name(stage: int) -> str:
-    """The stage's name without the STAGE_ prefix (``TRAIN``), or its number when unknown."""
+def stage_key(ref: pb.StageRef) -> StageKey:
+    """The key a StageRef message carries; a stage number the protocol does not have is refused."""
     try:
-        return pb.Stage.Name(stage).removeprefix("STAGE_")
+        stage = Stage(int(ref.stage))
     except ValueError:
-        return f"stage {stage}"
+        raise TransferError(f"stage reference: unknown stage {int(ref.stage)}") from None
+    return StageKey(run_id=ref.run_id, round=int(ref.round), attempt=int(ref.attempt), stage=stage)
+
+
+def stage_ref(key: StageKey) -> pb.StageRef:
+    """The StageRef message of ``key``."""
+    return pb.StageRef(run_id=key.run_id, round=key.round, attempt=key.attempt, stage=int(key.stage))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,13 +67,15 @@ from federation.faults import SILO_EXIT_AT, FaultPoint, exit_hard, parse_exit_at
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secure_metrics import METRICS_QUANT, MetricsEncodingError, MetricsLayout, encode_metrics
 from federation.settings import RoundSettings, RunSettings, SettingsError
+from federation.stages import StageKey, stage_name
 from federation.statistics import STATISTICS_QUANT, PooledStatistics, StatisticsError, StatisticsLayout
 from federation.transfer import (
     PROTOCOL_VERSION,
     NonFiniteUpdateError,
-    StageKey,
+    TransferError,
     encode_plain_update,
-    stage_name,
+    stage_key,
+    stage_ref,
 )
 from silo_agent.client import CoordinatorClient, CoordinatorUnreachableError
 from silo_agent.config import SiteConfig, expected_rounds
@@ -422,7 +424,13 @@ class SiloAgent:
                 self._join()
                 last = None
                 continue
-            key = StageKey.from_proto(task.ref)
+            try:
+                key = stage_key(task.ref)
+            except TransferError as exc:
+                # A stage of a newer protocol: nothing this silo can do but wait for the next task.
+                log.warning("a task this silo cannot take: %s", exc)
+                time.sleep(task.poll_after_ms / 1000.0 or self.poll_interval_s)
+                continue
             if key.stage == pb.STAGE_DONE:
                 log.info("the run is over: %s", task.message)
                 return 0
@@ -551,7 +559,7 @@ class SiloAgent:
             self._refused.add(key)
             return
         header = pb.UpdateHeader(
-            ref=key.to_proto(),
+            ref=stage_ref(key),
             encoding=pb.UPDATE_ENCODING_PLAIN,
             base_state_sha256=task.state_sha256,
             num_examples=result.n_samples,
@@ -584,7 +592,7 @@ class SiloAgent:
             )
         timeout = self.client.endpoint.rpc_timeout_s
         stub = self.client.stub
-        ref = key.to_proto()
+        ref = stage_ref(key)
         if key.stage == pb.STAGE_ADVERTISE_KEYS:
             plan = RoundSettings.from_json(task.round_config_json)
             if plan.secagg is not None and plan.secagg.content == "metrics":
@@ -703,7 +711,7 @@ class SiloAgent:
         """Send the sums over the local training split in the clear (plain aggregation)."""
         assert self.client is not None and self.data is not None
         metrics = {"statistics": self.data.statistics().to_dict()}
-        receipt = self.client.report_metrics(pb.MetricsReport(ref=key.to_proto(), metrics_json=json.dumps(metrics)))
+        receipt = self.client.report_metrics(pb.MetricsReport(ref=stage_ref(key), metrics_json=json.dumps(metrics)))
         self.state.mark_done(key)
         log.info("%s: statistics %s", key.describe(), "already accepted" if receipt.duplicate else "accepted")
 
@@ -790,7 +798,7 @@ class SiloAgent:
         splits = {name: split_report(r) for name, r in self._evaluate_splits(task, key, plan, beats).items()}
         metrics = {"splits": splits}
         receipt = self.client.report_metrics(
-            pb.MetricsReport(ref=key.to_proto(), metrics_json=json.dumps(metrics))
+            pb.MetricsReport(ref=stage_ref(key), metrics_json=json.dumps(metrics))
         )
         self.state.mark_done(key)
         name, first = next(iter(splits.items()))

@@ -22,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from federation import pki, tls, wire
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
-from federation.transfer import StageKey, StateDownload, update_parts
+from federation.stages import StageKey
+from federation.transfer import StateDownload, stage_ref, update_parts
 from silo_agent.config import CoordinatorEndpoint, SiloTls
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class CoordinatorClient:
         """The current task, waiting up to ``wait_ms`` on the coordinator while it equals ``last``."""
         request = pb.TaskRequest(wait_ms=wait_ms)
         if last is not None:
-            request.ref.CopyFrom(last.to_proto())
+            request.ref.CopyFrom(stage_ref(last))
         timeout = self.endpoint.rpc_timeout_s + wait_ms / 1000.0
         return self.retrying("GetTask", lambda: self.stub.GetTask(request, timeout=timeout))
 
@@ -126,7 +127,7 @@ class CoordinatorClient:
         """A best-effort sign of life; failures are only logged (the task calls will retry)."""
         request = pb.HeartbeatRequest(status=status, progress=max(0.0, min(1.0, progress)))
         if key is not None:
-            request.ref.CopyFrom(key.to_proto())
+            request.ref.CopyFrom(stage_ref(key))
         try:
             self.stub.Heartbeat(request, timeout=timeout_s)
         except grpc.RpcError as exc:
@@ -144,7 +145,7 @@ class CoordinatorClient:
         def attempt() -> wire.EncodedState:
             download.start_stream()
             request = pb.DownloadRequest(
-                ref=key.to_proto(), state_sha256=sha256, first_chunk=download.next_chunk
+                ref=stage_ref(key), state_sha256=sha256, first_chunk=download.next_chunk
             )
             for part in self.stub.DownloadState(request, timeout=timeout):
                 download.feed(part)

@@ -19,7 +19,7 @@ from typing import Any
 
 from condi_models.checkpoint import atomic_write_bytes
 from federation import wire
-from federation.transfer import StageKey
+from federation.stages import StageKey
 from federation.untrusted import shown
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from federation.secagg import (
     UnmaskResponse,
     ca_cert_verifier,
 )
-from federation.transfer import StageKey
+from federation.transfer import stage_key, stage_ref
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,7 +133,7 @@ def drive_secure_attempt(
             rid = view.round_id
             if view.key.stage == pb.STAGE_ADVERTISE_KEYS:
                 clients[sid] = SecAggClient(machine.secure_config, sid, keys[sid], certs[sid], verify, rounding_seed=3)
-                msg = sw.advert_from_proto(rid, sid, sw.advert_to_proto(view.key.to_proto(), clients[sid].advertise()))
+                msg = sw.advert_from_proto(rid, sid, sw.advert_to_proto(stage_ref(view.key), clients[sid].advertise()))
             elif view.key.stage == pb.STAGE_SHARE_KEYS:
                 roster = sw.roster_from_proto(rid, sw.roster_to_proto(view.stage_input))
                 msg = sw.share_keys_from_proto(rid, sid, sw.share_keys_to_proto(clients[sid].share_keys(roster)))
@@ -144,7 +144,7 @@ def drive_secure_attempt(
                 survivors = sw.unmask_request_to_proto(view.stage_input)
                 request = sw.unmask_request_from_proto(rid, survivors, deliveries[sid])
                 msg = sw.unmask_response_from_proto(rid, sid, sw.unmask_response_to_proto(clients[sid].unmask(request)))
-            key = StageKey.from_proto(view.key.to_proto())
+            key = stage_key(stage_ref(view.key))
             machine.accept_secure(sid, key, submission_digest(msg), msg)
         now += 11.0
         effects = machine.tick(now)

@@ -20,7 +20,7 @@ from coordinator.rounds import (
     RoundProgress,
 )
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
-from federation.transfer import StageKey
+from federation.stages import StageKey
 
 SILOS = ("silo-1", "silo-2", "silo-3", "silo-4")
 RUN = "run-a"

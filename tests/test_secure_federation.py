@@ -36,7 +36,7 @@ from federation.secagg import (
 )
 from federation.secagg.messages import MAX_CERT_BYTES, MAX_SIGNATURE_BYTES
 from federation.secagg.shamir import MAX_SHARES
-from federation.transfer import StageKey
+from federation.transfer import stage_key, stage_ref
 from tests.helpers import secagg_identities, submission_digest, through_proto
 
 GROUPS = ParameterGroups({"theta": "all", "w_mod": ("modality/0", "modality/1"), "stem": "modality/1"})
@@ -242,12 +242,12 @@ def _drive_attempt(
                 if sid in rejoin and drop[sid] == stage:
                     machine.join(sid, now)
                 continue
-            key = StageKey.from_proto(view.key.to_proto())
+            key = stage_key(stage_ref(view.key))
             rid = view.round_id
             if view.key.stage == pb.STAGE_ADVERTISE_KEYS:
                 config = machine.secure_config
                 clients[sid] = SecAggClient(config, sid, keys[sid], certs[sid], silos[0], rounding_seed=1)
-                msg = sw.advert_from_proto(rid, sid, sw.advert_to_proto(view.key.to_proto(), clients[sid].advertise()))
+                msg = sw.advert_from_proto(rid, sid, sw.advert_to_proto(stage_ref(view.key), clients[sid].advertise()))
             elif view.key.stage == pb.STAGE_SHARE_KEYS:
                 roster = sw.roster_from_proto(rid, sw.roster_to_proto(view.stage_input))
                 out = sw.share_keys_to_proto(clients[sid].share_keys(roster))

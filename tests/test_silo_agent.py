@@ -21,7 +21,7 @@ from coordinator.config import FederationConfig
 from federation import pki, wire
 from federation.faults import FaultPoint
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
-from federation.transfer import StageKey
+from federation.stages import StageKey
 from silo_agent.agent import Faults
 from silo_agent.cli import main as silo_main
 from silo_agent.client import CoordinatorClient, CoordinatorUnreachableError

@@ -27,7 +27,7 @@ from federation.statistics import (
     StatisticsLayout,
     check_statistics_report,
 )
-from federation.transfer import StageKey
+from federation.transfer import stage_key, stage_ref
 from tests.helpers import drive_secure_attempt, secagg_identities
 
 FEATURES, CLASSES = 3, 4
@@ -147,7 +147,7 @@ def _report(machine: RoundMachine, silo: str, stats: SiloStatistics) -> None:
     view = machine.task_for(silo, 1.0)
     assert view.key.stage == pb.STAGE_STATISTICS and view.state_sha256 == ""
     digest = hashlib.sha256(json.dumps(stats.to_dict()).encode()).hexdigest()
-    machine.accept_statistics(silo, StageKey.from_proto(view.key.to_proto()), digest, stats)
+    machine.accept_statistics(silo, stage_key(stage_ref(view.key)), digest, stats)
 
 
 def test_the_statistics_stage_runs_once_before_round_0_and_every_later_task_carries_its_result() -> None:

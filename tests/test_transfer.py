@@ -14,11 +14,11 @@ from condi_models.training import LocalTrainingConfig
 from federation import wire
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.settings import RoundSettings, RunSettings, SettingsError
+from federation.stages import Stage, StageKey
 from federation.transfer import (
     GROUP_WEIGHTS,
     LayoutLimits,
     NonFiniteUpdateError,
-    StageKey,
     StateDownload,
     TransferError,
     data_summary,
@@ -28,6 +28,8 @@ from federation.transfer import (
     plain_update_payload_bytes,
     receive_state,
     receive_upload,
+    stage_key,
+    stage_ref,
     state_parts,
     update_parts,
 )
@@ -131,12 +133,12 @@ def test_state_download_checks_chunks_and_resumes_after_a_broken_stream() -> Non
 def test_upload_stream_is_checked_header_first() -> None:
     encoded = encode_plain_update(_params(), _weights(), GROUPS)
     key = StageKey("r", 1, 0, pb.STAGE_TRAIN)
-    header = pb.UpdateHeader(ref=key.to_proto(), encoding=pb.UPDATE_ENCODING_PLAIN)
+    header = pb.UpdateHeader(ref=stage_ref(key), encoding=pb.UPDATE_ENCODING_PLAIN)
     parts = list(update_parts(header, encoded, 64))
     seen = []
 
     def check(h: pb.UpdateHeader, m: wire.Manifest) -> None:
-        seen.append((StageKey.from_proto(h.ref), m.payload_bytes))
+        seen.append((stage_key(h.ref), m.payload_bytes))
 
     got = receive_upload(iter(parts), max_chunk_bytes=64, max_payload_bytes=10**6, check_header=check)
     assert got.payload == encoded.payload and seen == [(key, len(encoded.payload))]
@@ -226,3 +228,14 @@ def test_a_layout_past_the_federations_limits_is_refused_before_any_model_is_bui
         with pytest.raises(TransferError, match=message):
             info_from_summary(data_summary(ds.info), case)
     assert info_from_summary(data_summary(ds.info), LayoutLimits()) == ds.info
+
+
+def test_the_stage_enum_is_the_protocols_and_unknown_stages_are_refused() -> None:
+    assert {s.name: int(s) for s in Stage} == {
+        pb.Stage.Name(v).removeprefix("STAGE_"): v for v in pb.Stage.values()
+    }
+    key = stage_key(pb.StageRef(run_id="r", round=2, attempt=1, stage=pb.STAGE_UNMASK))
+    assert key == StageKey("r", 2, 1, Stage.UNMASK) and type(key.stage) is Stage
+    assert stage_ref(key) == pb.StageRef(run_id="r", round=2, attempt=1, stage=pb.STAGE_UNMASK)
+    with pytest.raises(TransferError, match="unknown stage 42"):
+        stage_key(pb.StageRef(run_id="r", stage=42))
