@@ -570,29 +570,42 @@ class RoundMachine:
             )
         return True
 
-    def _submit(self, silo: str, key: StageKey, stage: Stage, digest: str, value: Any) -> bool:
+    def admit(
+        self, silo: str, key: StageKey, stage: Stage, digest: str, *, base_state_sha256: str | None = None
+    ) -> bool:
+        """The one admission check of a submission, made before its payload is read and again when it
+        is recorded: a repeat of the accepted one (True: nothing more to do), else the silo's task
+        must be ``key`` in ``stage`` of the running attempt and, for an update, trained from the
+        current state; anything else raises :class:`ProtocolError` saying why."""
         if self.repeats(silo, key, digest):
             return True
         self.check(silo, key, stage)
+        if base_state_sha256 is not None and base_state_sha256 != self.state_sha256:
+            raise ProtocolError(
+                "failed_precondition",
+                f"stale update: computed from state {base_state_sha256[:12] or '(none)'}, "
+                f"{key.describe()} trains from {self.state_sha256[:12]}",
+            )
+        return False
+
+    def _record(self, silo: str, key: StageKey, digest: str, value: Any) -> None:
         assert self._stage is not None
         self._stage.received[silo] = _Submission(digest=digest, value=value)
         self._accepted[(key.run_id, key.round, key.attempt, key.stage, silo)] = digest
+
+    def _submit(
+        self, silo: str, key: StageKey, stage: Stage, digest: str, value: Any, base_state_sha256: str | None = None
+    ) -> bool:
+        if self.admit(silo, key, stage, digest, base_state_sha256=base_state_sha256):
+            return True
+        self._record(silo, key, digest, value)
         return False
 
     def accept_update(
         self, silo: str, key: StageKey, base_state_sha256: str, payload_sha256: str, update: Any
     ) -> bool:
         """Record a checked update; returns True when it repeats one already accepted."""
-        if self.repeats(silo, key, payload_sha256):
-            return True
-        self.check(silo, key, Stage.TRAIN)
-        if base_state_sha256 != self.state_sha256:
-            raise ProtocolError(
-                "failed_precondition",
-                f"update computed from state {base_state_sha256[:12] or '(none)'}, "
-                f"but {key.describe()} trains from {self.state_sha256[:12]}",
-            )
-        return self._submit(silo, key, Stage.TRAIN, payload_sha256, update)
+        return self._submit(silo, key, Stage.TRAIN, payload_sha256, update, base_state_sha256)
 
     def accept_secure(self, silo: str, key: StageKey, digest: str, message: Any, claims: Any = None) -> bool:
         """Record a secure-stage submission (advert, shares, masked vector, unmasking shares) and hand it
@@ -602,7 +615,7 @@ class RoundMachine:
             return True
         if stage is None or self.phase not in _SECURE or self._secagg is None:
             raise ProtocolError("failed_precondition", f"no secure-aggregation stage is running for {key.describe()}")
-        self.check(silo, key, stage)
+        self.admit(silo, key, stage, digest)
         receive = {
             Phase.ADVERTISE: self._secagg.receive_advert,
             Phase.SHARE: self._secagg.receive_shares,
@@ -615,7 +628,8 @@ class RoundMachine:
             raise ProtocolError("invalid_argument", f"{stage_name(stage)} from silo {silo!r}: {exc}") from exc
         if claims is not None:
             self._claims[silo] = claims
-        return self._submit(silo, key, stage, digest, None)
+        self._record(silo, key, digest, None)
+        return False
 
     def accept_metrics(self, silo: str, key: StageKey, digest: str, metrics: Any) -> bool:
         """Record a silo's evaluation report; returns True when it repeats one already accepted."""

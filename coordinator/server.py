@@ -60,7 +60,7 @@ from federation.faults import FaultPoint, exit_hard
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import KeyRoster, MaskedInput, MessageError, QuantConfig, UnmaskRequest, ca_cert_verifier
 from federation.secure_metrics import MetricsEncodingError, decode_metrics
-from federation.stages import StageKey, stage_name
+from federation.stages import Stage, StageKey, stage_name
 from federation.statistics import PooledStatistics, StatisticsError, StatisticsLayout, check_statistics_report
 from federation.transfer import (
     PROTOCOL_VERSION,
@@ -407,15 +407,10 @@ class Coordinator:
             key = stage_key(header.ref)
             with self._cond:
                 self.machine.seen(silo, self.clock())
-                if self.machine.repeats(silo, key, manifest.payload_sha256):
+                if self.machine.admit(
+                    silo, key, Stage.TRAIN, manifest.payload_sha256, base_state_sha256=header.base_state_sha256
+                ):
                     return
-                self.machine.check(silo, key, pb.STAGE_TRAIN)
-                if header.base_state_sha256 != self.machine.state_sha256:
-                    raise ProtocolError(
-                        "failed_precondition",
-                        f"stale update: computed from state {header.base_state_sha256[:12] or '(none)'}, "
-                        f"the round trains from {self.machine.state_sha256[:12]}",
-                    )
                 base["state"] = model.state
             if manifest.payload_bytes != model.update_bytes:
                 raise ProtocolError(
@@ -499,9 +494,8 @@ class Coordinator:
             key = stage_key(header.ref)
             with self._cond:
                 self.machine.seen(silo, self.clock())
-                if self.machine.repeats(silo, key, manifest.payload_sha256):
+                if self.machine.admit(silo, key, Stage.MASKED_INPUT, manifest.payload_sha256):
                     return
-                self.machine.check(silo, key, pb.STAGE_MASKED_INPUT)
             specs = manifest.tensors
             if len(specs) != 1 or specs[0].dtype != dtype or tuple(specs[0].shape) != (length,):
                 raise ProtocolError("invalid_argument", f"a masked vector is one {dtype} tensor of shape ({length},)")
@@ -593,20 +587,19 @@ class Coordinator:
     def report_metrics(self, silo: str, request: pb.MetricsReport) -> pb.Receipt:
         """Check and record a silo's evaluation of the current global state, or its statistics."""
         key = stage_key(request.ref)
-        stage = pb.STAGE_STATISTICS if key.stage == pb.STAGE_STATISTICS else pb.STAGE_EVALUATE
+        stage = Stage.STATISTICS if key.stage == Stage.STATISTICS else Stage.EVALUATE
         digest = hashlib.sha256(request.metrics_json.encode("utf-8")).hexdigest()
         with self._cond:
             self.machine.seen(silo, self.clock())
-            if self.machine.repeats(silo, key, digest):
+            if self.machine.admit(silo, key, stage, digest):
                 return pb.Receipt(ref=request.ref, duplicate=True)
-            self.machine.check(silo, key, stage)
         assert self.model is not None
         layout = self.model.settings.layout
         try:
             data = json.loads(request.metrics_json)
         except json.JSONDecodeError as exc:
             raise ReportError(f"metrics_json: not valid JSON ({exc})") from exc
-        if stage == pb.STAGE_STATISTICS:
+        if stage == Stage.STATISTICS:
             return self._report_statistics(silo, key, digest, data, request.ref)
         if not isinstance(data, dict) or not isinstance(data.get("splits"), dict):
             raise ReportError("metrics_json: expected an object with 'splits'")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator.rounds import (
     Aggregate,
@@ -20,7 +22,7 @@ from coordinator.rounds import (
     RoundProgress,
 )
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
-from federation.stages import StageKey
+from federation.stages import Stage, StageKey
 
 SILOS = ("silo-1", "silo-2", "silo-3", "silo-4")
 RUN = "run-a"
@@ -414,3 +416,44 @@ def test_without_a_final_test_the_last_round_evaluates_test_and_the_run_ends_the
     _finish_round(m, 10.0)
     assert m.eval_splits(1) == ("val", "test")
     assert m.next_round(14.0) == [Finished(2)]
+
+
+_KEYS = st.one_of(
+    # Most submissions name the running task, so repeats and conflicting results come up often.
+    st.just((RUN, 0, 0, Stage.TRAIN)),
+    st.tuples(st.sampled_from([RUN, "run-b"]), st.integers(0, 2), st.integers(0, 2), st.sampled_from(list(Stage))),
+)
+_SUBMISSIONS = st.lists(
+    st.tuples(
+        st.sampled_from([*SILOS, "stranger"]), _KEYS, st.sampled_from(["x", "y"]), st.sampled_from([SHA0, SHA1])
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_SUBMISSIONS)
+def test_admission_takes_exactly_the_first_submission_of_each_members_current_task(submissions) -> None:
+    m = _machine()
+    _join_all(m)
+    m.tick(0.0)  # every allowed silo joined: round 0 attempt 0 TRAIN starts with a seeded selection
+    members = set(_members(m, 0.0))
+    current = (RUN, 0, 0, Stage.TRAIN)
+    accepted: dict[str, str] = {}
+    for silo, fields, digest, base in submissions:
+        key = StageKey(*fields)
+        own = silo in members and fields == current
+        try:
+            duplicate = m.accept_update(silo, key, base, digest, {"from": silo})
+        except ProtocolError as exc:
+            # Refused: not a member's current task, a stale base state, or a second, different result.
+            assert not own or base != SHA0 or (silo in accepted and accepted[silo] != digest), exc.message
+            continue
+        assert own, (silo, key)
+        if duplicate:
+            assert accepted[silo] == digest
+        else:
+            assert silo not in accepted and base == SHA0
+            accepted[silo] = digest
+    # The machine holds exactly the admitted submissions: one per member at most, the first one.
+    assert m.status(0.0)["done"] == sorted(accepted)
