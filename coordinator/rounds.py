@@ -913,6 +913,8 @@ class RoundMachine:
             "rounds": self.plan.rounds,
             "attempt": self.attempt,
             "phase": self.phase.value,
+            # What the current stage serves: the statistics, a round's training or evaluation, the final test.
+            "pending": "done" if self.phase == Phase.DONE else self._next,
             "connected": list(self.alive(now)),
             "members": list(stage.members) if stage else [],
             "done": sorted(stage.received) if stage else [],

@@ -537,7 +537,7 @@ def _harness(args: argparse.Namespace) -> int:
         bar.n = status.get("rounds_recorded", 0)
         members = status.get("members") or []
         bar.set_postfix_str(
-            f"round {min(status.get('round', 0) + 1, args.rounds)} {status.get('phase')}: "
+            f"{stage_label(status)}: "
             f"{len(status.get('done') or [])}/{len(members)} done, "
             f"{len(status.get('connected') or [])} connected"
         )
@@ -582,6 +582,19 @@ def _harness(args: argparse.Namespace) -> int:
     print(result.report)
     ok = result.churn is None or bool(result.churn["replay"].get("matches"))
     return 0 if result.coordinator_exit == 0 and ok else 1
+
+
+def stage_label(status: Mapping[str, Any]) -> str:
+    """What a status.json says the run is doing, for the progress line: ``round 3 of 8 train``,
+    ``data statistics: gather`` before round 0, ``final test: evaluate`` after the last round."""
+    phase, pending = status.get("phase"), status.get("pending")
+    if phase == "done":
+        return "done"
+    if pending == "statistics":
+        return f"data statistics: {phase}"
+    if pending == "final":
+        return f"final test: {phase}"
+    return f"round {status.get('round', 0) + 1} of {status.get('rounds', 0)} {phase}"
 
 
 def dp_summary(opts: HarnessOptions, report: Mapping[str, Any]) -> str:

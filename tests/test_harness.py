@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from condi_models.checkpoint import load_checkpoint
-from federation.harness import HarnessError, HarnessOptions, run_harness
+from coordinator.rounds import RoundMachine, RoundPlan, RoundProgress
+from federation.harness import HarnessError, HarnessOptions, run_harness, stage_label
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -100,3 +101,15 @@ def test_harness_refuses_a_used_run_directory_and_unknown_silos(tmp_path: Path) 
         run_harness(HarnessOptions(out=tmp_path / "used"))
     with pytest.raises(HarnessError, match="no silo 'silo-9'"):
         run_harness(HarnessOptions(out=tmp_path / "new", kill_silo=("silo-9", 0, "train")))
+
+
+def test_the_progress_line_names_the_statistics_stage_and_the_final_test() -> None:
+    machine = RoundMachine(
+        RoundPlan(allowed=("a", "b"), rounds=8, silos_per_round=2, min_silos=2, max_attempts=1, seed=0,
+                  gather_s=1.0, train_s=1.0, evaluate_s=1.0, liveness_s=1.0),
+        "run", RoundProgress.start(0, statistics=True), "", 0.0,
+    )
+    assert stage_label(machine.status(0.0)) == "data statistics: gather"
+    assert stage_label({"phase": "train", "pending": "train", "round": 2, "rounds": 8}) == "round 3 of 8 train"
+    assert stage_label({"phase": "evaluate", "pending": "final", "round": 8, "rounds": 8}) == "final test: evaluate"
+    assert stage_label({"phase": "done", "pending": "done", "round": 8, "rounds": 8}) == "done"
