@@ -703,6 +703,7 @@ class SiloAgent:
             self._cert_pem,
             self._verify_cert,
             rounding_seed=rounding_seed,
+            min_roster=self.cfg.policy.min_silos_per_round,
         )
         self._secure = _SecureRound(key, round_id, client, vector, task.state_sha256, claims)
         return client.advertise()

@@ -450,8 +450,22 @@ def test_client_refuses_a_threshold_that_is_no_majority_of_the_roster(fed: Feder
     with pytest.raises(ProtocolError, match="t=2 is not a strict majority of the 4"):
         clients[ids[0]].share_keys(roster)
     lone = _clients(fed, _config(threshold=2), ids[:1], seed=0)[ids[0]]
-    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+    with pytest.raises(ProtocolError, match="roster has 1 silos; this site sums with at least 2"):
         lone.share_keys(KeyRoster("r1", (lone.advertise(),)))
+
+
+def test_client_refuses_a_roster_smaller_than_its_sites_policy(fed: Federation) -> None:
+    ids = fed.ids[:3]
+    config = _config(threshold=2)
+    strict = SecAggClient(config, ids[0], fed.keys[ids[0]], fed.certs[ids[0]], fed.verify, rounding_seed=0,
+                          min_roster=3)
+    others = _clients(fed, config, ids[1:2], seed=1)
+    # Selected with three, left with two after advertising: t = 2 is still a majority, but this
+    # site's policy sums with no fewer than three.
+    roster = KeyRoster("r1", (strict.advertise(), *(c.advertise() for c in others.values())))
+    with pytest.raises(ProtocolError, match="roster has 2 silos; this site sums with at least 3"):
+        strict.share_keys(roster)
+    assert others[ids[1]].share_keys(roster).sender == ids[1]
 
 
 def test_client_answers_one_unmask_request_only(fed: Federation) -> None:

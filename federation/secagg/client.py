@@ -114,7 +114,10 @@ class SecAggClient:
         *,
         rounding_seed: int,
         randbytes: RandBytes = os.urandom,
+        min_roster: int = 2,
     ) -> None:
+        """``min_roster`` is the fewest silos this site will sum with (its policy): a roster that
+        shrank below it is refused, since a small sum says more about each of its members."""
         try:
             own_silo = verify_cert(cert_pem)
         except Exception as exc:  # the injected PKI check may raise anything; all of it means "refused"
@@ -129,6 +132,7 @@ class SecAggClient:
         self._signing_key = signing_key
         self._cert_pem = cert_pem
         self._verify_cert = verify_cert
+        self._min_roster = min_roster
         self._randbytes = randbytes
         self._rng = np.random.default_rng(rounding_seed)
         self._stage = ClientStage.NEW
@@ -208,6 +212,8 @@ class SecAggClient:
         if self.silo_id not in ids:
             raise self._violation("roster does not include this silo")
         t, n = self.config.threshold, len(ids)
+        if n < self._min_roster:
+            raise self._violation(f"roster has {n} silos; this site sums with at least {self._min_roster}")
         if n < t:
             raise self._violation(f"roster has {n} silos, fewer than the threshold t={t}")
         if 2 * t <= n:
