@@ -482,7 +482,8 @@ def phase_sequence(events_path: Path) -> dict[int, list[tuple[str, float]]]:
     sequence: dict[int, list[tuple[str, float]]] = {}
     for line in events_path.read_text().splitlines():
         event = json.loads(line)
-        if event.get("event") != "progress":
+        # The data statistics before round 0 and the final test after the last round are no round's.
+        if event.get("event") != "progress" or event.get("pending") in ("statistics", "final"):
             continue
         phases = sequence.setdefault(int(event["round"]), [])
         if not phases or phases[-1][0] != event["phase"]:

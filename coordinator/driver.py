@@ -259,15 +259,18 @@ class RoundDriver(CoordinatorState):
             "rounds_recorded": len(self.ckpt.rows),
             **self.machine.status(now),
         }
-        key_fields = {k: status[k] for k in ("round", "attempt", "phase", "members", "done", "outcome")}
+        key_fields = {k: status[k] for k in ("round", "attempt", "phase", "pending", "members", "done", "outcome")}
         line = json.dumps(key_fields, sort_keys=True)
         if line != self._progress_line:
             self._progress_line = line
             members = status["members"]
+            # The statistics stage runs in round 0's slot and the final test after the last round.
+            what = {"statistics": "data statistics", "final": "final test"}.get(
+                status["pending"], f"round {min(status['round'] + 1, status['rounds'])}/{status['rounds']}"
+            )
             log.info(
-                "progress: round %d/%d %s attempt %d: %d/%d done%s",
-                status["round"] + 1 if status["round"] < status["rounds"] else status["rounds"],
-                status["rounds"],
+                "progress: %s %s attempt %d: %d/%d done%s",
+                what,
                 status["phase"],
                 max(status["attempt"], 0),
                 len(status["done"]),
