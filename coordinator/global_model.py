@@ -2,7 +2,7 @@
 
 A :class:`GlobalModel` exists once the data layout is known. It holds the model and the run
 settings sent to every silo, how summed contributions become the next state (the aggregation
-layout and the server optimizer, :func:`coordinator.layout.averaging_for`), and the current state
+layout and the server optimizer), and the current state
 both as named arrays and in the encoded, chunked form silos download. It knows nothing of rounds,
 silos or locks; the :class:`~coordinator.server.Coordinator` owns it and serialises access.
 """
@@ -16,10 +16,13 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from condi_models.aggregation import SecureLayout
 from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.config import ModelConfig
+from condi_models.server_optimizer import ServerOptimizer
+from condi_models.training import aggregation_groups
 from coordinator.config import FederationConfig
-from coordinator.layout import averaging_for, build_model_config, initial_model
+from coordinator.layout import build_model_config, initial_model
 from federation import wire
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.settings import RunSettings
@@ -55,17 +58,19 @@ class GlobalModel:
         self.model = initial_model(model_cfg, cfg.seed)
         if tensors is not None:
             self.model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
-        averaging = averaging_for(self.model, cfg)
-        self.groups = averaging.groups
-        self.secure_layout = averaging.layout
-        self.optimizer = averaging.optimizer
+        self.groups = aggregation_groups(self.model)
+        state = {k: v.numpy() for k, v in self.model.state_to_named_tensors().items()}
         self.group_names = self.groups.group_names()
-        self.param_shapes = averaging.shapes
+        self.param_shapes = {n: tuple(state[n].shape) for n in self.groups.assignment}
+        agg = cfg.aggregation
+        # Plain and secure rounds alike: weights capped at weight_unit samples, deltas clipped.
+        self.secure_layout = SecureLayout(self.groups, self.param_shapes, agg.clip_bound, agg.weight_unit)
+        self.optimizer = ServerOptimizer.for_model(cfg.server_optimizer, self.model)
         self.settings = RunSettings(model=model_cfg, training=training, evaluation=cfg.evaluation, layout=layout)
         self.update_bytes = plain_update_payload_bytes(self.param_shapes, len(self.group_names))
         self.max_chunk_bytes = cfg.max_chunk_bytes
         self.state: dict[str, np.ndarray] = {}
-        self.sha256 = self.set_state(averaging.state)
+        self.sha256 = self.set_state(state)
         log.info(
             "model: %s with %d parameters in %d tensors; window %s; plain update %d bytes",
             model_cfg.variant.value,

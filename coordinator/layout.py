@@ -10,19 +10,14 @@ Layout and model config are checkpointed, so a restarted coordinator keeps them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from condi_models.aggregation import ParameterGroups, SecureLayout
 from condi_models.data.dataset import DatasetInfo
 from condi_models.nn.config import ModelConfig
 from condi_models.nn.model import CondIModel
-from condi_models.server_optimizer import ServerOptimizer
 from condi_models.simulation import ModelSpec
-from condi_models.training import LocalTrainingConfig, aggregation_groups
-from coordinator.config import FederationConfig
+from condi_models.training import LocalTrainingConfig
 
 
 def layout_mismatch(expected: DatasetInfo, got: DatasetInfo) -> str | None:
@@ -57,33 +52,6 @@ def initial_model(model_cfg: ModelConfig, seed: int) -> CondIModel:
     same weights."""
     torch.manual_seed(seed)
     return CondIModel(model_cfg)
-
-
-@dataclass
-class Averaging:
-    """How rounds move one global model: its state, the aggregation layout, the server optimizer."""
-
-    groups: ParameterGroups
-    state: dict[str, np.ndarray]
-    shapes: dict[str, tuple[int, ...]]
-    layout: SecureLayout
-    optimizer: ServerOptimizer
-
-
-def averaging_for(model: CondIModel, cfg: FederationConfig) -> Averaging:
-    """The averaging of ``model`` under federation.yaml's aggregation and server optimizer (the
-    coordinator's and a replay's alike)."""
-    groups = aggregation_groups(model)
-    state = {k: v.numpy() for k, v in model.state_to_named_tensors().items()}
-    shapes = {n: tuple(state[n].shape) for n in groups.assignment}
-    agg = cfg.aggregation
-    return Averaging(
-        groups=groups,
-        state=state,
-        shapes=shapes,
-        layout=SecureLayout(groups, shapes, agg.clip_bound, agg.weight_unit),
-        optimizer=ServerOptimizer.for_model(cfg.server_optimizer, model),
-    )
 
 
 def build_model_config(

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import FederationConfig
-from coordinator.layout import averaging_for, initial_model
-from coordinator.store import CheckpointStore, StoreError, state_sha256
+from coordinator.global_model import GlobalModel
+from coordinator.store import CheckpointStore, StoreError
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ def replay(cfg: FederationConfig, run_dir: str | Path | None = None) -> ReplayRe
     if loaded is None or loaded[0].model is None:
         raise StoreError(f"{store.progress_path}: no run with a model to replay")
     ckpt = loaded[0]
-    assert ckpt.model is not None
-    averaging = averaging_for(initial_model(ckpt.model, cfg.seed), cfg)
-    state, layout, optimizer = averaging.state, averaging.layout, averaging.optimizer
+    assert ckpt.layout is not None
+    # The coordinator's own model code, started from the seeded initial weights.
+    model = GlobalModel(cfg, ckpt.layout, ckpt.model)
     rows = [*ckpt.rows, *([ckpt.pending_row] if ckpt.pending_row else [])]
     rounds: list[int] = []
     problems: list[str] = []
@@ -61,12 +61,11 @@ def replay(cfg: FederationConfig, run_dir: str | Path | None = None) -> ReplayRe
         if "aggregate" not in row:
             problems.append(f"round {row.get('round')}: no journaled aggregate")
             continue
-        state = optimizer.step(state, layout.average(state, store.read_aggregate(row["aggregate"])))
         rounds.append(int(row["round"]))
-        replayed[rounds[-1]] = state_sha256(state)
+        replayed[rounds[-1]] = model.set_state(model.next_state(store.read_aggregate(row["aggregate"])))
         if replayed[rounds[-1]] != row["state_sha256"]:
             problems.append(f"round {row['round']}: the replayed state differs from the recorded one")
-    final = state_sha256(state)
+    final = model.sha256
     # The committed model is the last round's, or after the last round the one model selection chose.
     allowed = {final}
     if ckpt.best is not None:

@@ -21,9 +21,7 @@ from condi_models.aggregation import SiloUpdate
 from condi_models.batches import record_window_starts
 from coordinator.pooling import ReportError, check_split_report
 from coordinator.report import SiloUpload
-from coordinator.rounds import (
-    ProtocolError,
-)
+from coordinator.rounds import ProtocolError
 from coordinator.state import CoordinatorState
 from federation import secagg_wire as sw
 from federation import wire
@@ -32,11 +30,7 @@ from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg import MaskedInput, MessageError
 from federation.stages import Stage, StageKey, stage_name
 from federation.statistics import StatisticsError, StatisticsLayout, check_statistics_report
-from federation.transfer import (
-    decode_plain_update,
-    receive_upload,
-    stage_key,
-)
+from federation.transfer import decode_plain_update, receive_upload, stage_key
 
 # One logger for all of the coordinator's operations, as operators filter its lines by name.
 log = logging.getLogger("coordinator.server")
@@ -54,13 +48,15 @@ class Submissions(CoordinatorState):
         if self.plan.secure is not None:
             return self._upload_masked(silo, parts)
         started = self.clock()
-        # The state the update was trained from, read with the base-state check under the lock.
+        # The state the update was trained from, read with the base-state check under the lock;
+        # absent for a repeat of an accepted update, which is answered without being decoded.
         base: dict[str, dict[str, np.ndarray]] = {}
 
         def check_header(header: pb.UpdateHeader, manifest: wire.Manifest) -> None:
-            repeat, base["state"] = self._admit_upload(silo, header, manifest, Stage.TRAIN)
+            repeat, state = self._admit_upload(silo, header, manifest, Stage.TRAIN)
             if repeat:
                 return
+            base["state"] = state
             if manifest.payload_bytes != model.update_bytes:
                 raise ProtocolError(
                     "invalid_argument",
@@ -75,22 +71,24 @@ class Submissions(CoordinatorState):
             check_header=check_header,
         )
         upload_s = self.clock() - started
+        header = received.header
+        key = stage_key(header.ref)
+        if "state" not in base:
+            # The header repeated an accepted upload, and an accepted digest stays accepted.
+            log.info("duplicate update from silo %s for %s", silo, key.describe())
+            return pb.UploadReceipt(ref=header.ref, payload_sha256=received.manifest.payload_sha256, duplicate=True)
         params, weights = decode_plain_update(
             received.manifest, received.payload, model.param_shapes, model.group_names
         )
-        header = received.header
         if header.num_examples != round(weights.get("all", 0.0)):
             raise ProtocolError(
                 "invalid_argument",
                 f"num_examples {header.num_examples} differs from the update's sample weight "
                 f"{weights.get('all', 0.0):g}",
             )
-        key = stage_key(header.ref)
         # Capped and clipped as a secure contribution is, so one silo's claims move the model no
         # further in plain mode than in secure mode; from here on only the sum holds its tensors.
-        contribution = model.secure_layout.contribution(
-            base.get("state", model.state), SiloUpdate(params=params, weights=weights)
-        )
+        contribution = model.secure_layout.contribution(base["state"], SiloUpdate(params=params, weights=weights))
         record = SiloUpload(
             weights=weights,
             claims=_claims(header.claims_json),
@@ -166,9 +164,10 @@ class Submissions(CoordinatorState):
         )
         header = received.header
         key = stage_key(header.ref)
+        claimed = _claims(header.claims_json)
         claims = SiloUpload(
-            weights={"all": float(_claims(header.claims_json).get("samples", 0.0))},
-            claims=_claims(header.claims_json),
+            weights={"all": float(claimed.get("samples", 0.0))},
+            claims=claimed,
             upload_s=self.clock() - started,
             upload_bytes=received.manifest.payload_bytes,
         )

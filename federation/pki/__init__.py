@@ -35,7 +35,6 @@ from federation.pki.store import (
     read_passphrase,
 )
 from federation.pki.verify import (
-    SILO_ID_PATTERN,
     SILO_URI_PREFIX,
     CertificateRejected,
     ChainReport,
@@ -48,7 +47,6 @@ from federation.pki.verify import (
 )
 
 __all__ = [
-    "SILO_ID_PATTERN",
     "SILO_URI_PREFIX",
     "CaPaths",
     "CertificateRejected",

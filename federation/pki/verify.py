@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, Subject, VerificationError
 
+from federation.names import is_silo_id
 from federation.pki.clock import now_utc
 from federation.pki.store import PkiError, load_certificate, load_private_key, same_public_key
 
 SILO_URI_PREFIX = "condi://silo/"
-SILO_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 class CertificateRejected(PkiError):  # noqa: N818 - name fixed by the federation interface
@@ -93,7 +93,7 @@ def certificate_fingerprint(cert: x509.Certificate) -> str:
 
 def validate_silo_id(silo_id: str) -> str:
     """Return ``silo_id`` when it is a valid silo id, else raise with the rule it breaks."""
-    if not isinstance(silo_id, str) or not SILO_ID_PATTERN.fullmatch(silo_id):
+    if not is_silo_id(silo_id):
         raise PkiError(
             f"invalid silo id {silo_id!r}: expected 1-63 characters of a-z, 0-9 and '-', "
             "starting with a letter or digit"

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation import pki
+from federation.names import SILO_ID_PATTERN, is_silo_id
 from federation.secagg.quantize import QuantConfig, ring_dtype
 from federation.secagg.shamir import MAX_SHARES, SHARE_BYTES, Share
 
@@ -75,8 +76,8 @@ def _check_round_id(value: object, where: str) -> None:
 
 
 def _check_silo_id(value: object, where: str) -> None:
-    if not isinstance(value, str) or not pki.SILO_ID_PATTERN.fullmatch(value):
-        raise MessageError(f"{where}: silo id must match {pki.SILO_ID_PATTERN.pattern}, got {value!r}")
+    if not is_silo_id(value):
+        raise MessageError(f"{where}: silo id must match {SILO_ID_PATTERN}, got {value!r}")
 
 
 def _check_bytes(value: object, where: str, *, exact: int | None = None, most: int | None = None) -> None:
