@@ -50,15 +50,13 @@ from federation import secagg
 from federation.secagg_wire import secure_round_id
 from federation.secure_metrics import METRICS_QUANT, MetricsLayout
 from federation.settings import RoundSettings, SecureSettings
-from federation.stages import Stage, StageKey, stage_name
+from federation.stages import DOWNLOAD_STAGES, Stage, StageKey, stage_name
 from federation.statistics import STATISTICS_QUANT, PooledStatistics, StatisticsLayout
 
 Pending = Literal["statistics", "train", "evaluate", "final", "done"]
 PENDING: tuple[Pending, ...] = ("statistics", "train", "evaluate", "final", "done")
 # What a secure attempt sums.
 Purpose = Literal["update", "metrics", "statistics"]
-# Stages whose task downloads the global state.
-_TRAINING_STAGES = (Stage.TRAIN, Stage.ADVERTISE_KEYS, Stage.EVALUATE)
 
 
 class Phase(enum.StrEnum):
@@ -477,7 +475,7 @@ class RoundMachine:
             key=self._key(stage),
             remaining_s=remaining,
             message=message,
-            state_sha256=self.state_sha256 if stage in _TRAINING_STAGES else "",
+            state_sha256=self.state_sha256 if stage in DOWNLOAD_STAGES else "",
             settings=self._settings(silo, stage),
             selected=self._stage.members
             if self._stage is not None and self.phase in (Phase.TRAIN, *_SECURE)

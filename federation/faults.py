@@ -7,7 +7,7 @@ round where it meets the stage (a silo that was not selected in ROUND dies in th
 that selects it, so a schedule of faults cannot silently miss one). Where exactly "there" is
 depends on the side: the silo stops once that stage's task is in hand (see
 :mod:`silo_agent.agent`), the coordinator once it has accepted the stage's first submission of
-that round (see :mod:`coordinator.server`).
+that round (see :mod:`coordinator.uploads`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.stages import Stage
 
 # The exit status of a process that stopped at its injected fault; the harness restarts on it.
 FAULT_EXIT_CODE = 17
@@ -25,12 +25,12 @@ SILO_EXIT_AT = "CONDI_FAULT_EXIT_AT"
 COORDINATOR_EXIT_AT = "CONDI_COORDINATOR_EXIT_AT"
 
 STAGES = {
-    "train": pb.STAGE_TRAIN,
-    "evaluate": pb.STAGE_EVALUATE,
-    "advertise_keys": pb.STAGE_ADVERTISE_KEYS,
-    "share_keys": pb.STAGE_SHARE_KEYS,
-    "masked_input": pb.STAGE_MASKED_INPUT,
-    "unmask": pb.STAGE_UNMASK,
+    "train": Stage.TRAIN,
+    "evaluate": Stage.EVALUATE,
+    "advertise_keys": Stage.ADVERTISE_KEYS,
+    "share_keys": Stage.SHARE_KEYS,
+    "masked_input": Stage.MASKED_INPUT,
+    "unmask": Stage.UNMASK,
 }
 
 
@@ -39,7 +39,7 @@ class FaultPoint:
     """Where a process stops: the first time it reaches ``stage`` in round ``round`` or later."""
 
     round: int
-    stage: int
+    stage: Stage
 
     def reached(self, round_index: int, stage: int) -> bool:
         """Whether being at (``round_index``, ``stage``) is at or past this point."""

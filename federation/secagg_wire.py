@@ -4,8 +4,9 @@ The state machines in :mod:`federation.secagg` speak in their own message types;
 contract carries their fields next to the ids the coordinator read from certificates. Each pair
 of functions here is an exact round trip, and the ``from_proto`` side rebuilds the protocol
 message with the round and the ids the transport vouches for, never ones taken from the payload
-alone. What a peer sent is checked against the protocol's bounds (list lengths, key, signature
-and certificate sizes) before anything is built from it, and a refusal names the field and the
+alone. What a peer sent is checked against the protocol's bounds (list lengths here; key,
+signature, certificate and share sizes in :mod:`federation.messages`, whose builders the
+coordinator also uses) before anything is built from it, and a refusal names the field and the
 peer; gRPC's message size limit bounds the whole message before that.
 """
 
@@ -13,33 +14,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence, Sized
 
+from federation.messages import (
+    OutgoingShare,
+    RevealedShareBytes,
+    ShareKind,
+    SignedKeys,
+    encrypted_share,
+    key_advert,
+    share_keys,
+    unmask_response,
+)
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secagg.messages import (
-    CIPHERTEXT_BYTES,
-    KEY_BYTES,
-    MAX_CERT_BYTES,
-    MAX_SIGNATURE_BYTES,
-    NONCE_BYTES,
     EncryptedShare,
     KeyAdvert,
     KeyRoster,
     MessageError,
-    RevealedShare,
     ShareDelivery,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
 )
-from federation.secagg.shamir import MAX_SHARES, SHARE_BYTES, ShamirError, Share
-
-# The byte fields of a key advert as AdvertiseKeysRequest and AdvertisedKeys both name them, with
-# the most bytes each may hold and whether it must hold exactly that many.
-_ADVERT_SIZES = (
-    ("encryption_public_key", KEY_BYTES, True),
-    ("mask_public_key", KEY_BYTES, True),
-    ("signature", MAX_SIGNATURE_BYTES, False),
-    ("certificate_pem", MAX_CERT_BYTES, False),
-)
+from federation.secagg.shamir import MAX_SHARES, Share
 
 
 def secure_round_id(run_id: str, round_index: int, attempt: int) -> str:
@@ -63,26 +59,11 @@ def _advert_fields(advert: KeyAdvert) -> dict[str, bytes]:
     }
 
 
-def _advert_from(round_id: str, silo_id: str, fields: pb.AdvertiseKeysRequest | pb.AdvertisedKeys) -> KeyAdvert:
-    """The advert of ``silo_id`` for ``round_id`` from its proto fields, sizes checked first."""
-    where = f"key advert of {silo_id!r}"
-    for name, most, exact in _ADVERT_SIZES:
-        size = len(getattr(fields, name))
-        if exact and size != most:
-            raise MessageError(f"{where}: {name} must be {most} bytes, got {size}")
-        if size > most:
-            raise MessageError(f"{where}: {name} may hold at most {most} bytes, got {size}")
-    try:
-        return KeyAdvert(
-            round_id,
-            silo_id,
-            fields.encryption_public_key,
-            fields.mask_public_key,
-            fields.certificate_pem,
-            fields.signature,
-        )
-    except MessageError as exc:
-        raise MessageError(f"{where}: {exc}") from exc
+def signed_keys_from_proto(fields: pb.AdvertiseKeysRequest | pb.AdvertisedKeys) -> SignedKeys:
+    """The key fields of an AdvertiseKeys request or of a roster entry, as sent (unchecked)."""
+    return SignedKeys(
+        fields.encryption_public_key, fields.mask_public_key, fields.signature, fields.certificate_pem
+    )
 
 
 def advert_to_proto(ref: pb.StageRef, advert: KeyAdvert) -> pb.AdvertiseKeysRequest:
@@ -96,7 +77,7 @@ def advert_from_proto(round_id: str, sender: str, request: pb.AdvertiseKeysReque
     The round and the silo id are not in the request: a silo that signed for other ones fails
     the signature check of the protocol server.
     """
-    return _advert_from(round_id, sender, request)
+    return key_advert(round_id, sender, signed_keys_from_proto(request))
 
 
 def roster_to_proto(roster: KeyRoster) -> pb.KeyRoster:
@@ -109,19 +90,13 @@ def roster_to_proto(roster: KeyRoster) -> pb.KeyRoster:
 def roster_from_proto(round_id: str, message: pb.KeyRoster) -> KeyRoster:
     """Task.key_roster back as the protocol's roster (signatures are checked by the client)."""
     _check_count(message.entries, "key_roster.entries")
-    return KeyRoster(round_id, tuple(_advert_from(round_id, e.silo_id, e) for e in message.entries))
+    return KeyRoster(
+        round_id, tuple(key_advert(round_id, e.silo_id, signed_keys_from_proto(e)) for e in message.entries)
+    )
 
 
 def _pack(share: EncryptedShare) -> bytes:
     return share.nonce + share.ciphertext
-
-
-def _unpack(sender: str, recipient: str, data: bytes) -> EncryptedShare:
-    if len(data) != NONCE_BYTES + CIPHERTEXT_BYTES:
-        raise MessageError(
-            f"share from {sender!r} to {recipient!r}: {len(data)} bytes, expected {NONCE_BYTES + CIPHERTEXT_BYTES}"
-        )
-    return EncryptedShare(sender, recipient, data[:NONCE_BYTES], data[NONCE_BYTES:])
 
 
 def share_keys_to_proto(msg: ShareKeys) -> list[pb.OutgoingShare]:
@@ -129,10 +104,15 @@ def share_keys_to_proto(msg: ShareKeys) -> list[pb.OutgoingShare]:
     return [pb.OutgoingShare(recipient=s.recipient, ciphertext=_pack(s)) for s in msg.shares]
 
 
+def outgoing_shares_from_proto(shares: Sequence[pb.OutgoingShare], where: str) -> tuple[OutgoingShare, ...]:
+    """ShareKeysRequest.shares as sent; a list longer than any round can have is refused unread."""
+    _check_count(shares, where)
+    return tuple(OutgoingShare(s.recipient, s.ciphertext) for s in shares)
+
+
 def share_keys_from_proto(round_id: str, sender: str, shares: Sequence[pb.OutgoingShare]) -> ShareKeys:
     """ShareKeysRequest.shares from the authenticated ``sender``."""
-    _check_count(shares, f"shares from {sender!r}")
-    return ShareKeys(round_id, sender, tuple(_unpack(sender, s.recipient, s.ciphertext) for s in shares))
+    return share_keys(round_id, sender, outgoing_shares_from_proto(shares, f"shares from {sender!r}"))
 
 
 def delivery_to_proto(delivery: ShareDelivery) -> pb.ShareBundle:
@@ -146,7 +126,7 @@ def delivery_from_proto(round_id: str, recipient: str, bundle: pb.ShareBundle) -
     """Task.shares back as the protocol's delivery to ``recipient``."""
     _check_count(bundle.shares, f"shares for {recipient!r}")
     return ShareDelivery(
-        round_id, recipient, tuple(_unpack(s.sender, recipient, s.ciphertext) for s in bundle.shares)
+        round_id, recipient, tuple(encrypted_share(s.sender, recipient, s.ciphertext) for s in bundle.shares)
     )
 
 
@@ -169,15 +149,6 @@ def _share_bytes(share: Share) -> bytes:
     return share.x.to_bytes(2, "big") + share.y_bytes()
 
 
-def _share_from(data: bytes, owner: str) -> Share:
-    if len(data) != 2 + SHARE_BYTES:
-        raise MessageError(f"revealed share of {owner!r}: {len(data)} bytes, expected {2 + SHARE_BYTES}")
-    try:
-        return Share(int.from_bytes(data[:2], "big"), int.from_bytes(data[2:], "big"))
-    except ShamirError as exc:
-        raise MessageError(f"revealed share of {owner!r}: {exc}") from exc
-
-
 def unmask_response_to_proto(response: UnmaskResponse) -> list[pb.RevealedShare]:
     """A survivor's revealed shares as UnmaskRequest.shares."""
     seeds = [
@@ -191,16 +162,20 @@ def unmask_response_to_proto(response: UnmaskResponse) -> list[pb.RevealedShare]
     return seeds + keys
 
 
-def unmask_response_from_proto(round_id: str, sender: str, shares: Sequence[pb.RevealedShare]) -> UnmaskResponse:
-    """UnmaskRequest.shares from the authenticated ``sender``; unknown share kinds are refused."""
-    _check_count(shares, f"revealed shares from {sender!r}")
-    seeds, keys = [], []
+def revealed_shares_from_proto(shares: Sequence[pb.RevealedShare], where: str) -> tuple[RevealedShareBytes, ...]:
+    """UnmaskRequest.shares as sent; a list longer than any round can have, or a share kind the
+    protocol does not have, is refused."""
+    _check_count(shares, where)
+    revealed = []
     for s in shares:
-        revealed = RevealedShare(s.owner, _share_from(s.share, s.owner))
-        if s.kind == pb.SHARE_KIND_SELF_MASK_SEED:
-            seeds.append(revealed)
-        elif s.kind == pb.SHARE_KIND_MASK_KEY:
-            keys.append(revealed)
-        else:
-            raise MessageError(f"revealed share of {s.owner!r}: kind {s.kind} is neither seed nor key")
-    return UnmaskResponse(round_id, sender, tuple(seeds), tuple(keys))
+        try:
+            kind = ShareKind(s.kind)
+        except ValueError:
+            raise MessageError(f"revealed share of {s.owner!r}: kind {s.kind} is neither seed nor key") from None
+        revealed.append(RevealedShareBytes(s.owner, kind, s.share))
+    return tuple(revealed)
+
+
+def unmask_response_from_proto(round_id: str, sender: str, shares: Sequence[pb.RevealedShare]) -> UnmaskResponse:
+    """UnmaskRequest.shares from the authenticated ``sender``; shares of neither kind are refused."""
+    return unmask_response(round_id, sender, revealed_shares_from_proto(shares, f"revealed shares from {sender!r}"))

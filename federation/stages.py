@@ -27,6 +27,10 @@ class Stage(enum.IntEnum):
     STATISTICS = 9
 
 
+# The stages whose task downloads the global state (in secure mode silos train in ADVERTISE_KEYS).
+DOWNLOAD_STAGES = frozenset({Stage.TRAIN, Stage.ADVERTISE_KEYS, Stage.EVALUATE})
+
+
 def stage_name(stage: int) -> str:
     """The stage's name (``TRAIN``), or its number when it names no stage."""
     try:
