@@ -24,9 +24,9 @@ from condi_models.training import aggregation_groups
 from coordinator.config import FederationConfig
 from coordinator.layout import build_model_config, initial_model
 from federation import wire
-from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.settings import RunSettings
-from federation.transfer import plain_update_payload_bytes, state_parts
+from federation.statistics import StatisticsLayout
+from federation.transfer import plain_update_payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class GlobalModel:
         self.secure_layout = SecureLayout(self.groups, self.param_shapes, agg.clip_bound, agg.weight_unit)
         self.optimizer = ServerOptimizer.for_model(cfg.server_optimizer, self.model)
         self.settings = RunSettings(model=model_cfg, training=training, evaluation=cfg.evaluation, layout=layout)
+        # How the statistics stage's sums over data of this layout are laid out.
+        self.statistics_layout = StatisticsLayout.of(layout)
         self.update_bytes = plain_update_payload_bytes(self.param_shapes, len(self.group_names))
         self.max_chunk_bytes = cfg.max_chunk_bytes
         self.state: dict[str, np.ndarray] = {}
@@ -84,8 +86,8 @@ class GlobalModel:
         """Make ``state`` current and chunk it for downloads; returns its wire SHA-256."""
         encoded = wire.encode_state(state)
         self.state = state
-        self.manifest_part = pb.StatePart(manifest_json=encoded.manifest.to_json())
-        self.pieces = list(state_parts(encoded, self.max_chunk_bytes))[1:]
+        self.manifest = encoded.manifest
+        self.chunks = wire.chunk(encoded, self.max_chunk_bytes)
         self.state_bytes = encoded.manifest.payload_bytes
         self.sha256 = encoded.manifest.payload_sha256
         return self.sha256

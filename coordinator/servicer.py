@@ -1,7 +1,10 @@
 """The gRPC face of the coordinator: read the caller from its certificate, call the coordinator, map errors.
 
-Each handler is a few lines. The caller's silo id comes only from
-:func:`federation.identity.identity_of` (the per-call certificate check of
+Each handler is a few lines, and this is the one module of the coordinator that sees protobuf: a
+request becomes a domain type of :mod:`federation.messages` (by :mod:`federation.serde`) before the
+coordinator is called, and its reply becomes protobuf again; a request the protocol cannot mean is
+refused in that conversion, as INVALID_ARGUMENT naming the field. The caller's silo id comes only
+from :func:`federation.identity.identity_of` (the per-call certificate check of
 :class:`~federation.identity.IdentityInterceptor`), never from a message field. A refusal is
 aborted with the status the protocol prescribes and logged once, naming the silo, the call and
 the reason; an unexpected error is logged with its traceback and answered with a bare INTERNAL.
@@ -22,11 +25,13 @@ import grpc
 from coordinator.pooling import ReportError
 from coordinator.rounds import ProtocolError
 from coordinator.server import Coordinator
+from federation import serde
 from federation.audit import AuditLog, Outcome
 from federation.identity import PeerIdentity, identity_of
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
-from federation.transfer import TransferError
+from federation.secagg import MessageError
+from federation.transfer import TransferError, state_part
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +121,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._refuse(
                 context, method, who, _CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), exc.message
             )
-        except (TransferError, ReportError) as exc:
+        except (TransferError, MessageError, ReportError) as exc:
             self._refuse(context, method, who, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception:
             # The text of an unexpected error stays in the coordinator's log; the peer learns nothing.
@@ -125,36 +130,89 @@ class FederationServicer(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error; the coordinator's log has the details")
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        return self._call(context, "Join", lambda silo: self.coordinator.join(silo, request))
+        limits = self.coordinator.cfg.layout_limits
+        return self._call(
+            context,
+            "Join",
+            lambda silo: serde.join_reply_to_proto(
+                self.coordinator.join(silo, serde.join_request_from_proto(request, limits))
+            ),
+        )
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
-        return self._call(context, "GetTask", lambda silo: self.coordinator.get_task(silo, request))
+        return self._call(
+            context,
+            "GetTask",
+            lambda silo: serde.task_to_proto(
+                self.coordinator.get_task(silo, serde.task_request_from_proto(request))
+            ),
+        )
 
     def DownloadState(
         self, request: pb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StatePart]:
-        yield from self._call(context, "DownloadState", lambda silo: self.coordinator.download(silo, request))
+        # The state is converted part by part as the stream is read, as the coordinator yields it.
+        yield from self._call(
+            context,
+            "DownloadState",
+            lambda silo: map(
+                state_part, self.coordinator.download(silo, serde.download_request_from_proto(request))
+            ),
+        )
 
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UpdatePart], context: grpc.ServicerContext
     ) -> pb.UploadReceipt:
+        # Converted lazily: the coordinator admits the header before any chunk is read off the wire.
         return self._call(
-            context, "UploadUpdate", lambda silo: self.coordinator.upload(silo, request_iterator)
+            context,
+            "UploadUpdate",
+            lambda silo: serde.upload_receipt_to_proto(
+                self.coordinator.submissions.upload(silo, serde.upload_from_proto(request_iterator))
+            ),
         )
 
     def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.Receipt:
         return self._call(
-            context, "ReportMetrics", lambda silo: self.coordinator.report_metrics(silo, request)
+            context,
+            "ReportMetrics",
+            lambda silo: serde.receipt_to_proto(
+                self.coordinator.submissions.report_metrics(silo, serde.metrics_report_from_proto(request))
+            ),
         )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        return self._call(context, "Heartbeat", lambda silo: self.coordinator.heartbeat(silo, request))
+        return self._call(
+            context,
+            "Heartbeat",
+            lambda silo: serde.heartbeat_reply_to_proto(
+                self.coordinator.heartbeat(silo, serde.heartbeat_request_from_proto(request))
+            ),
+        )
 
     def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext) -> pb.Receipt:
-        return self._call(context, "AdvertiseKeys", lambda silo: self.coordinator.advertise_keys(silo, request))
+        return self._call(
+            context,
+            "AdvertiseKeys",
+            lambda silo: serde.receipt_to_proto(
+                self.coordinator.submissions.advertise_keys(silo, serde.advertise_keys_request_from_proto(request))
+            ),
+        )
 
     def ShareKeys(self, request: pb.ShareKeysRequest, context: grpc.ServicerContext) -> pb.Receipt:
-        return self._call(context, "ShareKeys", lambda silo: self.coordinator.share_keys(silo, request))
+        return self._call(
+            context,
+            "ShareKeys",
+            lambda silo: serde.receipt_to_proto(
+                self.coordinator.submissions.share_keys(silo, serde.share_keys_request_from_proto(request))
+            ),
+        )
 
     def Unmask(self, request: pb.UnmaskRequest, context: grpc.ServicerContext) -> pb.Receipt:
-        return self._call(context, "Unmask", lambda silo: self.coordinator.unmask(silo, request))
+        return self._call(
+            context,
+            "Unmask",
+            lambda silo: serde.receipt_to_proto(
+                self.coordinator.submissions.unmask(silo, serde.reveal_shares_request_from_proto(request))
+            ),
+        )

@@ -4,7 +4,9 @@ The coordinator and the silo agent move the same things: a stage reference, a da
 global state streamed down as a manifest and checksummed chunks, and an update streamed up as a
 header and chunks. This module is the one place where those messages are built and read, so the
 two sides cannot drift apart. It knows no sockets: it turns objects into message iterators and
-message iterators back into checked objects.
+message iterators back into checked objects. The coordinator reassembles an upload from its domain
+parts (:func:`receive_upload`), which :mod:`federation.serde` reads off the wire one message at a
+time.
 
 A plain update is the silo's trained parameters (float32, named as in the model) plus one float64
 tensor ``group_weights`` holding the silo's FedAvg weight of every aggregation group, in the
@@ -22,6 +24,7 @@ import numpy as np
 
 from condi_models.data.dataset import DatasetInfo, Modality
 from federation import wire
+from federation.messages import UpdateHeader, UploadPart
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.stages import Stage, StageKey
 
@@ -31,19 +34,21 @@ GROUP_WEIGHTS = "group_weights"
 
 
 class TransferError(ValueError):
-    """A message sequence that does not form a usable state or update; the message says which part."""
+    """A message, or a sequence of them, that does not form a usable request, state or update; the
+    message says which part."""
 
 
 class NonFiniteUpdateError(TransferError):
     """An update holding NaN or infinite values; a silo refuses to send it."""
 
 
-def stage_key(ref: pb.StageRef) -> StageKey:
-    """The key a StageRef message carries; a stage number the protocol does not have is refused."""
+def stage_key(ref: pb.StageRef, where: str = "stage reference") -> StageKey:
+    """The key a StageRef message carries; a stage number the protocol does not have is refused,
+    the refusal naming the field as ``where``."""
     try:
         stage = Stage(int(ref.stage))
     except ValueError:
-        raise TransferError(f"stage reference: unknown stage {int(ref.stage)}") from None
+        raise TransferError(f"{where}: unknown stage {int(ref.stage)}") from None
     return StageKey(run_id=ref.run_id, round=int(ref.round), attempt=int(ref.attempt), stage=stage)
 
 
@@ -78,7 +83,7 @@ def chunk_from_proto(message: pb.Chunk) -> wire.Chunk:
     )
 
 
-def _check_chunk_size(piece: pb.Chunk, max_chunk_bytes: int) -> None:
+def _check_chunk_size(piece: wire.Chunk, max_chunk_bytes: int) -> None:
     if len(piece.data) > max_chunk_bytes:
         raise TransferError(
             f"chunk {piece.index} of {piece.total}: {len(piece.data)} bytes, "
@@ -90,13 +95,20 @@ def _check_chunk_size(piece: pb.Chunk, max_chunk_bytes: int) -> None:
 # Global state, downwards
 
 
+def state_part(part: wire.Manifest | wire.Chunk) -> pb.StatePart:
+    """One message of a state download: the manifest, or a chunk."""
+    if isinstance(part, wire.Manifest):
+        return pb.StatePart(manifest_json=part.to_json())
+    return pb.StatePart(chunk=chunk_to_proto(part))
+
+
 def state_parts(
     encoded: wire.EncodedState, max_chunk_bytes: int, first_chunk: int = 0
 ) -> Iterator[pb.StatePart]:
     """The messages of a state download: the manifest, then the chunks from ``first_chunk`` on."""
-    yield pb.StatePart(manifest_json=encoded.manifest.to_json())
+    yield state_part(encoded.manifest)
     for piece in wire.chunk(encoded, max_chunk_bytes)[first_chunk:]:
-        yield pb.StatePart(chunk=chunk_to_proto(piece))
+        yield state_part(piece)
 
 
 class StateDownload:
@@ -160,13 +172,14 @@ class StateDownload:
             return
         if kind != "chunk":
             raise TransferError("state download: a second manifest inside one stream")
-        _check_chunk_size(part.chunk, self.max_chunk_bytes)
+        piece = chunk_from_proto(part.chunk)
+        _check_chunk_size(piece, self.max_chunk_bytes)
         assert self._assembler is not None
         try:
-            self._assembler.add(chunk_from_proto(part.chunk))
+            self._assembler.add(piece)
         except wire.WireError as exc:
             raise TransferError(f"state download: {exc}") from exc
-        self.bytes_received += len(part.chunk.data)
+        self.bytes_received += len(piece.data)
 
     def result(self) -> wire.EncodedState:
         """The complete, checksum-verified state."""
@@ -211,49 +224,45 @@ def update_parts(
 class ReceivedUpload:
     """An upload as reassembled and checksum-verified, not yet interpreted."""
 
-    header: pb.UpdateHeader
-    manifest: wire.Manifest
+    header: UpdateHeader
     payload: bytes
 
 
 def receive_upload(
-    parts: Iterator[pb.UpdatePart],
+    parts: Iterator[UploadPart],
     *,
     max_chunk_bytes: int,
     max_payload_bytes: int,
-    check_header: Callable[[pb.UpdateHeader, wire.Manifest], None] | None = None,
+    check_header: Callable[[UpdateHeader], None] | None = None,
 ) -> ReceivedUpload:
-    """Read an upload stream; ``check_header`` may refuse it before any chunk is read."""
-    first = next(parts, None)
-    if first is None or first.WhichOneof("part") != "header":
+    """Reassemble an upload from its header and chunks; ``check_header`` may refuse it before any
+    chunk is asked for of ``parts``."""
+    header = next(parts, None)
+    if not isinstance(header, UpdateHeader):
         raise TransferError("upload: the first message must be the header")
-    header = first.header
-    try:
-        manifest = wire.Manifest.from_json(header.manifest_json)
-    except wire.WireError as exc:
-        raise TransferError(f"upload: {exc}") from exc
+    manifest = header.manifest
     if manifest.payload_bytes > max_payload_bytes:
         raise TransferError(f"upload: {manifest.payload_bytes} bytes, over the limit of {max_payload_bytes}")
     if check_header is not None:
-        check_header(header, manifest)
+        check_header(header)
     assembler = wire.Reassembler(
         max_payload_bytes=manifest.payload_bytes,
         payload_sha256=manifest.payload_sha256,
         min_chunk_bytes=min(wire.MIN_CHUNK_BYTES, max_chunk_bytes),
     )
-    for part in parts:
-        if part.WhichOneof("part") != "chunk":
+    for piece in parts:
+        if not isinstance(piece, wire.Chunk):
             raise TransferError("upload: a second header inside one stream")
-        _check_chunk_size(part.chunk, max_chunk_bytes)
+        _check_chunk_size(piece, max_chunk_bytes)
         try:
-            assembler.add(chunk_from_proto(part.chunk))
+            assembler.add(piece)
         except wire.WireError as exc:
             raise TransferError(f"upload: {exc}") from exc
     try:
         payload = assembler.payload()
     except wire.WireError as exc:
         raise TransferError(f"upload: {exc}") from exc
-    return ReceivedUpload(header=header, manifest=manifest, payload=payload)
+    return ReceivedUpload(header=header, payload=payload)
 
 
 def encode_plain_update(

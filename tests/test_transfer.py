@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from condi_models.evaluation import EvalOptions
 from condi_models.nn.config import ModelConfig
 from condi_models.training import LocalTrainingConfig
 from federation import wire
+from federation.messages import UpdateHeader, UploadPart
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
+from federation.serde import upload_from_proto
 from federation.settings import RoundSettings, RunSettings, SettingsError
 from federation.stages import Stage, StageKey
 from federation.transfer import (
@@ -137,13 +140,17 @@ def test_upload_stream_is_checked_header_first() -> None:
     parts = list(update_parts(header, encoded, 64))
     seen = []
 
-    def check(h: pb.UpdateHeader, m: wire.Manifest) -> None:
-        seen.append((stage_key(h.ref), m.payload_bytes))
+    def read(messages: Iterable[pb.UpdatePart]) -> Iterator[UploadPart]:
+        # As the coordinator's servicer hands an upload on: converted message by message.
+        return upload_from_proto(iter(messages))
 
-    got = receive_upload(iter(parts), max_chunk_bytes=64, max_payload_bytes=10**6, check_header=check)
+    def check(h: UpdateHeader) -> None:
+        seen.append((h.key, h.manifest.payload_bytes))
+
+    got = receive_upload(read(parts), max_chunk_bytes=64, max_payload_bytes=10**6, check_header=check)
     assert got.payload == encoded.payload and seen == [(key, len(encoded.payload))]
 
-    def refuse(h: pb.UpdateHeader, m: wire.Manifest) -> None:
+    def refuse(h: UpdateHeader) -> None:
         raise PermissionError("refused before any chunk")
 
     consumed = []
@@ -154,16 +161,16 @@ def test_upload_stream_is_checked_header_first() -> None:
             yield p
 
     with pytest.raises(PermissionError):
-        receive_upload(counting(), max_chunk_bytes=64, max_payload_bytes=10**6, check_header=refuse)
+        receive_upload(read(counting()), max_chunk_bytes=64, max_payload_bytes=10**6, check_header=refuse)
     assert len(consumed) == 1
     with pytest.raises(TransferError, match="over the limit of 32"):
-        receive_upload(iter(parts), max_chunk_bytes=32, max_payload_bytes=10**6)
+        receive_upload(read(parts), max_chunk_bytes=32, max_payload_bytes=10**6)
     with pytest.raises(TransferError, match="over the limit of 50"):
-        receive_upload(iter(parts), max_chunk_bytes=64, max_payload_bytes=50)
+        receive_upload(read(parts), max_chunk_bytes=64, max_payload_bytes=50)
     with pytest.raises(TransferError, match="first message must be the header"):
-        receive_upload(iter(parts[1:]), max_chunk_bytes=64, max_payload_bytes=10**6)
+        receive_upload(read(parts[1:]), max_chunk_bytes=64, max_payload_bytes=10**6)
     with pytest.raises(TransferError, match="second header"):
-        receive_upload(iter([*parts, parts[0]]), max_chunk_bytes=64, max_payload_bytes=10**6)
+        receive_upload(read([*parts, parts[0]]), max_chunk_bytes=64, max_payload_bytes=10**6)
 
 
 def test_data_summary_carries_the_layout_without_records_or_counts() -> None:
