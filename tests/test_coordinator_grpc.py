@@ -31,6 +31,7 @@ from coordinator.layout import layout_mismatch
 from coordinator.store import StoreError
 from federation import pki, tls, wire
 from federation import secagg_wire as sw
+from federation.messages import HeartbeatReply, HeartbeatRequest
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.proto_gen.condi.v1 import federation_pb2_grpc as pb_grpc
 from federation.secagg import KeyAdvert
@@ -426,6 +427,28 @@ def test_bad_chunks_are_refused_naming_the_chunk(train: Train) -> None:
     assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "characters, at most 262144" in err.value.details()
 
 
+def test_a_request_the_protocol_cannot_mean_is_refused_naming_the_field(train: Train) -> None:
+    """The servicer's conversion to domain types refuses it, before the coordinator is called."""
+    stub = train.stubs["silo-1"]
+    ref = train.tasks["silo-1"].ref
+    unknown = pb.StageRef(run_id=ref.run_id, round=ref.round, attempt=ref.attempt, stage=42)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetTask(pb.TaskRequest(ref=unknown), timeout=TIMEOUT)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "TaskRequest.ref.stage: unknown stage 42" in err.value.details()
+    params, groups, weights = _params(train)
+    encoded = encode_plain_update(params, weights, groups)
+    with pytest.raises(grpc.RpcError) as err:
+        _upload(train, "silo-1", encoded, encoding=7)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UpdateHeader.encoding: unknown update encoding 7" in err.value.details()
+    headless = [pb.UpdatePart(chunk=chunk_to_proto(piece)) for piece in wire.chunk(encoded, 65536)]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UploadUpdate(iter(headless), timeout=TIMEOUT)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "upload: the first message must be the header" in err.value.details()
+
+
 def test_updates_of_the_wrong_shape_dtype_or_with_nan_are_refused(train: Train) -> None:
     params, groups, weights = _params(train)
     vector = np.array([weights[g] for g in groups])
@@ -745,7 +768,7 @@ def test_silo_strings_are_escaped_and_capped_in_logs_and_unexpected_errors_stay_
         (line,) = [r.getMessage() for r in caplog.records if "silo silo-1 joined" in r.getMessage()]
         assert "\n" not in line and "1.0\\n2026-12-05" in line and "more characters" in line and len(line) < 1000
 
-        def boom(silo: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        def boom(silo: str, request: HeartbeatRequest) -> HeartbeatReply:
             raise RuntimeError("secret detail of the coordinator's state")
 
         monkeypatch.setattr(running.server.coordinator, "heartbeat", boom)
