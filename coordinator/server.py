@@ -68,7 +68,7 @@ def new_run_id(federation: str) -> str:
 
 
 class Coordinator:
-    """The coordinator's state and the operations gRPC handlers call (thread-safe)."""
+    """The run's shared state, the parts that act on it, and the operations the servicer calls (thread-safe)."""
 
     def __init__(
         self,
