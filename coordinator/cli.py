@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="path to federation.yaml (serve the federation)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("--log-config", help="logging.yaml: level, stderr format, events.jsonl rotation")
     sub = parser.add_subparsers(dest="command")
     check = sub.add_parser("check", help="validate federation.yaml and print the round plan")
     check.add_argument("--config", required=True, help="path to federation.yaml")
@@ -63,17 +64,18 @@ def _replay(config: str, run_dir: str | None) -> int:
     return 0 if result.matches else 1
 
 
-def _serve(config: str, verbose: bool) -> int:
+def _serve(config: str, verbose: bool, log_config: str | None) -> int:
     from coordinator.app import serve
     from coordinator.store import StoreError
 
+    log_settings = logs.load_log_settings(log_config, verbose)
     cfg = load_federation_config(config)
     try:
         exit_at = parse_exit_at(COORDINATOR_EXIT_AT, os.environ.get(COORDINATOR_EXIT_AT))
     except ValueError as err:
         print(f"coordinator: error: {err}", file=sys.stderr)
         return 2
-    logs.configure(logging.DEBUG if verbose else logging.INFO, Path(cfg.run_dir) / "events.jsonl")
+    logs.configure(json_path=Path(cfg.run_dir) / "events.jsonl", settings=log_settings)
     try:
         return serve(cfg, config, exit_at=exit_at)
     except (StoreError, TlsError) as err:
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return _replay(args.config, args.run_dir)
         if args.config is None:
             parser.error("give --config federation.yaml to serve, or use `coordinator check --config ...`")
-        return _serve(args.config, args.verbose)
+        return _serve(args.config, args.verbose, args.log_config)
     except ConfigError as err:
         print(f"coordinator: error: {err}", file=sys.stderr)
         return 2

@@ -120,13 +120,14 @@ def run_check(config_path: str, as_json: bool, layout: bool = False) -> int:
     return 1 if problems else 0
 
 
-def run_agent(config_path: str, verbose: bool) -> int:
+def run_agent(config_path: str, verbose: bool, log_config: str | None = None) -> int:
     """Take part in the federation as site.yaml says."""
     from silo_agent.agent import Faults, SiloAgent
 
+    log_settings = logs.load_log_settings(log_config, verbose)
     cfg = load_site_config(config_path)
     check_site_files(cfg, config_path)
-    logs.configure(logging.DEBUG if verbose else logging.INFO, Path(cfg.state_dir) / "events.jsonl")
+    logs.configure(json_path=Path(cfg.state_dir) / "events.jsonl", settings=log_settings)
     return SiloAgent(cfg, config_path, faults=Faults.from_env()).run()
 
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="silo-agent", description="CondI silo agent (runs at a hospital)")
     parser.add_argument("--config", help="path to site.yaml (take part in the federation)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("--log-config", help="logging.yaml: level, stderr format, events.jsonl rotation")
     sub = parser.add_subparsers(dest="command")
     check = sub.add_parser(
         "check", help="validate site.yaml, data, certificates and coordinator; print a summary"
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             return run_check(args.config, args.json, args.layout)
-        return run_agent(args.config, args.verbose)
+        return run_agent(args.config, args.verbose, args.log_config)
     except (
         ConfigError,
         DataSourceError,
