@@ -49,8 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 from opacus.accountants import create_accountant
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from pydantic import ConfigDict
 from torch import nn
 
@@ -474,13 +475,25 @@ class PrivateRound:
 
     @contextlib.contextmanager
     def optimizer(
-        self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer
+        self,
+        model: nn.Module,
+        params: Sequence[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        *,
+        world: int = 1,
     ) -> Iterator[DPOptimizer]:
         """Per-sample gradients for ``params`` and a DP optimizer around ``optimizer``, for one phase.
 
         Only ``params`` require gradients meanwhile, so per-sample work and hooks stay on the
         phase's modules. Everything Opacus attaches (hooks, ``grad_sample`` and friends) is
         removed afterwards, so the model's names, state and later rounds are as without DP.
+
+        With ``world`` > 1 this process is one rank of a data-parallel group training the silo
+        (:mod:`condi_models.distributed`): the model is wrapped in Opacus' DPDDP, which starts
+        every rank from rank 0's parameters, and the optimizer is Opacus' DistributedDPOptimizer:
+        it sums the ranks' clipped gradients, adds the noise once (on rank 0, from this round's
+        noise stream) and, each rank dividing by its 1/world of the expected batch before the
+        ranks' mean, divides by the expected size of the global batch, as one process would.
         """
         wanted = {id(p) for p in params}
         saved = [(p, p.requires_grad) for p in model.parameters()]
@@ -492,12 +505,14 @@ class PrivateRound:
                 # Inputs here never require grad, so PyTorch notes that full backward hooks fire on
                 # the outputs' gradients, which are exactly what Opacus needs.
                 warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-                gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-                yield DPOptimizer(
+                module = model if world == 1 else DifferentiallyPrivateDistributedDataParallel(model)
+                gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=True)
+                kind = DPOptimizer if world == 1 else DistributedDPOptimizer
+                yield kind(
                     optimizer,
                     noise_multiplier=self.noise_multiplier,
                     max_grad_norm=self.max_grad_norm,
-                    expected_batch_size=self.expected_batch_size,
+                    expected_batch_size=self.expected_batch_size if world == 1 else self.expected_batch_size / world,
                     loss_reduction="mean",
                     generator=self.noise_generator,
                     secure_mode=True,

@@ -28,19 +28,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import ConfigDict
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from condi_models.aggregation import ParameterGroups
 from condi_models.batches import Batch, PreparedSplit, crop, iterate_batches
 from condi_models.evaluation import impute_split
 from condi_models.imputers import gaussian_em
-from condi_models.nn.model import CondIModel
+from condi_models.nn.model import CondIModel, PhaseADraw
 from condi_models.nn.sampling import SamplingOptions
 from condi_models.privacy import PrivateRound, SiloPrivacy
 
@@ -238,6 +241,188 @@ def _phase_b_input(
     return filled, torch.ones_like(batch.observed), model.availability(batch.observed)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in a data-parallel group training one silo (:mod:`condi_models.distributed`).
+
+    Every rank draws the same global batches (same seed, order, crops and Phase A draws) and
+    trains on its own contiguous rows of each; the ranks' gradients are combined so that a step
+    moves the model as one process's step on the whole global batch does (see :class:`_RankStep`).
+    """
+
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is outside 0..{self.world - 1}")
+
+    def rows(self, n: int) -> slice:
+        """This rank's rows of a global batch of ``n``: contiguous, the first ``n % world`` ranks one more."""
+        size, extra = divmod(n, self.world)
+        start = self.rank * size + min(self.rank, extra)
+        return slice(start, start + size + (self.rank < extra))
+
+    def total(self, value: float, device: torch.device) -> float:
+        """The sum of ``value`` over the ranks (on ``device``: NCCL reduces only GPU tensors)."""
+        summed = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        return float(summed.item())
+
+
+@dataclass(frozen=True)
+class ClassTerms:
+    """Phase B's class weights (``balanced``) and logit shift (``logit_adjusted``): (C,) arrays or None."""
+
+    weights: np.ndarray | None = None
+    shift: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PhasesRun:
+    """What :func:`train_phases` did: each phase's mean loss over its last epoch, and its seconds."""
+
+    phase_a_loss: float
+    phase_b_loss: float
+    seconds_a: float
+    seconds_b: float
+
+
+class _LossForward(nn.Module):
+    """The model with a forward that runs the loss it is handed.
+
+    DistributedDataParallel prepares its gradient all-reduce in its forward, and CondI's losses
+    are model methods, not ``forward``; this lets a step's loss run inside DDP's forward.
+    """
+
+    def __init__(self, model: CondIModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return compute()
+
+
+@dataclass(frozen=True)
+class _RankLoss:
+    """One rank's side of a step: what it back-propagates (None: nothing), its own rows' mean loss
+    (for the finite check and progress), its part of the global batch's loss, and its row count."""
+
+    backward: torch.Tensor | None
+    own: torch.Tensor
+    part: float
+    rows: int
+
+
+class _RankStep:
+    """One rank's part of each step of a phase trained by a data-parallel group.
+
+    A global batch's loss is sum_i c_i l_i over its records (c_i = 1/n for a mean, w_i / sum w for
+    Phase B's class-weighted mean); this rank's part is that sum over its own rows: their mean
+    loss times their share of the weight. What it back-propagates is the part scaled so that the
+    combination across ranks is the global batch's gradient. DDP averages the ranks' gradients,
+    so plainly it is the part times the world size. Under DP-SGD the per-record gradients are what
+    count and Opacus multiplies the mean loss's gradient by the rows it saw, so the part is
+    scaled by (global rows / own rows); DistributedDPOptimizer then sums the clipped gradients of
+    all ranks and adds the noise once. A rank with no rows in a step (a last batch smaller than
+    the group) still joins the all-reduce, with a zero gradient.
+    """
+
+    def __init__(
+        self,
+        shard: Shard,
+        params: list[nn.Parameter],
+        ddp: DistributedDataParallel | None,
+        weights: torch.Tensor | None,
+    ) -> None:
+        self.shard = shard
+        self.params = params
+        self.ddp = ddp
+        self.weights = weights
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls, shard: Shard, model: CondIModel, params: list[nn.Parameter], private: bool, weights: torch.Tensor | None
+    ) -> Iterator[_RankStep]:
+        """The phase's rank step; without DP the model is wrapped in DDP, with only ``params`` trainable
+        meanwhile so that DDP reduces just the phase's gradients (DP's optimizer does its own)."""
+        if private:
+            yield cls(shard, params, None, weights)
+            return
+        wanted = {id(p) for p in params}
+        saved = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(id(p) in wanted)
+        try:
+            # Whether a parameter is used can depend on the records, hence the search for unused ones:
+            # one never used keeps no gradient, as in one process.
+            ddp = DistributedDataParallel(_LossForward(model), find_unused_parameters=True)
+            yield cls(shard, params, ddp, weights)
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    def loss(
+        self,
+        batch: Batch,
+        draw: PhaseADraw | None,
+        loss_of: Callable[[Batch, PhaseADraw | None], torch.Tensor],
+    ) -> _RankLoss:
+        """This rank's rows of the global ``batch`` (and of its Phase A ``draw``), and their loss."""
+        n = len(batch.index)
+        rows = self.shard.rows(n)
+        own_rows = rows.stop - rows.start
+        part_batch = Batch(
+            x=batch.x[rows], observed=batch.observed[rows], y=batch.y[rows], index=batch.index[rows],
+            start=batch.start[rows],
+        )
+        part_draw = None if draw is None else PhaseADraw(draw.cond_mask[rows], draw.t[rows], draw.noise[rows])
+        if self.weights is None:
+            share = own_rows / n
+        else:
+            w = self.weights[batch.y]
+            share = float(w[rows].sum() / w.sum())
+        zero = torch.zeros((), device=batch.x.device)
+        if self.ddp is None:
+            if own_rows == 0:
+                return _RankLoss(None, zero, 0.0, 0)
+            own = loss_of(part_batch, part_draw)
+            return _RankLoss(own * (share * n / own_rows), own, float(own.detach()) * share, own_rows)
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            if own_rows == 0:
+                # Touches every trainable parameter, so this rank's DDP hooks fire with zeros.
+                return sum((p.sum() for p in self.params), zero) * 0.0, zero
+            own = loss_of(part_batch, part_draw)
+            return own * (share * self.shard.world), own
+
+        backward, own = self.ddp(compute)
+        return _RankLoss(backward, own, float(own.detach()) * share, own_rows)
+
+
+def _batch_loss(
+    phase: Literal["A", "B"],
+    model: CondIModel,
+    batch: Batch,
+    draw: PhaseADraw | None,
+    cfg: LocalTrainingConfig,
+    train_x: np.ndarray | None,
+    device: torch.device,
+    weights: torch.Tensor | None,
+    shift: torch.Tensor | None,
+) -> torch.Tensor:
+    """The loss of ``batch``: Phase A's for the ``draw``, or Phase B's classification loss."""
+    if phase == "A":
+        assert draw is not None
+        return model.phase_a_loss_for(batch.x, batch.observed, draw)
+    x_in, mask, availability = _phase_b_input(model, batch, cfg, train_x, device)
+    logits = model.classify(x_in, mask, availability)
+    if shift is not None:
+        logits = logits + shift
+    return torch.nn.functional.cross_entropy(logits, batch.y, weight=weights)
+
+
 def _run_phase(
     phase: Literal["A", "B"],
     model: CondIModel,
@@ -253,12 +438,14 @@ def _run_phase(
     lr_scale: float = 1.0,
     weights: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    shard: Shard | None = None,
 ) -> float:
     """Train one phase; returns the mean loss of its last epoch (NaN when it has no work).
 
     With ``private`` the phase runs DP-SGD: Poisson-sampled batches, per-sample clipping and
     noise instead of the batch-level gradient clip. ``weights`` are Phase B's class weights and
-    ``shift`` its logit adjustment, each (C,) or None.
+    ``shift`` its logit adjustment, each (C,) or None. With ``shard`` this process is one rank of
+    a data-parallel group and trains on its rows of every global batch (:class:`_RankStep`).
     """
     params = model.phase_parameters(phase.lower())
     if epochs == 0 or not params or len(split) == 0:
@@ -271,7 +458,15 @@ def _run_phase(
     model.train()
     with contextlib.ExitStack() as stack:
         if private is not None:
-            opt = stack.enter_context(private.optimizer(model, params, opt))
+            world = 1 if shard is None else shard.world
+            opt = stack.enter_context(private.optimizer(model, params, opt, world=world))
+
+        def loss_of(rows: Batch, draw: PhaseADraw | None) -> torch.Tensor:
+            return _batch_loss(phase, model, rows, draw, cfg, train_x, device, weights, shift)
+
+        ranked = None
+        if shard is not None:
+            ranked = stack.enter_context(_RankStep.open(shard, model, params, private is not None, weights))
         for epoch in range(epochs):
             total, counted = 0.0, 0
             if private is None:
@@ -283,34 +478,37 @@ def _run_phase(
                     opt.zero_grad(set_to_none=True)
                     private.step(opt, 0)
                     continue
+                draw = None
                 if phase == "A":
                     # Under DP a sample's conditioning mask may not borrow another record's pattern
                     # (the default borrows the previous sample's), or one record could move two
                     # clipped gradients; its own pattern makes the draw CSDI's random strategy.
                     borrowed = batch.observed if private is not None else None
-                    loss = model.phase_a_loss(batch.x, batch.observed, generator=generator, borrowed_masks=borrowed)
+                    draw = model.phase_a_draw(batch.x, batch.observed, generator, borrowed)
+                if ranked is None:
+                    loss = loss_of(batch, draw)
+                    step = _RankLoss(loss, loss, float(loss.detach()), len(batch.index))
                 else:
-                    x_in, mask, availability = _phase_b_input(model, batch, cfg, train_x, device)
-                    logits = model.classify(x_in, mask, availability)
-                    if shift is not None:
-                        logits = logits + shift
-                    loss = torch.nn.functional.cross_entropy(logits, batch.y, weight=weights)
-                if not torch.isfinite(loss):
+                    step = ranked.loss(batch, draw, loss_of)
+                if not torch.isfinite(step.own):
                     raise FloatingPointError(
-                        f"phase {phase} loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}"
+                        f"phase {phase} loss became {step.own.item()} at epoch {epoch + 1}, batch {b + 1}"
                     )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if step.backward is not None:
+                    step.backward.backward()
                 if private is None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()
                 else:
-                    private.step(opt, len(batch.index))
+                    private.step(opt, step.rows)
                 warmup.step()
-                total += float(loss.detach())
+                total += step.part
                 counted += 1
                 if progress is not None:
-                    progress(TrainingProgress(phase, epoch + 1, epochs, b + 1, n_batches, float(loss.detach())))
+                    progress(TrainingProgress(phase, epoch + 1, epochs, b + 1, n_batches, float(step.own.detach())))
+            if shard is not None:
+                total = shard.total(total, device)
             last = total / counted if counted else math.nan
     return last
 
@@ -341,37 +539,85 @@ def train_local(
     (:class:`~condi_models.privacy.BudgetExhausted` before anything trains), the round is
     recorded in the silo's ledger afterwards, and ``extra`` reports the epsilon spent so far.
     """
+    terms = class_terms(cfg, split, class_counts)
+    private = None if privacy is None else begin_private_round(model, split, cfg, privacy, seed=seed, device=device)
+    run = train_phases(
+        model, split, cfg, seed=seed, device=device, progress=progress, private=private, lr_scale=lr_scale,
+        terms=terms,
+    )
+    return local_result(split, run, privacy, private)
+
+
+def class_terms(cfg: LocalTrainingConfig, split: PreparedSplit, class_counts: np.ndarray | None) -> ClassTerms:
+    """Phase B's class weights or logit shift on ``split`` as ``cfg.class_weighting`` says, from the
+    pooled ``class_counts`` (C,) or, without them, as :func:`train_local` describes."""
+    local_counts = np.bincount(split.y, minlength=len(split.info.classes))
+    if class_counts is not None and len(class_counts) != len(local_counts):
+        raise ValueError(f"class_counts has {len(class_counts)} entries for {len(local_counts)} classes")
+    if cfg.class_weighting == "balanced":
+        return ClassTerms(weights=class_weights(local_counts if class_counts is None else class_counts))
+    if cfg.class_weighting == "logit_adjusted" and class_counts is not None:
+        return ClassTerms(shift=logit_adjustment(local_counts, class_counts))
+    return ClassTerms()
+
+
+def begin_private_round(
+    model: CondIModel,
+    split: PreparedSplit,
+    cfg: LocalTrainingConfig,
+    privacy: SiloPrivacy,
+    *,
+    seed: int,
+    device: torch.device,
+) -> PrivateRound:
+    """Check the budget and set up the round's DP-SGD on ``split`` (the phases' work as
+    :func:`train_local` plans it); raises BudgetExhausted before anything trains."""
+    epochs = {"a": phase_epochs(cfg, "A", len(split)), "b": phase_epochs(cfg, "B", len(split))}
+    work = {p: (e if model.phase_parameters(p) else 0) for p, e in epochs.items()}
+    return privacy.begin_round(
+        n_samples=len(split), batch_size=cfg.batch_size, phase_epochs=work, seed=seed, device=device
+    )
+
+
+def train_phases(
+    model: CondIModel,
+    split: PreparedSplit,
+    cfg: LocalTrainingConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    progress: ProgressHook | None = None,
+    private: PrivateRound | None = None,
+    lr_scale: float = 1.0,
+    terms: ClassTerms | None = None,
+    shard: Shard | None = None,
+) -> PhasesRun:
+    """The training of :func:`train_local` between the budget check and the ledger: the prior's
+    refit, Phase A, the imputed inputs where asked, Phase B.
+
+    ``private`` is the round :func:`begin_private_round` set up (its ``steps_taken`` counts the
+    noisy steps), ``terms`` Phase B's :func:`class_terms`. With ``shard`` this process is one rank
+    of a data-parallel group that has ``torch.distributed`` set up; every rank refits the prior
+    and imputes the whole split alike, and trains on its rows of each batch.
+    """
+    terms = terms or ClassTerms()
     rng = np.random.default_rng(seed)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     model.to(device)
     epochs_a = phase_epochs(cfg, "A", len(split))
     epochs_b = phase_epochs(cfg, "B", len(split))
-    local_counts = np.bincount(split.y, minlength=len(split.info.classes))
-    if class_counts is not None and len(class_counts) != len(local_counts):
-        raise ValueError(f"class_counts has {len(class_counts)} entries for {len(local_counts)} classes")
-    weights = shift = None
-    if cfg.class_weighting == "balanced":
-        counts = local_counts if class_counts is None else class_counts
-        weights = torch.as_tensor(class_weights(counts), dtype=torch.float32, device=device)
-    elif cfg.class_weighting == "logit_adjusted" and class_counts is not None:
-        shift = torch.as_tensor(logit_adjustment(local_counts, class_counts), dtype=torch.float32, device=device)
-    rnd = None
-    if privacy is not None:
-        work = {
-            p: (epochs if model.phase_parameters(p) else 0) for p, epochs in (("a", epochs_a), ("b", epochs_b))
-        }
-        rnd = privacy.begin_round(
-            n_samples=len(split), batch_size=cfg.batch_size, phase_epochs=work, seed=seed, device=device
-        )
-    private_a = rnd if rnd is not None and "a" in rnd.phases else None
-    private_b = rnd if rnd is not None and "b" in rnd.phases else None
+    weights = None if terms.weights is None else torch.as_tensor(terms.weights, dtype=torch.float32, device=device)
+    shift = None if terms.shift is None else torch.as_tensor(terms.shift, dtype=torch.float32, device=device)
+    private_a = private if private is not None and "a" in private.phases else None
+    private_b = private if private is not None and "b" in private.phases else None
     t0 = time.perf_counter()
     # The prior's moments leave the silo unnoised, so a private round keeps the global ones.
-    if privacy is None and epochs_a > 0:
+    if private is None and epochs_a > 0:
         refit_prior(model, split, cfg.prior_em_iterations, seed)
     loss_a = _run_phase(
-        "A", model, split, cfg, epochs_a, rng, generator, device, progress, private=private_a, lr_scale=lr_scale
+        "A", model, split, cfg, epochs_a, rng, generator, device, progress, private=private_a, lr_scale=lr_scale,
+        shard=shard,
     )
     t1 = time.perf_counter()
     train_x = None
@@ -379,23 +625,32 @@ def train_local(
         sampling = SamplingOptions(n_samples=1, steps=cfg.impute_steps)
         train_x = impute_split(model, split, sampling=sampling, seed=seed, device=device).x_hat
     loss_b = _run_phase(
-        "B", model, split, cfg, epochs_b, rng, generator, device, progress, train_x, private_b, lr_scale, weights, shift
+        "B", model, split, cfg, epochs_b, rng, generator, device, progress, train_x, private_b, lr_scale, weights,
+        shift, shard,
     )
     t2 = time.perf_counter()
+    return PhasesRun(phase_a_loss=loss_a, phase_b_loss=loss_b, seconds_a=t1 - t0, seconds_b=t2 - t1)
+
+
+def local_result(
+    split: PreparedSplit, run: PhasesRun, privacy: SiloPrivacy | None = None, private: PrivateRound | None = None
+) -> LocalResult:
+    """What the silo reports of ``run`` on ``split``; with ``privacy`` the ``private`` round is recorded
+    in the ledger first and ``extra`` reports the epsilon spent so far."""
     extra: dict[str, float] = {}
-    if privacy is not None and rnd is not None:
+    if privacy is not None and private is not None:
         extra = {
-            "epsilon": privacy.commit(rnd),
+            "epsilon": privacy.commit(private),
             "delta": privacy.spec.delta,
-            "noise_multiplier": rnd.noise_multiplier,
-            "dp_steps": float(rnd.steps_taken),
+            "noise_multiplier": private.noise_multiplier,
+            "dp_steps": float(private.steps_taken),
         }
     return LocalResult(
         n_samples=len(split),
         group_weights=group_weights(split),
-        phase_a_loss=loss_a,
-        phase_b_loss=loss_b,
-        seconds_a=t1 - t0,
-        seconds_b=t2 - t1,
+        phase_a_loss=run.phase_a_loss,
+        phase_b_loss=run.phase_b_loss,
+        seconds_a=run.seconds_a,
+        seconds_b=run.seconds_b,
         extra=extra,
     )
