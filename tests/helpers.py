@@ -1,4 +1,4 @@
-"""Small hand-built datasets for tests that need no loader, and silo identities from a dev PKI."""
+"""Small hand-built datasets and models for tests that need no loader, and silo identities from a dev PKI."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo, Modality
+from condi_models.nn.classifier import ClassifierConfig
+from condi_models.nn.config import ModelConfig
+from condi_models.nn.context import ContextConfig
+from condi_models.nn.denoiser import DenoiserConfig
+from condi_models.nn.model import CondIModel
 from federation import pki
 from federation import secagg_wire as sw
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
@@ -60,6 +66,20 @@ def toy_dataset(
         sample_ids=tuple(f"toy/{i}" for i in range(n)),
         patient_ids=tuple(f"p{i // records_per_patient}" for i in range(n)),
     )
+
+
+def tiny_model(seed: int = 0) -> CondIModel:
+    """A small CondI with its Gaussian prior, for 4 channels of 24 steps in 3 modalities (2, 1, 1
+    channels) and 3 classes; without dropout, so a run repeats exactly."""
+    torch.manual_seed(seed)
+    return CondIModel(ModelConfig(
+        channel_modality=(0, 0, 1, 2), n_classes=3, length=24, embed_dim=8, cond_dim=8,
+        denoiser=DenoiserConfig(hidden=16, n_blocks=1, n_heads=2, patch_size=4, conv_channels=4, conv_kernel=3,
+                                out_channels=4, time_embed_dim=8, channel_embed_dim=4, step_embed_dim=16),
+        context=ContextConfig(stem_dim=8, n_experts=2, expert_hidden=16, out_dim=8),
+        classifier=ClassifierConfig(hidden=16, n_blocks=1, n_heads=2, patch_size=4, conv_channels=2, conv_kernel=3,
+                                    pos_embed_dim=8, head_hidden=16, dropout=0.0),
+    ))
 
 
 def secagg_identities(folder: Path, n: int):

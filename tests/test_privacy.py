@@ -14,10 +14,6 @@ from condi_models.batches import iterate_batches, prepare_split
 from condi_models.configfile import ConfigError, parse_config
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
-from condi_models.nn.classifier import ClassifierConfig
-from condi_models.nn.config import ModelConfig
-from condi_models.nn.context import ContextConfig
-from condi_models.nn.denoiser import DenoiserConfig
 from condi_models.nn.model import CondIModel
 from condi_models.privacy import (
     BudgetExhausted,
@@ -33,7 +29,7 @@ from condi_models.privacy import (
 )
 from condi_models.simulation import ExperimentConfig, run_simulation
 from condi_models.training import LocalTrainingConfig, train_local
-from tests.helpers import toy_dataset
+from tests.helpers import tiny_model, toy_dataset
 
 CPU = torch.device("cpu")
 N = 40
@@ -48,18 +44,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def split():
     ds = toy_dataset(N, modalities=(2, 1, 1), length=24, n_classes=3, seed=1)
     return prepare_split(ds, ChannelNormalizer.fit(ds.x, ds.observed), MissingnessSpec(ps=0.5, pw=0.5, seed=0))
-
-
-def tiny_model(seed: int = 0) -> CondIModel:
-    torch.manual_seed(seed)
-    return CondIModel(ModelConfig(
-        channel_modality=(0, 0, 1, 2), n_classes=3, length=24, embed_dim=8, cond_dim=8,
-        denoiser=DenoiserConfig(hidden=16, n_blocks=1, n_heads=2, patch_size=4, conv_channels=4, conv_kernel=3,
-                                out_channels=4, time_embed_dim=8, channel_embed_dim=4, step_embed_dim=16),
-        context=ContextConfig(stem_dim=8, n_experts=2, expert_hidden=16, out_dim=8),
-        classifier=ClassifierConfig(hidden=16, n_blocks=1, n_heads=2, patch_size=4, conv_channels=2, conv_kernel=3,
-                                    pos_embed_dim=8, head_hidden=16, dropout=0.0),
-    ))
 
 
 def spec(**changes) -> PrivacySpec:
