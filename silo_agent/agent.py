@@ -6,8 +6,9 @@ on what comes back:
 - WAIT: ask again (the coordinator holds the call while nothing changes);
 - TRAIN: take the global state (from the cache when it already holds it, else a checksummed
   download), run :func:`condi_models.training.train_local` unchanged on the local training
-  split, and upload the parameters and group weights; an update with NaN or infinity is never
-  sent;
+  split (with ``compute.workers`` > 1 in site.yaml, :func:`condi_models.distributed.train_on_workers`
+  on that many processes), and upload the parameters and group weights; an update with NaN or
+  infinity is never sent;
 - secure aggregation instead of the plain upload: ADVERTISE_KEYS trains the same way, encodes
   the update as the secure vector (weighted clipped deltas and group weights, clipping counted)
   and sends fresh keys signed with the silo's certificate key; SHARE_KEYS, MASKED_INPUT and
@@ -48,6 +49,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -57,6 +59,7 @@ import numpy as np
 import torch
 
 from condi_models.aggregation import SecureLayout, SiloUpdate
+from condi_models.distributed import train_on_workers, worker_devices
 from condi_models.evaluation import EvalResult, evaluate
 from condi_models.nn.model import CondIModel, resolve_device
 from condi_models.privacy import BudgetExhausted, SiloPrivacy, load_or_create_secret
@@ -213,6 +216,8 @@ class SiloAgent:
         self.faults = faults or Faults()
         self.data: LocalData | None = None
         self.device = resolve_device(cfg.device)
+        # Refused here, not at the first round, when the GPUs are fewer than the workers.
+        worker_devices(self.device, cfg.compute.workers)
         self.state = AgentState(cfg.state_dir)
         self.client: CoordinatorClient | None = None
         self.run_id: str | None = None
@@ -503,7 +508,9 @@ class SiloAgent:
         download_s, received = self._load_global_state(task, key)
         named = self.model.state_to_named_tensors()
         start = {n: named[n].numpy().copy() for n in self._param_names}
-        result = train_local(
+        workers = self.cfg.compute.workers
+        train = train_local if workers == 1 else partial(train_on_workers, workers=workers)
+        result = train(
             self.model,
             self.data.train,
             self.settings.training,

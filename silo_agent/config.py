@@ -8,16 +8,20 @@ variables.
 ``privacy:`` turns on DP-SGD (see :mod:`condi_models.privacy`); its keys are those of
 :class:`~condi_models.privacy.PrivacySpec`, except that ``planned_rounds`` may be left out: the
 agent then plans for its expected participation in the run it joins.
+
+``compute: {workers: N}`` trains each round's local step on N worker processes
+(:mod:`condi_models.distributed`): one per CPU core at most, or one per GPU with ``device: cuda``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from condi_models.configfile import ConfigError, StrictModel, load_config
 from condi_models.data.missingness import MissingnessSpec
@@ -145,6 +149,26 @@ class SitePolicy(StrictModel):
     require_dp: bool = Field(default=False, description="train only with DP-SGD: site.yaml must have privacy:")
 
 
+class SiteCompute(StrictModel):
+    """How this silo trains: the worker processes of each round's local-training step."""
+
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="processes that train each round's local step together (torch.distributed: gloo on CPU, "
+        "NCCL with one GPU each); one update is still uploaded (see condi_models.distributed)",
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _within_the_host(cls, workers: int) -> int:
+        # A worker is a process with at least one core of its own; more would only contend.
+        cores = os.cpu_count() or 1
+        if workers > cores:
+            raise ValueError(f"{workers} workers on a host with {cores} CPU cores; at most one worker per core")
+        return workers
+
+
 class SiteConfig(StrictModel):
     """A silo's configuration (site.yaml)."""
 
@@ -164,6 +188,7 @@ class SiteConfig(StrictModel):
         default=None, description="DP-SGD with a budget kept in state_dir (none when absent)"
     )
     policy: SitePolicy = Field(default_factory=SitePolicy, description="what runs this silo takes part in")
+    compute: SiteCompute = Field(default_factory=SiteCompute, description="worker processes of local training")
 
     @model_validator(mode="after")
     def _tls_with_coordinator(self) -> SiteConfig:

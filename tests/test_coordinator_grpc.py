@@ -657,11 +657,13 @@ def _run_agents(
     silos: tuple[str, ...],
     policies: dict[str, dict] | None = None,
     crls: dict[str, Path] | None = None,
+    compute: dict[str, dict] | None = None,
 ) -> dict[str, int]:
     """Real silo agents on synthetic ECG shares, one thread each, until the run ends; their exit codes.
 
     A silo's site policy allows the run's aggregation mode unless ``policies`` says otherwise; a
-    silo in ``crls`` checks adverts against that revocation list.
+    silo in ``crls`` checks adverts against that revocation list; one in ``compute`` has that
+    ``compute:`` section.
     """
     plain = running.server.coordinator.plan.secure is None
     agents = {}
@@ -680,6 +682,7 @@ def _run_agents(
                 **({"crl": str(crls[silo])} if crls and silo in crls else {}),
             },
             "policy": (policies or {}).get(silo, {"require_secure_aggregation": not plain}),
+            **({"compute": compute[silo]} if compute and silo in compute else {}),
         }
         cfg = parse_config(site, SiteConfig, f"{silo}.yaml")
         agents[silo] = SiloAgent(cfg, f"{silo}.yaml", faults=faults.get(silo, Faults()))
@@ -715,6 +718,23 @@ def test_a_silo_agent_refuses_to_send_a_nan_update_and_the_round_goes_on(
     report = json.loads((running.run_dir / "report.json").read_text())
     assert report["status"] == "complete" and (running.run_dir / "global_model.npz").is_file()
     assert report["model_selection"]["selected_round"] == 0 and report["final_test"]["n"] > 0
+
+
+def test_a_silo_training_on_two_workers_uploads_one_update_per_round(
+    material: pki.DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = _start_for_agents(tmp_path, material, ["silo-1", "silo-2"])
+    with caplog.at_level(logging.INFO):
+        codes = _run_agents(
+            running, material, tmp_path, {}, ("silo-1", "silo-2"), compute={"silo-1": {"workers": 2}}
+        )
+    assert codes == {"silo-1": 0, "silo-2": 0} and running.exit_codes == [0]
+    assert sum("local training on 2 workers" in r.getMessage() for r in caplog.records) == 1
+    audit = [json.loads(line) for line in (running.run_dir / "audit.jsonl").read_text().splitlines()]
+    uploads = [e["silo"] for e in audit if e["method"] == "UploadUpdate"]
+    assert sorted(uploads) == ["silo-1", "silo-2"]
+    rows = [json.loads(line) for line in (running.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0] and rows[0]["completed"] == ["silo-1", "silo-2"]
 
 
 def test_a_secure_sum_a_hostile_silo_left_unclipped_is_refused_and_the_round_retried(
