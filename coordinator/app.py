@@ -2,8 +2,9 @@
 
 :class:`CoordinatorServer` wires the parts together: the federation CA and its reloading CRL,
 the per-call identity check (:class:`~federation.identity.IdentityInterceptor`), the servicer
-(:mod:`coordinator.servicer`), the health service and the audit log (``audit.jsonl`` in the run
-directory). :func:`serve` runs one federation to its end and returns the process exit code.
+(:mod:`coordinator.servicer`), the health service, the audit log (``audit.jsonl`` in the run
+directory) and, when federation.yaml asks, the local monitor: Prometheus metrics and the live
+web view (:mod:`coordinator.monitor`). :func:`serve` runs one federation to its end and returns the process exit code.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from pathlib import Path
 from grpc_health.v1 import health_pb2
 
 from coordinator.config import FederationConfig, check_federation_files
+from coordinator.monitor import run_snapshot, web_routes
 from coordinator.server import Coordinator
-from coordinator.servicer import FederationServicer
+from coordinator.servicer import METHOD_NAMES, FederationServicer
 from federation import identity, pki, tls
 from federation.audit import AuditLog
 from federation.faults import FaultPoint
+from federation.monitor_http import MonitorServer
+from federation.service_metrics import CoordinatorMetrics
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,13 @@ class CoordinatorServer:
         ca = pki.load_certificate(cfg.tls.ca)
         revocations = identity.RevocationList(cfg.tls.crl, ca)
         self.coordinator = Coordinator(cfg, revocations=revocations, exit_at=exit_at)
+        run_dir = self.coordinator.run_dir
+        self.metrics = CoordinatorMetrics(lambda: run_snapshot(run_dir, events=0), cfg.silos, list(METHOD_NAMES))
         # Opened after the coordinator: a run directory it refuses (another federation's) is left untouched.
-        self.audit = AuditLog(self.coordinator.run_dir / "audit.jsonl")
+        self.audit = AuditLog(run_dir / "audit.jsonl", on_record=self.metrics.call)
+        self.monitor = (
+            None if cfg.monitor is None else MonitorServer(cfg.monitor, self.metrics.registry, web_routes(run_dir))
+        )
         interceptor = identity.IdentityInterceptor(ca, revocations, cfg.silos, audit=self.audit)
         credentials = tls.server_credentials(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
         # Each silo may have max_calls_per_silo calls in progress (the servicer refuses more), so the
@@ -55,6 +64,8 @@ class CoordinatorServer:
         """Start serving; returns the port."""
         self._bound.server.start()
         log.info("coordinator of %s serving on port %d", self.coordinator.cfg.name, self.port)
+        if self.monitor is not None:
+            self.monitor.start()
         return self.port
 
     def stop(self) -> None:
@@ -63,6 +74,8 @@ class CoordinatorServer:
             self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.coordinator.stop()
         self._bound.server.stop(grace=2).wait()
+        if self.monitor is not None:
+            self.monitor.stop()
         self.audit.close()
 
 

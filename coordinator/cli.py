@@ -5,7 +5,9 @@ every round completed, 1 when the run failed or was stopped, 2 on a configuratio
 ``coordinator check --config federation.yaml`` validates the file and prints the round plan;
 files it names that do not exist yet are listed on stderr. ``coordinator replay --config
 federation.yaml`` rebuilds the run's global model from its journal of summed contributions and
-checks it against every recorded round (exit 0 when all match, 1 when not).
+checks it against every recorded round (exit 0 when all match, 1 when not). ``coordinator status
+--config federation.yaml [--json]`` shows the run's round, stage, silos and last error, read from
+its run directory (exit 1 when there is no run there yet).
 
 For fault tests, ``CONDI_COORDINATOR_EXIT_AT=ROUND:STAGE`` makes the coordinator exit hard (status 17)
 right after it accepts the first submission of that round's stage, as a crash mid-stage would.
@@ -40,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="rebuild the run's model from its journal and check every round")
     replay.add_argument("--config", required=True, help="path to federation.yaml")
     replay.add_argument("--run-dir", help="the run directory (default: federation.yaml's run_dir)")
+    status = sub.add_parser("status", help="the run's round, stage, silos, last error (read from its run directory)")
+    status.add_argument("--config", required=True, help="path to federation.yaml")
+    status.add_argument("--run-dir", help="the run directory (default: federation.yaml's run_dir)")
+    status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     return parser
 
 
@@ -62,6 +68,14 @@ def _replay(config: str, run_dir: str | None) -> int:
         return 2
     print(json.dumps(result.to_dict(), indent=2))
     return 0 if result.matches else 1
+
+
+def _status(config: str, run_dir: str | None, as_json: bool) -> int:
+    from coordinator.monitor import run_snapshot, status_text
+
+    snapshot = run_snapshot(load_federation_config(config).run_dir if run_dir is None else run_dir)
+    print(json.dumps(snapshot, indent=2, default=str) if as_json else status_text(snapshot))
+    return 0 if snapshot["found"] else 1
 
 
 def _serve(config: str, verbose: bool, log_config: str | None) -> int:
@@ -92,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "replay":
             return _replay(args.config, args.run_dir)
+        if args.command == "status":
+            return _status(args.config, args.run_dir, args.json)
         if args.config is None:
             parser.error("give --config federation.yaml to serve, or use `coordinator check --config ...`")
         return _serve(args.config, args.verbose, args.log_config)

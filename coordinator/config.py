@@ -23,6 +23,7 @@ from condi_models.simulation import ModelSpec
 from condi_models.training import LocalTrainingConfig
 from federation.names import ADDRESS_PATTERN, SILO_ID_PATTERN, is_silo_id
 from federation.secagg.quantize import OverflowConfigError, check_overflow_bounds, choose_ring_bits
+from federation.service_metrics import MonitorEndpoint
 from federation.transfer import LayoutLimits
 from federation.wire import MIN_CHUNK_BYTES
 
@@ -158,6 +159,11 @@ class FederationConfig(StrictModel):
     training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    monitor: MonitorEndpoint | None = Field(
+        default=None,
+        description="serve Prometheus metrics (/metrics) and the live web view (/) at this local address; "
+        "off when absent",
+    )
     server_optimizer: ServerOptimizerConfig = Field(
         default_factory=ServerOptimizerConfig,
         description="how each round's average becomes the next global model (fedavg, fedavgm, fedadam)",

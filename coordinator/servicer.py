@@ -35,6 +35,9 @@ from federation.transfer import TransferError, state_part
 
 log = logging.getLogger(__name__)
 
+METHOD_NAMES: tuple[str, ...] = tuple(pb.DESCRIPTOR.services_by_name["Federation"].methods_by_name)
+"""The service's method names, as the audit log records them."""
+
 T = TypeVar("T")
 
 _CODES = {

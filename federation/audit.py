@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -33,8 +34,12 @@ _REASON_CHARS = 400
 class AuditLog:
     """Append-only JSON lines at ``path`` (created 0600), safe to call from many threads."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], on_record: Callable[[str, Outcome, str], None] | None = None
+    ) -> None:
         self.path = Path(path)
+        # Told (method, outcome, code) of every record: the metrics endpoint counts calls from here.
+        self.on_record = on_record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # O_APPEND: every write lands at the end whatever else holds the file open.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -70,6 +75,8 @@ class AuditLog:
         with self._lock:
             if self._fd >= 0:
                 os.write(self._fd, line)
+        if self.on_record is not None:
+            self.on_record(doc["method"], outcome, code)
 
     def close(self) -> None:
         """Stop recording; later calls to :meth:`record` are dropped."""

@@ -145,6 +145,8 @@ class HarnessOptions:
     dp_planned_rounds: int | None = None
     # Per-silo changes to the privacy section (e.g. a smaller planned_rounds for one silo).
     privacy_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Serve metrics (and the coordinator's web view) on loopback ports, named in the written configs.
+    monitor: bool = False
 
     def privacy(self, silo: str) -> dict[str, Any] | None:
         """The ``privacy:`` section of ``silo``'s site.yaml, or None without ``dp``."""
@@ -239,6 +241,8 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
             **({} if opts.threshold is None else {"threshold": opts.threshold}),
         },
     }
+    if opts.monitor:
+        federation["monitor"] = {"listen": f"127.0.0.1:{free_port()}"}
     if opts.churn:
         # Under churn a round may lose attempts to kills one after another; give it more of them.
         federation["max_attempts"] = max(opts.max_attempts, 6)
@@ -293,6 +297,8 @@ def write_configs(opts: HarnessOptions, port: int) -> tuple[Path, dict[str, Path
         privacy = opts.privacy(sid)
         if privacy is not None:
             site["privacy"] = privacy
+        if opts.monitor:
+            site["monitor"] = {"listen": f"127.0.0.1:{free_port()}"}
         sites[sid] = _write_yaml(out / "sites" / f"{sid}.yaml", site)
     return _write_yaml(out / "federation.yaml", federation), sites
 
@@ -530,10 +536,19 @@ def _harness(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon,
         dp_delta=args.dp_delta,
         dp_planned_rounds=args.dp_planned_rounds,
+        monitor=args.monitor,
     )
     bar = tqdm(total=args.rounds, desc="federation", unit="round", file=sys.stderr)
 
+    announced = False
+
     def show(status: dict[str, Any]) -> None:
+        nonlocal announced
+        if opts.monitor and not announced:
+            # The ports are drawn when the configs are written: say where to look once they exist.
+            announced = True
+            listen = yaml.safe_load((out / "federation.yaml").read_text())["monitor"]["listen"]
+            bar.write(f"live view: http://{listen}/  metrics: http://{listen}/metrics", file=sys.stderr)
         bar.n = status.get("rounds_recorded", 0)
         members = status.get("members") or []
         bar.set_postfix_str(
@@ -668,6 +683,11 @@ def add_harness_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="--dp: rounds each silo plans for (default: its expected share of the rounds)",
+    )
+    p.add_argument(
+        "--monitor",
+        action="store_true",
+        help="serve Prometheus metrics on loopback from every process, and the coordinator's live web view",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_harness)

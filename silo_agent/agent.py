@@ -67,6 +67,7 @@ from condi_models.training import LocalResult, TrainingProgress, aggregation_gro
 from federation import identity, pki, secagg, wire
 from federation import secagg_wire as sw
 from federation.faults import SILO_EXIT_AT, FaultPoint, exit_hard, parse_exit_at
+from federation.monitor_http import MonitorServer
 from federation.proto_gen.condi.v1 import federation_pb2 as pb
 from federation.secure_metrics import METRICS_QUANT, MetricsEncodingError, MetricsLayout, encode_metrics
 from federation.settings import RoundSettings, RunSettings, SettingsError
@@ -84,6 +85,7 @@ from silo_agent.client import CoordinatorClient, CoordinatorUnreachableError
 from silo_agent.config import SiteConfig, expected_rounds
 from silo_agent.local_data import LocalData, load_local_data
 from silo_agent.state import AgentState
+from silo_agent.status import AgentStatus, silo_registry
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,7 @@ class SiloAgent:
         # Refused here, not at the first round, when the GPUs are fewer than the workers.
         worker_devices(self.device, cfg.compute.workers)
         self.state = AgentState(cfg.state_dir)
+        self.status = AgentStatus(cfg.state_dir, cfg.silo_id, cfg.coordinator.address)
         self.client: CoordinatorClient | None = None
         self.run_id: str | None = None
         self.settings: RunSettings | None = None
@@ -277,6 +280,7 @@ class SiloAgent:
             self._state_bytes = sum(v.numel() * v.element_size() for v in state.values())
         self.run_id = reply.run_id
         self.state.enter_run(reply.run_id)
+        self.status.activity("waiting", run_id=reply.run_id)
         if self.cfg.privacy is not None and self.privacy is None:
             self.privacy = self._open_privacy(reply)
         self.poll_interval_s = max(0.05, reply.poll_interval_ms / 1000.0)
@@ -389,31 +393,52 @@ class SiloAgent:
             self.device,
         )
         self.client = CoordinatorClient(self.cfg.coordinator, self.cfg.tls, self.cfg.silo_id)
+        monitor = None
+        if self.cfg.monitor is not None:
+            monitor = MonitorServer(self.cfg.monitor, silo_registry(self.status, self._epsilon))
+            monitor.start()
+        self.status.activity("joining")
         try:
             self._join()
             return self._loop()
         except BudgetExhausted as exc:
+            self.status.activity("left: privacy budget spent")
             return self._leave(exc)
         except PolicyRefusedError as exc:
+            self.status.activity(f"left: refused by site policy: {exc}")
             return self._refuse_by_policy(str(exc))
         except secagg.IdentityError as exc:
             # Every peer would refuse this silo's adverts, in this round and every later one.
             log.error("silo %s cannot take part in secure aggregation: %s", self.cfg.silo_id, exc)
+            self.status.error(f"cannot take part in secure aggregation: {exc}")
             self._depart(f"its certificate cannot be used for secure aggregation: {exc}")
             return 2
         except JoinRefusedError as exc:
             log.error("the coordinator refused silo %s: %s", self.cfg.silo_id, exc)
+            self.status.error(f"join refused: {exc}")
             return 2
         except CoordinatorUnreachableError as exc:
             log.error("%s", exc)
+            self.status.error(str(exc))
             return 1
         except grpc.RpcError as exc:
             log.error(
                 "the coordinator refused silo %s (%s: %s)", self.cfg.silo_id, exc.code().name, exc.details()
             )
+            self.status.error(f"refused ({exc.code().name}: {exc.details()})")
             return 2
         finally:
+            if self.status.snapshot()["activity"] in ("joining", "waiting", "working"):
+                self.status.activity("stopped")
             self.client.close()
+            if monitor is not None:
+                monitor.stop()
+
+    def _epsilon(self) -> tuple[float, float] | None:
+        """(epsilon spent, target) for the metrics endpoint, or None without DP."""
+        if self.privacy is None:
+            return None
+        return self.privacy.epsilon_spent(), self.privacy.spec.target_epsilon
 
     def _loop(self) -> int:
         assert self.client is not None
@@ -438,18 +463,21 @@ class SiloAgent:
                 continue
             if key.stage == pb.STAGE_DONE:
                 log.info("the run is over: %s", task.message)
+                self.status.activity("done")
                 return 0
             workable = key.stage in (pb.STAGE_STATISTICS, pb.STAGE_TRAIN, pb.STAGE_EVALUATE, *_SECURE_STAGES)
             if workable and not self.state.is_done(key) and key not in self._refused:
                 violation = self._policy_violation(task)
                 if violation is not None:
                     raise PolicyRefusedError(violation)
-                self._work(task, key)
+                self.status.task_started(key, task.remaining_ms)
+                self.status.task_finished(key, self._work(task, key))
             elif key == last and time.monotonic() - asked < 0.05:
                 time.sleep(task.poll_after_ms / 1000.0 or self.poll_interval_s)
             last = key
 
-    def _work(self, task: pb.Task, key: StageKey) -> None:
+    def _work(self, task: pb.Task, key: StageKey) -> str | None:
+        """Carry out a task; returns None when it went through, else why not (also logged)."""
         assert self.client is not None
         try:
             with Heartbeats(self.client, key, self.poll_interval_s) as beats:
@@ -468,16 +496,19 @@ class SiloAgent:
                 )
                 # Not taken up again: a task the coordinator turned down is not retried from scratch.
                 self._refused.add(key)
-                return
+                return f"the coordinator moved on ({exc.code().name}: {exc.details()})"
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
             log.error(
                 "%s refused by the coordinator (%s: %s)", key.describe(), exc.code().name, exc.details()
             )
             self._refused.add(key)
+            return f"refused by the coordinator ({exc.code().name}: {exc.details()})"
         except (SettingsError, StatisticsError, wire.WireError, secagg.ProtocolError, secagg.MessageError) as exc:
             log.error("%s cannot be carried out: %s", key.describe(), exc)
             self._refused.add(key)
+            return f"cannot be carried out: {exc}"
+        return None
 
     def _load_global_state(self, task: pb.Task, key: StageKey) -> tuple[float, int]:
         """Put the task's global state into the model; returns seconds spent and bytes downloaded."""
@@ -487,6 +518,7 @@ class SiloAgent:
         received = 0
         if encoded is None:
             encoded, received = self.client.download_state(key, task.state_sha256, self._state_bytes)
+            self.status.transferred(downloaded=received)
             self.state.keep_state(encoded)
         tensors = wire.decode_state(encoded.manifest, encoded.payload, self._expected, finite=True)
         self.model.load_named_tensors({k: torch.from_numpy(v) for k, v in tensors.items()})
@@ -574,6 +606,7 @@ class SiloAgent:
         )
         beats.update("uploading the update", 1.0)
         receipt = self.client.upload(header, encoded)
+        self.status.transferred(uploaded=encoded.manifest.payload_bytes)
         self.state.mark_done(key)
         log.info(
             "%s: update %s (%d samples; loss A %s, B %s; %.1f s + %.1f s)",
@@ -632,6 +665,7 @@ class SiloAgent:
                     claims_json=json.dumps(current.claims),
                 )
                 receipt = self.client.upload(header, encoded)
+                self.status.transferred(uploaded=encoded.manifest.payload_bytes)
             else:
                 if current.delivery is None:
                     raise secagg.ProtocolError(f"{key.describe()}: no masked input was sent in this attempt")

@@ -6,6 +6,8 @@ refused). ``silo-agent check --config site.yaml`` validates the config and the d
 the sections are present, the certificate chain (issued by the CA, key matches, silo id equals
 ``silo_id``, not expired) and whether the coordinator answers its health service; with
 ``--layout`` it prints the data's layout as federation.yaml's ``layout:`` section instead.
+``silo-agent status --config site.yaml [--json]`` shows what the agent does or last did, read
+from its state directory (exit 1 when it never ran there).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from federation import logs, pki
 from federation.tls import TlsError
 from silo_agent.config import SiteConfig, check_site_files, load_site_config
 from silo_agent.local_data import LocalDataError
+from silo_agent.status import read_status, status_text
 
 log = logging.getLogger("silo_agent")
 
@@ -145,19 +148,40 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--layout", action="store_true", help="print the data's layout as federation.yaml's `layout:` section"
     )
+    status = sub.add_parser(
+        "status", help="what the agent does: run, task and deadline, last task and error, epsilon spent, disk used"
+    )
+    status.add_argument("--config", required=True, help="path to site.yaml")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     return parser
+
+
+def run_status(config_path: str, as_json: bool) -> int:
+    """Print the agent's status from its state directory (exit 1 when it never ran there)."""
+    cfg = load_site_config(config_path)
+    privacy = cfg.privacy
+    snap = read_status(
+        cfg.state_dir,
+        delta=None if privacy is None else privacy.delta,
+        accountant="rdp" if privacy is None else privacy.accountant,
+    )
+    target = None if privacy is None else privacy.target_epsilon
+    print(json.dumps({**snap, "target_epsilon": target}, indent=2) if as_json else status_text(snap, target))
+    return 0 if snap["found"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "check":
+    if args.command in ("check", "status"):
         logs.configure(logging.DEBUG if args.verbose else logging.WARNING)
     elif args.config is None:
         parser.error("give --config site.yaml to take part, or use `silo-agent check --config ...`")
     try:
         if args.command == "check":
             return run_check(args.config, args.json, args.layout)
+        if args.command == "status":
+            return run_status(args.config, args.json)
         return run_agent(args.config, args.verbose, args.log_config)
     except (
         ConfigError,

@@ -29,6 +29,7 @@ from condi_models.data.sources import DataSource
 from condi_models.privacy import PHASES, PrivacySpec
 from condi_models.simulation import SplitSpec
 from federation.names import ADDRESS_PATTERN, SILO_ID_PATTERN, is_silo_id
+from federation.service_metrics import MonitorEndpoint
 
 
 class CoordinatorEndpoint(StrictModel):
@@ -189,6 +190,9 @@ class SiteConfig(StrictModel):
     )
     policy: SitePolicy = Field(default_factory=SitePolicy, description="what runs this silo takes part in")
     compute: SiteCompute = Field(default_factory=SiteCompute, description="worker processes of local training")
+    monitor: MonitorEndpoint | None = Field(
+        default=None, description="serve Prometheus metrics (/metrics) at this local address; off when absent"
+    )
 
     @model_validator(mode="after")
     def _tls_with_coordinator(self) -> SiteConfig:
