@@ -16,7 +16,7 @@ parameter-free attention op reshapes the batch into sequences.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -153,14 +153,70 @@ class ResidualBlock(nn.Module):
         self, h: torch.Tensor, step: torch.Tensor, side: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h (B, F, N, H), step (B, S_t), side (B, F, N, S) -> (new h, skip)."""
+        y = self._transformers(h, step)
+        return self._gated(h, self.mid_proj(y) + self.side_proj(side))
+
+    def side_term(self, side: torch.Tensor) -> torch.Tensor:
+        """side_proj(side) plus mid_proj's bias (B, F, N, 2H): the part of the gate input a sampler keeps."""
+        return self.side_proj(side) + self.mid_proj.bias
+
+    def forward_with_side_term(
+        self, h: torch.Tensor, step: torch.Tensor, side_term: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` with ``side_term(side)`` given; h may stack copies of side_term's B rows."""
+        y = self._transformers(h, step)
+        return self._gated(h, add_per_copy(F.linear(y, self.mid_proj.weight), side_term))
+
+    def _transformers(self, h: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         y = h + self.step_proj(step)[:, None, None, :]
         y = self.time_layer(y, axis=2)
-        y = self.channel_layer(y, axis=1)
-        y = self.mid_proj(y) + self.side_proj(side)
+        return self.channel_layer(y, axis=1)
+
+    def _gated(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, filt = y.chunk(2, dim=-1)
         y = self.out_proj(torch.sigmoid(gate) * torch.tanh(filt))
         residual, skip = y.chunk(2, dim=-1)
         return (h + residual) / math.sqrt(2.0), skip
+
+
+def add_per_copy(x: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """x (k * B, ...) + part (B, ...), part added to each of the k stacked copies, in place."""
+    return x.view(-1, *part.shape).add_(part).view(x.shape)
+
+
+@dataclass(frozen=True)
+class DenoiserCondition:
+    """What the denoiser's fixed inputs contribute, computed once per sampling run for B windows.
+
+    Over a sampler's steps only the latent and the step change; the conditioning values, mask,
+    prior and context c do not. The layers they reach through linear maps alone (the input
+    convolution, the patch embedding, the side embedding and each block's side projection) are
+    split into their part, kept here with the biases, and the latent's part, computed per step.
+    A sampler may stack k copies of the B windows (one per draw): the kept parts are added to
+    each copy rather than repeated.
+    """
+
+    planes: torch.Tensor  # (B, n_in - 1, F, Lp): the input planes but the latent, time padded
+    conv: torch.Tensor  # (B, C, F, Lp): conv_in of those planes, its bias included
+    tokens: torch.Tensor  # (B, F, N, H): patch_in of those planes plus side_in(side)
+    side_terms: tuple[torch.Tensor, ...]  # per block: ResidualBlock.side_term(side)
+    conv_weight: torch.Tensor  # conv_in's weight on the latent plane
+    patch_weight: torch.Tensor  # patch_in's weight on the latent plane and the convolved features
+    length: int
+
+    @property
+    def rows(self) -> int:
+        return self.planes.shape[0]
+
+    def take(self, lo: int, hi: int) -> DenoiserCondition:
+        """The condition of windows lo .. hi - 1 alone."""
+        return replace(
+            self,
+            planes=self.planes[lo:hi],
+            conv=self.conv[lo:hi],
+            tokens=self.tokens[lo:hi],
+            side_terms=tuple(s[lo:hi] for s in self.side_terms),
+        )
 
 
 class Denoiser(nn.Module):
@@ -236,12 +292,8 @@ class Denoiser(nn.Module):
         ``prior`` is required exactly when the denoiser was built with ``prior_input``.
         """
         b, _, length = noisy.shape
-        if (prior is not None) != self.prior_input:
-            raise ValueError(f"denoiser built with prior_input={self.prior_input} got prior={prior is not None}")
-        planes = [cond_values, noisy, cond_mask.to(noisy.dtype)]
-        if prior is not None:
-            planes += [prior.mean, prior.scale.log()]
-        inp = torch.stack(planes, dim=1)
+        fixed = self._fixed_planes(cond_values, cond_mask, prior)
+        inp = torch.stack([fixed[0], noisy, *fixed[1:]], dim=1)
         inp = pad_time(inp, self.cfg.patch_size)
         full = F.silu(self.conv_in(inp))
         side = self.side_information(b, length, context)
@@ -252,9 +304,75 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             h, skip = block(h, step, side)
             skips = skips + skip
+        return self._tail(skips, [full, inp], length)
+
+    def condition(
+        self,
+        cond_values: torch.Tensor,
+        cond_mask: torch.Tensor,
+        context: torch.Tensor | None,
+        prior: PriorEstimate | None = None,
+    ) -> DenoiserCondition:
+        """The fixed inputs' share of ``forward`` for B windows, for ``denoise`` at every sampler step."""
+        b, _, length = cond_values.shape
+        p = self.cfg.patch_size
+        planes = pad_time(torch.stack(self._fixed_planes(cond_values, cond_mask, prior), dim=1), p)
+        # The latent is input plane 1 (see forward); patch_in's columns are plane-major, patch long.
+        n_in = planes.shape[1] + 1
+        conv_w, patch_w = self.conv_in.weight, self.patch_in.weight
+        fixed_conv_w = torch.cat([conv_w[:, :1], conv_w[:, 2:]], dim=1)
+        fixed_patch_w = torch.cat([patch_w[:, :p], patch_w[:, 2 * p : n_in * p]], dim=1)
+        side = self.side_information(b, length, context)
+        return DenoiserCondition(
+            planes=planes,
+            conv=F.conv2d(planes, fixed_conv_w, self.conv_in.bias, padding=self.conv_in.padding),
+            tokens=F.linear(to_tokens(planes, p), fixed_patch_w, self.patch_in.bias) + self.side_in(side),
+            side_terms=tuple(block.side_term(side) for block in self.blocks),
+            conv_weight=conv_w[:, 1:2],
+            patch_weight=torch.cat([patch_w[:, p : 2 * p], patch_w[:, n_in * p :]], dim=1),
+            length=length,
+        )
+
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond: DenoiserCondition) -> torch.Tensor:
+        """``forward`` given ``condition(...)``: noisy (k * B, F, L) stacks k copies of its B windows."""
+        rows, _, length = noisy.shape
+        if rows % cond.rows or length != cond.length:
+            raise ValueError(
+                f"latent {tuple(noisy.shape)} is not copies of the {cond.rows} conditioned windows of {cond.length}"
+            )
+        copies = rows // cond.rows
+        p = self.cfg.patch_size
+        latent = pad_time(noisy, p)[:, None]
+        conv = F.conv2d(latent, cond.conv_weight, padding=self.conv_in.padding)
+        full = F.silu(add_per_copy(conv, cond.conv))
+        h = add_per_copy(F.linear(to_tokens(torch.cat([latent, full], dim=1), p), cond.patch_weight), cond.tokens)
+        step = self.step_embed(t)
+        skips = 0.0
+        for block, side_term in zip(self.blocks, cond.side_terms, strict=True):
+            h, skip = block.forward_with_side_term(h, step, side_term)
+            skips = skips + skip
+        planes = cond.planes.repeat(copies, 1, 1, 1) if copies > 1 else cond.planes
+        return self._tail(skips, [full, planes[:, :1], latent, planes[:, 1:]], length)
+
+    def _fixed_planes(
+        self, cond_values: torch.Tensor, cond_mask: torch.Tensor, prior: PriorEstimate | None
+    ) -> list[torch.Tensor]:
+        """The input planes but the latent: values, mask and, with the prior, its mean and log scale."""
+        if (prior is not None) != self.prior_input:
+            raise ValueError(f"denoiser built with prior_input={self.prior_input} got prior={prior is not None}")
+        planes = [cond_values, cond_mask.to(cond_values.dtype)]
+        if prior is not None:
+            planes += [prior.mean, prior.scale.log()]
+        return planes
+
+    def _tail(self, skips: torch.Tensor, inputs: list[torch.Tensor], length: int) -> torch.Tensor:
+        """From the blocks' summed skips to the noise estimate, at full resolution.
+
+        ``inputs`` are the convolved features and the input planes, in forward's order, time padded.
+        """
         out = F.silu(self.skip_proj(skips / math.sqrt(len(self.blocks))))
-        out = from_tokens(self.patch_out(out), self.cfg.out_channels, full.shape[-1])
-        points = torch.cat([out, full, inp], dim=1)
+        out = from_tokens(self.patch_out(out), self.cfg.out_channels, inputs[0].shape[-1])
+        points = torch.cat([out, *inputs], dim=1)
         if self.cfg.point_mixer_dim:
             points = torch.cat([points, self._mix_channels(points)], dim=1)
         feats = torch.cat([F.silu(self.conv_out(points)), points], dim=1)

@@ -103,6 +103,44 @@ def antithetic_noise(copies: int, generator: torch.Generator | None) -> NoiseFn:
     return noise
 
 
+def stacked_noise(parts: Sequence[tuple[NoiseFn, int]], copies: int) -> NoiseFn:
+    """Noise for ``copies`` stacked copies of a batch whose rows come in groups, each its own source.
+
+    ``parts`` holds (noise, rows) per group of consecutive rows. Each group's noise is drawn as if
+    its rows were the whole batch (``copies`` copies of them, stacked) and laid into the group's
+    rows of every copy, so a group draws the same noise whatever it is batched with.
+    """
+    total = sum(rows for _, rows in parts)
+
+    def noise(like: torch.Tensor) -> torch.Tensor:
+        if like.shape[0] != copies * total:
+            raise ValueError(f"{like.shape[0]} rows are not {copies} stacked copies of {total} rows")
+        rest = like.shape[1:]
+        out = like.new_empty((copies, total, *rest))
+        start = 0
+        for draw, rows in parts:
+            out[:, start : start + rows] = draw(like.new_empty((copies * rows, *rest))).view(copies, rows, *rest)
+            start += rows
+        return out.view(like.shape)
+
+    return noise
+
+
+def noise_for_rows(noise: NoiseFn, rows: int, keep: torch.Tensor) -> NoiseFn:
+    """``noise`` drawn for a batch of ``rows`` rows, of which only the rows ``keep`` (indices) are used.
+
+    The source is drawn from exactly as for the whole batch, so leaving out rows that need no
+    sampling changes no other row's noise.
+    """
+
+    def noise_kept(like: torch.Tensor) -> torch.Tensor:
+        if like.shape[0] != keep.numel():
+            raise ValueError(f"{like.shape[0]} rows asked for, {keep.numel()} kept")
+        return noise(like.new_empty((rows, *like.shape[1:])))[keep]
+
+    return noise_kept
+
+
 def rand_on(shape: Sequence[int], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """Uniform [0, 1) noise drawn on the generator's device, then moved to ``device``."""
     gen_device = generator.device if generator is not None else device

@@ -35,8 +35,9 @@ from torch.nn import functional as F
 from condi_models.nn.classifier import Classifier
 from condi_models.nn.config import ModelConfig, VariantSpec
 from condi_models.nn.context import ObservedContextEncoder
-from condi_models.nn.denoiser import Denoiser
+from condi_models.nn.denoiser import Denoiser, DenoiserCondition
 from condi_models.nn.diffusion import (
+    NoiseFn,
     NoiseSchedule,
     antithetic_noise,
     ddim_sample,
@@ -44,8 +45,10 @@ from condi_models.nn.diffusion import (
     iid_noise,
     make_training_mask,
     masked_noise_loss,
+    noise_for_rows,
     randn_like_on,
     sample_quantiles,
+    stacked_noise,
 )
 from condi_models.nn.embeddings import (
     ConditionEmbedding,
@@ -55,9 +58,40 @@ from condi_models.nn.embeddings import (
     n_patches,
 )
 from condi_models.nn.prior import GaussianPrior, PriorEstimate
-from condi_models.nn.sampling import Imputation, Prediction, SamplingOptions
+from condi_models.nn.sampling import Imputation, Prediction, RowGenerators, SamplingOptions
 
 logger = logging.getLogger(__name__)
+
+
+# Rows (windows times draws) per denoiser call on a CPU: the activations of about 16 windows of
+# 12 x 250 stay in the caches, so per window it runs about a quarter faster than in one call for
+# 64 (benchmarks/predict_speed.py); a GPU takes every row at once.
+_CPU_DENOISER_ROWS = 16
+
+
+def _denoise_in_parts(
+    denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, condition: DenoiserCondition, rows_per_call: int
+) -> torch.Tensor:
+    """``denoiser.denoise`` on copies of the conditioned windows, at most about ``rows_per_call`` rows a call.
+
+    The network treats each row on its own, so the parts give the whole call's result.
+    """
+    windows = condition.rows
+    copies = z.shape[0] // windows
+    if copies * windows <= rows_per_call:
+        return denoiser.denoise(z, t, condition)
+    zs = z.view(copies, windows, *z.shape[1:])
+    out = torch.empty_like(zs)
+    group = min(windows, rows_per_call)
+    for lo in range(0, windows, group):
+        hi = min(windows, lo + group)
+        part = condition.take(lo, hi)
+        per_call = max(1, rows_per_call // (hi - lo))
+        for c in range(0, copies, per_call):
+            rows = zs[c : c + per_call, lo:hi]
+            eps = denoiser.denoise(rows.reshape(-1, *z.shape[1:]), t[: rows.shape[0] * rows.shape[1]], part)
+            out[c : c + per_call, lo:hi] = eps.view(rows.shape)
+    return out.view(z.shape)
 
 
 @dataclass
@@ -213,7 +247,11 @@ class CondIModel(nn.Module):
         samples the prior's Gaussian posterior, and training moves away from it only where the
         data say the residual is not that Gaussian.
         """
-        eps = denoiser(z, values, cond, t, context, prior)
+        return self._add_prior_eps(denoiser(z, values, cond, t, context, prior), z, t, prior)
+
+    def _add_prior_eps(
+        self, eps: torch.Tensor, z: torch.Tensor, t: torch.Tensor, prior: PriorEstimate | None
+    ) -> torch.Tensor:
         if prior is None:
             return eps
         return eps + (1.0 - self.schedule.alpha_bars[t]).sqrt().view(-1, 1, 1) * z
@@ -266,7 +304,9 @@ class CondIModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
+            # Inference mode rather than no_grad: nothing computed here is ever differentiated, and
+            # it skips the version counting no_grad still does.
+            with torch.inference_mode():
                 yield
         finally:
             self.train(was_training)
@@ -277,13 +317,19 @@ class CondIModel(nn.Module):
         observed: torch.Tensor,
         opts: SamplingOptions | None = None,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | RowGenerators | None = None,
         return_samples: bool = False,
     ) -> Imputation:
         """Draw ``opts.n_samples`` imputations of the unobserved entries; median point estimate and quantiles.
 
         ``opts`` (default ``SamplingOptions()``) chooses the sampler, its steps, the chunking and
-        the reported quantiles. ``return_samples`` keeps the draws on the result.
+        the reported quantiles. ``return_samples`` keeps the draws on the result. ``generator``
+        may be one per group of rows (``RowGenerators``), so that each group draws as if alone.
+
+        What stays fixed over the sampler's steps (context, prior, the denoiser's conditioning
+        share) is computed once per call. A window with nothing missing has nothing to sample:
+        its draws are its values, and it is left out of the sampler, after its noise was drawn
+        all the same, so that no other window's noise depends on which windows were complete.
         """
         opts = opts or SamplingOptions()
         denoiser = self._require_diffusion()
@@ -291,8 +337,25 @@ class CondIModel(nn.Module):
         b, f, length = x.shape
         with self._evaluating():
             values = x * observed
-            context = self.diffusion_context(values, observed)
-            prior = self.prior_estimate(values, observed)
+            active = (~observed).flatten(1).any(dim=1).nonzero().flatten()
+            n_active = active.numel()
+            act_values, act_observed = values[active], observed[active]
+            prior = None
+            if n_active:
+                context = self.diffusion_context(act_values, act_observed)
+                prior = self.prior_estimate(act_values, act_observed)
+                condition = denoiser.condition(act_values, act_observed, context, prior)
+                rows_per_call = _CPU_DENOISER_ROWS if x.device.type == "cpu" else n_active
+
+                def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                    eps = _denoise_in_parts(denoiser, z, t, condition, rows_per_call)
+                    return self._add_prior_eps(eps, z, t, prior)
+
+            else:
+                # Nothing to sample; the sampler still runs, on no rows, so the generator is drawn from as usual.
+                def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                    return torch.zeros_like(z)
+
             chunk = opts.chunk_size or opts.n_samples
             if opts.antithetic and chunk < opts.n_samples:
                 # Only the last chunk may be odd, so there is one centre path at most.
@@ -300,25 +363,19 @@ class CondIModel(nn.Module):
             draws = []
             for start in range(0, opts.n_samples, chunk):
                 k = min(chunk, opts.n_samples - start)
-                rep_values = values.repeat(k, 1, 1)
-                rep_cond = observed.repeat(k, 1, 1)
-                rep_context = None if context is None else context.repeat(k, 1, 1)
-                rep_prior = None if prior is None else prior.repeat(k)
-
-                def eps_fn(
-                    z: torch.Tensor, t: torch.Tensor, v=rep_values, c=rep_cond, ctx=rep_context, p=rep_prior
-                ) -> torch.Tensor:
-                    return self._eps(denoiser, z, v, c, t, ctx, p)
-
-                target = ~rep_cond
-                noise = antithetic_noise(k, generator) if opts.antithetic else iid_noise(generator)
+                target = (~act_observed).repeat(k, 1, 1)
+                noise = self._sampler_noise(k, b, active, generator, opts.antithetic)
                 if opts.method == "ddpm":
                     z = ddpm_sample(eps_fn, self.schedule, target, noise, opts.clip_x0)
                 else:
                     z = ddim_sample(eps_fn, self.schedule, target, opts.steps, noise, opts.eta, opts.clip_x0)
-                if rep_prior is not None:
-                    z = rep_prior.from_residual(z)
-                draws.append(z.view(k, b, f, length))
+                z = z.view(k, n_active, f, length)
+                if prior is not None:
+                    z = prior.mean + prior.scale * z
+                if n_active < b:
+                    # The complete windows' draws are their values, filled in below.
+                    z = x.new_zeros((k, b, f, length)).index_copy_(1, active, z)
+                draws.append(z)
             samples = torch.cat(draws, dim=0)
             levels = (0.5, *opts.quantiles)
             qs = sample_quantiles(samples, levels)
@@ -331,6 +388,30 @@ class CondIModel(nn.Module):
                 quantiles=qs[1:],
                 samples=torch.where(keep, x[None], samples) if return_samples else None,
             )
+
+    @staticmethod
+    def _sampler_noise(
+        copies: int,
+        rows: int,
+        active: torch.Tensor,
+        generator: torch.Generator | RowGenerators | None,
+        antithetic: bool,
+    ) -> NoiseFn:
+        """The sampler's noise for ``copies`` stacked copies of ``rows`` windows, of which ``active`` are sampled."""
+
+        def source(g: torch.Generator | None) -> NoiseFn:
+            return antithetic_noise(copies, g) if antithetic else iid_noise(g)
+
+        if isinstance(generator, RowGenerators):
+            if sum(generator.rows) != rows:
+                raise ValueError(f"row generators cover {sum(generator.rows)} rows of a batch of {rows}")
+            noise = stacked_noise([(source(g), r) for g, r in zip(generator.generators, generator.rows)], copies)
+        else:
+            noise = source(generator)
+        if active.numel() == rows:
+            return noise
+        kept = (torch.arange(copies, device=active.device)[:, None] * rows + active[None, :]).flatten()
+        return noise_for_rows(noise, copies * rows, kept)
 
     # ---- Phase B ----------------------------------------------------------------------------
 
@@ -372,7 +453,7 @@ class CondIModel(nn.Module):
         x: torch.Tensor,
         observed: torch.Tensor,
         sampling: SamplingOptions | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | RowGenerators | None = None,
         return_samples: bool = False,
     ) -> Prediction:
         """Inference as the variant defines it: impute then classify x_hat, or classify x_O directly.

@@ -60,10 +60,6 @@ class PriorEstimate:
         """mean + scale * r, the inverse of ``to_residual``."""
         return self.mean + self.scale * r
 
-    def repeat(self, k: int) -> PriorEstimate:
-        """The estimate for a batch repeated ``k`` times along its first axis (one copy per draw)."""
-        return PriorEstimate(self.mean.repeat(k, 1, 1), self.scale.repeat(k, 1, 1))
-
 
 class GaussianPrior(nn.Module):
     """A Gaussian over the F channels at 2 * lags + 1 neighbouring instants; frozen, but aggregated.

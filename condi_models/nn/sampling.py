@@ -41,6 +41,28 @@ class SamplingOptions:
             raise ValueError(f"clip_x0 must be positive or None, got {self.clip_x0}")
 
 
+@dataclass(frozen=True)
+class RowGenerators:
+    """One random generator per group of consecutive rows of a batch (a record's windows, say).
+
+    ``CondIModel.impute`` draws each group's noise from its own generator in the shapes it would
+    draw for that group alone, so a group's imputation does not depend on the rows batched with it
+    (up to the rounding of batched arithmetic).
+    """
+
+    generators: tuple[torch.Generator | None, ...]
+    rows: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "generators", tuple(self.generators))
+        object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+        if len(self.generators) != len(self.rows) or any(r < 1 for r in self.rows):
+            raise ValueError(
+                f"row groups need one generator and a positive row count each, got "
+                f"{len(self.generators)} generators for rows {list(self.rows)}"
+            )
+
+
 @dataclass
 class Imputation:
     """Result of ``impute``; observed entries hold the input values exactly everywhere.
