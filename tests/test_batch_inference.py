@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,10 +21,13 @@ torch.set_num_threads(1)
 TOLERANCE = 1e-5
 
 
-def trained_looking(variant: str = "condi", seed: int = 0) -> CondIModel:
+def trained_looking(variant: str = "condi", mixer: bool = True) -> CondIModel:
     """A tiny model whose denoiser head is not zero, so the network's output reaches the draws."""
-    torch.manual_seed(seed)
-    model = CondIModel(tiny_config(variant))
+    torch.manual_seed(0)
+    cfg = tiny_config(variant)
+    if not mixer:
+        cfg = dataclasses.replace(cfg, denoiser=dataclasses.replace(cfg.denoiser, point_mixer_dim=0))
+    model = CondIModel(cfg)
     with torch.no_grad():
         model.denoiser.head.weight.normal_(0.0, 0.3)
         model.denoiser.head.bias.normal_(0.0, 0.1)
@@ -62,8 +67,12 @@ def reference_impute(
         return torch.where(observed[None], x[None], z.view(k, b, f, length))
 
 
-def test_conditioned_denoiser_matches_its_forward_pass():
-    model = trained_looking()
+@pytest.mark.parametrize(
+    ("variant", "mixer"), [("condi", True), ("condi", False), ("csdi_unimodal", True)],
+    ids=["condi", "no-point-mixer", "no-prior-no-context"],
+)
+def test_conditioned_denoiser_matches_its_forward_pass(variant, mixer):
+    model = trained_looking(variant, mixer)
     x, observed, _ = random_batch(model.cfg, 3, 0)
     values = x * observed
     with torch.no_grad():
@@ -74,8 +83,8 @@ def test_conditioned_denoiser_matches_its_forward_pass():
             z = torch.randn(copies * 3, *x.shape[1:], generator=torch.Generator().manual_seed(copies))
             t = torch.full((copies * 3,), 17)
             plain = model.denoiser(
-                z, values.repeat(copies, 1, 1), observed.repeat(copies, 1, 1), t, context.repeat(copies, 1, 1),
-                repeated(prior, copies),
+                z, values.repeat(copies, 1, 1), observed.repeat(copies, 1, 1), t,
+                None if context is None else context.repeat(copies, 1, 1), repeated(prior, copies),
             )
             assert float(plain.abs().max()) > 0.1  # the head is live
             torch.testing.assert_close(model.denoiser.denoise(z, t, condition), plain, atol=TOLERANCE, rtol=0)

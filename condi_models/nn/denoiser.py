@@ -194,14 +194,16 @@ class DenoiserCondition:
     split into their part, kept here with the biases, and the latent's part, computed per step.
     A sampler may stack k copies of the B windows (one per draw): the kept parts are added to
     each copy rather than repeated.
+
+    ``denoise`` keeps full-resolution data channels last, (B, F, Lp, C), so that every per-point
+    layer is one matrix product; the weights it needs in that order are kept here too.
     """
 
-    planes: torch.Tensor  # (B, n_in - 1, F, Lp): the input planes but the latent, time padded
-    conv: torch.Tensor  # (B, C, F, Lp): conv_in of those planes, its bias included
+    planes: torch.Tensor  # (B, F, Lp, n_in - 1): the input planes but the latent, time padded
+    conv: torch.Tensor  # (B, F, Lp, C): conv_in of those planes, its bias included
     tokens: torch.Tensor  # (B, F, N, H): patch_in of those planes plus side_in(side)
     side_terms: tuple[torch.Tensor, ...]  # per block: ResidualBlock.side_term(side)
-    conv_weight: torch.Tensor  # conv_in's weight on the latent plane
-    patch_weight: torch.Tensor  # patch_in's weight on the latent plane and the convolved features
+    weights: _ChannelsLastWeights
     length: int
 
     @property
@@ -217,6 +219,19 @@ class DenoiserCondition:
             tokens=self.tokens[lo:hi],
             side_terms=tuple(s[lo:hi] for s in self.side_terms),
         )
+
+
+@dataclass(frozen=True)
+class _ChannelsLastWeights:
+    """The denoiser's full-resolution weights for channels-last data (see ``Denoiser.denoise``)."""
+
+    conv_in: torch.Tensor  # (K, C): conv_in on the latent plane, per kernel tap
+    patch_in: torch.Tensor  # (H, P * (1 + C)): patch_in on [latent, conv features], step-major
+    patch_out: torch.Tensor  # (P * OC, H) and its bias: patch_out's rows step-major
+    patch_out_bias: torch.Tensor
+    point_in: torch.Tensor | None  # (mix, point_dim)
+    conv_out: torch.Tensor  # conv_out's weight, channels last in memory
+    head: torch.Tensor  # (C_feats,)
 
 
 class Denoiser(nn.Module):
@@ -323,36 +338,70 @@ class Denoiser(nn.Module):
         fixed_conv_w = torch.cat([conv_w[:, :1], conv_w[:, 2:]], dim=1)
         fixed_patch_w = torch.cat([patch_w[:, :p], patch_w[:, 2 * p : n_in * p]], dim=1)
         side = self.side_information(b, length, context)
+        conv = F.conv2d(planes, fixed_conv_w, self.conv_in.bias, padding=self.conv_in.padding)
         return DenoiserCondition(
-            planes=planes,
-            conv=F.conv2d(planes, fixed_conv_w, self.conv_in.bias, padding=self.conv_in.padding),
+            planes=planes.permute(0, 2, 3, 1).contiguous(),
+            conv=conv.permute(0, 2, 3, 1).contiguous(),
             tokens=F.linear(to_tokens(planes, p), fixed_patch_w, self.patch_in.bias) + self.side_in(side),
             side_terms=tuple(block.side_term(side) for block in self.blocks),
-            conv_weight=conv_w[:, 1:2],
-            patch_weight=torch.cat([patch_w[:, p : 2 * p], patch_w[:, n_in * p :]], dim=1),
+            weights=self._channels_last_weights(n_in),
             length=length,
         )
 
+    def _channels_last_weights(self, n_in: int) -> _ChannelsLastWeights:
+        p, h, oc = self.cfg.patch_size, self.cfg.hidden, self.cfg.out_channels
+        patch_w = self.patch_in.weight
+        latent_patch_w = torch.cat([patch_w[:, p : 2 * p], patch_w[:, n_in * p :]], dim=1)
+        mix = self.cfg.point_mixer_dim
+        return _ChannelsLastWeights(
+            conv_in=self.conv_in.weight[:, 1, 0, :].t(),
+            patch_in=latent_patch_w.view(h, -1, p).transpose(1, 2).reshape(h, -1),
+            patch_out=self.patch_out.weight.view(oc, p, h).transpose(0, 1).reshape(p * oc, h),
+            patch_out_bias=self.patch_out.bias.view(oc, p).t().reshape(-1),
+            point_in=self.point_in.weight[:, :, 0, 0] if mix else None,
+            conv_out=self.conv_out.weight.contiguous(memory_format=torch.channels_last),
+            head=self.head.weight.view(-1),
+        )
+
     def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond: DenoiserCondition) -> torch.Tensor:
-        """``forward`` given ``condition(...)``: noisy (k * B, F, L) stacks k copies of its B windows."""
-        rows, _, length = noisy.shape
+        """``forward`` given ``condition(...)``: noisy (k * B, F, L) stacks k copies of its B windows.
+
+        The same layers in the same order, with full-resolution data channels last, (R, F, Lp, C).
+        """
+        rows, f, length = noisy.shape
         if rows % cond.rows or length != cond.length:
             raise ValueError(
                 f"latent {tuple(noisy.shape)} is not copies of the {cond.rows} conditioned windows of {cond.length}"
             )
         copies = rows // cond.rows
-        p = self.cfg.patch_size
-        latent = pad_time(noisy, p)[:, None]
-        conv = F.conv2d(latent, cond.conv_weight, padding=self.conv_in.padding)
-        full = F.silu(add_per_copy(conv, cond.conv))
-        h = add_per_copy(F.linear(to_tokens(torch.cat([latent, full], dim=1), p), cond.patch_weight), cond.tokens)
+        p, w = self.cfg.patch_size, cond.weights
+        latent = pad_time(noisy, p)
+        pad = self.cfg.conv_kernel // 2
+        # conv_in on the latent plane: each step's kernel neighbourhood times the kernel.
+        taps = F.pad(latent, (pad, pad)).unfold(-1, self.cfg.conv_kernel, 1)
+        full = F.silu(add_per_copy(taps @ w.conv_in, cond.conv))
+        latent = latent[..., None]
+        tokens = torch.cat([latent, full], dim=-1).view(rows, f, -1, p * (1 + full.shape[-1]))
+        h = add_per_copy(F.linear(tokens, w.patch_in), cond.tokens)
         step = self.step_embed(t)
         skips = 0.0
         for block, side_term in zip(self.blocks, cond.side_terms, strict=True):
             h, skip = block.forward_with_side_term(h, step, side_term)
             skips = skips + skip
+        out = F.silu(self.skip_proj(skips / math.sqrt(len(self.blocks))))
+        out = F.linear(out, w.patch_out, w.patch_out_bias).view(rows, f, latent.shape[2], -1)
         planes = cond.planes.repeat(copies, 1, 1, 1) if copies > 1 else cond.planes
-        return self._tail(skips, [full, planes[:, :1], latent, planes[:, 1:]], length)
+        points = torch.cat([out, full, planes[..., :1], latent, planes[..., 1:]], dim=-1)
+        if self.cfg.point_mixer_dim:
+            u = F.linear(points, w.point_in, self.point_in.bias) + self.point_channel.weight[:, None, :]
+            # The mixer attends across channels at each step: steps before channels, as in _mix_channels.
+            mixed = self.point_mixer(u.transpose(1, 2).contiguous(), axis=2)
+            points = torch.cat([points, mixed.transpose(1, 2)], dim=-1)
+        conv = F.conv2d(points.permute(0, 3, 1, 2), w.conv_out, self.conv_out.bias, padding=self.conv_out.padding)
+        conv = F.silu(conv.permute(0, 2, 3, 1))
+        c = conv.shape[-1]
+        eps = conv @ w.head[:c] + points @ w.head[c:] + self.head.bias
+        return eps[..., :length]
 
     def _fixed_planes(
         self, cond_values: torch.Tensor, cond_mask: torch.Tensor, prior: PriorEstimate | None
