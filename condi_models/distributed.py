@@ -14,8 +14,9 @@ DP, Opacus' DPDDP and DistributedDPOptimizer under DP) so that each step is the 
 global batch's loss. With the same seed a run on N workers therefore takes the same steps as one
 process with the same ``batch_size``, and ends at the same parameters up to floating-point
 summation order (tests/test_workers.py: 2 CPU workers against one, max abs difference below 1e-5
-after a round). ``batch_size`` stays the global batch: more workers do not change the
-optimisation, only how the work of a step is shared.
+after a round, but for the attention keys' bias, whose gradient is zero in exact arithmetic and
+rounding noise in either run). ``batch_size`` stays the global batch: more workers do not change
+the optimisation, only how the work of a step is shared.
 
 Where it differs from one process:
 
@@ -34,9 +35,10 @@ the one-process run, and the ledger records the same (noise, q, steps) as it wou
 checks the budget before the workers start and commits the round after they finish.
 
 The workers are started for the training step only and end with it; rank 0 sends the trained
-parameters back through a pipe on this host. Their gradients travel over the loopback interface
-(gloo) or NVLink/PCIe (NCCL), never over the network. Each round starts them afresh (a few
-seconds of imports), which pays when a round trains for minutes.
+parameters back through a pipe on this host. Their gradients stay on the host: gloo binds the
+loopback interface (unless ``GLOO_SOCKET_IFNAME`` says otherwise), NCCL goes between the local
+GPUs. Each round starts them afresh (seconds of imports), which pays when a round trains for
+minutes.
 """
 
 from __future__ import annotations
