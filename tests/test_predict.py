@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 from dataclasses import replace
@@ -36,8 +37,8 @@ from condi_models.predict import (
     load_record,
     predict_records,
 )
+from condi_models.predict.engine import stitch_bounds
 from condi_models.predict.inputs import decimate_with_gaps
-from condi_models.predict.pipeline import stitch_bounds
 
 torch.set_num_threads(1)
 
@@ -53,8 +54,13 @@ def tiny_checkpoint(
     x: np.ndarray,
     observed: np.ndarray,
     variant: Variant = Variant.CONDI,
+    head_std: float = 0.0,
 ) -> Path:
-    """A small untrained model for ``info`` at input length ``window``, normalizer fitted on ``x``."""
+    """A small untrained model for ``info`` at input length ``window``, normalizer fitted on ``x``.
+
+    ``head_std`` > 0 draws the denoiser's head (zero at initialisation), so the network's output
+    reaches the imputation as a trained model's does.
+    """
     cfg = ModelConfig.for_dataset(
         replace(info, length=window),
         variant,
@@ -86,9 +92,11 @@ def tiny_checkpoint(
         ),
     )
     torch.manual_seed(0)
-    save_checkpoint(
-        path, CondIModel(cfg), ChannelNormalizer.fit(x, observed), info, {"made_by": "test_predict"}
-    )
+    model = CondIModel(cfg)
+    if head_std and model.denoiser is not None:
+        with torch.no_grad():
+            model.denoiser.head.weight.normal_(0.0, head_std)
+    save_checkpoint(path, model, ChannelNormalizer.fit(x, observed), info, {"made_by": "test_predict"})
     return path
 
 
@@ -336,6 +344,11 @@ def test_sleep_edf_psg_gets_a_stage_per_epoch(tmp_path: Path) -> None:
     # The generator's own signals, resampled the same way, up to the EDF's 16-bit quantization.
     assert np.allclose(arrays["x_hat"][arrays["observed"]], psg_data.x[arrays["observed"]], atol=0.05)
     assert (tmp_path / "out" / "SC4001E0-PSG" / "record.png").read_bytes()[:8] == PNG_SIGNATURE
+    rows = read_csv(tmp_path / "out" / "predictions.csv")
+    assert [(row["record"], row["epoch"]) for row in rows] == [
+        (name, str(k)) for name in ("SC4001E0-PSG", "SC4001E0-PSG-2") for k in range(3)
+    ]
+    assert [row["predicted"] for row in rows[:3]] == [e["predicted"] for e in doc["epochs"]]
 
 
 def test_mimic_stay_and_unknown_stay(tmp_path: Path) -> None:
@@ -372,3 +385,62 @@ def test_unreadable_checkpoint_is_a_usage_error(tmp_path: Path, capsys: pytest.C
     )
     assert args.func(args) == 2
     assert str(missing) in capsys.readouterr().err and not (tmp_path / "summary.json").exists()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_folder_and_list_inputs_batch_records_without_changing_them(tmp_path: Path) -> None:
+    ecg = generate_ecg(6, seed=0)
+    ckpt = tiny_checkpoint(tmp_path / "live.npz", ecg.info, 250, 10, ecg.x, ecg.observed, head_std=0.3)
+    folder = tmp_path / "archive"
+    paths = {"a": folder / "a", "c": folder / "c", "b": folder / "sub" / "b"}  # path order: a, c, sub/b
+    paths["b"].parent.mkdir(parents=True)
+    for i, (name, path) in enumerate(paths.items()):
+        signal = synthetic_signal(1100 if name == "c" else 1000, seed=10 + i)
+        signal[200 + 50 * i : 300 + 50 * i, i] = np.nan
+        write_ecg(path.parent, name, signal)
+    listed = tmp_path / "records.txt"
+    listed.write_text(f"# two of them\n{paths['b']}\n\n{paths['c']}.hea\n")
+    opts = replace(FAST, n_samples=3, hide=HideSpec("points", 0.2))
+
+    # a (4 windows) and c (5) share a call of 16 windows, b (4) follows; records read in a worker
+    # process. Then each alone, read in this process.
+    together = predict_records(ckpt, [str(folder)], tmp_path / "together", opts)
+    alone = {
+        n: predict_records(ckpt, [str(p)], tmp_path / n, replace(opts, read_workers=0))[0] for n, p in paths.items()
+    }
+    assert [r.name for r in together] == list(paths) and all(r.ok for r in together)
+    for r in together:
+        a, _ = load_outputs(tmp_path / "together" / r.name)
+        b, _ = load_outputs(tmp_path / r.name / r.name)
+        np.testing.assert_allclose(a["x_hat"], b["x_hat"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a["upper"], b["upper"], atol=1e-5, rtol=0)
+        assert np.abs(a["x_hat"] - a["upper"])[~a["observed"]].max() > 0  # the draws spread
+        np.testing.assert_allclose(r.segments[0].probabilities, alone[r.name].segments[0].probabilities, atol=1e-6)
+    rows = read_csv(tmp_path / "together" / "predictions.csv")
+    assert [row["record"] for row in rows] == list(paths) and {row["status"] for row in rows} == {"ok"}
+    for row, r in zip(rows, together):
+        assert row["predicted"] == r.segments[0].predicted
+        probs = [float(row[c]) for c in ecg.info.classes]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(probs, r.segments[0].probabilities, atol=1e-6)
+
+    parser = argparse.ArgumentParser(prog="condi")
+    add_predict_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["predict", "--checkpoint", str(ckpt), "--input", str(listed), str(tmp_path / "nowhere"),
+         "--out", str(tmp_path / "listed"), "--samples", "3", "--steps", "3", "--hide", "points:0.2",
+         "--no-figures", "--read-workers", "0", "--batch-size", "8"]
+    )
+    assert args.func(args) == 1
+    rows = read_csv(tmp_path / "listed" / "predictions.csv")
+    assert [(row["record"], row["status"]) for row in rows] == [("b", "ok"), ("c", "ok"), ("nowhere", "error")]
+    assert not list((tmp_path / "listed").rglob("record.png"))
+    for row in rows[:2]:
+        want = alone[row["record"]].segments[0].probabilities
+        np.testing.assert_allclose([float(row[c]) for c in ecg.info.classes], want, atol=1e-6)
+    with pytest.raises(ValueError, match="a folder without WFDB records"):
+        predict_records(ckpt, [str(tmp_path / "listed" / "b")], tmp_path / "x", opts)

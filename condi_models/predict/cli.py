@@ -22,7 +22,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         nargs="+",
         metavar="RECORD",
-        help="WFDB record path (.hea optional), Sleep-EDF *-PSG.edf, or mimic:<root>#<stay_id>",
+        help="WFDB record path (.hea optional), Sleep-EDF *-PSG.edf, mimic:<root>#<stay_id>, a folder "
+        "(every record under it) or a list file (.txt, .list, .lst: one input per line)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per record)")
     parser.add_argument("--samples", type=int, default=5, help="imputation samples per window (default 5)")
@@ -45,8 +46,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHANNEL",
         help="channels --hide applies to (names, space or comma separated; default every channel)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per model call (default 16)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="windows per model call, from several records (default 16)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument(
+        "--read-workers", type=int, default=1, help="processes reading records ahead of the model (default 1; 0: none)"
+    )
+    parser.add_argument(
+        "--no-figures", action="store_true", help="leave out record.png (drawing it costs more than the model on a CPU)"
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> PredictOptions:
@@ -64,13 +73,15 @@ def options_from_args(args: argparse.Namespace) -> PredictOptions:
         hide=hide,
         batch_size=args.batch_size,
         device=args.device,
+        read_workers=args.read_workers,
+        figures=not args.no_figures,
     )
 
 
 def handler(args: argparse.Namespace) -> int:
     """Run ``predict``: 0 when all records were predicted, 1 when some failed, 2 on a usage error."""
     try:
-        results = predict_records(args.checkpoint, args.input, args.out, options_from_args(args))
+        results = predict_records(args.checkpoint, args.input, args.out, options_from_args(args), progress=True)
     except (CheckpointError, ValueError, RuntimeError) as err:
         print(f"condi predict: error: {err}", file=sys.stderr)
         return 2
@@ -83,9 +94,10 @@ def handler(args: argparse.Namespace) -> int:
             seg = r.segments[0]
             print(f"{r.name}: {seg.predicted} (p = {max(seg.probabilities):.2f}) -> {r.out_dir}")
     failed = sum(not r.ok for r in results)
+    out = Path(args.out)
     print(
         f"{len(results) - failed} of {len(results)} records predicted; "
-        f"summary in {Path(args.out) / 'summary.json'}",
+        f"summary in {out / 'summary.json'}, predictions in {out / 'predictions.csv'}",
         file=sys.stderr,
     )
     return 1 if failed else 0

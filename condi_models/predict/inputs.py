@@ -305,6 +305,47 @@ def load_mimic_stay(
     )
 
 
+LIST_SUFFIXES = (".txt", ".list", ".lst")
+
+
+def _records_under(folder: Path) -> list[str]:
+    """WFDB records (by header) and PSG files under ``folder``, at any depth, in path order."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        name = path.name.lower()
+        psg = name.endswith(".edf") and not name.endswith("-hypnogram.edf")
+        if path.is_file() and (name.endswith(".hea") or psg):
+            found.append(str(path))
+    return found
+
+
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """The inputs ``items`` name: a folder stands for the records under it, a list file for its lines.
+
+    A folder gives its WFDB records (one per ``.hea``) and its PSG ``.edf`` files (hypnograms
+    excepted) at any depth, in path order. A list file (``.txt``, ``.list`` or ``.lst``) gives one
+    input per line as written (a relative path is from the current directory, as on the command
+    line), blank lines and ``#`` comments skipped. Anything else is one input as it is. ValueError
+    names a folder without records.
+    """
+    out: list[str] = []
+    for item in items:
+        path = Path(item)
+        if item.startswith("mimic:") or not path.exists():
+            out.append(item)
+        elif path.is_dir():
+            found = _records_under(path)
+            if not found:
+                raise ValueError(f"{item}: a folder without WFDB records (.hea) or PSG files (.edf)")
+            out.extend(found)
+        elif path.suffix.lower() in LIST_SUFFIXES:
+            lines = (line.strip() for line in path.read_text().splitlines())
+            out.extend(line for line in lines if line and not line.startswith("#"))
+        else:
+            out.append(item)
+    return out
+
+
 def load_record(
     text: str, info: DatasetInfo, mimic_cache: dict[tuple[Path, str, int], ClinicalDataset] | None = None
 ) -> LoadedRecord:

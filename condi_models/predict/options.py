@@ -55,7 +55,12 @@ class HideSpec:
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How to predict: sampler settings, seed, simulated missingness, device and window batch size."""
+    """How to predict: sampler settings, seed, simulated missingness, device and window batch size.
+
+    ``batch_size`` windows go to the model per call (several records' windows, see
+    ``condi_models.predict.engine``); ``read_workers`` processes read records ahead (0: none);
+    ``figures`` off leaves record.png out, which costs more than the model on a CPU.
+    """
 
     n_samples: int = 5
     steps: int = 10
@@ -66,6 +71,8 @@ class PredictOptions:
     quantiles: tuple[float, float] = (0.05, 0.95)
     batch_size: int = 16
     device: str = "auto"
+    read_workers: int = 1
+    figures: bool = True
 
     def __post_init__(self) -> None:
         self.sampling()  # validates sampler fields with SamplingOptions' own messages
@@ -78,6 +85,8 @@ class PredictOptions:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.read_workers < 0:
+            raise ValueError(f"read_workers must be >= 0, got {self.read_workers}")
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(

@@ -5,7 +5,8 @@ of L, the last one aligned to the record's end. Where two windows overlap, each 
 the window in which it lies nearer the centre (the overlap is split at its middle): there the
 imputer saw context on both sides, and every stitched value stays a value one window produced,
 with no blend of two sample medians. Class probabilities are the mean over a record's windows
-(over an epoch's windows for PSG; never across epochs).
+(over an epoch's windows for PSG; never across epochs). How records are read ahead and batched
+for the model is :mod:`.engine`'s part.
 
 Values are standardized with the checkpoint's normalizer before the model and brought back to
 source units after; observed entries of the outputs are the input values exactly. A
@@ -13,84 +14,45 @@ source units after; observed entries of the outputs are the input values exactly
 that imputation can be looked at against the truth on a complete record.
 
 Per record, ``DIR/<record>/`` receives ``imputed.npz`` (plain arrays, no pickle), ``prediction.json``
-and ``record.png``; ``DIR/summary.json`` lists every record, failed ones with their reason. A record
-that cannot be read is reported and the others go on.
+and ``record.png`` (unless figures are off); ``DIR/summary.json`` lists every record, failed ones
+with their reason, and ``DIR/predictions.csv`` holds every prediction as one table. A record that
+cannot be read is reported and the others go on.
 """
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import json
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from condi_models.batches import record_window_starts
 from condi_models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from condi_models.data.dataset import ClinicalDataset, DatasetInfo
-from condi_models.data.missingness import MissingnessSpec, simulate_missingness
-from condi_models.nn.model import CondIModel, resolve_device
+from condi_models.data.dataset import DatasetInfo
+from condi_models.nn.model import resolve_device
+from condi_models.predict.engine import (
+    ModelOutput,
+    PreparedRecord,
+    ReadFailure,
+    RecordReader,
+    failure,
+    hidden_channels,
+    prepare,
+    read_records,
+    run_batched,
+)
 from condi_models.predict.figure import RecordArrays, plot_record
-from condi_models.predict.inputs import InputError, LoadedRecord, input_kind, load_record
-from condi_models.predict.options import HideSpec, PredictOptions
+from condi_models.predict.inputs import InputError, LoadedRecord, expand_inputs, input_kind
+from condi_models.predict.options import PredictOptions
 
 log = logging.getLogger(__name__)
-
-
-def hidden_channels(info: DatasetInfo, hide: HideSpec) -> np.ndarray:
-    """(F,) bool: the checkpoint's channels ``hide`` applies to (names matched ignoring case)."""
-    upper = [c.upper() for c in info.channel_names]
-    if hide.channels is None:
-        return np.ones(len(upper), dtype=bool)
-    unknown = [c for c in hide.channels if c.upper() not in upper]
-    if unknown:
-        raise ValueError(
-            f"--hide-channels {unknown}: not channels of the checkpoint {list(info.channel_names)}"
-        )
-    return np.isin(upper, [c.upper() for c in hide.channels])
-
-
-def hide_entries(record: LoadedRecord, info: DatasetInfo, hide: HideSpec, seed: int) -> np.ndarray:
-    """The observed mask (S, F, T) after ``hide``; the same seed and record name give the same mask."""
-    values = record.values
-    observed = ~np.isnan(values)
-    s, _, length = values.shape
-    selected = hidden_channels(info, hide)
-    dataset = ClinicalDataset(
-        info=replace(info, length=length),
-        x=np.where(observed, values, np.float32(0.0)).astype(np.float32),
-        observed=observed,
-        y=np.zeros(s, dtype=np.int64),
-        sample_ids=tuple(f"{record.name}/{k}" for k in record.segment_index),
-        patient_ids=(record.name,) * s,
-    )
-    drop = hide.pattern == "drop"
-    spec = MissingnessSpec(
-        ps=1.0,
-        pw=0.0 if drop else hide.fraction,
-        modality_prob=1.0,
-        p_drop=1.0 if drop else 0.0,
-        pattern="points" if drop else hide.pattern,
-        seed=seed,
-    )
-    removed = observed & ~simulate_missingness(dataset, spec).data.observed
-    removed[:, ~selected, :] = False
-    return observed & ~removed
-
-
-def stitch_bounds(starts: np.ndarray, window: int, total: int) -> list[tuple[int, int]]:
-    """The steps [lo, hi) each window supplies: an overlap is split at its middle (nearer centre wins)."""
-    bounds = []
-    for i, start in enumerate(starts):
-        lo = 0 if i == 0 else (int(start) + int(starts[i - 1]) + window) // 2
-        hi = total if i == len(starts) - 1 else (int(starts[i + 1]) + int(start) + window) // 2
-        bounds.append((lo, hi))
-    return bounds
 
 
 @dataclass(frozen=True)
@@ -119,67 +81,6 @@ class RecordResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-@dataclass
-class _ModelOutput:
-    window_segment: np.ndarray  # (W,) segment of each window
-    window_start: np.ndarray  # (W,)
-    probs: np.ndarray  # (W, C)
-    median: np.ndarray | None  # (S, F, T) standardized, stitched
-    lower: np.ndarray | None
-    upper: np.ndarray | None
-
-
-def _seed_for(seed: int, name: str) -> int:
-    """A sampler seed from the run seed and the record's name, so a record's output ignores its neighbours."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _run_model(
-    model: CondIModel,
-    z: np.ndarray,
-    observed: np.ndarray,
-    opts: PredictOptions,
-    seed: int,
-    device: torch.device,
-) -> _ModelOutput:
-    s, total = z.shape[0], z.shape[2]
-    window = model.cfg.length
-    starts = record_window_starts(total, window)
-    bounds = stitch_bounds(starts, window, total)
-    plan = [(seg, int(a), b) for seg in range(s) for a, b in zip(starts, bounds)]
-    imputes = model.spec.impute_for_classification
-    median = np.zeros(z.shape, dtype=np.float32) if imputes else None
-    lower = np.zeros(z.shape, dtype=np.float32) if imputes else None
-    upper = np.zeros(z.shape, dtype=np.float32) if imputes else None
-    generator = torch.Generator().manual_seed(seed)
-    sampling = opts.sampling()
-    probs = []
-    for lo in range(0, len(plan), opts.batch_size):
-        chunk = plan[lo : lo + opts.batch_size]
-        x = torch.from_numpy(np.stack([z[seg, :, a : a + window] for seg, a, _ in chunk])).to(device)
-        m = torch.from_numpy(np.stack([observed[seg, :, a : a + window] for seg, a, _ in chunk])).to(device)
-        pred = model.predict(x, m, sampling, generator)
-        probs.append(torch.softmax(pred.logits.float(), dim=1).cpu().numpy())
-        if pred.imputation is None or median is None or lower is None or upper is None:
-            continue
-        med = pred.imputation.median.cpu().numpy()
-        qs = pred.imputation.quantiles.cpu().numpy()
-        for j, (seg, a, (keep_lo, keep_hi)) in enumerate(chunk):
-            part = slice(keep_lo - a, keep_hi - a)
-            median[seg, :, keep_lo:keep_hi] = med[j, :, part]
-            lower[seg, :, keep_lo:keep_hi] = qs[0, j, :, part]
-            upper[seg, :, keep_lo:keep_hi] = qs[-1, j, :, part]
-    return _ModelOutput(
-        window_segment=np.array([seg for seg, _, _ in plan], dtype=np.int64),
-        window_start=np.array([a for _, a, _ in plan], dtype=np.int64),
-        probs=np.concatenate(probs) if probs else np.zeros((0, model.cfg.n_classes), np.float32),
-        median=median,
-        lower=lower,
-        upper=upper,
-    )
 
 
 def _check_checkpoint(checkpoint: Checkpoint) -> None:
@@ -268,27 +169,18 @@ def _title(
     return f"{head}\n{how}"
 
 
-def predict_record(
+def _finish(
     checkpoint: Checkpoint,
-    record: LoadedRecord,
+    prepared: PreparedRecord,
+    out: ModelOutput,
     out_dir: Path,
     opts: PredictOptions,
-    device: torch.device,
-    provenance: dict[str, Any] | None = None,
+    provenance: dict[str, Any],
+    figure: bool,
 ) -> RecordResult:
-    """Impute and classify one loaded record; write imputed.npz, prediction.json, record.png there."""
+    """A record's outputs from its model output: imputed.npz, prediction.json and (with ``figure``) record.png."""
     info, model = checkpoint.info, checkpoint.model
-    values = record.values
-    if values.shape[2] < model.cfg.length:
-        raise InputError(
-            f"{record.source}: {values.shape[2]} steps per {'epoch' if record.kind == 'psg' else 'record'}, "
-            f"fewer than the model's input length of {model.cfg.length}"
-        )
-    original = ~np.isnan(values)
-    observed = original if opts.hide is None else hide_entries(record, info, opts.hide, opts.seed)
-    z = checkpoint.normalizer.apply(np.where(observed, values, np.float32(0.0)), observed)
-    out = _run_model(model, z, observed, opts, _seed_for(opts.seed, record.name), device)
-
+    record, observed, values = prepared.record, prepared.observed, prepared.record.values
     seen = np.where(observed, values, np.float32(np.nan)).astype(np.float32)
     arrays = RecordArrays(observed=observed, seen=seen)
     if out.median is not None and out.lower is not None and out.upper is not None:
@@ -297,7 +189,7 @@ def predict_record(
         arrays.lower = np.where(observed, values, norm.invert(out.lower)).astype(np.float32)
         arrays.upper = np.where(observed, values, norm.invert(out.upper)).astype(np.float32)
     if opts.hide is not None:
-        arrays.hidden = original & ~observed
+        arrays.hidden = prepared.original & ~observed
         arrays.truth = values
 
     segments = []
@@ -329,7 +221,7 @@ def predict_record(
         "sampling_rate_hz": info.sampling_rate_hz,
         "window_length": model.cfg.length,
         "notes": list(record.notes),
-        **(provenance or {}),
+        **provenance,
     }
     if record.kind == "psg":
         doc["epochs"] = [
@@ -357,8 +249,9 @@ def predict_record(
     if error is not None:
         doc["imputation_error_on_hidden"] = error
     (out_dir / "prediction.json").write_text(json.dumps(doc, indent=2) + "\n")
-    title = _title(record, info, segments, model.cfg.variant.value, opts, imputed)
-    plot_record(out_dir / "record.png", record, info, arrays, [s.predicted for s in segments], title)
+    if figure:
+        title = _title(record, info, segments, model.cfg.variant.value, opts, imputed)
+        plot_record(out_dir / "record.png", record, info, arrays, [s.predicted for s in segments], title)
     return RecordResult(
         input=record.source,
         name=record.name,
@@ -367,6 +260,21 @@ def predict_record(
         segments=tuple(segments),
         imputed=imputed,
     )
+
+
+def predict_record(
+    checkpoint: Checkpoint,
+    record: LoadedRecord,
+    out_dir: Path,
+    opts: PredictOptions,
+    device: torch.device,
+    provenance: dict[str, Any] | None = None,
+) -> RecordResult:
+    """Impute and classify one loaded record; write imputed.npz, prediction.json, record.png there."""
+    model = checkpoint.model
+    prepared = prepare(0, record.source, record, checkpoint.info, checkpoint.normalizer, opts, model.cfg.length)
+    ((_, out),) = run_batched(model, [prepared], opts, device)
+    return _finish(checkpoint, prepared, out, out_dir, opts, provenance or {}, opts.figures)
 
 
 def _unique_name(name: str, taken: set[str]) -> str:
@@ -391,17 +299,56 @@ def _summary_entry(result: RecordResult, classes: Sequence[str]) -> dict[str, An
     return entry
 
 
+def _prepared(
+    items: Iterable[tuple[str, LoadedRecord | ReadFailure]],
+    checkpoint: Checkpoint,
+    opts: PredictOptions,
+) -> Iterator[PreparedRecord | ReadFailure]:
+    """Records read, in input order, made the model's inputs; each record named apart from those before it."""
+    taken: set[str] = set()
+    window = checkpoint.model.cfg.length
+    for index, (text, item) in enumerate(items):
+        if isinstance(item, ReadFailure):
+            yield item
+            continue
+        try:
+            name = _unique_name(item.name, taken)
+            record = item if name == item.name else replace(item, name=name)
+            yield prepare(index, text, record, checkpoint.info, checkpoint.normalizer, opts, window)
+        except (InputError, ValueError, OSError) as exc:
+            yield failure(index, text, exc)
+
+
+def _csv_rows(results: Sequence[RecordResult], classes: Sequence[str]) -> list[list[str]]:
+    """predictions.csv: one row per record (per epoch for a PSG night), failed records with their status."""
+    per_epoch = any(r.kind == "psg" for r in results)
+    rows = [["record", *(["epoch"] if per_epoch else []), "input", "status", "predicted", *classes]]
+    for r in results:
+        if not r.ok:
+            rows.append([r.name, *([""] if per_epoch else []), r.input, "error", "", *([""] * len(classes))])
+            continue
+        for seg in r.segments:
+            epoch = [str(seg.index) if r.kind == "psg" else ""] if per_epoch else []
+            probs = [f"{p:.6f}" for p in seg.probabilities]
+            rows.append([r.name, *epoch, r.input, "ok", seg.predicted, *probs])
+    return rows
+
+
 def predict_records(
     checkpoint: Checkpoint | str | Path,
     inputs: Sequence[str],
     out_dir: str | Path,
     options: PredictOptions | None = None,
+    progress: bool = False,
 ) -> list[RecordResult]:
     """Impute and classify every input with ``checkpoint`` (a loaded one, or the path of one).
 
-    Writes ``out_dir/<record>/{imputed.npz, prediction.json, record.png}`` per record and
-    ``out_dir/summary.json``. An input that cannot be read or does not fit the checkpoint gets a
-    RecordResult with ``error`` set (and a summary entry); the others go on.
+    ``inputs`` may name folders and list files (``expand_inputs``). Writes
+    ``out_dir/<record>/{imputed.npz, prediction.json, record.png}`` per record, and
+    ``out_dir/summary.json`` and ``out_dir/predictions.csv`` over all of them. Records are read
+    ``options.read_workers`` processes ahead and go to the model several to a call (``engine``);
+    ``progress`` shows a progress bar on a terminal. An input that cannot be read or does not fit
+    the checkpoint gets a RecordResult with ``error`` set (and a summary entry); the others go on.
     """
     opts = options or PredictOptions()
     provenance: dict[str, Any] = {}
@@ -413,36 +360,44 @@ def predict_records(
     info = checkpoint.info
     if opts.hide is not None:
         hidden_channels(info, opts.hide)  # a misspelt channel fails before any record is read
+    texts = expand_inputs(inputs)
     device = resolve_device(opts.device)
     checkpoint.model.to(device).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache: dict[tuple[Path, str, int], ClinicalDataset] = {}
-    taken: set[str] = set()
-    results = []
-    for text in inputs:
-        try:
-            record = load_record(text, info, cache)
-            name = _unique_name(record.name, taken)
-            if name != record.name:
-                record = replace(record, name=name)
-            result = predict_record(checkpoint, record, out / name, opts, device, provenance)
-            log.info("%s: predicted, outputs in %s", text, result.out_dir)
-        except (InputError, ValueError, OSError) as exc:
-            message = str(exc) if str(exc).startswith(text) else f"{text}: {exc}"
-            log.info("not predicted: %s", message)
-            results.append(
-                RecordResult(input=text, name=Path(text).name, kind=input_kind(text), error=message)
-            )
-            continue
-        results.append(result)
+    reader = RecordReader(texts, info)
+    read = zip(texts, read_records(reader, opts.read_workers))
+    results: dict[int, RecordResult] = {}
+    with tqdm(total=len(texts), unit="record", disable=None if progress else True, file=sys.stderr) as bar:
+        for item in run_batched(checkpoint.model, _prepared(read, checkpoint, opts), opts, device):
+            if isinstance(item, ReadFailure):
+                log.info("not predicted: %s", item.message)
+                result = RecordResult(
+                    input=item.text, name=Path(item.text).name, kind=input_kind(item.text), error=item.message
+                )
+                results[item.index] = result
+            else:
+                prepared, model_out = item
+                name = prepared.record.name
+                try:
+                    result = _finish(checkpoint, prepared, model_out, out / name, opts, provenance, opts.figures)
+                except OSError as exc:
+                    result = RecordResult(
+                        input=prepared.text, name=name, kind=prepared.record.kind, error=f"{prepared.text}: {exc}"
+                    )
+                log.info("%s: predicted, outputs in %s", prepared.text, result.out_dir)
+                results[prepared.index] = result
+            bar.update()
+    ordered = [results[i] for i in range(len(texts))]
     summary = {
         "checkpoint": provenance.get("checkpoint"),
         "dataset": info.name,
         "classes": list(info.classes),
         "variant": checkpoint.model.cfg.variant.value,
         "options": opts.to_dict(),
-        "records": [_summary_entry(r, info.classes) for r in results],
+        "records": [_summary_entry(r, info.classes) for r in ordered],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return results
+    with (out / "predictions.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(_csv_rows(ordered, info.classes))
+    return ordered

@@ -1,0 +1,300 @@
+"""Records to the model in shared batches: reading ahead in worker processes, windows of several records per call.
+
+A record (an epoch, for PSG) longer than the model's input length L is cut into consecutive windows
+of L, the last one aligned to the record's end; its windows go to the model in chunks of
+``batch_size``, and a model call holds the next chunk of as many records as fit in ``batch_size``
+windows. Each record draws its sampler noise from its own generator, seeded by the run's seed and
+the record's name, in the shapes it would draw alone (``RowGenerators``): a record's imputation
+and probabilities do not depend on which records share its calls, or on the number of reading
+workers, up to the rounding of batched arithmetic.
+
+Records are read (and resampled or decimated) in a ``torch.utils.data.DataLoader``'s worker
+processes, so that reading overlaps the model; an input that cannot be read comes back as a
+:class:`ReadFailure` and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from condi_models.batches import record_window_starts
+from condi_models.data.dataset import ClinicalDataset, DatasetInfo
+from condi_models.data.missingness import MissingnessSpec, simulate_missingness
+from condi_models.data.normalize import ChannelNormalizer
+from condi_models.nn.model import CondIModel
+from condi_models.nn.sampling import RowGenerators, SamplingOptions
+from condi_models.predict.inputs import InputError, LoadedRecord, load_record
+from condi_models.predict.options import HideSpec, PredictOptions
+
+
+def hidden_channels(info: DatasetInfo, hide: HideSpec) -> np.ndarray:
+    """(F,) bool: the checkpoint's channels ``hide`` applies to (names matched ignoring case)."""
+    upper = [c.upper() for c in info.channel_names]
+    if hide.channels is None:
+        return np.ones(len(upper), dtype=bool)
+    unknown = [c for c in hide.channels if c.upper() not in upper]
+    if unknown:
+        raise ValueError(
+            f"--hide-channels {unknown}: not channels of the checkpoint {list(info.channel_names)}"
+        )
+    return np.isin(upper, [c.upper() for c in hide.channels])
+
+
+def hide_entries(record: LoadedRecord, info: DatasetInfo, hide: HideSpec, seed: int) -> np.ndarray:
+    """The observed mask (S, F, T) after ``hide``; the same seed and record name give the same mask."""
+    values = record.values
+    observed = ~np.isnan(values)
+    s, _, length = values.shape
+    selected = hidden_channels(info, hide)
+    dataset = ClinicalDataset(
+        info=replace(info, length=length),
+        x=np.where(observed, values, np.float32(0.0)).astype(np.float32),
+        observed=observed,
+        y=np.zeros(s, dtype=np.int64),
+        sample_ids=tuple(f"{record.name}/{k}" for k in record.segment_index),
+        patient_ids=(record.name,) * s,
+    )
+    drop = hide.pattern == "drop"
+    spec = MissingnessSpec(
+        ps=1.0,
+        pw=0.0 if drop else hide.fraction,
+        modality_prob=1.0,
+        p_drop=1.0 if drop else 0.0,
+        pattern="points" if drop else hide.pattern,
+        seed=seed,
+    )
+    removed = observed & ~simulate_missingness(dataset, spec).data.observed
+    removed[:, ~selected, :] = False
+    return observed & ~removed
+
+
+def stitch_bounds(starts: np.ndarray, window: int, total: int) -> list[tuple[int, int]]:
+    """The steps [lo, hi) each window supplies: an overlap is split at its middle (nearer centre wins)."""
+    bounds = []
+    for i, start in enumerate(starts):
+        lo = 0 if i == 0 else (int(start) + int(starts[i - 1]) + window) // 2
+        hi = total if i == len(starts) - 1 else (int(starts[i + 1]) + int(start) + window) // 2
+        bounds.append((lo, hi))
+    return bounds
+
+
+def seed_for(seed: int, name: str) -> int:
+    """A sampler seed from the run seed and the record's name, so a record's output ignores its neighbours."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class PreparedRecord:
+    """A record read onto the checkpoint's layout, with its missingness and the model's standardized input.
+
+    ``observed`` is the mask the model sees (after any ``hide``), ``original`` the record's own;
+    ``z`` holds the standardized values, 0 where not observed. All (S, F, T).
+    """
+
+    index: int  # position among the run's inputs
+    text: str
+    record: LoadedRecord
+    original: np.ndarray
+    observed: np.ndarray
+    z: np.ndarray
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """An input that could not be used, and why (the message names the input)."""
+
+    index: int
+    text: str
+    message: str
+
+
+@dataclass
+class ModelOutput:
+    """What the model gave for one record: per-window probabilities and the stitched imputation."""
+
+    window_segment: np.ndarray  # (W,) segment of each window
+    window_start: np.ndarray  # (W,)
+    probs: np.ndarray  # (W, C)
+    median: np.ndarray | None  # (S, F, T) standardized, stitched
+    lower: np.ndarray | None
+    upper: np.ndarray | None
+
+
+def prepare(
+    index: int,
+    text: str,
+    record: LoadedRecord,
+    info: DatasetInfo,
+    normalizer: ChannelNormalizer,
+    opts: PredictOptions,
+    window: int,
+) -> PreparedRecord:
+    """The model's input from a record read: simulated missingness, then standardized values.
+
+    InputError when the record is shorter than the model's input; ValueError from a bad ``hide``.
+    """
+    values = record.values
+    if values.shape[2] < window:
+        unit = "epoch" if record.kind == "psg" else "record"
+        raise InputError(
+            f"{record.source}: {values.shape[2]} steps per {unit}, fewer than the model's input length of {window}"
+        )
+    original = ~np.isnan(values)
+    observed = original if opts.hide is None else hide_entries(record, info, opts.hide, opts.seed)
+    z = normalizer.apply(np.where(observed, values, np.float32(0.0)), observed)
+    return PreparedRecord(index, text, record, original, observed, z)
+
+
+def failure(index: int, text: str, exc: Exception) -> ReadFailure:
+    """A ReadFailure whose message starts with the input."""
+    message = str(exc) if str(exc).startswith(text) else f"{text}: {exc}"
+    return ReadFailure(index, text, message)
+
+
+class RecordReader(Dataset):
+    """The run's inputs as a map-style dataset of records read (or read failures), for a DataLoader."""
+
+    def __init__(self, inputs: Sequence[str], info: DatasetInfo) -> None:
+        self.inputs = list(inputs)
+        self.info = info
+        # One MIMIC load per root and worker process.
+        self.cache: dict[tuple[Path, str, int], ClinicalDataset] = {}
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> LoadedRecord | ReadFailure:
+        text = self.inputs[i]
+        try:
+            return load_record(text, self.info, self.cache)
+        except (InputError, ValueError, OSError) as exc:
+            return failure(i, text, exc)
+
+
+def _as_is(item: LoadedRecord | ReadFailure) -> LoadedRecord | ReadFailure:
+    return item
+
+
+def read_records(reader: RecordReader, workers: int) -> Iterator[LoadedRecord | ReadFailure]:
+    """The reader's items in input order, read ``workers`` processes ahead (0: in this process)."""
+    if workers == 0:
+        return (reader[i] for i in range(len(reader)))
+    return iter(DataLoader(reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is))
+
+
+@dataclass
+class _InFlight:
+    """A record whose windows are going through the model, and what has come back so far."""
+
+    prepared: PreparedRecord
+    plan: list[tuple[int, int, tuple[int, int]]]  # (segment, window start, stitched steps) per window
+    generator: torch.Generator
+    output: ModelOutput
+    probs: list[np.ndarray] = field(default_factory=list)
+    sent: int = 0  # windows of the plan sent to the model
+
+    @property
+    def done(self) -> bool:
+        return self.sent >= len(self.plan)
+
+
+def _in_flight(prepared: PreparedRecord, model: CondIModel, seed: int) -> _InFlight:
+    z = prepared.z
+    s, total = z.shape[0], z.shape[2]
+    window = model.cfg.length
+    starts = record_window_starts(total, window)
+    bounds = stitch_bounds(starts, window, total)
+    plan = [(seg, int(a), b) for seg in range(s) for a, b in zip(starts, bounds)]
+    imputes = model.spec.impute_for_classification
+    output = ModelOutput(
+        window_segment=np.array([seg for seg, _, _ in plan], dtype=np.int64),
+        window_start=np.array([a for _, a, _ in plan], dtype=np.int64),
+        probs=np.zeros((0, model.cfg.n_classes), np.float32),
+        median=np.zeros(z.shape, dtype=np.float32) if imputes else None,
+        lower=np.zeros(z.shape, dtype=np.float32) if imputes else None,
+        upper=np.zeros(z.shape, dtype=np.float32) if imputes else None,
+    )
+    generator = torch.Generator().manual_seed(seed_for(seed, prepared.record.name))
+    return _InFlight(prepared, plan, generator, output)
+
+
+def run_batched(
+    model: CondIModel,
+    records: Iterable[PreparedRecord | ReadFailure],
+    opts: PredictOptions,
+    device: torch.device,
+) -> Iterator[tuple[PreparedRecord, ModelOutput] | ReadFailure]:
+    """Each record with its model output (or its read failure) as soon as its last window is done.
+
+    A call takes the next chunk of ``opts.batch_size`` windows of each waiting record that still
+    fits, in input order; records are read ahead until the waiting ones fill a call. Records come
+    out in input order, read failures as soon as they are read.
+    """
+    window = model.cfg.length
+    sampling = opts.sampling()
+    source = iter(records)
+    waiting: deque[_InFlight] = deque()
+    exhausted = False
+    while waiting or not exhausted:
+        while not exhausted and sum(len(r.plan) - r.sent for r in waiting) < opts.batch_size:
+            item = next(source, None)
+            if item is None:
+                exhausted = True
+            elif isinstance(item, ReadFailure):
+                yield item
+            else:
+                waiting.append(_in_flight(item, model, opts.seed))
+        if not waiting:
+            continue
+        call: list[tuple[_InFlight, list[tuple[int, int, tuple[int, int]]]]] = []
+        size = 0
+        for r in waiting:
+            # A record's chunks are fixed (batch_size windows from its start), so its noise is too.
+            chunk = r.plan[r.sent : r.sent + opts.batch_size]
+            if chunk and size + len(chunk) <= opts.batch_size:
+                call.append((r, chunk))
+                size += len(chunk)
+        _predict_call(model, call, sampling, device, window)
+        while waiting and waiting[0].done:
+            done = waiting.popleft()
+            done.output.probs = np.concatenate(done.probs)
+            yield done.prepared, done.output
+
+
+def _predict_call(
+    model: CondIModel,
+    call: Sequence[tuple[_InFlight, Sequence[tuple[int, int, tuple[int, int]]]]],
+    sampling: SamplingOptions,
+    device: torch.device,
+    window: int,
+) -> None:
+    """One model call on the given chunks; their probabilities and stitched imputation go to their records."""
+    x = np.stack([r.prepared.z[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk])
+    m = np.stack([r.prepared.observed[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk])
+    generators = RowGenerators([r.generator for r, _ in call], [len(chunk) for _, chunk in call])
+    pred = model.predict(torch.from_numpy(x).to(device), torch.from_numpy(m).to(device), sampling, generators)
+    probs = torch.softmax(pred.logits.float(), dim=1).cpu().numpy()
+    imp = pred.imputation
+    med = None if imp is None else imp.median.cpu().numpy()
+    qs = None if imp is None else imp.quantiles.cpu().numpy()
+    j = 0
+    for r, chunk in call:
+        r.probs.append(probs[j : j + len(chunk)])
+        out = r.output
+        for seg, a, (keep_lo, keep_hi) in chunk:
+            if med is not None and qs is not None and out.median is not None:
+                part = slice(keep_lo - a, keep_hi - a)
+                out.median[seg, :, keep_lo:keep_hi] = med[j, :, part]
+                out.lower[seg, :, keep_lo:keep_hi] = qs[0, j, :, part]
+                out.upper[seg, :, keep_lo:keep_hi] = qs[-1, j, :, part]
+            j += 1
+        r.sent += len(chunk)
