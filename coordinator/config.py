@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from condi_models.configfile import ConfigError, StrictModel, load_config
+from condi_models.configfile import ConfigError, StrictModel, load_config, parse_config
 from condi_models.data.sources import DataLayout
 from condi_models.evaluation import EvalOptions
 from condi_models.server_optimizer import ServerOptimizerConfig
@@ -111,6 +111,27 @@ def layout_problem(layout: DataLayout, limits: LayoutLimits) -> str | None:
     return None
 
 
+class ServiceSettings(StrictModel):
+    """``service:`` in federation.yaml: `coordinator serve` runs federations one after another."""
+
+    runs_dir: str = Field(description="each run's directory is runs_dir/<run id>; the queue is runs_dir/runs.json")
+    admin_socket: str = Field(
+        description="local socket for submit, runs, logs, cancel and status (mode 0600: the service's user only)"
+    )
+    watch_dir: str | None = Field(
+        default=None, description="run files dropped here are submitted, then moved to submitted/ or rejected/"
+    )
+    max_queued: int = Field(default=20, ge=1, le=1000, description="most runs waiting at once; more are refused")
+    max_run_file_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 24, description="largest run file accepted")
+
+
+# What a submitted run may not change: how the service listens, whom it admits and its bounds.
+SERVICE_FIELDS = frozenset(
+    {"listen", "tls", "silos", "max_calls_per_silo", "max_chunk_bytes", "layout_limits", "max_silo_records",
+     "monitor", "service", "run_dir"}
+)
+
+
 class FederationConfig(StrictModel):
     """The operator's federation.yaml."""
 
@@ -159,6 +180,9 @@ class FederationConfig(StrictModel):
     training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    service: ServiceSettings | None = Field(
+        default=None, description="`coordinator serve`: a long-lived service taking submitted runs (see runs.py)"
+    )
     monitor: MonitorEndpoint | None = Field(
         default=None,
         description="serve Prometheus metrics (/metrics) and the live web view (/) at this local address; "
@@ -242,6 +266,27 @@ def load_federation_config(path: str | Path) -> FederationConfig:
             "%s: aggregation.mode is plain: the coordinator sees every silo's individual update", path
         )
     return cfg
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_config(base: FederationConfig, submitted: object, run_dir: str | Path, source: str) -> FederationConfig:
+    """The config of a submitted run: the service's federation.yaml with the run file's fields laid
+    over it (nested sections merged key by key), in its own ``run_dir``. A run file may set what a
+    federation.yaml sets but the service's own fields (:data:`SERVICE_FIELDS`); errors name ``source``."""
+    if not isinstance(submitted, dict):
+        raise ConfigError(f"{source}: expected a mapping of federation.yaml fields, got {type(submitted).__name__}")
+    fixed = sorted(SERVICE_FIELDS & set(submitted))
+    if fixed:
+        raise ConfigError(f"{source}: {', '.join(fixed)}: set by the service's federation.yaml, not by a run")
+    merged = _merge(base.model_dump(mode="json", exclude_none=True), submitted)
+    merged["run_dir"] = str(run_dir)
+    return parse_config(merged, FederationConfig, source)
 
 
 def federation_file_problems(cfg: FederationConfig, source: str | Path) -> list[str]:

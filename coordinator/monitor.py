@@ -140,14 +140,22 @@ _STATIC = {
 }
 
 
-def web_routes(run_dir: str | Path) -> dict[str, Callable[[], tuple[str, bytes]]]:
-    """The live view's pages for :class:`federation.monitor_http.MonitorServer`: the static page
-    and ``/api/run``, the run's snapshot as JSON."""
+def web_routes(
+    current: Callable[[], Path | None], runs: Callable[[], list[dict[str, Any]]] = list
+) -> dict[str, Callable[[], tuple[str, bytes]]]:
+    """The live view's pages for :class:`federation.monitor_http.MonitorServer`: the static page,
+    ``/api/run`` (the snapshot of the run ``current`` names; empty between runs) and ``/api/runs``
+    (a long-lived service's runs)."""
     routes: dict[str, Callable[[], tuple[str, bytes]]] = {
         path: (lambda name=name, kind=kind: (kind, (_WEB / name).read_bytes()))
         for path, (name, kind) in _STATIC.items()
     }
-    routes["/api/run"] = lambda: (
-        "application/json", json.dumps(run_snapshot(run_dir), default=str).encode("utf-8")
-    )
+
+    def run() -> tuple[str, bytes]:
+        run_dir = current()
+        snap = {"status": None, "rounds": [], "events": []} if run_dir is None else run_snapshot(run_dir)
+        return "application/json", json.dumps(snap, default=str).encode("utf-8")
+
+    routes["/api/run"] = run
+    routes["/api/runs"] = lambda: ("application/json", json.dumps(runs(), default=str).encode("utf-8"))
     return routes

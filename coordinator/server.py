@@ -77,6 +77,7 @@ class Coordinator:
         revocations: identity.RevocationList,
         clock: Callable[[], float] = time.monotonic,
         exit_at: FaultPoint | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -101,7 +102,7 @@ class Coordinator:
         optimizer_state: dict[str, np.ndarray] = {}
         if loaded is None:
             ckpt = CoordinatorCheckpoint(
-                run_id=new_run_id(cfg.name),
+                run_id=run_id or new_run_id(cfg.name),
                 federation=cfg.name,
                 progress=RoundProgress.start(cfg.seed, statistics=True),
             )

@@ -47,22 +47,35 @@ _CODES = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
     "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    """Thin handlers over one :class:`~coordinator.server.Coordinator`."""
+    """Thin handlers over the :class:`~coordinator.server.Coordinator` of the run in progress.
+
+    A long-lived service (:mod:`coordinator.service`) swaps :attr:`run` from one run to the next
+    and leaves it None between runs, when every call is answered UNAVAILABLE.
+    """
 
     def __init__(
-        self, coordinator: Coordinator, *, max_calls_per_silo: int, audit: AuditLog | None = None
+        self, coordinator: Coordinator | None, *, max_calls_per_silo: int, audit: AuditLog | None = None
     ) -> None:
-        self.coordinator = coordinator
+        self.run = coordinator
         # Calls each silo has in progress: one silo's flood of long polls must not occupy the
         # worker threads every other silo's heartbeats need.
         self.max_calls_per_silo = max_calls_per_silo
         self.audit = audit
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
+
+    @property
+    def coordinator(self) -> Coordinator:
+        """The run in progress; a call that comes between runs is refused as UNAVAILABLE."""
+        run = self.run
+        if run is None:
+            raise ProtocolError("unavailable", "no federation run in progress; ask again later")
+        return run
 
     def register(self, server: grpc.Server) -> None:
         """Add this servicer to ``server``."""
@@ -133,14 +146,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error; the coordinator's log has the details")
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        limits = self.coordinator.cfg.layout_limits
-        return self._call(
-            context,
-            "Join",
-            lambda silo: serde.join_reply_to_proto(
-                self.coordinator.join(silo, serde.join_request_from_proto(request, limits))
-            ),
-        )
+        def join(silo: str) -> pb.JoinReply:
+            run = self.coordinator
+            joining = serde.join_request_from_proto(request, run.cfg.layout_limits)
+            return serde.join_reply_to_proto(run.join(silo, joining))
+
+        return self._call(context, "Join", join)
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
         return self._call(

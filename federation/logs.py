@@ -91,11 +91,23 @@ def configure(
         text.setFormatter(JsonLinesFormatter() if settings.stderr == "json" else logging.Formatter(_TEXT_FORMAT))
         root.addHandler(text)
     if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        structured = PrivateRotatingFileHandler(
-            path, maxBytes=int(settings.file_max_mb * 1024 * 1024), backupCount=settings.file_backups,
-            encoding="utf-8",
-        )
-        structured.setFormatter(JsonLinesFormatter())
-        root.addHandler(structured)
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        add_json_file(json_path, settings)
+
+
+def add_json_file(path: str | Path, settings: LogSettings | None = None) -> logging.Handler:
+    """Also write every record as JSON lines to ``path`` (rotated as ``settings`` say) until
+    :func:`remove_handler`: a long-lived coordinator gives each run its own events.jsonl."""
+    settings = settings or LogSettings()
+    handler = PrivateRotatingFileHandler(
+        path, maxBytes=int(settings.file_max_mb * 1024 * 1024), backupCount=settings.file_backups, encoding="utf-8"
+    )
+    handler.setFormatter(JsonLinesFormatter())
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def remove_handler(handler: logging.Handler) -> None:
+    """Detach and close a handler :func:`add_json_file` added."""
+    logging.getLogger().removeHandler(handler)
+    handler.close()

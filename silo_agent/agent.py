@@ -109,6 +109,10 @@ class JoinRefusedError(RuntimeError):
     """The coordinator would not accept this silo; the message is its reason."""
 
 
+class RunSkippedError(RuntimeError):
+    """The coordinator's run is one this silo already refused by its policy."""
+
+
 class PolicyRefusedError(RuntimeError):
     """The run breaks this site's policy; the message says how."""
 
@@ -208,7 +212,14 @@ class _SecureRound:
 class SiloAgent:
     """One silo's participation in a federation run."""
 
-    def __init__(self, cfg: SiteConfig, source: str | Path, *, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SiteConfig,
+        source: str | Path,
+        *,
+        faults: Faults | None = None,
+        skip_runs: frozenset[str] = frozenset(),
+    ) -> None:
         if cfg.coordinator is None or cfg.tls is None:
             raise ValueError(
                 f"{source}: coordinator and tls sections are needed to take part in a federation"
@@ -221,6 +232,11 @@ class SiloAgent:
         # Refused here, not at the first round, when the GPUs are fewer than the workers.
         worker_devices(self.device, cfg.compute.workers)
         self.state = AgentState(cfg.state_dir)
+        # Runs this silo already refused by policy (a staying-up agent is not asked twice), and how
+        # run() ended: done, budget, policy, skipped, identity, refused, unreachable.
+        self.skip_runs = skip_runs
+        self.outcome = ""
+        self.joined_run: str | None = None
         self.status = AgentStatus(cfg.state_dir, cfg.silo_id, cfg.coordinator.address)
         self.client: CoordinatorClient | None = None
         self.run_id: str | None = None
@@ -260,6 +276,9 @@ class SiloAgent:
         reply = self.client.join(request)
         if not reply.accepted:
             raise JoinRefusedError(reply.reason)
+        self.joined_run = reply.run_id
+        if reply.run_id in self.skip_runs:
+            raise RunSkippedError(reply.run_id)
         violation = self._policy_violation(None, reply)
         if violation is not None:
             raise PolicyRefusedError(violation)
@@ -400,28 +419,41 @@ class SiloAgent:
         self.status.activity("joining")
         try:
             self._join()
-            return self._loop()
+            code = self._loop()
+            self.outcome = "done"
+            return code
         except BudgetExhausted as exc:
+            self.outcome = "budget"
             self.status.activity("left: privacy budget spent")
             return self._leave(exc)
         except PolicyRefusedError as exc:
+            self.outcome = "policy"
             self.status.activity(f"left: refused by site policy: {exc}")
             return self._refuse_by_policy(str(exc))
+        except RunSkippedError as exc:
+            self.outcome = "skipped"
+            self.status.activity(f"waiting: run {exc} was refused by site policy")
+            return 0
         except secagg.IdentityError as exc:
+            self.outcome = "identity"
             # Every peer would refuse this silo's adverts, in this round and every later one.
             log.error("silo %s cannot take part in secure aggregation: %s", self.cfg.silo_id, exc)
             self.status.error(f"cannot take part in secure aggregation: {exc}")
             self._depart(f"its certificate cannot be used for secure aggregation: {exc}")
             return 2
         except JoinRefusedError as exc:
+            self.outcome = "refused"
             log.error("the coordinator refused silo %s: %s", self.cfg.silo_id, exc)
             self.status.error(f"join refused: {exc}")
             return 2
         except CoordinatorUnreachableError as exc:
+            self.outcome = "unreachable"
             log.error("%s", exc)
             self.status.error(str(exc))
             return 1
         except grpc.RpcError as exc:
+            # Refused by the identity check (revoked, not on the allow-list) or the protocol.
+            self.outcome = "identity" if exc.code() == grpc.StatusCode.PERMISSION_DENIED else "refused"
             log.error(
                 "the coordinator refused silo %s (%s: %s)", self.cfg.silo_id, exc.code().name, exc.details()
             )

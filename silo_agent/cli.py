@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,15 +125,45 @@ def run_check(config_path: str, as_json: bool, layout: bool = False) -> int:
     return 1 if problems else 0
 
 
-def run_agent(config_path: str, verbose: bool, log_config: str | None = None) -> int:
-    """Take part in the federation as site.yaml says."""
+def run_agent(config_path: str, verbose: bool, log_config: str | None = None, stay_up: bool = False) -> int:
+    """Take part in the federation as site.yaml says: in one run, or with ``stay_up`` in every run
+    the coordinator service starts, until stopped."""
     from silo_agent.agent import Faults, SiloAgent
 
     log_settings = logs.load_log_settings(log_config, verbose)
     cfg = load_site_config(config_path)
     check_site_files(cfg, config_path)
     logs.configure(json_path=Path(cfg.state_dir) / "events.jsonl", settings=log_settings)
-    return SiloAgent(cfg, config_path, faults=Faults.from_env()).run()
+    if not stay_up:
+        return SiloAgent(cfg, config_path, faults=Faults.from_env()).run()
+    def stop(signum: int, _frame: object) -> None:
+        # Unwinds whatever the agent is doing (a retry's wait included); its state is on disk and a
+        # later start takes the run up again.
+        logging.getLogger("silo_agent").warning("received signal %d; stopping", signum)
+        raise SystemExit(0)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    refused: set[str] = set()
+    while True:
+        agent = SiloAgent(cfg, config_path, faults=Faults.from_env(), skip_runs=frozenset(refused))
+        code = agent.run()
+        if agent.outcome == "identity":
+            # The certificate is revoked, off the allow-list or unfit for secure aggregation: no
+            # later run will take it either.
+            return code
+        if agent.outcome == "policy" and agent.joined_run is not None:
+            refused.add(agent.joined_run)
+        # Between runs the coordinator answers UNAVAILABLE; ask again after a while.
+        pause = STAY_UP_PAUSE_S if agent.outcome in ("done", "budget") else STAY_UP_RETRY_S
+        logging.getLogger("silo_agent").info("staying up (%s): next join in %.0f s", agent.outcome, pause)
+        time.sleep(pause)
+
+
+# How long a staying-up agent waits before joining again: after a run it took part in, and after
+# it found no run (or one it refused) or lost the coordinator.
+STAY_UP_PAUSE_S = 5.0
+STAY_UP_RETRY_S = 15.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="path to site.yaml (take part in the federation)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     parser.add_argument("--log-config", help="logging.yaml: level, stderr format, events.jsonl rotation")
+    parser.add_argument(
+        "--stay-up", action="store_true",
+        help="after a run, wait for the coordinator service's next one and take part (until stopped)",
+    )
     sub = parser.add_subparsers(dest="command")
     check = sub.add_parser(
         "check", help="validate site.yaml, data, certificates and coordinator; print a summary"
@@ -182,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_check(args.config, args.json, args.layout)
         if args.command == "status":
             return run_status(args.config, args.json)
-        return run_agent(args.config, args.verbose, args.log_config)
+        return run_agent(args.config, args.verbose, args.log_config, args.stay_up)
     except (
         ConfigError,
         DataSourceError,

@@ -47,6 +47,8 @@ def test_the_unit_starts_the_service_with_arguments_it_accepts(name: str) -> Non
     assert Path(argv[0]).parent == Path("/opt/condi/.venv/bin")
     args = UNITS[name]().parse_args(argv[1:])
     assert args.config.startswith("/etc/condi/") and args.log_config == "/etc/condi/logging.yaml"
+    # Both stay up between runs: the coordinator as a service taking runs, the silo waiting for them.
+    assert args.command == "serve" if name == "condi-coordinator.service" else args.stay_up
     settings = logs.load_log_settings(DEPLOY / "logging.yaml")
     assert settings.stderr == "json" and settings.file_backups >= 1
 

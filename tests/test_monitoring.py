@@ -151,7 +151,12 @@ def view(tmp_path: Path):
     run_dir = tmp_path / "run"
     _write_run(run_dir, recorded=1)
     metrics = CoordinatorMetrics(lambda: run_snapshot(run_dir, events=0), ["hosp-a", "hosp-b"], ["Join"])
-    server = MonitorServer(MonitorEndpoint(listen="127.0.0.1:0"), metrics.registry, web_routes(run_dir))
+    runs = [{"id": "ward-study-20261205T000000Z-abc123", "state": "running", "submitted": "2026-12-05T00:00:00",
+             "ended": None, "message": ""},
+            {"id": "ward-pilot-20261204T000000Z-def456", "state": "complete", "submitted": "2026-12-04T00:00:00",
+             "ended": "2026-12-04T01:00:00", "message": "all 3 rounds completed"}]
+    routes = web_routes(lambda: run_dir, lambda: runs)
+    server = MonitorServer(MonitorEndpoint(listen="127.0.0.1:0"), metrics.registry, routes)
     server.start()
     yield run_dir, f"http://127.0.0.1:{server.port}"
     server.stop()
@@ -194,6 +199,7 @@ def test_the_live_view_draws_the_run_in_chromium_and_follows_it(view: tuple[Path
     # An event's text is shown as text: the markup a message carries is not parsed.
     assert "&lt;b&gt;hosp-d&lt;/b&gt; leaves" in dom
     assert dom.count("<circle") == 2  # one point per curve
+    assert "ward-pilot-20261204T000000Z-def456" in dom and "all 3 rounds completed" in dom
 
     _write_run(run_dir, recorded=2)
     dom = _chromium(f"{base}/", "--dump-dom")

@@ -76,7 +76,25 @@ function drawEvents(events) {
   }
 }
 
+function drawRuns(runs) {
+  document.getElementById("runs-section").hidden = runs.length === 0;
+  const body = document.querySelector("#runs tbody");
+  body.replaceChildren();
+  for (const r of runs.slice().reverse()) {
+    const row = el("tr");
+    row.append(el("td", r.id), el("td", r.state), el("td", r.submitted || ""), el("td", r.ended || ""),
+      el("td", r.message || ""));
+    body.append(row);
+  }
+}
+
 async function refresh() {
+  try {
+    const runs = await fetch("api/runs", { cache: "no-store" });
+    drawRuns(await runs.json());
+  } catch (err) {
+    drawRuns([]);
+  }
   let snap;
   try {
     const response = await fetch("api/run", { cache: "no-store" });
