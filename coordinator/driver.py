@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +291,13 @@ class RoundDriver:
                 f" (done: {', '.join(status['done']) or 'none'}; of {', '.join(members)})" if members else "",
                 extra={"event": {"event": "progress", **key_fields}},
             )
-        status.pop("remaining_s", None)
+        # The stage's deadline as a wall-clock time, whole seconds, so the file changes with the stage
+        # and not with every tick of the countdown.
+        remaining = status.pop("remaining_s", None)
+        status["deadline"] = (
+            None if remaining is None
+            else datetime.fromtimestamp(round(time.time() + remaining), UTC).isoformat(timespec="seconds")
+        )
         text = json.dumps(status, sort_keys=True)
         if text != self._status_text:
             self._status_text = text

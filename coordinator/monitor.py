@@ -114,6 +114,8 @@ def status_text(snapshot: dict[str, Any]) -> str:
     ]
     if status.get("members"):
         lines.append(f"stage      members: {', '.join(status['members'])}; done: {', '.join(status['done']) or 'none'}")
+    if status.get("deadline"):
+        lines.append(f"deadline   {status['deadline']} (this stage)")
     if status.get("departed"):
         lines.append("departed   " + "; ".join(f"{s}: {why}" for s, why in status["departed"].items()))
     if status.get("failure"):

@@ -75,6 +75,7 @@ def test_status_and_metrics_of_both_services_during_a_harness_run(tmp_path: Path
     assert code == 0 and coordinator["found"]
     status = coordinator["status"]
     assert status["round"] == 1 and status["rounds"] == 3 and status["outcome"] is None
+    assert status["deadline"] is not None and status["deadline"].endswith("+00:00")
     assert sorted(status["connected"]) == ["silo-1", "silo-2", "silo-3"]
     assert [r["round"] for r in coordinator["rounds"]] == [0]
 

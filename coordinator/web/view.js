@@ -109,7 +109,8 @@ async function refresh() {
     return;
   }
   document.getElementById("run").textContent = `${s.federation} · run ${s.run_id}`;
-  const where = s.pending === "done" ? "done" : `${stageText(s)} · ${s.phase} · attempt ${Math.max(s.attempt, 0)}`;
+  const deadline = s.deadline ? ` · until ${s.deadline.slice(11, 19)} UTC` : "";
+  const where = s.pending === "done" ? "done" : `${stageText(s)} · ${s.phase} · attempt ${Math.max(s.attempt, 0)}${deadline}`;
   document.getElementById("stage").textContent = `${where} · ${s.rounds_recorded} of ${s.rounds} rounds recorded`;
   document.getElementById("bar-fill").style.width = `${(100 * s.rounds_recorded) / Math.max(s.rounds, 1)}%`;
   const o = snap.outcome;
