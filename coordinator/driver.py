@@ -293,10 +293,16 @@ class RoundDriver:
             )
         # The stage's deadline as a wall-clock time, whole seconds, so the file changes with the stage
         # and not with every tick of the countdown.
+        # Each silo's last call likewise, to 10 s: enough to tell a silo gone quiet.
+        wall = time.time()
+        status["last_contact"] = {
+            silo: datetime.fromtimestamp(10 * round((wall - ago) / 10), UTC).isoformat(timespec="seconds")
+            for silo, ago in status.pop("seen_ago_s").items()
+        }
         remaining = status.pop("remaining_s", None)
         status["deadline"] = (
             None if remaining is None
-            else datetime.fromtimestamp(round(time.time() + remaining), UTC).isoformat(timespec="seconds")
+            else datetime.fromtimestamp(round(wall + remaining), UTC).isoformat(timespec="seconds")
         )
         text = json.dumps(status, sort_keys=True)
         if text != self._status_text:

@@ -112,6 +112,8 @@ def status_text(snapshot: dict[str, Any]) -> str:
         f"recorded   {status.get('rounds_recorded', 0)} of {status.get('rounds')} rounds",
         f"silos      connected: {', '.join(status.get('connected') or []) or 'none'}",
     ]
+    for silo, when in sorted((status.get("last_contact") or {}).items()):
+        lines.append(f"           {silo}: last call {when}")
     if status.get("members"):
         lines.append(f"stage      members: {', '.join(status['members'])}; done: {', '.join(status['done']) or 'none'}")
     if status.get("deadline"):

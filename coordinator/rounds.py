@@ -919,4 +919,5 @@ class RoundMachine:
             "remaining_s": round(max(0.0, stage.deadline - now), 1) if stage else None,
             "failure": self.failure,
             "departed": self.departed(),
+            "seen_ago_s": {silo: now - info.last_seen for silo, info in sorted(self._silos.items())},
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Metric, disable_created_metrics
@@ -116,6 +117,12 @@ class _RunCollector(Collector):
         for silo in self.silos:
             per_silo.add_metric([silo], float(silo in connected))
         yield per_silo
+        contact = GaugeMetricFamily("condi_silo_last_contact_timestamp_seconds",
+                                    "Unix time of each joined silo's last call (to 10 s)", labels=["silo"])
+        for silo, when in (status.get("last_contact") or {}).items():
+            if silo in self.silos:
+                contact.add_metric([silo], datetime.fromisoformat(when).timestamp())
+        yield contact
         stage = CounterMetricFamily("condi_stage_seconds", "Wall time of the recorded rounds' stages, summed",
                                     labels=["stage"])
         for key, name in (("train_stage_s", "train"), ("evaluate_stage_s", "evaluate")):

@@ -91,6 +91,8 @@ def test_status_and_metrics_of_both_services_during_a_harness_run(tmp_path: Path
     assert 'condi_calls_total{code="OK",method="Join",outcome="ok"} 3.0' in text
     assert "condi_round 1.0" in text and "condi_rounds_planned 3.0" in text
     assert 'condi_silo_connected{silo="silo-2"} 1.0' in text
+    assert 'condi_silo_last_contact_timestamp_seconds{silo="silo-3"}' in text
+    assert sorted(status["last_contact"]) == ["silo-1", "silo-2", "silo-3"]
     assert "condi_rounds_completed_total 1.0" in text and "condi_validation_macro_auroc" in text
 
     code, _, body = seen["silo_metrics"]
@@ -130,6 +132,7 @@ def _write_run(run_dir: Path, recorded: int, rounds: int = 3) -> None:
         "rounds_recorded": recorded, "round": recorded, "rounds": rounds, "attempt": 0, "phase": "train",
         "pending": "train", "connected": ["hosp-a", "hosp-b", "hosp-c"], "members": ["hosp-a", "hosp-c"],
         "done": ["hosp-a"], "failure": None, "departed": {"hosp-d": "privacy budget spent"},
+        "last_contact": {"hosp-a": "2026-12-05T00:00:10+00:00"},
     }
     (run_dir / "status.json").write_text(json.dumps(status))
     rows = [
@@ -196,7 +199,7 @@ def test_the_live_view_draws_the_run_in_chromium_and_follows_it(view: tuple[Path
     dom = _chromium(f"{base}/", "--dump-dom")
     assert "ward-study · run ward-study-20261205T000000Z-abc123" in dom
     assert "round 2 of 3 · train · attempt 0 · 1 of 3 rounds recorded" in dom
-    assert "hosp-c" in dom and "departed: privacy budget spent" in dom
+    assert "hosp-c" in dom and "departed: privacy budget spent" in dom and "00:00:10" in dom
     # An event's text is shown as text: the markup a message carries is not parsed.
     assert "&lt;b&gt;hosp-d&lt;/b&gt; leaves" in dom
     assert dom.count("<circle") == 2  # one point per curve

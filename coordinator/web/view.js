@@ -34,8 +34,9 @@ function drawSilos(s) {
     if (s.departed && name in s.departed) { state = `departed: ${s.departed[name]}`; cls = "departed"; }
     else if ((s.done || []).includes(name)) { state = `${s.phase}: done`; cls = "done"; }
     else if ((s.members || []).includes(name)) { state = `${s.phase}: working`; cls = "waiting"; }
+    const seen = (s.last_contact || {})[name];
     const row = el("tr");
-    row.append(el("td", name), el("td", state, cls));
+    row.append(el("td", name), el("td", state, cls), el("td", seen ? seen.slice(11, 19) : ""));
     body.append(row);
   }
 }
