@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from condi_models.nn import CondIModel, SamplingOptions
+from condi_models.nn import parts as parts_module
 from condi_models.nn.diffusion import antithetic_noise, ddim_sample, ddpm_sample, iid_noise, sample_quantiles
-from condi_models.nn.model import _denoise_in_parts
+from condi_models.nn.parts import denoise_in_parts, split_rows
 from condi_models.nn.prior import PriorEstimate
 from condi_models.nn.sampling import RowGenerators
 from tests.test_nn import random_batch, tiny_config
@@ -71,7 +72,7 @@ def reference_impute(
     ("variant", "mixer"), [("condi", True), ("condi", False), ("csdi_unimodal", True)],
     ids=["condi", "no-point-mixer", "no-prior-no-context"],
 )
-def test_conditioned_denoiser_matches_its_forward_pass(variant, mixer):
+def test_conditioned_denoiser_matches_its_forward_pass(variant, mixer, monkeypatch):
     model = trained_looking(variant, mixer)
     x, observed, _ = random_batch(model.cfg, 3, 0)
     values = x * observed
@@ -88,10 +89,11 @@ def test_conditioned_denoiser_matches_its_forward_pass(variant, mixer):
             )
             assert float(plain.abs().max()) > 0.1  # the head is live
             torch.testing.assert_close(model.denoiser.denoise(z, t, condition), plain, atol=TOLERANCE, rtol=0)
-            # In parts of at most two rows (several copies of one window, or part of the windows).
-            for rows in (1, 2, 4):
-                parts = _denoise_in_parts(model.denoiser, z, t, condition, rows)
-                torch.testing.assert_close(parts, plain, atol=TOLERANCE, rtol=0)
+            # In parts of two rows: several copies of all windows, or some windows of one copy.
+            monkeypatch.setattr(parts_module, "CPU_ROWS_PER_PART", 2)
+            parts = denoise_in_parts(model.denoiser, z, t, condition)
+            monkeypatch.undo()
+            torch.testing.assert_close(parts, plain, atol=TOLERANCE, rtol=0)
         with pytest.raises(ValueError, match="not copies of the 3 conditioned windows"):
             model.denoiser.denoise(z[:4], t[:4], condition)
 
@@ -163,3 +165,13 @@ def test_row_generators_make_each_group_independent_of_its_batch(opts):
         model.impute(x, observed, opts, generator=RowGenerators([None, None], [1, 2]))
     with pytest.raises(ValueError, match="one generator and a positive row count"):
         RowGenerators([None], [1, 2])
+
+
+def test_rows_split_into_parts_cover_each_row_once():
+    for copies, windows, per_part in ((1, 16, 8), (5, 16, 8), (5, 3, 8), (3, 4, 2), (1, 5, 2), (2, 7, 7)):
+        parts = split_rows(copies, windows, per_part)
+        seen = torch.zeros(copies, windows, dtype=torch.int64)
+        for c0, c1, lo, hi in parts:
+            assert 0 < (c1 - c0) * (hi - lo) <= per_part
+            seen[c0:c1, lo:hi] += 1
+        assert torch.equal(seen, torch.ones_like(seen)), (copies, windows, per_part)

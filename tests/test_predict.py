@@ -406,9 +406,9 @@ def test_folder_and_list_inputs_batch_records_without_changing_them(tmp_path: Pa
     listed.write_text(f"# two of them\n{paths['b']}\n\n{paths['c']}.hea\n")
     opts = replace(FAST, n_samples=3, hide=HideSpec("points", 0.2))
 
-    # a (4 windows) and c (5) share a call of 16 windows, b (4) follows; records read in a worker
-    # process. Then each alone, read in this process.
-    together = predict_records(ckpt, [str(folder)], tmp_path / "together", opts)
+    # Calls of 8 windows: a (4 windows) and b (4) share one, c (5) runs beside it on a second model
+    # worker; records read in a worker process. Then each alone, read in this process.
+    together = predict_records(ckpt, [str(folder)], tmp_path / "together", replace(opts, workers=2, batch_size=8))
     alone = {
         n: predict_records(ckpt, [str(p)], tmp_path / n, replace(opts, read_workers=0))[0] for n, p in paths.items()
     }

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from condi_models.nn.classifier import Classifier
 from condi_models.nn.config import ModelConfig, VariantSpec
 from condi_models.nn.context import ObservedContextEncoder
-from condi_models.nn.denoiser import Denoiser, DenoiserCondition
+from condi_models.nn.denoiser import Denoiser
 from condi_models.nn.diffusion import (
     NoiseFn,
     NoiseSchedule,
@@ -57,41 +57,11 @@ from condi_models.nn.embeddings import (
     modality_fraction,
     n_patches,
 )
+from condi_models.nn.parts import denoise_in_parts
 from condi_models.nn.prior import GaussianPrior, PriorEstimate
 from condi_models.nn.sampling import Imputation, Prediction, RowGenerators, SamplingOptions
 
 logger = logging.getLogger(__name__)
-
-
-# Rows (windows times draws) per denoiser call on a CPU: the activations of about 16 windows of
-# 12 x 250 stay in the caches, so per window it runs about a quarter faster than in one call for
-# 64 (benchmarks/predict_speed.py); a GPU takes every row at once.
-_CPU_DENOISER_ROWS = 16
-
-
-def _denoise_in_parts(
-    denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, condition: DenoiserCondition, rows_per_call: int
-) -> torch.Tensor:
-    """``denoiser.denoise`` on copies of the conditioned windows, at most about ``rows_per_call`` rows a call.
-
-    The network treats each row on its own, so the parts give the whole call's result.
-    """
-    windows = condition.rows
-    copies = z.shape[0] // windows
-    if copies * windows <= rows_per_call:
-        return denoiser.denoise(z, t, condition)
-    zs = z.view(copies, windows, *z.shape[1:])
-    out = torch.empty_like(zs)
-    group = min(windows, rows_per_call)
-    for lo in range(0, windows, group):
-        hi = min(windows, lo + group)
-        part = condition.take(lo, hi)
-        per_call = max(1, rows_per_call // (hi - lo))
-        for c in range(0, copies, per_call):
-            rows = zs[c : c + per_call, lo:hi]
-            eps = denoiser.denoise(rows.reshape(-1, *z.shape[1:]), t[: rows.shape[0] * rows.shape[1]], part)
-            out[c : c + per_call, lo:hi] = eps.view(rows.shape)
-    return out.view(z.shape)
 
 
 @dataclass
@@ -345,11 +315,9 @@ class CondIModel(nn.Module):
                 context = self.diffusion_context(act_values, act_observed)
                 prior = self.prior_estimate(act_values, act_observed)
                 condition = denoiser.condition(act_values, act_observed, context, prior)
-                rows_per_call = _CPU_DENOISER_ROWS if x.device.type == "cpu" else n_active
 
                 def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                    eps = _denoise_in_parts(denoiser, z, t, condition, rows_per_call)
-                    return self._add_prior_eps(eps, z, t, prior)
+                    return self._add_prior_eps(denoise_in_parts(denoiser, z, t, condition), z, t, prior)
 
             else:
                 # Nothing to sample; the sampler still runs, on no rows, so the generator is drawn from as usual.

@@ -51,6 +51,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument(
+        "--workers",
+        type=int,
+        help="model calls run at once, one torch thread each (default: as many as torch threads on a CPU, 1 on a GPU)",
+    )
+    parser.add_argument(
         "--read-workers", type=int, default=1, help="processes reading records ahead of the model (default 1; 0: none)"
     )
     parser.add_argument(
@@ -74,6 +79,7 @@ def options_from_args(args: argparse.Namespace) -> PredictOptions:
         batch_size=args.batch_size,
         device=args.device,
         read_workers=args.read_workers,
+        workers=args.workers,
         figures=not args.no_figures,
     )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -201,10 +202,15 @@ class _InFlight:
     output: ModelOutput
     probs: list[np.ndarray] = field(default_factory=list)
     sent: int = 0  # windows of the plan sent to the model
+    busy: bool = False  # a chunk of it is in a call: its generator is in use
 
     @property
-    def done(self) -> bool:
-        return self.sent >= len(self.plan)
+    def unsent(self) -> int:
+        return len(self.plan) - self.sent
+
+    @property
+    def finished(self) -> bool:
+        return not self.busy and self.unsent == 0
 
 
 def _in_flight(prepared: PreparedRecord, model: CondIModel, seed: int) -> _InFlight:
@@ -227,57 +233,104 @@ def _in_flight(prepared: PreparedRecord, model: CondIModel, seed: int) -> _InFli
     return _InFlight(prepared, plan, generator, output)
 
 
+_Call = list[tuple[_InFlight, list[tuple[int, int, tuple[int, int]]]]]
+
+
+def _next_call(waiting: Iterable[_InFlight], batch_size: int) -> _Call:
+    """The next chunk of each idle waiting record that still fits in ``batch_size`` windows, in order.
+
+    A record's chunks are fixed (``batch_size`` windows from its start) and go one at a time, so
+    its noise is what it would draw alone.
+    """
+    call: _Call = []
+    size = 0
+    for r in waiting:
+        chunk = r.plan[r.sent : r.sent + batch_size]
+        if not r.busy and chunk and size + len(chunk) <= batch_size:
+            call.append((r, chunk))
+            size += len(chunk)
+    return call
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def model_workers(opts: PredictOptions, device: torch.device) -> int:
+    """Model calls run side by side: ``opts.workers``, else one per torch thread on a CPU and one on a GPU."""
+    if opts.workers is not None:
+        return opts.workers
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
 def run_batched(
     model: CondIModel,
     records: Iterable[PreparedRecord | ReadFailure],
     opts: PredictOptions,
     device: torch.device,
 ) -> Iterator[tuple[PreparedRecord, ModelOutput] | ReadFailure]:
-    """Each record with its model output (or its read failure) as soon as its last window is done.
+    """Each record with its model output (or its read failure) once its last window is done.
 
     A call takes the next chunk of ``opts.batch_size`` windows of each waiting record that still
-    fits, in input order; records are read ahead until the waiting ones fill a call. Records come
-    out in input order, read failures as soon as they are read.
+    fits, in input order (``_next_call``). With several workers (``model_workers``) as many calls
+    run at once, each on a thread of its own with one torch thread: on a CPU that keeps every
+    core busy with no thread team to join after each of the model's small operations. Records
+    are read ahead until the waiting ones fill every worker's next call; they come out in input
+    order, read failures as soon as they are read.
     """
+    workers = model_workers(opts, device)
     window = model.cfg.length
     sampling = opts.sampling()
     source = iter(records)
     waiting: deque[_InFlight] = deque()
+    running: dict[Future[None], list[_InFlight]] = {}
     exhausted = False
-    while waiting or not exhausted:
-        while not exhausted and sum(len(r.plan) - r.sent for r in waiting) < opts.batch_size:
-            item = next(source, None)
-            if item is None:
-                exhausted = True
-            elif isinstance(item, ReadFailure):
-                yield item
-            else:
-                waiting.append(_in_flight(item, model, opts.seed))
-        if not waiting:
-            continue
-        call: list[tuple[_InFlight, list[tuple[int, int, tuple[int, int]]]]] = []
-        size = 0
-        for r in waiting:
-            # A record's chunks are fixed (batch_size windows from its start), so its noise is too.
-            chunk = r.plan[r.sent : r.sent + opts.batch_size]
-            if chunk and size + len(chunk) <= opts.batch_size:
-                call.append((r, chunk))
-                size += len(chunk)
-        _predict_call(model, call, sampling, device, window)
-        while waiting and waiting[0].done:
-            done = waiting.popleft()
-            done.output.probs = np.concatenate(done.probs)
-            yield done.prepared, done.output
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="predict", initializer=_one_thread) if workers > 1 else None
+    try:
+        while waiting or running or not exhausted:
+            while not exhausted and sum(r.unsent for r in waiting) < opts.batch_size * workers:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                elif isinstance(item, ReadFailure):
+                    yield item
+                else:
+                    waiting.append(_in_flight(item, model, opts.seed))
+            while len(running) < workers and (call := _next_call(waiting, opts.batch_size)):
+                for r, chunk in call:
+                    r.busy, r.sent = True, r.sent + len(chunk)
+                if pool is None:
+                    _predict_call(model, call, sampling, device, window)
+                    for r, _ in call:
+                        r.busy = False
+                else:
+                    running[pool.submit(_predict_call, model, call, sampling, device, window)] = [r for r, _ in call]
+            if running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()  # a call's error surfaces here
+                    for r in running.pop(future):
+                        r.busy = False
+            while waiting and waiting[0].finished:
+                done = waiting.popleft()
+                done.output.probs = np.concatenate(done.probs)
+                yield done.prepared, done.output
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def _predict_call(
     model: CondIModel,
-    call: Sequence[tuple[_InFlight, Sequence[tuple[int, int, tuple[int, int]]]]],
+    call: _Call,
     sampling: SamplingOptions,
     device: torch.device,
     window: int,
 ) -> None:
-    """One model call on the given chunks; their probabilities and stitched imputation go to their records."""
+    """One model call on the given chunks; their probabilities and stitched imputation go to their records.
+
+    It writes only to the records of its call, which no other call holds meanwhile.
+    """
     x = np.stack([r.prepared.z[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk])
     m = np.stack([r.prepared.observed[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk])
     generators = RowGenerators([r.generator for r, _ in call], [len(chunk) for _, chunk in call])
@@ -297,4 +350,3 @@ def _predict_call(
                 out.lower[seg, :, keep_lo:keep_hi] = qs[0, j, :, part]
                 out.upper[seg, :, keep_lo:keep_hi] = qs[-1, j, :, part]
             j += 1
-        r.sent += len(chunk)

@@ -58,8 +58,9 @@ class PredictOptions:
     """How to predict: sampler settings, seed, simulated missingness, device and window batch size.
 
     ``batch_size`` windows go to the model per call (several records' windows, see
-    ``condi_models.predict.engine``); ``read_workers`` processes read records ahead (0: none);
-    ``figures`` off leaves record.png out, which costs more than the model on a CPU.
+    ``condi_models.predict.engine``), ``workers`` calls at once (None: one per torch thread on a
+    CPU, one on a GPU); ``read_workers`` processes read records ahead (0: none); ``figures`` off
+    leaves record.png out, which costs more than the model on a CPU.
     """
 
     n_samples: int = 5
@@ -72,6 +73,7 @@ class PredictOptions:
     batch_size: int = 16
     device: str = "auto"
     read_workers: int = 1
+    workers: int | None = None
     figures: bool = True
 
     def __post_init__(self) -> None:
@@ -87,6 +89,8 @@ class PredictOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.read_workers < 0:
             raise ValueError(f"read_workers must be >= 0, got {self.read_workers}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1 or None, got {self.workers}")
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(
