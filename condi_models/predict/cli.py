@@ -59,7 +59,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--read-workers", type=int, default=1, help="processes reading records ahead of the model (default 1; 0: none)"
     )
     parser.add_argument(
-        "--no-figures", action="store_true", help="leave out record.png (drawing it costs more than the model on a CPU)"
+        "--no-figures",
+        action="store_true",
+        help="leave out record.png (drawing it costs more CPU than a one-draw imputation)",
     )
 
 

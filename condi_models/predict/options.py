@@ -60,7 +60,7 @@ class PredictOptions:
     ``batch_size`` windows go to the model per call (several records' windows, see
     ``condi_models.predict.engine``), ``workers`` calls at once (None: one per torch thread on a
     CPU, one on a GPU); ``read_workers`` processes read records ahead (0: none); ``figures`` off
-    leaves record.png out, which costs more than the model on a CPU.
+    leaves record.png out, which costs more CPU than a one-draw imputation.
     """
 
     n_samples: int = 5
