@@ -123,7 +123,7 @@ def time_pass(
             raise RuntimeError("record-level probabilities lost a record")
 
     with ThreadPoolExecutor(workers, initializer=_one_thread) as pool:
-        for _ in pool.map(call, range(workers * per_call)[::per_call]):  # warm-up: a call on every worker
+        for _ in pool.map(call, range(0, min(n, workers * per_call), per_call)):  # warm-up: a call per worker
             pass
         walls, cpus = [], []
         for _ in range(args.repeats):
@@ -227,26 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.code_from:
         use_code_from(args.code_from.resolve())
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     if args.end_to_end:
-        load_before = os.getloadavg()
         rows = end_to_end(args)
-        results = read_json(args.out)
         label = args.label if args.label != "current" else "end-to-end"
-        results.setdefault("runs", {})[label] = {
-            "rows": rows, "code": "this tree", "folder": str(args.end_to_end), "hide": args.hide,
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "machine": machine(torch.device("cpu")),
-            "load_average": [round(v, 2) for v in load_before],
-            "load_average_after": [round(v, 2) for v in os.getloadavg()],
-            "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        }
-        write_json(args.out, results)
-        print(report(results))
+        save(args, label, load_before, rows, folder=str(args.end_to_end), hide=args.hide)
         return
     model, x, observed = records(args)
     per_record = x.shape[-1] // args.window
     per_call = max(1, args.batch_size // per_record)
-    load_before = os.getloadavg()
     rows = []
     batched = f"batched, {per_call * per_record} windows"
     ways = {
@@ -254,23 +243,30 @@ def main(argv: list[str] | None = None) -> None:
         "batched": (batched, per_call, 1),
         "workers": (f"{batched}, {args.threads} workers x 1 thread", per_call, args.threads),
     }
-    ways = [ways[w] for w in args.ways.split(",")]
     for draws in (int(d) for d in args.draws.split(",")):
-        for calls, records_per_call, workers in ways:
+        for calls, records_per_call, workers in (ways[w] for w in args.ways.split(",")):
             timing = time_pass(model, x, observed, args, draws, records_per_call, workers)
             rows.append({"calls": calls, "records_per_call": records_per_call, "workers": workers, "draws": draws,
                          **timing})
             print(f"{calls}, {draws} draw(s): {timing['records_per_s']:.2f} records/s", file=sys.stderr, flush=True)
     missing = ~observed[:, :, : per_record * args.window].reshape(*observed.shape[:2], per_record, args.window)
-    complete = float((~missing.any(axis=(1, 3))).mean())
+    save(
+        args, args.label, load_before, rows,
+        parameters=sum(p.numel() for p in model.parameters()),
+        windows_per_record=per_record,
+        complete_windows=round(float((~missing.any(axis=(1, 3))).mean()), 3),
+    )
+
+
+def save(args: argparse.Namespace, label: str, load_before: tuple[float, ...], rows: list[dict[str, Any]],
+         **details: Any) -> None:
+    """Merge one run into ``--out`` under ``label``, with where and when it ran, and print the report."""
     results = read_json(args.out)
-    results.setdefault("runs", {})[args.label] = {
+    results.setdefault("runs", {})[label] = {
         "rows": rows,
         "code": str(args.code_from) if args.code_from else "this tree",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "windows_per_record": per_record,
-        "complete_windows": round(complete, 3),
+        **details,
         "machine": machine(torch.device("cpu")),
         "load_average": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
@@ -278,7 +274,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.out, results)
     print(report(results))
-
 
 if __name__ == "__main__":
     main()
