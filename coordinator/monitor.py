@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from federation.stages import stage_label
+
 # The pooled validation figures a round line may carry.
 _VAL_FIELDS = ("accuracy", "macro_auroc", "macro_f1", "loss", "imputation_mae", "n", "silos", "secure_sum")
 _EVENT_FIELDS = ("time", "level", "message", "event")
@@ -101,13 +103,9 @@ def status_text(snapshot: dict[str, Any]) -> str:
     status = snapshot["status"]
     if status is None:
         return f"no run in {snapshot['run_dir']} (no status.json yet)"
-    pending = status.get("pending")
-    stage = {"statistics": "data statistics", "final": "final test", "done": "done"}.get(
-        pending, f"round {min(status['round'] + 1, status['rounds'])}/{status['rounds']}"
-    )
     lines = [
         f"run        {status.get('run_id')} ({status.get('federation')})",
-        f"stage      {stage}, {status.get('phase')}, attempt {max(status.get('attempt', 0), 0)}"
+        f"stage      {stage_label(status)}, attempt {max(status.get('attempt', 0), 0)}"
         + (f", ended: {status['outcome']}" if status.get("outcome") else ""),
         f"recorded   {status.get('rounds_recorded', 0)} of {status.get('rounds')} rounds",
         f"silos      connected: {', '.join(status.get('connected') or []) or 'none'}",

@@ -54,6 +54,7 @@ from pydantic import TypeAdapter
 from condi_models.data.sources import DataLayout, DataSource, source_layout
 from federation import faults, pki
 from federation.churn import ChurnError, ChurnPlan
+from federation.stages import stage_label
 
 log = logging.getLogger(__name__)
 
@@ -597,19 +598,6 @@ def _harness(args: argparse.Namespace) -> int:
     print(result.report)
     ok = result.churn is None or bool(result.churn["replay"].get("matches"))
     return 0 if result.coordinator_exit == 0 and ok else 1
-
-
-def stage_label(status: Mapping[str, Any]) -> str:
-    """What a status.json says the run is doing, for the progress line: ``round 3 of 8 train``,
-    ``data statistics: gather`` before round 0, ``final test: evaluate`` after the last round."""
-    phase, pending = status.get("phase"), status.get("pending")
-    if phase == "done":
-        return "done"
-    if pending == "statistics":
-        return f"data statistics: {phase}"
-    if pending == "final":
-        return f"final test: {phase}"
-    return f"round {status.get('round', 0) + 1} of {status.get('rounds', 0)} {phase}"
 
 
 def dp_summary(opts: HarnessOptions, report: Mapping[str, Any]) -> str:

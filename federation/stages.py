@@ -9,7 +9,9 @@ not a table.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class Stage(enum.IntEnum):
@@ -51,3 +53,16 @@ class StageKey:
     def describe(self) -> str:
         """Short text for log lines, e.g. ``round 3 attempt 1 TRAIN``."""
         return f"round {self.round} attempt {self.attempt} {stage_name(self.stage)}"
+
+
+def stage_label(status: Mapping[str, Any]) -> str:
+    """What a status.json says the run is doing, for the progress line: ``round 3 of 8 train``,
+    ``data statistics: gather`` before round 0, ``final test: evaluate`` after the last round."""
+    phase, pending = status.get("phase"), status.get("pending")
+    if phase == "done":
+        return "done"
+    if pending == "statistics":
+        return f"data statistics: {phase}"
+    if pending == "final":
+        return f"final test: {phase}"
+    return f"round {status.get('round', 0) + 1} of {status.get('rounds', 0)} {phase}"

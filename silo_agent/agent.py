@@ -84,7 +84,7 @@ from federation.transfer import (
 from silo_agent.client import CoordinatorClient, CoordinatorUnreachableError
 from silo_agent.config import SiteConfig, expected_rounds
 from silo_agent.local_data import LocalData, load_local_data
-from silo_agent.state import AgentState
+from silo_agent.state import LEDGER_FILE, SECRET_FILE, AgentState
 from silo_agent.status import AgentStatus, silo_registry
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,6 @@ _SECURE_CLAIMS = frozenset(
     {"phase_a_s", "phase_b_s", "download_s", "download_bytes", "epsilon", "delta", "noise_multiplier"}
 )
 _SECURE_STAGES = (pb.STAGE_ADVERTISE_KEYS, pb.STAGE_SHARE_KEYS, pb.STAGE_MASKED_INPUT, pb.STAGE_UNMASK)
-LEDGER_FILE = "privacy-ledger.json"
-SECRET_FILE = "dp.secret"
 
 
 class JoinRefusedError(RuntimeError):

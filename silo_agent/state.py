@@ -24,6 +24,10 @@ from federation.untrusted import shown
 
 log = logging.getLogger(__name__)
 
+# The DP budget's ledger and the secret keying the noise, beside agent.json.
+LEDGER_FILE = "privacy-ledger.json"
+SECRET_FILE = "dp.secret"
+
 _KEEP_DONE = 64
 _SHA256 = re.compile("[0-9a-f]{64}")
 

@@ -26,9 +26,9 @@ from condi_models.checkpoint import atomic_write_bytes
 from condi_models.privacy import LedgerError, PrivacyLedger
 from federation.stages import StageKey, stage_name
 from federation.untrusted import shown
+from silo_agent.state import LEDGER_FILE
 
 STATUS_FILE = "status.json"
-LEDGER_FILE = "privacy-ledger.json"
 
 
 def _now() -> str:
