@@ -23,7 +23,10 @@ is a modality; an affected sample loses a fraction pw of the time steps of about
   DDIM draws, a set of their own when the point estimate's draws are antithetic (see
   ``crps_options``), by the fair estimator, unbiased for the CRPS of the imputer's distribution;
   the JSON also keeps CSDI's quantile CRPS (normalized) and the plain empirical CRPS of the same
-  draws. For a point method CRPS is its MAE, exactly. Units: standardized (per-channel z-scores).
+  draws. For a point method CRPS is its MAE, exactly. Coverage of the central 50 % and 90 % bands
+  of the same independent draws, widened by the model's band calibration (fitted on held-out
+  training entries after Phase A, ``condi_models.training.fit_band``; the JSON's ``coverage_*_raw``
+  are of the draws' own quantiles); point methods have no band. Units: standardized (per-channel z-scores).
   Only windows with hidden entries are imputed (the others have nothing to score).
 - Samplers: DDPM-50 against DDIM-10 and DDIM-20 for the CondI points model at ps = pw = 0.8:
   wall time of one batch of ``--sampler-windows`` windows and its MAE; CRPS from an untimed set of
@@ -87,7 +90,7 @@ from condi_models.data.synthetic_ecg import generate_ecg
 from condi_models.evaluation import impute_split
 from condi_models.feature_analysis import feature_reconstruction, scatter_plot
 from condi_models.imputers import make_imputer
-from condi_models.metrics import classification_metrics, imputation_metrics
+from condi_models.metrics import BAND_LEVELS, band_coverage, classification_metrics, imputation_metrics
 from condi_models.nn.config import Variant
 from condi_models.nn.model import CondIModel, resolve_device
 from condi_models.nn.sampling import SamplingOptions
@@ -266,16 +269,22 @@ def crps_draws(
     return res.samples, time.perf_counter() - t0
 
 
-def score(win: PreparedSplit, estimate: np.ndarray, draws: np.ndarray | None) -> dict[str, Any]:
-    """MAE and RMSE of ``estimate`` and CRPS of ``draws`` on the hidden entries.
+def score(
+    win: PreparedSplit, estimate: np.ndarray, draws: np.ndarray | None, band_factors: tuple[float, ...] | None = None
+) -> dict[str, Any]:
+    """MAE and RMSE of ``estimate``, CRPS and band coverage of ``draws`` on the hidden entries.
 
     ``draws`` are independent draws of the imputer (``crps_options``), whatever draws the estimate
     came from; CRPS is their fair estimate. A point method (``draws`` None) is a point mass: its
-    CRPS is its MAE, exactly. ``crps_plain`` (the empirical distribution's CRPS, biased high by
-    E|X - X'| / 2m) is kept for comparison with figures measured before.
+    CRPS is its MAE, exactly, and it has no band. ``crps_plain`` (the empirical distribution's
+    CRPS, biased high by E|X - X'| / 2m) is kept for comparison with figures measured before.
+    ``coverage_50`` and ``coverage_90`` are of the draws' bands widened by the model's
+    ``band_factors`` (its calibration, fitted on training entries), ``*_raw`` of the draws' own
+    quantiles, as before the calibration.
     """
     point = draws is None
-    r = imputation_metrics(win.truth, estimate, win.hidden, estimate[None] if point else draws)
+    r = imputation_metrics(win.truth, estimate, win.hidden, estimate[None] if point else draws, band_factors)
+    raw = None if point else [band_coverage(win.truth[win.hidden], draws[:, win.hidden], lv)[0] for lv in BAND_LEVELS]
     return {
         "n_entries": r.n_entries,
         "mae": r.mae,
@@ -286,6 +295,13 @@ def score(win: PreparedSplit, estimate: np.ndarray, draws: np.ndarray | None) ->
         "crps_quantile_normalized": None if point else r.crps_normalized,
         "crps_draws": "point estimate" if point else "independent",
         "crps_samples": None if point else r.n_samples,
+        "coverage_50": r.coverage_50,
+        "coverage_90": r.coverage_90,
+        "width_50": r.width_50,
+        "width_90": r.width_90,
+        "coverage_50_raw": None if raw is None else raw[0],
+        "coverage_90_raw": None if raw is None else raw[1],
+        "band_factors": None if point else list(band_factors or (1.0,) * len(BAND_LEVELS)),
     }
 
 
@@ -331,7 +347,7 @@ def imputation_table(
             for method, model in models.items():
                 est, draws, seconds, crps_seconds = model_imputation(model, win, sampling(args), args, device)
                 rows.append({**base, "method": method, "seconds": round(seconds, 2),
-                             "crps_seconds": round(crps_seconds, 2), **score(win, est, draws)})
+                             "crps_seconds": round(crps_seconds, 2), **score(win, est, draws, model.band.values())})
             done = [r for r in rows if r["pattern"] == pattern and r["pw"] == pw]
             log(f"{name} {pattern} pw={pw}: " + ", ".join(f"{r['method']} {r['mae']:.3f}" for r in done))
     section = {
@@ -369,7 +385,7 @@ def sampler_comparison(
         draws = res.samples if opts == want else crps_draws(model, win, want, args, device)[0]
         # CPU time is less disturbed than wall time by other work on a shared machine.
         rows.append({"method": method, "steps": steps if method == "ddim" else 50, "seconds_per_batch": seconds,
-                     "cpu_seconds_per_batch": cpu_seconds, **score(win, res.x_hat, draws)})
+                     "cpu_seconds_per_batch": cpu_seconds, **score(win, res.x_hat, draws, model.band.values())})
         log(f"sampler {method}-{rows[-1]['steps']}: {seconds:.1f} s per batch, MAE {rows[-1]['mae']:.3f}")
     return {"windows_per_batch": len(win), "n_samples": args.samples, "antithetic": not args.independent_draws,
             "crps": crps_settings(args), "pattern": "points", "ps": TRAIN_PS, "pw": TRAIN_PW, "rows": rows}
@@ -512,6 +528,12 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 csdi = rows.get(Variant.CSDI_UNIMODAL.value, {}).get("mae")
                 out.append(Target(f"{name} {pattern} pw=0.8: CondI MAE / CSDI-unimodal MAE",
                                   _ratio(condi, csdi), 0.9, "max"))
+            else:
+                # Issue 15: the calibrated 90 % band holds 85 to 95 % of the hidden truth.
+                coverage = rows.get(Variant.CONDI.value, {}).get("coverage_90")
+                for bound, kind in ((0.85, "min"), (0.95, "max")):
+                    out.append(Target(f"{name} {pattern} pw=0.8: CondI 90 % band coverage", coverage, bound, kind,
+                                      show_ratio=False))
     if "samplers" in results:
         by = {(r["method"], r["steps"]): r for r in results["samplers"]["rows"]}
         ddpm, ddim = by.get(("ddpm", 50)), by.get(("ddim", 10))
@@ -566,8 +588,10 @@ def report(results: dict[str, Any]) -> str:
         rows = []
         for r in section["rows"]:
             rows.append([r["pattern"], f"{r['pw']:g}", labels.get(r["method"], r["method"]), fmt(r["mae"]),
-                         fmt(r["rmse"]), fmt(r["crps"]), str(r["windows"])])
-        parts.append(markdown_table(["pattern", "pw", "method", "MAE", "RMSE", crps_header, "windows"], rows))
+                         fmt(r["rmse"]), fmt(r["crps"]), fmt(r.get("coverage_50"), 2), fmt(r.get("coverage_90"), 2),
+                         str(r["windows"])])
+        parts.append(markdown_table(["pattern", "pw", "method", "MAE", "RMSE", crps_header, "50 % band coverage",
+                                     "90 % band coverage", "windows"], rows))
         train_rows = [[k, str(v["samples"]), str(v["epochs_a"]), fmt(v["phase_a_loss"], 4), fmt(v["seconds_a"], 0),
                        fmt(v["seconds_per_batch_a"], 2)] for k, v in section["training"].items()]
         parts.append(markdown_table(["model/pattern", "train records", "Phase A epochs", "last loss", "seconds",

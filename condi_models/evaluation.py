@@ -152,8 +152,8 @@ def evaluate(
     window_probs, losses = [], []
     truths, estimates, masks, draws = [], [], [], []
     score_imputation = opts.imputation_metrics and model.spec.diffusion and bool(split.hidden.any())
-    # CRPS needs independent draws: a set of antithetic pairs and a centre path scores too low
-    # (tests/test_metrics.py), so antithetic evaluations report MAE and RMSE alone.
+    # CRPS and band coverage need independent draws: a set of antithetic pairs and a centre path
+    # scores too low (tests/test_metrics.py), so antithetic evaluations report MAE and RMSE alone.
     keep_samples = score_imputation and sampling.n_samples > 1 and not sampling.antithetic
     for offset in offsets:
         probs = []
@@ -189,6 +189,7 @@ def evaluate(
                 np.concatenate(estimates),
                 mask,
                 np.concatenate(draws, axis=1) if draws else None,
+                model.band.values(),
             )
     return EvalResult(
         n_samples=len(y),

@@ -43,6 +43,8 @@ from condi_models.aggregation import ParameterGroups
 from condi_models.batches import Batch, PreparedSplit, crop, iterate_batches
 from condi_models.evaluation import impute_split
 from condi_models.imputers import gaussian_em
+from condi_models.metrics import BAND_LEVELS, band_factor
+from condi_models.nn.diffusion import make_training_mask
 from condi_models.nn.model import CondIModel, PhaseADraw
 from condi_models.nn.sampling import SamplingOptions
 from condi_models.privacy import PrivateRound, SiloPrivacy
@@ -81,6 +83,11 @@ class LocalTrainingConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     lr_min_ratio: float = 0.1
     class_weighting: Literal["none", "balanced", "logit_adjusted"] = "logit_adjusted"
+    # The imputer's band calibration (fit_band): windows of the training data it is fitted on after
+    # Phase A (0: keep the factors the model holds), and independent draws per window; a factor
+    # holds for as many draws as it was fitted with, so this is `condi predict`'s default.
+    band_windows: int = 64
+    band_samples: int = 5
 
     def __post_init__(self) -> None:
         if self.epochs_a < 0 or self.epochs_b < 0:
@@ -95,6 +102,10 @@ class LocalTrainingConfig:
             raise ValueError("learning rates must be > 0")
         if self.prior_em_iterations < 0:
             raise ValueError(f"prior_em_iterations must be >= 0, got {self.prior_em_iterations}")
+        if self.band_windows < 0 or self.band_samples < 2:
+            raise ValueError(
+                f"band_windows must be >= 0 and band_samples >= 2, got {self.band_windows} and {self.band_samples}"
+            )
 
 
 @dataclass(frozen=True)
@@ -220,6 +231,46 @@ def refit_prior(model: CondIModel, split: PreparedSplit, iterations: int, seed: 
     mu, cov, done = gaussian_em(x.numpy(), observed.numpy(), mu, cov, iterations, seed=seed)
     model.prior.set_moments(mu, cov)
     return done
+
+
+def fit_band(model: CondIModel, split: PreparedSplit, cfg: LocalTrainingConfig, seed: int, device: torch.device) -> int:
+    """Fit the imputer's band factors on observed entries of ``split`` hidden from it; returns the entries used.
+
+    Up to ``cfg.band_windows`` windows (a seeded choice of records, centre-cropped to
+    ``cfg.window``) lose observed entries as Phase A hides them (``make_training_mask``: another
+    record's missingness pattern or a random share), so the held-out entries look like the gaps
+    the silo's data have. ``cfg.band_samples`` independent DDIM draws (``cfg.impute_steps``
+    steps) impute them, and each level's factor is the one under which its band covers that share
+    of their truth (``condi_models.metrics.band_factor``). Returns 0, leaving the factors, when
+    the model has no imputer, the fit is off or nothing could be held out.
+    """
+    if model.band is None or cfg.band_windows == 0 or len(split) == 0:
+        return 0
+    rows = np.sort(np.random.default_rng(seed).permutation(len(split))[: cfg.band_windows])
+    chosen = PreparedSplit(
+        info=split.info,
+        x=split.x[rows],
+        observed=split.observed[rows],
+        y=split.y[rows],
+        truth=split.truth[rows],
+        hidden=split.hidden[rows],
+        sample_ids=tuple(split.sample_ids[i] for i in rows),
+    )
+    sampling = SamplingOptions(n_samples=cfg.band_samples, steps=cfg.impute_steps, antithetic=False)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    truth, draws = [], []
+    for batch in iterate_batches(chosen, cfg.batch_size, window=cfg.window, rng=None, device=device):
+        cond = make_training_mask(batch.observed, generator)
+        held_out = batch.observed & ~cond
+        imp = model.impute(batch.x, cond, sampling, generator=generator, return_samples=True)
+        truth.append(batch.x[held_out].cpu().numpy())
+        draws.append(imp.samples[:, held_out].cpu().numpy())
+    t = np.concatenate(truth)
+    if t.size == 0:
+        return 0
+    s = np.concatenate(draws, axis=1)
+    model.band.set_factors([band_factor(t, s, level) for level in BAND_LEVELS])
+    return int(t.size)
 
 
 def _phase_b_input(
@@ -534,7 +585,8 @@ def train_local(
     stand in for ``balanced`` and ``logit_adjusted`` leaves the logits as they are.
 
     Before Phase A the imputer's Gaussian prior is refitted by ``cfg.prior_em_iterations`` EM
-    steps on the split (not under ``privacy``: its moments would leave the silo unnoised).
+    steps on the split, and after it the band factors (:func:`fit_band`); neither under
+    ``privacy``, as both would leave the silo unnoised.
     With ``privacy`` the phases it names train with DP-SGD; the budget is checked first
     (:class:`~condi_models.privacy.BudgetExhausted` before anything trains), the round is
     recorded in the silo's ledger afterwards, and ``extra`` reports the epsilon spent so far.
@@ -593,7 +645,8 @@ def train_phases(
     shard: Shard | None = None,
 ) -> PhasesRun:
     """The training of :func:`train_local` between the budget check and the ledger: the prior's
-    refit, Phase A, the imputed inputs where asked, Phase B.
+    refit, Phase A, the band calibration's fit (:func:`fit_band`), the imputed inputs where asked,
+    Phase B.
 
     ``private`` is the round :func:`begin_private_round` set up (its ``steps_taken`` counts the
     noisy steps), ``terms`` Phase B's :func:`class_terms`. With ``shard`` this process is one rank
@@ -612,13 +665,16 @@ def train_phases(
     private_a = private if private is not None and "a" in private.phases else None
     private_b = private if private is not None and "b" in private.phases else None
     t0 = time.perf_counter()
-    # The prior's moments leave the silo unnoised, so a private round keeps the global ones.
+    # The prior's moments and the band factors leave the silo unnoised, so a private round keeps
+    # the global ones.
     if private is None and epochs_a > 0:
         refit_prior(model, split, cfg.prior_em_iterations, seed)
     loss_a = _run_phase(
         "A", model, split, cfg, epochs_a, rng, generator, device, progress, private=private_a, lr_scale=lr_scale,
         shard=shard,
     )
+    if private is None and epochs_a > 0:
+        fit_band(model, split, cfg, seed, device)
     t1 = time.perf_counter()
     train_x = None
     if cfg.phase_b_input == "imputed" and model.spec.diffusion:

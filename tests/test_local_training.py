@@ -184,6 +184,25 @@ def test_each_fusion_part_is_normalized_on_its_own():
     assert old.classifier.fusion_norm == "joint"  # checkpoints written before per-part norms load as they were
 
 
+def test_phase_a_fits_the_band_factors_that_evaluation_scores_coverage_with():
+    ds = toy_dataset(n=48, length=20)
+    spec = MissingnessSpec(ps=1.0, pw=0.5, pattern="points", seed=0)
+    split = prepare_split(ds, ChannelNormalizer.fit(ds.x, ds.observed), spec)
+    model = small_model(Variant.CONDI)
+    cfg = LocalTrainingConfig(epochs_a=1, epochs_b=0, window=20, min_local_steps=0, impute_steps=3,
+                              band_windows=24, band_samples=5)
+    train_local(model, split, cfg, seed=0, device=CPU)
+    factors = model.band.values()
+    # Five draws hold too little of the truth between their quantiles (about 1/3 for the 50 % band).
+    assert all(f > 1.2 for f in factors)
+    opts = EvalOptions(n_samples=5, steps=3, antithetic=False, record_level=False)
+    report = evaluate(model, split, window=20, opts=opts, seed=1, device=CPU).imputation
+    assert report.coverage_50 == pytest.approx(0.5, abs=0.1) and report.coverage_90 == pytest.approx(0.9, abs=0.06)
+    # Without Phase A there is nothing new to calibrate: the factors stay.
+    train_local(model, split, LocalTrainingConfig(epochs_a=0, epochs_b=1, window=20), seed=0, device=CPU)
+    assert model.band.values() == factors
+
+
 def test_the_normalizer_sees_only_what_stays_visible():
     ds = toy_dataset(n=30, length=40)
     ds.x[:, 0, :20] += 50.0  # the first half of channel 0 is far off ...

@@ -14,6 +14,9 @@ from condi_models.feature_analysis import feature_reconstruction, scatter_plot
 from condi_models.metrics import (
     auroc,
     average_precision,
+    band_coverage,
+    band_factor,
+    central_band,
     classification_metrics,
     empirical_crps,
     imputation_metrics,
@@ -192,6 +195,49 @@ def test_crps_single_sample_reduces_to_absolute_error() -> None:
     assert r.crps_normalized == pytest.approx((0.5 + 1.0) / 6.0)
     assert r.crps_empirical == pytest.approx(0.75)
     assert r.crps_empirical_normalized == pytest.approx(1.5 / 6.0)
+
+
+def test_band_coverage_hand_case() -> None:
+    # Five draws 0..4 per entry: median 2; the 0.25/0.75 quantiles are 1 and 3, the 0.05/0.95 ones
+    # 0.2 and 3.8. Widened by 2 around the median the 50 % band is [0, 4].
+    samples = np.tile(np.arange(5.0)[:, None], (1, 4))
+    truth = np.array([1.0, 2.5, 3.5, -0.1])
+    assert [b.tolist() for b in central_band(samples, 0.5)] == [[1.0] * 4, [3.0] * 4]
+    assert band_coverage(truth, samples, 0.5) == (pytest.approx(0.5), pytest.approx(2.0))
+    assert band_coverage(truth, samples, 0.9) == (pytest.approx(0.75), pytest.approx(3.6))
+    assert band_coverage(truth, samples, 0.5, factor=2.0) == (pytest.approx(0.75), pytest.approx(4.0))
+    # In the report: the factors widen the bands of the levels 0.5 and 0.9 in turn.
+    mask = np.ones(4, dtype=bool)
+    r = imputation_metrics(truth, np.full(4, 2.0), mask, samples, band_factors=(2.0, 1.0))
+    assert (r.coverage_50, r.coverage_90, r.width_50, r.width_90) == pytest.approx((0.75, 0.75, 4.0, 3.6))
+    assert imputation_metrics(truth, truth, mask, samples[:1]).coverage_90 is None  # one draw, no band
+    with pytest.raises(ValueError, match="one per band level"):
+        imputation_metrics(truth, truth, mask, samples, band_factors=(1.0,))
+
+
+def test_band_factor_makes_too_narrow_draws_cover_their_level() -> None:
+    rng = np.random.default_rng(0)
+    k = 20_000
+
+    def draws(scale: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.normal(size=k), rng.normal(scale=scale, size=(n, k))
+
+    # The imputer's spread is half the truth's and there are five draws: the raw bands hold far
+    # too little; the fitted factor brings fresh entries to their level.
+    truth, samples = draws(0.5, 5)
+    test_truth, test_samples = draws(0.5, 5)
+    for level in (0.5, 0.9):
+        factor = band_factor(truth, samples, level)
+        assert band_coverage(test_truth, test_samples, level)[0] < level - 0.3
+        assert band_coverage(test_truth, test_samples, level, factor)[0] == pytest.approx(level, abs=0.015)
+        # On the entries it was fitted on, the coverage is at least the level.
+        assert band_coverage(truth, samples, level, factor)[0] >= level
+    # A calibrated imputer with enough draws for its quantiles needs no widening.
+    truth, samples = draws(1.0, 400)
+    assert band_factor(truth, samples, 0.9) == pytest.approx(1.0, abs=0.05)
+    assert band_factor(truth, samples, 0.5) == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match="no spread"):
+        band_factor(np.ones(3), np.zeros((5, 3)), 0.5)
 
 
 def test_empirical_crps_hand_case() -> None:

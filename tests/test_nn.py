@@ -316,6 +316,33 @@ def test_impute_keeps_observed_entries_and_is_seeded(method):
     assert model.training  # impute restores the mode it found
 
 
+def test_band_factors_widen_the_quantiles_and_are_optional_in_a_loaded_state():
+    model = CondIModel(tiny_config())
+    x, observed, _ = random_batch(model.cfg, 3, 1)
+    opts = SamplingOptions(n_samples=5, steps=3, quantiles=(0.05, 0.25, 0.75, 0.95), antithetic=False)
+
+    def impute():
+        return model.impute(x, observed, opts, generator=torch.Generator().manual_seed(7), return_samples=True)
+
+    plain = impute()
+    raw = sample_quantiles(plain.samples, opts.quantiles)
+    assert torch.allclose(plain.quantiles, raw)  # a fresh model's factors are 1
+    state = {n: t for n, t in model.state_to_named_tensors().items() if n != "band.factors"}
+    model.band.set_factors([2.0, 3.0])  # 50 % band, 90 % band
+    widened = impute()
+    expect = torch.tensor([3.0, 2.0, 2.0, 3.0]).view(-1, 1, 1, 1)
+    assert torch.allclose(widened.quantiles, plain.median + expect * (raw - plain.median), atol=1e-6)
+    assert torch.equal(widened.median, plain.median)
+    assert model.band.factor(0.15) == pytest.approx(2.5)  # a 70 % band: halfway between
+    # A state from before the calibration loads, and leaves the factors as they are.
+    model.load_named_tensors(state)
+    assert model.band.values() == (2.0, 3.0)
+    with pytest.raises(ValueError, match="missing"):
+        model.load_named_tensors({n: t for n, t in state.items() if n != "prior.mean"})
+    with pytest.raises(ValueError, match="finite positive"):
+        model.band.set_factors([1.0, 0.0])
+
+
 def test_impute_in_chunks_gives_the_requested_number_of_samples():
     model = CondIModel(tiny_config())
     x, observed, _ = random_batch(model.cfg, 2, 2)
@@ -383,9 +410,12 @@ def test_every_variant_trains_and_predicts(variant):
     assert not set(groups.theta) & (set(groups.w_mod) | set(groups.w_cond))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(groups.phase_a) | set(groups.phase_b) == trainable
-    # What no optimizer trains is the Gaussian prior, fitted by EM and averaged like theta.
+    # What no optimizer trains is the Gaussian prior, fitted by EM, and the imputer's band factors,
+    # fitted on held-out entries; both are averaged like theta.
     has_prior = spec.diffusion and spec.diffusion_prior
-    assert names - trainable == ({"prior.mean", "prior.second_moment"} if has_prior else set())
+    frozen = {"prior.mean", "prior.second_moment"} if has_prior else set()
+    frozen |= {"band.factors"} if spec.diffusion else set()
+    assert names - trainable == frozen
 
 
 def test_variant_parts():

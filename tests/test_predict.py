@@ -15,7 +15,7 @@ import torch
 import wfdb
 
 from condi_models.batches import record_window_starts
-from condi_models.checkpoint import save_checkpoint
+from condi_models.checkpoint import load_checkpoint, save_checkpoint
 from condi_models.data.dataset import DatasetInfo
 from condi_models.data.mimic import load_mimic
 from condi_models.data.normalize import ChannelNormalizer
@@ -302,6 +302,50 @@ def test_hide_drop_removes_only_the_listed_channels(ecg_checkpoint: Path, tmp_pa
         predict_records(
             ecg_checkpoint, [str(path)], tmp_path / "x", replace(FAST, hide=HideSpec("points", 0.2, ("V9",)))
         )
+
+
+def test_hide_scores_crps_and_band_coverage_with_the_checkpoints_band(
+    ecg_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_ecg(tmp_path, "full", synthetic_signal(1000, seed=5))
+    # A checkpoint written before the band calibration has no factors: its band is the draws' own.
+    old = tmp_path / "old.npz"
+    with np.load(ecg_checkpoint, allow_pickle=False) as npz:
+        np.savez(old, **{k: npz[k] for k in npz.files if k != "param/band.factors"})
+    checkpoint = load_checkpoint(old)
+    assert checkpoint.model.band.values() == (1.0, 1.0)
+    opts = replace(FAST, hide=HideSpec.parse("blocks:0.5"))
+    (plain,) = predict_records(checkpoint, [str(path)], tmp_path / "plain", opts)
+    checkpoint.model.band.set_factors([2.0, 3.0])
+    (wide,) = predict_records(checkpoint, [str(path)], tmp_path / "wide", opts)
+    assert plain.ok and wide.ok, (plain.error, wide.error)
+    a, doc_a = load_outputs(tmp_path / "plain" / "full")
+    b, doc_b = load_outputs(tmp_path / "wide" / "full")
+    err_a, err_b = doc_a["imputation_error_on_hidden"], doc_b["imputation_error_on_hidden"]
+    assert doc_a["band"]["factors"] == [1.0, 1.0]
+    assert doc_b["band"] == {"level": 0.9, "quantiles": [0.05, 0.95], "factors": [2.0, 3.0]}
+    # The same draws, scored on independent ones: the point scores agree, the bands are wider.
+    assert err_b["mae"] == err_a["mae"] and err_b["crps"] == pytest.approx(err_a["crps"])
+    assert err_b["band_width_50"] == pytest.approx(2 * err_a["band_width_50"], rel=1e-4)
+    assert err_b["band_width_90"] == pytest.approx(3 * err_a["band_width_90"], rel=1e-4)
+    assert 0 <= err_a["coverage_50"] <= err_b["coverage_50"] <= 1
+    assert err_a["coverage_90"] <= err_b["coverage_90"] <= 1
+    assert err_b["scored_draws"].startswith("2 independent")
+    hidden = b["hidden"]
+    np.testing.assert_allclose(
+        (b["upper"] - b["x_hat"])[hidden], 3 * (a["upper"] - a["x_hat"])[hidden], rtol=1e-3, atol=1e-4
+    )
+    summary = json.loads((tmp_path / "wide" / "summary.json").read_text())
+    assert summary["records"][0]["imputation_error_on_hidden"]["coverage_90"] == err_b["coverage_90"]
+    # The command line prints the scores beside the prediction.
+    parser = argparse.ArgumentParser(prog="condi")
+    add_predict_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["predict", "--checkpoint", str(old), "--out", str(tmp_path / "cli"), "--samples", "2", "--steps", "3",
+         "--hide", "points:0.3", "--no-figures", "--input", str(path)]
+    )
+    assert args.func(args) == 0
+    assert "band coverage 50 %" in capsys.readouterr().out
 
 
 def test_variant_without_imputation_classifies_observed_data(tmp_path: Path) -> None:

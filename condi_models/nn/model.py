@@ -8,7 +8,8 @@ so they run through the same training and federation code.
 Parameter exchange is by plain ``{name: tensor}`` dicts (never pickle). ``ParameterRoles`` names
 the parameters by role. For aggregation, ``theta`` is every network weight except the shared
 embeddings, and the moments of the Gaussian prior under the imputer (fitted by EM, not by an
-optimizer; ``condi_models.nn.prior``); ``w_mod`` and ``w_cond`` are those embeddings.
+optimizer; ``condi_models.nn.prior``) and the factors of its band calibration (fitted on held-out
+entries; ``condi_models.nn.band``); ``w_mod`` and ``w_cond`` are those embeddings.
 Modality-specific parts are tagged so a federation can average them only over the silos that
 hold the modality:
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from condi_models.nn.band import BandCalibration
 from condi_models.nn.classifier import Classifier
 from condi_models.nn.config import ModelConfig, VariantSpec
 from condi_models.nn.context import ObservedContextEncoder
@@ -62,6 +64,10 @@ from condi_models.nn.prior import GaussianPrior, PriorEstimate
 from condi_models.nn.sampling import Imputation, Prediction, RowGenerators, SamplingOptions
 
 logger = logging.getLogger(__name__)
+
+# Tensors added after checkpoints had been written: absent from a state being loaded, they keep
+# their fresh value (band factors of 1: the plain sample quantiles, as before the calibration).
+OPTIONAL_TENSORS = ("band.factors",)
 
 
 @dataclass
@@ -148,6 +154,7 @@ class CondIModel(nn.Module):
             if spec.diffusion
             else None
         )
+        self.band = BandCalibration() if spec.diffusion else None
         self.classifier = Classifier(
             cfg.classifier, cfg.channel_modality, m, d, spec.fusion_parts, cfg.n_classes, spec.missing_pool
         )
@@ -293,7 +300,8 @@ class CondIModel(nn.Module):
         """Draw ``opts.n_samples`` imputations of the unobserved entries; median point estimate and quantiles.
 
         ``opts`` (default ``SamplingOptions()``) chooses the sampler, its steps, the chunking and
-        the reported quantiles. ``return_samples`` keeps the draws on the result. ``generator``
+        the reported quantiles, which are the draws' own widened by the band calibration
+        (``condi_models.nn.band``). ``return_samples`` keeps the draws on the result. ``generator``
         may be one per group of rows (``RowGenerators``), so that each group draws as if alone.
 
         What stays fixed over the sampler's steps (context, prior, the denoiser's conditioning
@@ -347,6 +355,7 @@ class CondIModel(nn.Module):
             samples = torch.cat(draws, dim=0)
             levels = (0.5, *opts.quantiles)
             qs = sample_quantiles(samples, levels)
+            qs = torch.cat([qs[:1], self.band.widen(qs[0], qs[1:], opts.quantiles)])
             keep = observed[None]
             qs = torch.where(keep, x[None], qs)
             return Imputation(
@@ -482,8 +491,11 @@ class CondIModel(nn.Module):
         return {n: t.detach().to("cpu").contiguous().clone() for n, t in self.state_dict().items()}
 
     def load_named_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Load {name: tensor}; every name, shape and dtype must match, else ValueError naming the tensor."""
-        expected = self.state_dict()
+        """Load {name: tensor}; every name, shape and dtype must match, else ValueError naming the tensor.
+
+        Only the ``OPTIONAL_TENSORS`` may be absent; they keep their current value.
+        """
+        expected = {n: t for n, t in self.state_dict().items() if n in tensors or n not in OPTIONAL_TENSORS}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:

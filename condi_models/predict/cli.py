@@ -10,7 +10,7 @@ from pathlib import Path
 
 from condi_models.checkpoint import CheckpointError
 from condi_models.predict.options import HideSpec, PredictOptions
-from condi_models.predict.pipeline import predict_records
+from condi_models.predict.pipeline import RecordResult, predict_records
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +86,17 @@ def options_from_args(args: argparse.Namespace) -> PredictOptions:
     )
 
 
+def _hidden_scores(result: RecordResult) -> str:
+    """``; hidden: MAE .., CRPS .., coverage 50 % .. / 90 % ..`` for a record scored on --hide, else empty."""
+    e = result.imputation_error
+    if e is None:
+        return ""
+    text = f"; hidden: MAE {e['mae']:.4g}"
+    if "coverage_90" in e:
+        text += f", CRPS {e['crps']:.4g}, band coverage 50 % {e['coverage_50']:.2f} / 90 % {e['coverage_90']:.2f}"
+    return text
+
+
 def handler(args: argparse.Namespace) -> int:
     """Run ``predict``: 0 when all records were predicted, 1 when some failed, 2 on a usage error."""
     try:
@@ -97,10 +108,10 @@ def handler(args: argparse.Namespace) -> int:
         if not r.ok:
             print(f"condi predict: {r.error}", file=sys.stderr)
         elif r.kind == "psg":
-            print(f"{r.name}: {len(r.segments)} epochs -> {r.out_dir}")
+            print(f"{r.name}: {len(r.segments)} epochs{_hidden_scores(r)} -> {r.out_dir}")
         else:
             seg = r.segments[0]
-            print(f"{r.name}: {seg.predicted} (p = {max(seg.probabilities):.2f}) -> {r.out_dir}")
+            print(f"{r.name}: {seg.predicted} (p = {max(seg.probabilities):.2f}){_hidden_scores(r)} -> {r.out_dir}")
     failed = sum(not r.ok for r in results)
     out = Path(args.out)
     print(

@@ -128,6 +128,8 @@ class ModelOutput:
     median: np.ndarray | None  # (S, F, T) standardized, stitched
     lower: np.ndarray | None
     upper: np.ndarray | None
+    # (n, S, F, T) independent draws, standardized and stitched, that score the imputation; with --hide only.
+    draws: np.ndarray | None = None
 
 
 def prepare(
@@ -213,7 +215,7 @@ class _InFlight:
         return not self.busy and self.unsent == 0
 
 
-def _in_flight(prepared: PreparedRecord, model: CondIModel, seed: int) -> _InFlight:
+def _in_flight(prepared: PreparedRecord, model: CondIModel, seed: int, scoring: SamplingOptions | None) -> _InFlight:
     z = prepared.z
     s, total = z.shape[0], z.shape[2]
     window = model.cfg.length
@@ -228,6 +230,7 @@ def _in_flight(prepared: PreparedRecord, model: CondIModel, seed: int) -> _InFli
         median=np.zeros(z.shape, dtype=np.float32) if imputes else None,
         lower=np.zeros(z.shape, dtype=np.float32) if imputes else None,
         upper=np.zeros(z.shape, dtype=np.float32) if imputes else None,
+        draws=np.zeros((scoring.n_samples, *z.shape), dtype=np.float32) if imputes and scoring else None,
     )
     generator = torch.Generator().manual_seed(seed_for(seed, prepared.record.name))
     return _InFlight(prepared, plan, generator, output)
@@ -277,10 +280,15 @@ def run_batched(
     core busy with no thread team to join after each of the model's small operations. Records
     are read ahead until the waiting ones fill every worker's next call; they come out in input
     order, read failures as soon as they are read.
+
+    With ``opts.hide`` the records also keep independent draws that score the imputation against
+    the hidden truth (CRPS and band coverage need independent draws): the point estimate's own
+    when they are independent, else a set of their own, which costs as much sampling again.
     """
     workers = model_workers(opts, device)
     window = model.cfg.length
     sampling = opts.sampling()
+    scoring = None if opts.hide is None else replace(sampling, antithetic=False)
     source = iter(records)
     waiting: deque[_InFlight] = deque()
     running: dict[Future[None], list[_InFlight]] = {}
@@ -295,16 +303,17 @@ def run_batched(
                 elif isinstance(item, ReadFailure):
                     yield item
                 else:
-                    waiting.append(_in_flight(item, model, opts.seed))
+                    waiting.append(_in_flight(item, model, opts.seed, scoring))
             while len(running) < workers and (call := _next_call(waiting, opts.batch_size)):
                 for r, chunk in call:
                     r.busy, r.sent = True, r.sent + len(chunk)
                 if pool is None:
-                    _predict_call(model, call, sampling, device, window)
+                    _predict_call(model, call, sampling, scoring, device, window)
                     for r, _ in call:
                         r.busy = False
                 else:
-                    running[pool.submit(_predict_call, model, call, sampling, device, window)] = [r for r, _ in call]
+                    future = pool.submit(_predict_call, model, call, sampling, scoring, device, window)
+                    running[future] = [r for r, _ in call]
             if running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
@@ -324,21 +333,29 @@ def _predict_call(
     model: CondIModel,
     call: _Call,
     sampling: SamplingOptions,
+    scoring: SamplingOptions | None,
     device: torch.device,
     window: int,
 ) -> None:
     """One model call on the given chunks; their probabilities and stitched imputation go to their records.
 
-    It writes only to the records of its call, which no other call holds meanwhile.
+    With ``scoring`` the call also keeps (or draws) the independent draws of ``run_batched``. It
+    writes only to the records of its call, which no other call holds meanwhile.
     """
     x = np.stack([r.prepared.z[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk])
     m = np.stack([r.prepared.observed[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk])
     generators = RowGenerators([r.generator for r, _ in call], [len(chunk) for _, chunk in call])
-    pred = model.predict(torch.from_numpy(x).to(device), torch.from_numpy(m).to(device), sampling, generators)
+    xt, mt = torch.from_numpy(x).to(device), torch.from_numpy(m).to(device)
+    pred = model.predict(xt, mt, sampling, generators, return_samples=scoring == sampling)
     probs = torch.softmax(pred.logits.float(), dim=1).cpu().numpy()
     imp = pred.imputation
     med = None if imp is None else imp.median.cpu().numpy()
     qs = None if imp is None else imp.quantiles.cpu().numpy()
+    draws = None
+    if imp is not None and scoring is not None:
+        if scoring != sampling:
+            imp = model.impute(xt, mt, scoring, generator=generators, return_samples=True)
+        draws = imp.samples.cpu().numpy()
     j = 0
     for r, chunk in call:
         r.probs.append(probs[j : j + len(chunk)])
@@ -349,4 +366,6 @@ def _predict_call(
                 out.median[seg, :, keep_lo:keep_hi] = med[j, :, part]
                 out.lower[seg, :, keep_lo:keep_hi] = qs[0, j, :, part]
                 out.upper[seg, :, keep_lo:keep_hi] = qs[-1, j, :, part]
+                if draws is not None and out.draws is not None:
+                    out.draws[:, seg, :, keep_lo:keep_hi] = draws[:, j, :, part]
             j += 1

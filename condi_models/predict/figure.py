@@ -123,8 +123,12 @@ def plot_record(
     arrays: RecordArrays,
     predicted: Sequence[str],
     title: str,
+    band_label: str = "quantile band",
 ) -> None:
-    """One panel per channel in a grid; for PSG a stage strip over the night above a stretch of epochs."""
+    """One panel per channel in a grid; for PSG a stage strip over the night above a stretch of epochs.
+
+    ``band_label`` names the shaded band around the imputed median in the legend (its level).
+    """
     channels = info.channel_names
     psg = record.kind == "psg"
     shown = _shown_segments(record, arrays.observed)
@@ -164,7 +168,7 @@ def plot_record(
     if arrays.x_hat is not None:
         handles += [
             Line2D([], [], color=colour, linewidth=1.2, label="imputed median"),
-            Patch(color=colour, alpha=0.25, label="quantile band"),
+            Patch(color=colour, alpha=0.25, label=band_label),
         ]
     if arrays.truth is not None:
         handles.append(Line2D([], [], color="tab:green", linestyle="--", label="hidden truth"))

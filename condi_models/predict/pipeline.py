@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from condi_models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from condi_models.data.dataset import DatasetInfo
+from condi_models.metrics import imputation_metrics
 from condi_models.nn.model import resolve_device
 from condi_models.predict.engine import (
     ModelOutput,
@@ -77,6 +78,7 @@ class RecordResult:
     segments: tuple[SegmentPrediction, ...] = ()
     imputed: bool = False
     error: str | None = None
+    imputation_error: dict[str, Any] | None = None  # on the entries --hide hid
 
     @property
     def ok(self) -> bool:
@@ -96,23 +98,55 @@ def _check_checkpoint(checkpoint: Checkpoint) -> None:
         )
 
 
-def _imputation_error(arrays: RecordArrays, channels: Sequence[str]) -> dict[str, Any] | None:
+def _imputation_error(
+    arrays: RecordArrays, channels: Sequence[str], draws: np.ndarray | None, band_factors: Sequence[float] | None
+) -> dict[str, Any] | None:
+    """MAE and RMSE of the median on the hidden entries; CRPS and band coverage of the independent ``draws``.
+
+    ``draws`` (n, S, F, T) are in source units; their 50 % and 90 % bands are widened by
+    ``band_factors`` as the model's own quantiles are. Coverage does not depend on the units.
+    """
     if arrays.hidden is None or arrays.truth is None or arrays.x_hat is None or not arrays.hidden.any():
         return None
+    report = imputation_metrics(arrays.truth, arrays.x_hat, arrays.hidden, draws, band_factors)
     err = np.where(arrays.hidden, arrays.x_hat - arrays.truth, 0.0).astype(np.float64)
-    n = arrays.hidden.sum()
     per_channel = {}
     for f, name in enumerate(channels):
         k = arrays.hidden[:, f].sum()
         if k:
             per_channel[name] = float(np.abs(err[:, f]).sum() / k)
-    return {
-        "hidden_entries": int(n),
-        "mae": float(np.abs(err).sum() / n),
-        "rmse": float(np.sqrt((err**2).sum() / n)),
+    out: dict[str, Any] = {
+        "hidden_entries": report.n_entries,
+        "mae": report.mae,
+        "rmse": report.rmse,
         "mae_by_channel": per_channel,
-        "units": "source units of each channel",
     }
+    if report.coverage_90 is not None:
+        out.update(
+            crps=report.crps_fair,
+            coverage_50=report.coverage_50,
+            coverage_90=report.coverage_90,
+            band_width_50=report.width_50,
+            band_width_90=report.width_90,
+            scored_draws=f"{report.n_samples} independent (CRPS: fair estimate)",
+        )
+    out["units"] = "source units of each channel"
+    return out
+
+
+def _band(opts: PredictOptions, band_factors: Sequence[float] | None) -> dict[str, Any]:
+    """The band the outputs hold: its level and the factors its ends are widened by."""
+    lo, hi = opts.quantiles
+    return {
+        "level": round(hi - lo, 6),
+        "quantiles": [lo, hi],
+        "factors": None if band_factors is None else [round(f, 4) for f in band_factors],
+    }
+
+
+def _band_label(band: dict[str, Any]) -> str:
+    calibrated = band["factors"] is not None and any(f != 1.0 for f in band["factors"])
+    return f"{band['level'] * 100:g} % band" + (" (calibrated)" if calibrated else "")
 
 
 def _write_npz(
@@ -147,6 +181,7 @@ def _title(
     variant: str,
     opts: PredictOptions,
     imputed: bool,
+    band: str,
 ) -> str:
     if record.kind == "psg":
         counts = {c: sum(s.predicted == c for s in segments) for c in info.classes}
@@ -161,7 +196,7 @@ def _title(
     if imputed:
         sampler = opts.method.upper() + (f"-{opts.steps}" if opts.method == "ddim" else "")
         how += f"; {opts.n_samples} {'antithetic' if opts.antithetic else 'independent'} samples, {sampler}"
-        how += f", band {opts.quantiles[0]:g}-{opts.quantiles[1]:g} quantiles, seed {opts.seed}"
+        how += f", {band} from the {opts.quantiles[0]:g}-{opts.quantiles[1]:g} quantiles, seed {opts.seed}"
     else:
         how += " (classifies the observed data; no imputation)"
     if opts.hide is not None:
@@ -188,6 +223,10 @@ def _finish(
         arrays.x_hat = np.where(observed, values, norm.invert(out.median)).astype(np.float32)
         arrays.lower = np.where(observed, values, norm.invert(out.lower)).astype(np.float32)
         arrays.upper = np.where(observed, values, norm.invert(out.upper)).astype(np.float32)
+    draws = None
+    if out.draws is not None:
+        draws = checkpoint.normalizer.invert(out.draws)
+    band_factors = None if model.band is None else model.band.values()
     if opts.hide is not None:
         arrays.hidden = prepared.original & ~observed
         arrays.truth = values
@@ -218,6 +257,7 @@ def _finish(
         "variant": model.cfg.variant.value,
         "imputed": imputed,
         "options": opts.to_dict(),
+        **({"band": _band(opts, band_factors)} if imputed else {}),
         "sampling_rate_hz": info.sampling_rate_hz,
         "window_length": model.cfg.length,
         "notes": list(record.notes),
@@ -245,13 +285,14 @@ def _finish(
             {"start": int(a), "probabilities": _probabilities(info.classes, p)}
             for a, p in zip(out.window_start, out.probs)
         ]
-    error = _imputation_error(arrays, info.channel_names)
+    error = _imputation_error(arrays, info.channel_names, draws, band_factors)
     if error is not None:
         doc["imputation_error_on_hidden"] = error
     (out_dir / "prediction.json").write_text(json.dumps(doc, indent=2) + "\n")
     if figure:
-        title = _title(record, info, segments, model.cfg.variant.value, opts, imputed)
-        plot_record(out_dir / "record.png", record, info, arrays, [s.predicted for s in segments], title)
+        band = _band_label(_band(opts, band_factors))
+        title = _title(record, info, segments, model.cfg.variant.value, opts, imputed, band)
+        plot_record(out_dir / "record.png", record, info, arrays, [s.predicted for s in segments], title, band)
     return RecordResult(
         input=record.source,
         name=record.name,
@@ -259,6 +300,7 @@ def _finish(
         out_dir=out_dir,
         segments=tuple(segments),
         imputed=imputed,
+        imputation_error=error,
     )
 
 
@@ -296,6 +338,10 @@ def _summary_entry(result: RecordResult, classes: Sequence[str]) -> dict[str, An
     else:
         seg = result.segments[0]
         entry.update(predicted=seg.predicted, probabilities=_probabilities(classes, seg.probabilities))
+    if result.imputation_error is not None:
+        entry["imputation_error_on_hidden"] = {
+            k: v for k, v in result.imputation_error.items() if k != "mae_by_channel"
+        }
     return entry
 
 
