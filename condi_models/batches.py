@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from condi_models.data.beat_template import BeatTemplate, beat_template
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo
 from condi_models.data.missingness import MissingnessSpec, simulate_missingness
 from condi_models.data.normalize import ChannelNormalizer
+from condi_models.nn.prior import TemplateTensors
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,21 @@ class PreparedSplit:
     truth: np.ndarray  # (N, F, L) float32 standardized source values; read only by metrics
     hidden: np.ndarray  # (N, F, L) bool, observed in the source and hidden by the simulation
     sample_ids: tuple[str, ...]
+    # The records' beat template (condi_models.data.beat_template): computed on first use.
+    template: BeatTemplate | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def beat_template(self) -> BeatTemplate:
+        """The beat template of the split's whole records, from their observed entries only.
+
+        Computed on first use and kept on the split (the split is immutable otherwise), so a silo
+        that trains every round computes it once.
+        """
+        if self.template is None:
+            object.__setattr__(self, "template", beat_template(self.x, self.observed, self.info.sampling_rate_hz))
+        return self.template
 
     def modality_counts(self) -> np.ndarray:
         """Samples in which each modality has any observed entry, shape (M,)."""
@@ -78,6 +92,7 @@ class Batch:
     y: torch.Tensor  # (B,) int64
     index: np.ndarray  # (B,) row indices into the split
     start: np.ndarray  # (B,) window start of each row
+    template: TemplateTensors | None = None  # the windows' beat template, when asked for
 
 
 def window_starts(n: int, length: int, window: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -103,6 +118,17 @@ def record_window_starts(length: int, window: int, stride: int | None = None) ->
     return np.asarray(starts, dtype=np.int64)
 
 
+def template_windows(
+    split: PreparedSplit, index: np.ndarray, start: np.ndarray, window: int, device: torch.device
+) -> TemplateTensors:
+    """The beat template of rows ``index`` cut as ``crop`` cuts them, as the tensors the model takes."""
+    t = split.beat_template()
+    return (
+        torch.from_numpy(crop(t.values, index, start, window)).to(device),
+        torch.from_numpy(crop(t.available, index, start, window)).to(device),
+    )
+
+
 def crop(arr: np.ndarray, index: np.ndarray, start: np.ndarray, window: int) -> np.ndarray:
     """Rows ``index`` of a (N, F, L) array, each cut to ``window`` steps from its ``start``."""
     steps = start[:, None] + np.arange(window)[None, :]
@@ -117,9 +143,11 @@ def iterate_batches(
     rng: np.random.Generator | None,
     device: torch.device,
     offset: int | None = None,
+    template: bool = False,
 ) -> Iterator[Batch]:
     """Batches over the split: shuffled with random crops when ``rng`` is given, else in order with
-    the centre crop, or the window starting at ``offset`` when given."""
+    the centre crop, or the window starting at ``offset`` when given. With ``template`` each batch
+    carries its windows' cut of the records' beat template."""
     n, _, length = split.x.shape
     w = length if window is None else window
     order = rng.permutation(n) if rng is not None else np.arange(n)
@@ -138,4 +166,5 @@ def iterate_batches(
             y=torch.from_numpy(split.y[idx]).to(device),
             index=idx,
             start=st,
+            template=template_windows(split, idx, st, w, device) if template else None,
         )

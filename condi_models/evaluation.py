@@ -111,8 +111,13 @@ def impute_split(
     opts = sampling or SamplingOptions(n_samples=1)
     gen = _generator(seed, device)
     xs, draws, idx, starts = [], [], [], []
-    for batch in iterate_batches(split, batch_size, window=window, rng=None, device=device):
-        imp = model.impute(batch.x, batch.observed, opts, generator=gen, return_samples=keep_samples)
+    batches = iterate_batches(
+        split, batch_size, window=window, rng=None, device=device, template=model.uses_beat_template
+    )
+    for batch in batches:
+        imp = model.impute(
+            batch.x, batch.observed, opts, generator=gen, return_samples=keep_samples, template=batch.template
+        )
         xs.append(imp.x_hat.cpu().numpy())
         if keep_samples:
             draws.append(imp.samples.cpu().numpy())
@@ -157,12 +162,21 @@ def evaluate(
     keep_samples = score_imputation and sampling.n_samples > 1 and not sampling.antithetic
     for offset in offsets:
         probs = []
-        for batch in iterate_batches(split, opts.batch_size, window=window, rng=None, device=device, offset=offset):
-            pred = model.predict(batch.x, batch.observed, sampling, gen, return_samples=keep_samples)
+        batches = iterate_batches(
+            split, opts.batch_size, window=window, rng=None, device=device, offset=offset,
+            template=model.uses_beat_template,
+        )
+        for batch in batches:
+            pred = model.predict(
+                batch.x, batch.observed, sampling, gen, return_samples=keep_samples, template=batch.template
+            )
             imp = pred.imputation
             if imp is None and score_imputation:
                 # A variant that imputes but classifies the observed data: score its imputer all the same.
-                imp = model.impute(batch.x, batch.observed, sampling, generator=gen, return_samples=keep_samples)
+                imp = model.impute(
+                    batch.x, batch.observed, sampling, generator=gen, return_samples=keep_samples,
+                    template=batch.template,
+                )
             logits = pred.logits.detach()
             losses.append(float(torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")))
             probs.append(torch.softmax(logits, dim=1).cpu().numpy())

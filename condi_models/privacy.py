@@ -55,7 +55,7 @@ from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from pydantic import ConfigDict
 from torch import nn
 
-from condi_models.batches import Batch, PreparedSplit, crop, window_starts
+from condi_models.batches import Batch, PreparedSplit, crop, template_windows, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -458,8 +458,13 @@ class PrivateRound:
     noise_generator: torch.Generator
     steps_taken: int = 0
 
-    def batches(self, split: PreparedSplit, *, window: int | None, device: torch.device) -> Iterator[Batch]:
-        """One epoch: ``steps_per_epoch`` Poisson samples of the split (possibly empty), randomly cropped."""
+    def batches(
+        self, split: PreparedSplit, *, window: int | None, device: torch.device, template: bool = False
+    ) -> Iterator[Batch]:
+        """One epoch: ``steps_per_epoch`` Poisson samples of the split (possibly empty), randomly cropped.
+
+        With ``template`` each batch carries its windows' beat template (``iterate_batches``).
+        """
         n, _, length = split.x.shape
         w = length if window is None else window
         for _ in range(self.steps_per_epoch):
@@ -471,6 +476,7 @@ class PrivateRound:
                 y=torch.from_numpy(split.y[idx]).to(device),
                 index=idx,
                 start=st,
+                template=template_windows(split, idx, st, w, device) if template else None,
             )
 
     @contextlib.contextmanager

@@ -32,6 +32,7 @@ from condi_models.aggregation import SiloUpdate, fedavg
 from condi_models.batches import PreparedSplit, fit_visible, prepare_split
 from condi_models.checkpoint import save_checkpoint
 from condi_models.configfile import StrictModel, load_config
+from condi_models.data.beat_template import is_ecg
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
@@ -114,6 +115,11 @@ class ModelSpec(StrictModel):
     prior_lags: int = Field(
         default=0, ge=0, description="the prior also conditions on the instants up to this many steps before and after"
     )
+    prior_template: bool | None = Field(
+        default=None,
+        description="the prior also conditions on each lead's beat template (condi_models.data.beat_template); "
+        "default: on when the channels are ECG leads",
+    )
 
     def build(self, info: DatasetInfo, length: int) -> ModelConfig:
         """The full model config for data laid out as ``info``, at input length ``length`` (the window)."""
@@ -121,6 +127,7 @@ class ModelSpec(StrictModel):
         base.update(
             embed_dim=self.embed_dim, cond_dim=self.cond_dim,
             gaussian_prior=self.gaussian_prior, prior_lags=self.prior_lags,
+            prior_template=is_ecg(info.channel_names) if self.prior_template is None else self.prior_template,
         )
         for part in ("denoiser", "context", "classifier", "diffusion"):
             base[part] = {**base[part], **getattr(self, part)}

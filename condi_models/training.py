@@ -227,7 +227,11 @@ def refit_prior(model: CondIModel, split: PreparedSplit, iterations: int, seed: 
     if model.prior is None or iterations == 0 or not split.observed.any():
         return 0
     mu, cov = model.prior.moments()
-    x, observed = model.prior.stack(torch.from_numpy(split.x), torch.from_numpy(split.observed))
+    template = None
+    if model.uses_beat_template:
+        t = split.beat_template()
+        template = (torch.from_numpy(t.values), torch.from_numpy(t.available))
+    x, observed = model.prior.stack(torch.from_numpy(split.x), torch.from_numpy(split.observed), template)
     mu, cov, done = gaussian_em(x.numpy(), observed.numpy(), mu, cov, iterations, seed=seed)
     model.prior.set_moments(mu, cov)
     return done
@@ -259,10 +263,13 @@ def fit_band(model: CondIModel, split: PreparedSplit, cfg: LocalTrainingConfig, 
     sampling = SamplingOptions(n_samples=cfg.band_samples, steps=cfg.impute_steps, antithetic=False)
     generator = torch.Generator(device=device).manual_seed(seed)
     truth, draws = [], []
-    for batch in iterate_batches(chosen, cfg.batch_size, window=cfg.window, rng=None, device=device):
+    batches = iterate_batches(
+        chosen, cfg.batch_size, window=cfg.window, rng=None, device=device, template=model.uses_beat_template
+    )
+    for batch in batches:
         cond = make_training_mask(batch.observed, generator)
         held_out = batch.observed & ~cond
-        imp = model.impute(batch.x, cond, sampling, generator=generator, return_samples=True)
+        imp = model.impute(batch.x, cond, sampling, generator=generator, return_samples=True, template=batch.template)
         truth.append(batch.x[held_out].cpu().numpy())
         draws.append(imp.samples[:, held_out].cpu().numpy())
     t = np.concatenate(truth)
@@ -286,7 +293,7 @@ def _phase_b_input(
     if train_x is not None:
         filled = torch.from_numpy(crop(train_x, batch.index, batch.start, batch.x.shape[-1])).to(device)
     elif cfg.phase_b_input == "prior" and model.prior is not None and model.spec.impute_for_classification:
-        filled = model.prior_estimate(batch.x, batch.observed).mean
+        filled = model.prior_estimate(batch.x, batch.observed, batch.template).mean
     else:
         return batch.x, batch.observed, None
     return filled, torch.ones_like(batch.observed), model.availability(batch.observed)
@@ -427,6 +434,7 @@ class _RankStep:
         part_batch = Batch(
             x=batch.x[rows], observed=batch.observed[rows], y=batch.y[rows], index=batch.index[rows],
             start=batch.start[rows],
+            template=None if batch.template is None else (batch.template[0][rows], batch.template[1][rows]),
         )
         part_draw = None if draw is None else PhaseADraw(draw.cond_mask[rows], draw.t[rows], draw.noise[rows])
         if self.weights is None:
@@ -466,7 +474,7 @@ def _batch_loss(
     """The loss of ``batch``: Phase A's for the ``draw``, or Phase B's classification loss."""
     if phase == "A":
         assert draw is not None
-        return model.phase_a_loss_for(batch.x, batch.observed, draw)
+        return model.phase_a_loss_for(batch.x, batch.observed, draw, batch.template)
     x_in, mask, availability = _phase_b_input(model, batch, cfg, train_x, device)
     logits = model.classify(x_in, mask, availability)
     if shift is not None:
@@ -521,9 +529,11 @@ def _run_phase(
         for epoch in range(epochs):
             total, counted = 0.0, 0
             if private is None:
-                batches = iterate_batches(split, cfg.batch_size, window=cfg.window, rng=rng, device=device)
+                batches = iterate_batches(
+                    split, cfg.batch_size, window=cfg.window, rng=rng, device=device, template=model.uses_beat_template
+                )
             else:
-                batches = private.batches(split, window=cfg.window, device=device)
+                batches = private.batches(split, window=cfg.window, device=device, template=model.uses_beat_template)
             for b, batch in enumerate(batches):
                 if private is not None and len(batch.index) == 0:
                     opt.zero_grad(set_to_none=True)

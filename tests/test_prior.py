@@ -192,5 +192,5 @@ def test_prior_lags_reach_the_model_from_an_experiment_config_and_survive_a_roun
     cfg = ModelSpec(prior_lags=2).build(info, 100)
     assert cfg.prior_lags == 2 and ModelConfig.from_dict(cfg.to_dict()) == cfg
     model = CondIModel(cfg)
-    assert model.prior.mean.shape == (12 * 5,) and model.prior.lags == 2
+    assert model.prior.mean.shape == (12 * (5 + 1),) and model.prior.lags == 2  # and the beat template
     assert ModelSpec().build(info, 100).prior_lags == 0  # opt-in: the window costs D^3

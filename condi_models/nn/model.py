@@ -60,7 +60,7 @@ from condi_models.nn.embeddings import (
     n_patches,
 )
 from condi_models.nn.parts import denoise_in_parts
-from condi_models.nn.prior import GaussianPrior, PriorEstimate
+from condi_models.nn.prior import GaussianPrior, PriorEstimate, TemplateTensors
 from condi_models.nn.sampling import Imputation, Prediction, RowGenerators, SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class CondIModel(nn.Module):
             cfg.cond_dim if self.cond_proj is not None else 0
         )
         self.prior = (
-            GaussianPrior(cfg.n_features, cfg.prior_lags)
+            GaussianPrior(cfg.n_features, cfg.prior_lags, cfg.prior_template)
             if spec.diffusion and spec.diffusion_prior and cfg.gaussian_prior
             else None
         )
@@ -203,9 +203,20 @@ class CondIModel(nn.Module):
             parts.append(c_cond[:, None, :].expand(b, n, -1))
         return torch.cat(parts, dim=-1) if parts else None
 
-    def prior_estimate(self, values: torch.Tensor, cond_mask: torch.Tensor) -> PriorEstimate | None:
-        """What the imputer's latent is a standardized residual of (None without a prior)."""
-        return None if self.prior is None else self.prior.conditional(values, cond_mask)
+    @property
+    def uses_beat_template(self) -> bool:
+        """Whether the prior conditions on beat templates (``condi_models.data.beat_template``)."""
+        return self.prior is not None and self.prior.template
+
+    def prior_estimate(
+        self, values: torch.Tensor, cond_mask: torch.Tensor, template: TemplateTensors | None = None
+    ) -> PriorEstimate | None:
+        """What the imputer's latent is a standardized residual of (None without a prior).
+
+        ``template`` is the windows' beat template, read only when the prior uses one; without it
+        the prior treats the template as missing.
+        """
+        return None if self.prior is None else self.prior.conditional(values, cond_mask, template)
 
     def _eps(
         self,
@@ -250,17 +261,21 @@ class CondIModel(nn.Module):
         ).to(x.device)
         return PhaseADraw(cond_mask=cond, t=t, noise=randn_like_on(x.shape, x, generator))
 
-    def phase_a_loss_for(self, x: torch.Tensor, observed: torch.Tensor, draw: PhaseADraw) -> torch.Tensor:
+    def phase_a_loss_for(
+        self, x: torch.Tensor, observed: torch.Tensor, draw: PhaseADraw, template: TemplateTensors | None = None
+    ) -> torch.Tensor:
         """Eq. 7 for a given draw: noise error on the held-out observed entries, mean over samples.
 
         With the Gaussian prior the diffused quantity is (x - m) / s, the standardized residual
-        around the prior's estimate from the conditioning entries.
+        around the prior's estimate from the conditioning entries (and the beat ``template``).
+        The template comes from the record's observed entries, some of which this draw holds out:
+        it never holds an entry's own value, only the same lead's values one or more beats away.
         """
         denoiser = self._require_diffusion()
         self._check(x, observed)
         cond = draw.cond_mask & observed
         values = x * cond
-        prior = self.prior_estimate(values, cond)
+        prior = self.prior_estimate(values, cond, template)
         x0 = x * observed if prior is None else prior.to_residual(x) * observed
         z = self.schedule.add_noise(x0, draw.t, draw.noise) * (~cond)
         eps = self._eps(denoiser, z, values, cond, draw.t, self.diffusion_context(values, cond), prior)
@@ -272,9 +287,11 @@ class CondIModel(nn.Module):
         observed: torch.Tensor,
         generator: torch.Generator | None = None,
         borrowed_masks: torch.Tensor | None = None,
+        template: TemplateTensors | None = None,
     ) -> torch.Tensor:
         """Self-supervised diffusion loss (eq. 7): a fresh draw, then ``phase_a_loss_for``."""
-        return self.phase_a_loss_for(x, observed, self.phase_a_draw(x, observed, generator, borrowed_masks))
+        draw = self.phase_a_draw(x, observed, generator, borrowed_masks)
+        return self.phase_a_loss_for(x, observed, draw, template)
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -296,6 +313,7 @@ class CondIModel(nn.Module):
         *,
         generator: torch.Generator | RowGenerators | None = None,
         return_samples: bool = False,
+        template: TemplateTensors | None = None,
     ) -> Imputation:
         """Draw ``opts.n_samples`` imputations of the unobserved entries; median point estimate and quantiles.
 
@@ -303,6 +321,8 @@ class CondIModel(nn.Module):
         the reported quantiles, which are the draws' own widened by the band calibration
         (``condi_models.nn.band``). ``return_samples`` keeps the draws on the result. ``generator``
         may be one per group of rows (``RowGenerators``), so that each group draws as if alone.
+        ``template`` is the windows' beat template, cut from their records' (read only when the
+        prior uses one).
 
         What stays fixed over the sampler's steps (context, prior, the denoiser's conditioning
         share) is computed once per call. A window with nothing missing has nothing to sample:
@@ -321,7 +341,8 @@ class CondIModel(nn.Module):
             prior = None
             if n_active:
                 context = self.diffusion_context(act_values, act_observed)
-                prior = self.prior_estimate(act_values, act_observed)
+                act_template = None if template is None else (template[0][active], template[1][active])
+                prior = self.prior_estimate(act_values, act_observed, act_template)
                 condition = denoiser.condition(act_values, act_observed, context, prior)
 
                 def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -432,15 +453,19 @@ class CondIModel(nn.Module):
         sampling: SamplingOptions | None = None,
         generator: torch.Generator | RowGenerators | None = None,
         return_samples: bool = False,
+        template: TemplateTensors | None = None,
     ) -> Prediction:
         """Inference as the variant defines it: impute then classify x_hat, or classify x_O directly.
 
-        ``return_samples`` keeps the imputation draws (for CRPS) on the returned imputation.
+        ``return_samples`` keeps the imputation draws (for CRPS) on the returned imputation;
+        ``template`` is the windows' beat template (see ``impute``).
         """
         with self._evaluating():
             if not self.spec.impute_for_classification:
                 return Prediction(logits=self.classify(x, observed), imputation=None)
-            imp = self.impute(x, observed, sampling, generator=generator, return_samples=return_samples)
+            imp = self.impute(
+                x, observed, sampling, generator=generator, return_samples=return_samples, template=template
+            )
             full = torch.ones_like(observed)
             logits = self.classify(imp.x_hat, full, availability=self.availability(observed))
             return Prediction(logits=logits, imputation=imp)

@@ -20,6 +20,14 @@ D = F (2k + 1) dimensions and its EM refit and per-row solves grow as D^3 (12 le
 silo's refit takes seconds instead of a fraction of one, the prior of a batch of 32 windows
 0.3 s instead of 0.03 s), so k is opt-in, ``model: {prior_lags: 2}``.
 
+In a long gap (a detached electrode) the neighbours are missing too, and what the other leads do
+not carry is lost to both. On an ECG the same lead's other beats still carry it: with
+``template`` (``model: {prior_template: ...}``, on by default when the channels are ECG leads) the
+Gaussian also holds each channel's beat template at t, the mean of that lead's observed values at
+the same offset from the R peak in the record's other beats (``condi_models.data.beat_template``),
+so D = F (2k + 2). The template is built on whole records, before they are cut into windows; a
+caller that has none passes None and the template counts as missing.
+
 The Gaussian's mean and second moment are parameters outside every optimizer. A silo refits
 them by EM on its own training data at the start of a round, starting from the global values
 (``condi_models.training``), and federated averaging merges the silos' moments by sample count.
@@ -44,6 +52,9 @@ _ENTRIES_PER_SOLVE = 1 << 23
 # Smallest conditional standard deviation a residual is divided by (standardized units).
 SCALE_FLOOR = 0.1
 
+# A window's beat template as tensors: values (B, F, L) and where they are available (bool).
+TemplateTensors = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class PriorEstimate:
@@ -67,11 +78,13 @@ class GaussianPrior(nn.Module):
     With ``lags`` = 0 the Gaussian is over one instant and m is ridge regression across channels.
     With lags = k it is over the window t - k .. t + k (stacked as ``stack`` lays it out), so a
     missing entry is also predicted from the entries observed just before and after it, in every
-    channel: linear interpolation and cross-channel regression in one estimate. Its mean and
-    second moment are of size D = F (2k + 1).
+    channel: linear interpolation and cross-channel regression in one estimate. With ``template``
+    it also holds each channel's beat template at t (``condi_models.data.beat_template``), so a
+    lead missing for a long stretch is predicted from its own shape in the record's other beats.
+    Its mean and second moment are of size D = F (2k + 1 + template).
     """
 
-    def __init__(self, n_features: int, lags: int = 0, ridge: float = 1e-3) -> None:
+    def __init__(self, n_features: int, lags: int = 0, template: bool = False, ridge: float = 1e-3) -> None:
         super().__init__()
         if not ridge > 0:
             raise ValueError(f"prior ridge must be positive, got {ridge}")
@@ -79,25 +92,37 @@ class GaussianPrior(nn.Module):
             raise ValueError(f"prior lags must be >= 0, got {lags}")
         self.ridge = ridge
         self.lags = lags
-        dim = n_features * (2 * lags + 1)
+        self.template = template
+        dim = n_features * (2 * lags + 1 + int(template))
         self.mean = nn.Parameter(torch.zeros(dim), requires_grad=False)
         self.second_moment = nn.Parameter(torch.eye(dim), requires_grad=False)
 
-    def stack(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stack(
+        self, values: torch.Tensor, mask: torch.Tensor, template: TemplateTensors | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, F, L) data as (B, D, L): row block j at time t holds the channels at t + j - lags.
 
-        Instants before the start or after the end of the record are missing.
+        Instants before the start or after the end of the record are missing. With a template
+        prior the last block holds the beat template at t (all missing when ``template`` is None).
         """
         k = self.lags
-        if k == 0:
+        if k == 0 and not self.template:
             return values, mask
         length = values.shape[-1]
         padded_v = nn.functional.pad(values, (k, k))
         padded_m = nn.functional.pad(mask, (k, k))
-        return (
-            torch.cat([padded_v[..., j : j + length] for j in range(2 * k + 1)], dim=1),
-            torch.cat([padded_m[..., j : j + length] for j in range(2 * k + 1)], dim=1),
-        )
+        vs = [padded_v[..., j : j + length] for j in range(2 * k + 1)]
+        ms = [padded_m[..., j : j + length] for j in range(2 * k + 1)]
+        if self.template:
+            if template is None:
+                template = (torch.zeros_like(values), torch.zeros_like(mask))
+            elif template[0].shape != values.shape or template[1].shape != mask.shape:
+                raise ValueError(
+                    f"beat template {tuple(template[0].shape)} does not match the data {tuple(values.shape)}"
+                )
+            vs.append(template[0].to(values.dtype))
+            ms.append(template[1])
+        return torch.cat(vs, dim=1), torch.cat(ms, dim=1)
 
     def covariance(self) -> torch.Tensor:
         """C = E[x x^T] - mu mu^T, symmetrized (an average of moments may be off by rounding)."""
@@ -121,7 +146,9 @@ class GaussianPrior(nn.Module):
             self.second_moment.copy_(torch.from_numpy(second).to(self.second_moment))
 
     @torch.no_grad()
-    def conditional(self, values: torch.Tensor, mask: torch.Tensor) -> PriorEstimate:
+    def conditional(
+        self, values: torch.Tensor, mask: torch.Tensor, template: TemplateTensors | None = None
+    ) -> PriorEstimate:
         """m(x_O) and the conditional standard deviation, per entry of (B, F, L) data.
 
         Observed entries keep their value (scale 1, unused); an entry with nothing observed in its
@@ -131,7 +158,7 @@ class GaussianPrior(nn.Module):
         amplify noise and rounding.
         """
         b, f, length = values.shape
-        stacked_v, stacked_m = self.stack(values, mask)
+        stacked_v, stacked_m = self.stack(values, mask, template)
         d = stacked_v.shape[1]
         rows = stacked_v.permute(0, 2, 1).reshape(-1, d)
         obs = stacked_m.permute(0, 2, 1).reshape(-1, d)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from condi_models.batches import record_window_starts
+from condi_models.data.beat_template import BeatTemplate, beat_template
 from condi_models.data.dataset import ClinicalDataset, DatasetInfo
 from condi_models.data.missingness import MissingnessSpec, simulate_missingness
 from condi_models.data.normalize import ChannelNormalizer
@@ -98,7 +99,8 @@ class PreparedRecord:
     """A record read onto the checkpoint's layout, with its missingness and the model's standardized input.
 
     ``observed`` is the mask the model sees (after any ``hide``), ``original`` the record's own;
-    ``z`` holds the standardized values, 0 where not observed. All (S, F, T).
+    ``z`` holds the standardized values, 0 where not observed. All (S, F, T). ``template`` is the
+    record's beat template from ``z`` and ``observed``, where the model's prior uses one.
     """
 
     index: int  # position among the run's inputs
@@ -107,6 +109,7 @@ class PreparedRecord:
     original: np.ndarray
     observed: np.ndarray
     z: np.ndarray
+    template: BeatTemplate | None = None
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,13 @@ def prepare(
     normalizer: ChannelNormalizer,
     opts: PredictOptions,
     window: int,
+    template: bool = False,
 ) -> PreparedRecord:
     """The model's input from a record read: simulated missingness, then standardized values.
 
-    InputError when the record is shorter than the model's input; ValueError from a bad ``hide``.
+    With ``template`` also the record's beat template, built on the whole record before it is cut
+    into windows. InputError when the record is shorter than the model's input; ValueError from a
+    bad ``hide``.
     """
     values = record.values
     if values.shape[2] < window:
@@ -154,7 +160,8 @@ def prepare(
     original = ~np.isnan(values)
     observed = original if opts.hide is None else hide_entries(record, info, opts.hide, opts.seed)
     z = normalizer.apply(np.where(observed, values, np.float32(0.0)), observed)
-    return PreparedRecord(index, text, record, original, observed, z)
+    beats = beat_template(z, observed, info.sampling_rate_hz) if template else None
+    return PreparedRecord(index, text, record, original, observed, z, beats)
 
 
 def failure(index: int, text: str, exc: Exception) -> ReadFailure:
@@ -342,11 +349,17 @@ def _predict_call(
     With ``scoring`` the call also keeps (or draws) the independent draws of ``run_batched``. It
     writes only to the records of its call, which no other call holds meanwhile.
     """
-    x = np.stack([r.prepared.z[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk])
-    m = np.stack([r.prepared.observed[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk])
+
+    def windows(array_of: Callable[[PreparedRecord], np.ndarray]) -> torch.Tensor:
+        cut = [array_of(r.prepared)[seg, :, a : a + window] for r, chunk in call for seg, a, _ in chunk]
+        return torch.from_numpy(np.stack(cut)).to(device)
+
     generators = RowGenerators([r.generator for r, _ in call], [len(chunk) for _, chunk in call])
-    xt, mt = torch.from_numpy(x).to(device), torch.from_numpy(m).to(device)
-    pred = model.predict(xt, mt, sampling, generators, return_samples=scoring == sampling)
+    xt, mt = windows(lambda p: p.z), windows(lambda p: p.observed)
+    tt = None
+    if model.uses_beat_template:
+        tt = (windows(lambda p: p.template.values), windows(lambda p: p.template.available))
+    pred = model.predict(xt, mt, sampling, generators, return_samples=scoring == sampling, template=tt)
     probs = torch.softmax(pred.logits.float(), dim=1).cpu().numpy()
     imp = pred.imputation
     med = None if imp is None else imp.median.cpu().numpy()
@@ -354,7 +367,7 @@ def _predict_call(
     draws = None
     if imp is not None and scoring is not None:
         if scoring != sampling:
-            imp = model.impute(xt, mt, scoring, generator=generators, return_samples=True)
+            imp = model.impute(xt, mt, scoring, generator=generators, return_samples=True, template=tt)
         draws = imp.samples.cpu().numpy()
     j = 0
     for r, chunk in call:

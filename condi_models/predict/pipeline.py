@@ -314,7 +314,10 @@ def predict_record(
 ) -> RecordResult:
     """Impute and classify one loaded record; write imputed.npz, prediction.json, record.png there."""
     model = checkpoint.model
-    prepared = prepare(0, record.source, record, checkpoint.info, checkpoint.normalizer, opts, model.cfg.length)
+    prepared = prepare(
+        0, record.source, record, checkpoint.info, checkpoint.normalizer, opts, model.cfg.length,
+        model.uses_beat_template,
+    )
     ((_, out),) = run_batched(model, [prepared], opts, device)
     return _finish(checkpoint, prepared, out, out_dir, opts, provenance or {}, opts.figures)
 
@@ -360,7 +363,10 @@ def _prepared(
         try:
             name = _unique_name(item.name, taken)
             record = item if name == item.name else replace(item, name=name)
-            yield prepare(index, text, record, checkpoint.info, checkpoint.normalizer, opts, window)
+            yield prepare(
+                index, text, record, checkpoint.info, checkpoint.normalizer, opts, window,
+                checkpoint.model.uses_beat_template,
+            )
         except (InputError, ValueError, OSError) as exc:
             yield failure(index, text, exc)
 
