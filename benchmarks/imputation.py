@@ -38,6 +38,9 @@ is a modality; an affected sample loses a fraction pw of the time steps of about
   depend on the weights.
 - ``--ptbxl PATH``: the same table on the real PTB-XL sample, split by strat_fold (train 1-6,
   test 7-8), at pw = 0.8 for points and blocks.
+- ``--pypots``: SAITS and BRITS from PyPOTS (the optional ``bench`` extra) as external point
+  baselines, each trained centrally on the training split's observed entries of every pattern and
+  scored on the same test windows and masks (benchmarks/pypots_baselines.py: settings, budget).
 - ``--features``: the paper's feature reconstruction analysis (section 4.4) instead of the above.
   CondI is trained fully (Phase A, then Phase B on the observed data) under ps = pw = 0.8 points;
   on test windows with 20% of the time steps of every lead hidden, the classifier-input features
@@ -67,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pypots_baselines
 import torch
 from _common import (
     MODEL_SIZES,
@@ -332,6 +336,15 @@ def imputation_table(
             training[f"{variant.value}/{pattern}"] = train(model, train_split, args, device, label)
             models[variant.value] = model
         trained[pattern] = models[Variant.CONDI.value]
+        pypots = {}
+        for method in pypots_baselines.METHODS if args.pypots else ():
+            # A smoke run (--quick) only checks the path: one epoch.
+            settings = replace(pypots_baselines.SETTINGS[method], epochs=1) if args.quick else None
+            fitted = pypots_baselines.fit(method, train_split.x, train_split.observed, window=args.window,
+                                          seed=args.seed, settings=settings)
+            log(f"  [{name} {method} {pattern}] {fitted.settings.epochs} epochs ({fitted.seconds:.0f} s)")
+            training[f"{method}/{pattern}"] = fitted.training_entry(len(train_split))
+            pypots[pypots_baselines.LABELS[method]] = fitted
         for pw in pws:
             test_miss = MissingnessSpec(ps=args.eval_ps, pw=pw, pattern=pattern, seed=args.seed)
             win = centre_windows(prepare_split(test_ds, norm, test_miss), args.window, args.test_windows)
@@ -348,6 +361,11 @@ def imputation_table(
                 est, draws, seconds, crps_seconds = model_imputation(model, win, sampling(args), args, device)
                 rows.append({**base, "method": method, "seconds": round(seconds, 2),
                              "crps_seconds": round(crps_seconds, 2), **score(win, est, draws, model.band.values())})
+            for label, fitted in pypots.items():
+                t0 = time.perf_counter()
+                est = fitted.impute(win.x, win.observed)
+                rows.append({**base, "method": label, "seconds": round(time.perf_counter() - t0, 3),
+                             **score(win, est, None)})
             done = [r for r in rows if r["pattern"] == pattern and r["pw"] == pw]
             log(f"{name} {pattern} pw={pw}: " + ", ".join(f"{r['method']} {r['mae']:.3f}" for r in done))
     section = {
@@ -650,6 +668,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--throughput-only", action="store_true",
                         help="measure only impute-and-classify throughput (for a quiet machine), into its own section")
     parser.add_argument("--ptbxl", help="PTB-XL folder (ptbxl_database.csv, records100/) for its MAE table")
+    parser.add_argument("--pypots", action="store_true",
+                        help="add SAITS and BRITS from PyPOTS (the optional bench extra) to the imputation tables")
     parser.add_argument("--ptbxl-records", type=int, help="use the first N PTB-XL records (default all)")
     parser.add_argument("--records", type=int, default=600, help="synthetic ECG records (one per patient)")
     parser.add_argument("--window", type=int, default=250)
@@ -691,6 +711,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.out = str(RESULTS / ("imputation_quick.json" if args.quick else "imputation.json"))
     if args.quick and args.figure == str(RESULTS / "feature_reconstruction.png"):
         args.figure = str(RESULTS / "feature_reconstruction_quick.png")
+    if args.pypots and not pypots_baselines.available():
+        parser.error(pypots_baselines.INSTALL_HINT)
     if args.crps_samples is None:
         args.crps_samples = max(2, args.samples)
     if args.crps_samples < 2:
