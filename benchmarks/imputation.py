@@ -86,6 +86,7 @@ from _common import (
 )
 
 from condi_models.batches import PreparedSplit, crop, prepare_split, window_starts
+from condi_models.data.beat_template import BeatTemplate
 from condi_models.data.dataset import ClinicalDataset
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
@@ -104,6 +105,8 @@ from condi_models.training import LocalTrainingConfig, TrainingProgress, train_l
 SIMPLE_BASELINES = ("mean", "interpolation", "ridge")
 MODELS = (Variant.CONDI, Variant.CSDI_UNIMODAL)
 PATTERNS = ("points", "blocks")
+# ``drop``: an affected lead (modality) is removed whole (benchmarks/imputation_cv.py).
+ALL_PATTERNS = (*PATTERNS, "drop")
 TRAIN_PS = TRAIN_PW = 0.8
 SAMPLERS = (("ddpm", 50), ("ddim", 10), ("ddim", 20))
 FEATURE_PW = 0.2
@@ -137,6 +140,7 @@ def centre_windows(split: PreparedSplit, window: int, limit: int | None) -> Prep
     hidden = crop(split.hidden, idx, start, window)
     keep = np.flatnonzero(hidden.any(axis=(1, 2)))[:limit]
     idx, start = idx[keep], start[keep]
+    records = split.beat_template()
     return PreparedSplit(
         info=replace(split.info, length=window),
         x=crop(split.x, idx, start, window),
@@ -145,7 +149,18 @@ def centre_windows(split: PreparedSplit, window: int, limit: int | None) -> Prep
         truth=crop(split.truth, idx, start, window),
         hidden=hidden[keep],
         sample_ids=tuple(split.sample_ids[i] for i in idx),
+        # Built on the whole records before the crop, as training and `condi predict` build it.
+        template=BeatTemplate(
+            values=crop(records.values, idx, start, window), available=crop(records.available, idx, start, window)
+        ),
     )
+
+
+def missingness(pattern: str, ps: float, pw: float, seed: int) -> MissingnessSpec:
+    """The simulated missingness of one of ``ALL_PATTERNS``; ``drop`` removes affected modalities whole."""
+    if pattern == "drop":
+        return MissingnessSpec(ps=ps, pw=pw, p_drop=1.0, seed=seed)
+    return MissingnessSpec(ps=ps, pw=pw, pattern=pattern, seed=seed)
 
 
 def synthetic_splits(args: argparse.Namespace) -> tuple[ClinicalDataset, ClinicalDataset]:
@@ -319,12 +334,13 @@ def imputation_table(
     pws: list[float],
     args: argparse.Namespace,
     device: torch.device,
+    patterns: tuple[str, ...] = PATTERNS,
 ) -> tuple[dict[str, Any], dict[str, CondIModel]]:
     """Every method at every (pattern, pw); returns the section and the trained CondI model per pattern."""
     norm = ChannelNormalizer.fit(train_ds.x, train_ds.observed)
     rows, training, trained = [], {}, {}
-    for pattern in PATTERNS:
-        miss = MissingnessSpec(ps=TRAIN_PS, pw=TRAIN_PW, pattern=pattern, seed=args.seed)
+    for pattern in patterns:
+        miss = missingness(pattern, TRAIN_PS, TRAIN_PW, args.seed)
         train_split = prepare_split(train_ds, norm, miss)
         log(f"{name} {pattern}: {len(train_split)} training records, fitting baselines")
         baselines = {b: make_imputer(b).fit(train_split.x, train_split.observed) for b in SIMPLE_BASELINES}
@@ -346,7 +362,7 @@ def imputation_table(
             training[f"{method}/{pattern}"] = fitted.training_entry(len(train_split))
             pypots[pypots_baselines.LABELS[method]] = fitted
         for pw in pws:
-            test_miss = MissingnessSpec(ps=args.eval_ps, pw=pw, pattern=pattern, seed=args.seed)
+            test_miss = missingness(pattern, args.eval_ps, pw, args.seed)
             win = centre_windows(prepare_split(test_ds, norm, test_miss), args.window, args.test_windows)
             if len(win) == 0:
                 log(f"{name} {pattern} pw={pw}: no test window has hidden entries; skipped")
