@@ -335,8 +335,13 @@ def imputation_table(
     args: argparse.Namespace,
     device: torch.device,
     patterns: tuple[str, ...] = PATTERNS,
+    models: tuple[Variant, ...] = MODELS,
+    pypots_methods: tuple[str, ...] = pypots_baselines.METHODS,
 ) -> tuple[dict[str, Any], dict[str, CondIModel]]:
-    """Every method at every (pattern, pw); returns the section and the trained CondI model per pattern."""
+    """Every method at every (pattern, pw); returns the section and the trained CondI model per pattern.
+
+    ``models`` are the diffusion imputers trained; ``pypots_methods`` the PyPOTS models, with ``--pypots``.
+    """
     norm = ChannelNormalizer.fit(train_ds.x, train_ds.observed)
     rows, training, trained = [], {}, {}
     for pattern in patterns:
@@ -345,7 +350,7 @@ def imputation_table(
         log(f"{name} {pattern}: {len(train_split)} training records, fitting baselines")
         baselines = {b: make_imputer(b).fit(train_split.x, train_split.observed) for b in SIMPLE_BASELINES}
         models = {}
-        for variant in MODELS:
+        for variant in models:
             label = f"{name} {variant.value} {pattern}"
             model = build_model(variant, train_ds, args)
             model = model.to(device)
@@ -353,7 +358,7 @@ def imputation_table(
             models[variant.value] = model
         trained[pattern] = models[Variant.CONDI.value]
         pypots = {}
-        for method in pypots_baselines.METHODS if args.pypots else ():
+        for method in pypots_methods if args.pypots else ():
             # A smoke run (--quick) only checks the path: one epoch.
             settings = replace(pypots_baselines.SETTINGS[method], epochs=1) if args.quick else None
             fitted = pypots_baselines.fit(method, train_split.x, train_split.observed, window=args.window,

@@ -12,14 +12,15 @@ folds made once with a fixed seed. The validation pair is not read here: nothing
 it, and every setting is fixed before the run (the beat template's settings were chosen on
 validation folds 3-4 of split 0; ``condi_models/data/beat_template.py``).
 
-Each split is one ``benchmarks/imputation.py`` imputation table (``imputation_table``): CondI and
-the CSDI-style imputer trained by Phase A on the training folds at ps = pw = 0.8 of one pattern,
-the simple baselines (mean, linear interpolation, cross-channel ridge) fitted there, and with
-``--pypots`` SAITS and BRITS trained centrally on the same records; all scored on the same
-centre windows and hidden entries of the test folds. Patterns: ``points`` and ``blocks`` (80 % of
-an affected lead's time steps, scattered or in up to three gaps) and ``drop`` (an affected lead
-removed whole). On MIMIC the hidden entries are those the simulation removed from what the stay
-had observed; its natural gaps stay missing and are never scored.
+Each split is one ``benchmarks/imputation.py`` imputation table (``imputation_table``): CondI
+(and with ``--with-csdi`` the CSDI-style imputer) trained by Phase A on the training folds at
+ps = pw = 0.8 of one pattern, the simple baselines (mean, linear interpolation, cross-channel
+ridge) fitted there, and with ``--pypots`` SAITS (and with ``--brits`` BRITS) trained centrally on
+the same records; all scored on the same centre windows and hidden entries of the test folds.
+Patterns: ``points`` and ``blocks`` (80 % of an affected lead's time steps, scattered or in up to
+three gaps) and ``drop`` (an affected lead removed whole). On MIMIC the hidden entries are those
+the simulation removed from what the stay had observed; its natural gaps stay missing and are
+never scored.
 
 The summary gives, per dataset, pattern and method, the mean and standard deviation over splits
 of MAE, RMSE, CRPS (independent draws, fair estimator) and the coverage of the 50 % and 90 %
@@ -84,6 +85,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "patterns": args.pattern_list,
         "pypots": args.pypots,
+        "brits": args.brits,
+        "with_csdi": args.with_csdi,
         "epochs_a": args.epochs_a,
         "model_size": args.model_size,
         "samples": args.samples,
@@ -105,6 +108,8 @@ def run_split(name: str, ds: ClinicalDataset, folds: np.ndarray, split: int, arg
     section, _ = bench.imputation_table(
         f"{name} cv{split}", ds.subset(train_rows), ds.subset(test_rows), [bench.TRAIN_PW], local, device,
         patterns=tuple(args.pattern_list),
+        models=bench.MODELS if args.with_csdi else (Variant.CONDI,),
+        pypots_methods=("saits", "brits") if args.brits else ("saits",),
     )
     section["seconds"] = round(time.perf_counter() - t0, 1)
     section["window"] = local.window
@@ -213,6 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--splits", default="0,1,2,3", help="cross-validation splits to run (default all four)")
     parser.add_argument("--patterns", default="points,blocks,drop", help="missingness patterns (default all three)")
     parser.add_argument("--restart", action="store_true", help="recompute splits already stored")
+    parser.add_argument("--with-csdi", action="store_true",
+                        help="also train the CSDI-style imputer (benchmarks/imputation.py has its figures)")
+    parser.add_argument("--brits", action="store_true", help="with --pypots, BRITS beside SAITS (slower)")
     parser.add_argument("--report-only", action="store_true", help="print the tables of --out and stop")
     parser.add_argument("--out", type=Path, default=RESULTS / "imputation_cv.json")
     args, rest = parser.parse_known_args(argv)

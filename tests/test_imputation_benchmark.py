@@ -80,3 +80,28 @@ def test_report_names_the_draws_crps_was_scored_on() -> None:
                            "separate_from_point_estimate": True}}
     text = bench.report({"synthetic": new})
     assert "CRPS (5 indep. draws)" in text and "fair estimate from 5 independent draws" in text
+
+
+def test_cross_validated_imputation_splits_folds_and_summarises_ratios_per_split() -> None:
+    import imputation_cv as cv
+
+    folds = np.repeat(np.arange(1, 9), 3)
+    train, test = cv.split_sets(folds, 0)  # test folds 1-2, validation 3-4 left out
+    assert set(folds[test]) == {1, 2} and set(folds[train]) == {5, 6, 7, 8}
+
+    def section(condi: float, ridge: float, saits: float) -> dict:
+        rows = [{"pattern": "blocks", "method": m, "mae": v, "rmse": v, "crps": v,
+                 "coverage_50": 0.5 if m == "condi" else None, "coverage_90": 0.9 if m == "condi" else None}
+                for m, v in (("mean", 0.5), ("interpolation", 0.6), ("ridge", ridge), ("condi", condi),
+                             ("SAITS (PyPOTS)", saits))]
+        return {"rows": rows}
+
+    s = cv.summary("ptbxl", {"0": section(0.15, 0.2, 0.3), "1": section(0.18, 0.2, 0.2)}, ["blocks"])["blocks"]
+    np.testing.assert_allclose(s["condi_over_best_simple"], [0.75, 0.9])
+    np.testing.assert_allclose(s["condi_over_saits"], [0.5, 0.9])
+    assert s["best_simple"] == ["ridge", "ridge"] and s["metrics"]["condi"]["coverage_90"][0] == 0.9
+    met = {t.name: t.met for t in cv.targets({"summary": {"ptbxl": {"blocks": s}}})}
+    assert met["PTB-XL blocks: CondI MAE / best simple baseline (mean over splits)"] is False  # 0.825 > 0.8
+    assert met["PTB-XL blocks: CondI MAE / SAITS MAE (mean over splits)"] is True
+    with pytest.raises(SystemExit):
+        cv.parse_args(["--ptbxl", "x", "--patterns", "stripes"])
