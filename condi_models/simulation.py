@@ -120,6 +120,10 @@ class ModelSpec(StrictModel):
         description="the prior also conditions on each lead's beat template (condi_models.data.beat_template); "
         "default: on when the channels are ECG leads",
     )
+    prior_interpolation: bool = Field(
+        default=True,
+        description="the prior also conditions on each channel's value interpolated from its nearest observed entries",
+    )
 
     def build(self, info: DatasetInfo, length: int) -> ModelConfig:
         """The full model config for data laid out as ``info``, at input length ``length`` (the window)."""
@@ -128,6 +132,7 @@ class ModelSpec(StrictModel):
             embed_dim=self.embed_dim, cond_dim=self.cond_dim,
             gaussian_prior=self.gaussian_prior, prior_lags=self.prior_lags,
             prior_template=is_ecg(info.channel_names) if self.prior_template is None else self.prior_template,
+            prior_interpolation=self.prior_interpolation,
         )
         for part in ("denoiser", "context", "classifier", "diffusion"):
             base[part] = {**base[part], **getattr(self, part)}

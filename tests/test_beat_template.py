@@ -108,7 +108,7 @@ def test_the_template_is_on_by_default_for_ecg_leads_only_and_old_configs_have_n
     assert is_ecg(ecg.channel_names) and not is_ecg(("HR", "SBP")) and not is_ecg(())
     cfg = ModelSpec().build(ecg, 100)
     assert cfg.prior_template and ModelConfig.from_dict(cfg.to_dict()) == cfg
-    assert CondIModel(cfg).prior.mean.shape == (12 * 2,)
+    assert CondIModel(cfg).prior.mean.shape == (12 * 3,)  # leads, templates, interpolations
     assert not ModelSpec(prior_template=False).build(ecg, 100).prior_template
     older = {k: v for k, v in cfg.to_dict().items() if k != "prior_template"}
     assert ModelConfig.from_dict(older).prior_template is False  # written before the template existed

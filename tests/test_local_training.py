@@ -24,9 +24,12 @@ from condi_models.nn.model import CondIModel
 from condi_models.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from condi_models.training import (
     ABSENT_CLASS_SHIFT,
+    GATE_CANDIDATES,
     LocalTrainingConfig,
     TrainingProgress,
     class_weights,
+    fit_gate,
+    held_out_windows,
     logit_adjustment,
     phase_epochs,
     round_lr_scale,
@@ -212,3 +215,22 @@ def test_the_normalizer_sees_only_what_stays_visible():
     assert visible.count.sum() == split.observed.sum() < ds.observed.sum()
     assert np.allclose(visible.mean, ChannelNormalizer.fit(ds.x, split.observed).mean)
     assert math.isclose(fit_visible(ds, None).count.sum(), ds.observed.sum())
+
+
+def test_the_network_gate_keeps_the_prior_when_the_network_only_adds_error():
+    """A network whose correction is pure error is gated off on held-out training entries."""
+    ds = toy_dataset(n=16, length=20)
+    split = prepare_split(ds, ChannelNormalizer.fit(ds.x, ds.observed), MissingnessSpec(ps=1.0, pw=0.5, seed=0))
+    model = small_model(Variant.CONDI)
+    cfg = LocalTrainingConfig(epochs_a=0, epochs_b=0, window=20, impute_steps=3, band_windows=8)
+    held_out = held_out_windows(model, split, cfg, seed=0, device=CPU)
+    assert held_out and all(h.entries.any() for h in held_out)
+    head = model.denoiser.head
+    with torch.no_grad():
+        head.bias.fill_(3.0)  # every noise estimate off by 3: sampling with it lands far from the truth
+    assert fit_gate(model, held_out, cfg, seed=0) is not None
+    assert float(model.network_gate) == GATE_CANDIDATES[0]
+    with torch.no_grad():
+        head.bias.zero_()  # a fresh head corrects nothing: every gate imputes alike, the tie keeps the network
+    fit_gate(model, held_out, cfg, seed=0)
+    assert float(model.network_gate) == 1.0

@@ -410,10 +410,10 @@ def test_every_variant_trains_and_predicts(variant):
     assert not set(groups.theta) & (set(groups.w_mod) | set(groups.w_cond))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(groups.phase_a) | set(groups.phase_b) == trainable
-    # What no optimizer trains is the Gaussian prior, fitted by EM, and the imputer's band factors,
-    # fitted on held-out entries; both are averaged like theta.
+    # What no optimizer trains is the Gaussian prior, fitted by EM, and the imputer's network gate
+    # and band factors, fitted on held-out entries; all are averaged like theta.
     has_prior = spec.diffusion and spec.diffusion_prior
-    frozen = {"prior.mean", "prior.second_moment"} if has_prior else set()
+    frozen = {"prior.mean", "prior.second_moment", "network_gate"} if has_prior else set()
     frozen |= {"band.factors"} if spec.diffusion else set()
     assert names - trainable == frozen
 

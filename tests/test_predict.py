@@ -308,12 +308,13 @@ def test_hide_scores_crps_and_band_coverage_with_the_checkpoints_band(
     ecg_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_ecg(tmp_path, "full", synthetic_signal(1000, seed=5))
-    # A checkpoint written before the band calibration has no factors: its band is the draws' own.
+    # A checkpoint written before the band calibration and the network gate has neither: its band
+    # is the draws' own and the network's correction applies whole.
     old = tmp_path / "old.npz"
     with np.load(ecg_checkpoint, allow_pickle=False) as npz:
-        np.savez(old, **{k: npz[k] for k in npz.files if k != "param/band.factors"})
+        np.savez(old, **{k: npz[k] for k in npz.files if k not in ("param/band.factors", "param/network_gate")})
     checkpoint = load_checkpoint(old)
-    assert checkpoint.model.band.values() == (1.0, 1.0)
+    assert checkpoint.model.band.values() == (1.0, 1.0) and float(checkpoint.model.network_gate) == 1.0
     opts = replace(FAST, hide=HideSpec.parse("blocks:0.5"))
     (plain,) = predict_records(checkpoint, [str(path)], tmp_path / "plain", opts)
     checkpoint.model.band.set_factors([2.0, 3.0])

@@ -13,7 +13,7 @@ from condi_models.data.synthetic_ecg import generate_ecg
 from condi_models.imputers import gaussian_em
 from condi_models.nn.config import ModelConfig, Variant
 from condi_models.nn.model import CondIModel
-from condi_models.nn.prior import SCALE_FLOOR, GaussianPrior
+from condi_models.nn.prior import SCALE_FLOOR, GaussianPrior, interpolate_within
 from condi_models.simulation import ModelSpec
 from tests.test_nn import tiny_config
 
@@ -192,5 +192,34 @@ def test_prior_lags_reach_the_model_from_an_experiment_config_and_survive_a_roun
     cfg = ModelSpec(prior_lags=2).build(info, 100)
     assert cfg.prior_lags == 2 and ModelConfig.from_dict(cfg.to_dict()) == cfg
     model = CondIModel(cfg)
-    assert model.prior.mean.shape == (12 * (5 + 1),) and model.prior.lags == 2  # and the beat template
+    # The five instants, the beat template and the interpolation.
+    assert model.prior.mean.shape == (12 * (5 + 2),) and model.prior.lags == 2
     assert ModelSpec().build(info, 100).prior_lags == 0  # opt-in: the window costs D^3
+
+
+def test_interpolation_uses_the_nearest_observed_neighbours_never_the_entry_itself():
+    values = torch.tensor([[[1.0, 0.0, 0.0, 4.0, 5.0, 0.0, 9.0]]])
+    mask = torch.tensor([[[True, False, False, True, True, False, True]]])
+    got, available = interpolate_within(values, mask, max_span=10)
+    # Observed entries 3 and 4 get their leave-one-out interpolation; the ends have one neighbour only.
+    np.testing.assert_allclose(got[0, 0].numpy(), [0.0, 2.0, 3.0, 4.0, 4.0 + 5.0 / 3.0, 7.0, 0.0], atol=1e-6)
+    assert available[0, 0].tolist() == [False, True, True, True, True, True, False]
+    _, short = interpolate_within(values, mask, max_span=2)
+    assert short[0, 0].tolist() == [False, False, False, False, False, True, False]
+    poisoned = torch.where(mask, values, torch.tensor(1e6))
+    assert torch.equal(interpolate_within(poisoned, mask, 10)[0], got)  # unobserved entries are never read
+
+
+def test_the_interpolation_prior_beats_the_other_channels_alone_on_scattered_points():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(low_rank_series(rng, 60, length=80))
+    mask = torch.from_numpy(rng.random(x.shape) > 0.6)
+    errors = {}
+    for interpolation in (False, True):
+        prior = GaussianPrior(6, interpolation=interpolation)
+        sv, sm = prior.stack(x * mask, mask)
+        mu, cov = prior.moments()
+        mu, cov, _ = gaussian_em(sv.numpy(), sm.numpy(), mu, cov, 10)
+        prior.set_moments(mu, cov)
+        errors[interpolation] = (prior.conditional(x * mask, mask).mean - x).abs()[~mask].mean().item()
+    assert errors[True] < 0.8 * errors[False]

@@ -58,9 +58,9 @@ def opacus_leftovers(model: CondIModel) -> list[str]:
     found = []
     for name, p in model.named_parameters():
         found += [f"{name}.{a}" for a in ("grad_sample", "summed_grad", "_forward_counter") if hasattr(p, a)]
-        # The Gaussian prior and the band factors are frozen by design (fitted outside any optimizer);
-        # anything else left frozen is a leak.
-        if not p.requires_grad and not name.startswith(("prior.", "band.")):
+        # The Gaussian prior, the network gate and the band factors are frozen by design (fitted
+        # outside any optimizer); anything else left frozen is a leak.
+        if not p.requires_grad and not name.startswith(("prior.", "band.", "network_gate")):
             found.append(f"{name} frozen")
     for name, m in model.named_modules():
         if m._forward_hooks or m._backward_hooks or hasattr(m, "activations"):

@@ -73,8 +73,10 @@ def test_run_writes_report_curves_and_checkpoint(first_run):
     assert ckpt.model.classify(x, obs).shape == (2, 5)
     # The silos' EM moments were averaged into the global prior: leads correlate, so not identity.
     second = ckpt.model.prior.second_moment.detach()
-    assert second.shape == (12, 12)
-    assert (second - torch.diag(torch.diagonal(second))).abs().max() > 0.3
+    assert second.shape == (36, 36)  # the 12 leads, their beat templates and their interpolations
+    leads = second[:12, :12]
+    assert (leads - torch.diag(torch.diagonal(leads))).abs().max() > 0.3
+    assert second[:12, 12:].abs().max() > 0.1  # each lead correlates with its template
 
 
 def test_classifier_trains_on_observed_imputed_or_prior_filled_samples(tmp_path):

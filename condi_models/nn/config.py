@@ -101,6 +101,7 @@ class ModelConfig:
     gaussian_prior: bool = True
     prior_lags: int = 0
     prior_template: bool = False
+    prior_interpolation: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -176,9 +177,11 @@ class ModelConfig:
         """Inverse of ``to_dict``; an unknown, missing or invalid key is a ValueError that names it."""
         if isinstance(data, Mapping):
             # A config written before the prior existed describes a model without one, and one
-            # written before the prior looked at neighbouring instants or beat templates, a prior
-            # over one instant without a template.
-            data = {"gaussian_prior": False, "prior_lags": 0, "prior_template": False, **data}
+            # written before the prior looked at neighbouring instants, beat templates or
+            # interpolation, a prior over one instant without them.
+            data = {
+                "gaussian_prior": False, "prior_lags": 0, "prior_template": False, "prior_interpolation": False, **data
+            }
             if isinstance(data.get("classifier"), Mapping):
                 # A config written before per-part fusion norms fused under one LayerNorm.
                 data["classifier"] = {"fusion_norm": "joint", **data["classifier"]}

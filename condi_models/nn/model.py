@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 # Tensors added after checkpoints had been written: absent from a state being loaded, they keep
 # their fresh value (band factors of 1: the plain sample quantiles, as before the calibration).
-OPTIONAL_TENSORS = ("band.factors",)
+OPTIONAL_TENSORS = ("band.factors", "network_gate")
 
 
 @dataclass
@@ -145,7 +145,7 @@ class CondIModel(nn.Module):
             cfg.cond_dim if self.cond_proj is not None else 0
         )
         self.prior = (
-            GaussianPrior(cfg.n_features, cfg.prior_lags, cfg.prior_template)
+            GaussianPrior(cfg.n_features, cfg.prior_lags, cfg.prior_template, cfg.prior_interpolation)
             if spec.diffusion and spec.diffusion_prior and cfg.gaussian_prior
             else None
         )
@@ -155,6 +155,9 @@ class CondIModel(nn.Module):
             else None
         )
         self.band = BandCalibration() if spec.diffusion else None
+        # How much of the network's correction to the prior's estimate sampling applies (0..1):
+        # fitted after Phase A on held-out training entries (condi_models.training.fit_gate).
+        self.network_gate = nn.Parameter(torch.ones(1), requires_grad=False) if self.prior is not None else None
         self.classifier = Classifier(
             cfg.classifier, cfg.channel_modality, m, d, spec.fusion_parts, cfg.n_classes, spec.missing_pool
         )
@@ -322,7 +325,8 @@ class CondIModel(nn.Module):
         (``condi_models.nn.band``). ``return_samples`` keeps the draws on the result. ``generator``
         may be one per group of rows (``RowGenerators``), so that each group draws as if alone.
         ``template`` is the windows' beat template, cut from their records' (read only when the
-        prior uses one).
+        prior uses one). With a prior, the network's noise correction is scaled by
+        ``network_gate`` (clamped to [0, 1]; 0 samples the prior's Gaussian posterior).
 
         What stays fixed over the sampler's steps (context, prior, the denoiser's conditioning
         share) is computed once per call. A window with nothing missing has nothing to sample:
@@ -345,8 +349,10 @@ class CondIModel(nn.Module):
                 prior = self.prior_estimate(act_values, act_observed, act_template)
                 condition = denoiser.condition(act_values, act_observed, context, prior)
 
+                gate = 1.0 if self.network_gate is None else self.network_gate.clamp(0.0, 1.0)
+
                 def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                    return self._add_prior_eps(denoise_in_parts(denoiser, z, t, condition), z, t, prior)
+                    return self._add_prior_eps(gate * denoise_in_parts(denoiser, z, t, condition), z, t, prior)
 
             else:
                 # Nothing to sample; the sampler still runs, on no rows, so the generator is drawn from as usual.

@@ -54,6 +54,28 @@ SCALE_FLOOR = 0.1
 
 # A window's beat template as tensors: values (B, F, L) and where they are available (bool).
 TemplateTensors = tuple[torch.Tensor, torch.Tensor]
+# Longest span (steps between the observed neighbours) the interpolation variable is given over.
+MAX_INTERPOLATION_SPAN = 10
+
+
+def interpolate_within(values: torch.Tensor, mask: torch.Tensor, max_span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each entry linearly interpolated from its channel's nearest observed entries before and after it.
+
+    The entry itself is never used, observed or not, so on observed entries this is the
+    leave-one-out interpolation EM learns its weight from. Available where both neighbours exist
+    at most ``max_span`` steps apart. Returns (values, available), each (B, F, L).
+    """
+    length = values.shape[-1]
+    steps = torch.arange(length, device=values.device)
+    seen = torch.where(mask, steps, -1)
+    before = nn.functional.pad(seen.cummax(dim=-1).values[..., :-1], (1, 0), value=-1)
+    seen_rev = torch.where(mask, steps, length).flip(-1)
+    after = nn.functional.pad((-(-seen_rev).cummax(dim=-1).values).flip(-1)[..., 1:], (0, 1), value=length)
+    available = (before >= 0) & (after < length) & (after - before <= max_span)
+    lo, hi = before.clamp(0, length - 1), after.clamp(0, length - 1)
+    v_lo, v_hi = values.gather(-1, lo), values.gather(-1, hi)
+    frac = (steps - lo).to(values.dtype) / (hi - lo).clamp_min(1).to(values.dtype)
+    return torch.where(available, v_lo + frac * (v_hi - v_lo), 0.0), available
 
 
 @dataclass(frozen=True)
@@ -84,7 +106,9 @@ class GaussianPrior(nn.Module):
     Its mean and second moment are of size D = F (2k + 1 + template).
     """
 
-    def __init__(self, n_features: int, lags: int = 0, template: bool = False, ridge: float = 1e-3) -> None:
+    def __init__(
+        self, n_features: int, lags: int = 0, template: bool = False, interpolation: bool = False, ridge: float = 1e-3
+    ) -> None:
         super().__init__()
         if not ridge > 0:
             raise ValueError(f"prior ridge must be positive, got {ridge}")
@@ -93,7 +117,8 @@ class GaussianPrior(nn.Module):
         self.ridge = ridge
         self.lags = lags
         self.template = template
-        dim = n_features * (2 * lags + 1 + int(template))
+        self.interpolation = interpolation
+        dim = n_features * (2 * lags + 1 + int(template) + int(interpolation))
         self.mean = nn.Parameter(torch.zeros(dim), requires_grad=False)
         self.second_moment = nn.Parameter(torch.eye(dim), requires_grad=False)
 
@@ -103,10 +128,12 @@ class GaussianPrior(nn.Module):
         """(B, F, L) data as (B, D, L): row block j at time t holds the channels at t + j - lags.
 
         Instants before the start or after the end of the record are missing. With a template
-        prior the last block holds the beat template at t (all missing when ``template`` is None).
+        prior the next block holds the beat template at t (all missing when ``template`` is None),
+        and with interpolation the last one each channel's value at t interpolated from its nearest
+        observed entries around t (``interpolate_within``).
         """
         k = self.lags
-        if k == 0 and not self.template:
+        if k == 0 and not self.template and not self.interpolation:
             return values, mask
         length = values.shape[-1]
         padded_v = nn.functional.pad(values, (k, k))
@@ -122,6 +149,10 @@ class GaussianPrior(nn.Module):
                 )
             vs.append(template[0].to(values.dtype))
             ms.append(template[1])
+        if self.interpolation:
+            iv, im = interpolate_within(torch.where(mask, values, 0.0), mask, MAX_INTERPOLATION_SPAN)
+            vs.append(iv)
+            ms.append(im)
         return torch.cat(vs, dim=1), torch.cat(ms, dim=1)
 
     def covariance(self) -> torch.Tensor:
