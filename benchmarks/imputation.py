@@ -335,12 +335,12 @@ def imputation_table(
     args: argparse.Namespace,
     device: torch.device,
     patterns: tuple[str, ...] = PATTERNS,
-    models: tuple[Variant, ...] = MODELS,
+    variants: tuple[Variant, ...] = MODELS,
     pypots_methods: tuple[str, ...] = pypots_baselines.METHODS,
 ) -> tuple[dict[str, Any], dict[str, CondIModel]]:
     """Every method at every (pattern, pw); returns the section and the trained CondI model per pattern.
 
-    ``models`` are the diffusion imputers trained; ``pypots_methods`` the PyPOTS models, with ``--pypots``.
+    ``variants`` are the diffusion imputers trained; ``pypots_methods`` the PyPOTS models, with ``--pypots``.
     """
     norm = ChannelNormalizer.fit(train_ds.x, train_ds.observed)
     rows, training, trained = [], {}, {}
@@ -350,7 +350,7 @@ def imputation_table(
         log(f"{name} {pattern}: {len(train_split)} training records, fitting baselines")
         baselines = {b: make_imputer(b).fit(train_split.x, train_split.observed) for b in SIMPLE_BASELINES}
         models = {}
-        for variant in models:
+        for variant in variants:
             label = f"{name} {variant.value} {pattern}"
             model = build_model(variant, train_ds, args)
             model = model.to(device)

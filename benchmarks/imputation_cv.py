@@ -108,7 +108,7 @@ def run_split(name: str, ds: ClinicalDataset, folds: np.ndarray, split: int, arg
     section, _ = bench.imputation_table(
         f"{name} cv{split}", ds.subset(train_rows), ds.subset(test_rows), [bench.TRAIN_PW], local, device,
         patterns=tuple(args.pattern_list),
-        models=bench.MODELS if args.with_csdi else (Variant.CONDI,),
+        variants=bench.MODELS if args.with_csdi else (Variant.CONDI,),
         pypots_methods=("saits", "brits") if args.brits else ("saits",),
     )
     section["seconds"] = round(time.perf_counter() - t0, 1)
