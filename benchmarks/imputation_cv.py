@@ -4,6 +4,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/imputation_cv.py --ptbxl ../shared/data/ptbxl [--mimic ../shared/data/mimic-iv-demo]
         [--splits 0,1,2,3] [--patterns points,blocks,drop] [--pypots] [--restart] [--out FILE]
     .venv/bin/python benchmarks/imputation_cv.py --report-only [--out FILE]   # tables from a stored run
+    .venv/bin/python benchmarks/imputation_cv.py --merge OTHER.json... [--out FILE]  # splits run apart, into FILE
 
 The four cross-validation splits of ``benchmarks/cv_grid.py`` (issue 6): test folds {1,2}, {3,4},
 {5,6}, {7,8}, each with the next pair as validation, and the other four folds for training. PTB-XL
@@ -208,6 +209,25 @@ def report(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def merge(results: dict[str, Any], others: list[dict[str, Any]], names: list[str]) -> None:
+    """Add the splits of ``others`` (same settings) to ``results`` and recompute its summary and targets.
+
+    Splits run in separate processes (two cores, one split each) end up in one file this way; a
+    split both hold keeps ``results``'s.
+    """
+    for other, name in zip(others, names, strict=True):
+        if other.get("settings") != results.get("settings"):
+            raise SystemExit(f"--merge {name}: its settings differ from the stored run's; not merged")
+        for dataset, splits in other.get("splits", {}).items():
+            mine = results.setdefault("splits", {}).setdefault(dataset, {})
+            for key, section in splits.items():
+                mine.setdefault(key, section)
+    results["merged_from"] = names
+    for dataset, splits in results.get("splits", {}).items():
+        results.setdefault("summary", {})[dataset] = summary(dataset, splits, results["settings"]["patterns"])
+    results["targets"] = [t.to_dict() for t in targets(results)]
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -222,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also train the CSDI-style imputer (benchmarks/imputation.py has its figures)")
     parser.add_argument("--brits", action="store_true", help="with --pypots, BRITS beside SAITS (slower)")
     parser.add_argument("--report-only", action="store_true", help="print the tables of --out and stop")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="add the splits of these result files (run with the same settings) to --out, then report")
     parser.add_argument("--out", type=Path, default=RESULTS / "imputation_cv.json")
     args, rest = parser.parse_known_args(argv)
     # Everything else (epochs, model size, draws, --pypots, threads, seed) is imputation.py's.
@@ -234,8 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--patterns: unknown {unknown}; expected some of {list(bench.ALL_PATTERNS)}")
     args.split_list = [int(s) for s in args.splits.split(",") if s]
-    if not args.report_only and not (args.ptbxl or args.mimic):
-        parser.error("give --ptbxl and/or --mimic (or --report-only)")
+    if not (args.report_only or args.merge) and not (args.ptbxl or args.mimic):
+        parser.error("give --ptbxl and/or --mimic (or --report-only, --merge)")
     return args
 
 
@@ -243,6 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     stored = read_json(args.out) if args.out.exists() else {}
     if args.report_only:
+        print(report(stored))
+        return
+    if args.merge:
+        merge(stored, [read_json(f) for f in args.merge], [str(f) for f in args.merge])
+        write_json(args.out, stored)
         print(report(stored))
         return
     torch.set_num_threads(args.threads)

@@ -105,3 +105,15 @@ def test_cross_validated_imputation_splits_folds_and_summarises_ratios_per_split
     assert met["PTB-XL blocks: CondI MAE / SAITS MAE (mean over splits)"] is True
     with pytest.raises(SystemExit):
         cv.parse_args(["--ptbxl", "x", "--patterns", "stripes"])
+
+
+def test_cross_validation_runs_made_apart_merge_only_with_the_same_settings() -> None:
+    import imputation_cv as cv
+
+    row = {"pattern": "points", "method": "ridge", "mae": 0.2, "rmse": 0.3, "crps": 0.2}
+    mine = {"settings": {"patterns": ["points"]}, "splits": {"ptbxl": {"0": {"rows": [row]}}}}
+    other = {"settings": {"patterns": ["points"]}, "splits": {"ptbxl": {"2": {"rows": [row]}}}}
+    cv.merge(mine, [other], ["other.json"])
+    assert sorted(mine["splits"]["ptbxl"]) == ["0", "2"] and mine["summary"]["ptbxl"]["points"]["splits"] == 2
+    with pytest.raises(SystemExit, match="settings differ"):
+        cv.merge(mine, [{"settings": {"patterns": ["blocks"]}}], ["bad.json"])
