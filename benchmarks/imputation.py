@@ -85,8 +85,7 @@ from _common import (
     write_json,
 )
 
-from condi_models.batches import PreparedSplit, crop, prepare_split, window_starts
-from condi_models.data.beat_template import BeatTemplate
+from condi_models.batches import PreparedSplit, crop, crop_template, prepare_split, window_starts
 from condi_models.data.dataset import ClinicalDataset
 from condi_models.data.missingness import MissingnessSpec
 from condi_models.data.normalize import ChannelNormalizer
@@ -150,9 +149,7 @@ def centre_windows(split: PreparedSplit, window: int, limit: int | None) -> Prep
         hidden=hidden[keep],
         sample_ids=tuple(split.sample_ids[i] for i in idx),
         # Built on the whole records before the crop, as training and `condi predict` build it.
-        template=BeatTemplate(
-            values=crop(records.values, idx, start, window), available=crop(records.available, idx, start, window)
-        ),
+        template=crop_template(records, idx, start, window),
     )
 
 

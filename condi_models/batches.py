@@ -10,7 +10,7 @@ deterministic.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -48,6 +48,20 @@ class PreparedSplit:
         if self.template is None:
             object.__setattr__(self, "template", beat_template(self.x, self.observed, self.info.sampling_rate_hz))
         return self.template
+
+    def rows(self, index: np.ndarray) -> PreparedSplit:
+        """The split's rows ``index``, with their cut of the beat template where it was computed."""
+        t = self.template
+        return replace(
+            self,
+            x=self.x[index],
+            observed=self.observed[index],
+            y=self.y[index],
+            truth=self.truth[index],
+            hidden=self.hidden[index],
+            sample_ids=tuple(self.sample_ids[i] for i in index),
+            template=None if t is None else BeatTemplate(values=t.values[index], available=t.available[index]),
+        )
 
     def modality_counts(self) -> np.ndarray:
         """Samples in which each modality has any observed entry, shape (M,)."""
@@ -118,15 +132,19 @@ def record_window_starts(length: int, window: int, stride: int | None = None) ->
     return np.asarray(starts, dtype=np.int64)
 
 
+def crop_template(template: BeatTemplate, index: np.ndarray, start: np.ndarray, window: int) -> BeatTemplate:
+    """A beat template's rows ``index`` cut as ``crop`` cuts them."""
+    return BeatTemplate(
+        values=crop(template.values, index, start, window), available=crop(template.available, index, start, window)
+    )
+
+
 def template_windows(
     split: PreparedSplit, index: np.ndarray, start: np.ndarray, window: int, device: torch.device
 ) -> TemplateTensors:
     """The beat template of rows ``index`` cut as ``crop`` cuts them, as the tensors the model takes."""
-    t = split.beat_template()
-    return (
-        torch.from_numpy(crop(t.values, index, start, window)).to(device),
-        torch.from_numpy(crop(t.available, index, start, window)).to(device),
-    )
+    t = crop_template(split.beat_template(), index, start, window)
+    return torch.from_numpy(t.values).to(device), torch.from_numpy(t.available).to(device)
 
 
 def crop(arr: np.ndarray, index: np.ndarray, start: np.ndarray, window: int) -> np.ndarray:

@@ -12,7 +12,7 @@ observed data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -218,12 +218,4 @@ def evaluate(
 
 def _head(split: PreparedSplit, n: int) -> PreparedSplit:
     """The first ``n`` rows of a split (evaluation subsets stay deterministic)."""
-    return replace(
-        split,
-        x=split.x[:n],
-        observed=split.observed[:n],
-        y=split.y[:n],
-        truth=split.truth[:n],
-        hidden=split.hidden[:n],
-        sample_ids=split.sample_ids[:n],
-    )
+    return split.rows(np.arange(n))

@@ -265,15 +265,9 @@ def held_out_windows(
     if cfg.band_windows == 0 or len(split) == 0:
         return []
     rows = np.sort(np.random.default_rng(seed).permutation(len(split))[: cfg.band_windows])
-    chosen = PreparedSplit(
-        info=split.info,
-        x=split.x[rows],
-        observed=split.observed[rows],
-        y=split.y[rows],
-        truth=split.truth[rows],
-        hidden=split.hidden[rows],
-        sample_ids=tuple(split.sample_ids[i] for i in rows),
-    )
+    if model.uses_beat_template:
+        split.beat_template()  # the split keeps it: its rows are cut from it, not built again
+    chosen = split.rows(rows)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     batches = iterate_batches(
@@ -656,8 +650,8 @@ def train_local(
     stand in for ``balanced`` and ``logit_adjusted`` leaves the logits as they are.
 
     Before Phase A the imputer's Gaussian prior is refitted by ``cfg.prior_em_iterations`` EM
-    steps on the split, and after it the band factors (:func:`fit_band`); neither under
-    ``privacy``, as both would leave the silo unnoised.
+    steps on the split, and after it the network gate and the band factors (:func:`fit_gate`,
+    :func:`fit_band`); none of them under ``privacy``, as they would leave the silo unnoised.
     With ``privacy`` the phases it names train with DP-SGD; the budget is checked first
     (:class:`~condi_models.privacy.BudgetExhausted` before anything trains), the round is
     recorded in the silo's ledger afterwards, and ``extra`` reports the epsilon spent so far.
@@ -736,8 +730,8 @@ def train_phases(
     private_a = private if private is not None and "a" in private.phases else None
     private_b = private if private is not None and "b" in private.phases else None
     t0 = time.perf_counter()
-    # The prior's moments and the band factors leave the silo unnoised, so a private round keeps
-    # the global ones.
+    # The prior's moments, the network gate and the band factors leave the silo unnoised, so a
+    # private round keeps the global ones.
     if private is None and epochs_a > 0:
         refit_prior(model, split, cfg.prior_em_iterations, seed)
     loss_a = _run_phase(

@@ -131,3 +131,14 @@ def test_batches_carry_the_whole_records_template_cut_like_their_windows():
     for template in (batch.template, None):
         imp = model.impute(batch.x, batch.observed, opts, generator=torch.Generator().manual_seed(0), template=template)
         assert torch.isfinite(imp.x_hat).all()
+
+
+def test_rows_of_a_split_keep_their_cut_of_a_template_already_built():
+    ds = generate_ecg(6, seed=0)
+    split = prepare_split(ds, ChannelNormalizer.fit(ds.x, ds.observed), MissingnessSpec(ps=1.0, pattern="blocks"))
+    assert split.rows(np.array([4, 1])).template is None  # nothing built yet: the rows build their own
+    whole = split.beat_template()
+    part = split.rows(np.array([4, 1]))
+    np.testing.assert_array_equal(part.template.values, whole.values[[4, 1]])
+    np.testing.assert_array_equal(part.x, split.x[[4, 1]])
+    assert part.sample_ids == (split.sample_ids[4], split.sample_ids[1])

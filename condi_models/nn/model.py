@@ -8,8 +8,9 @@ so they run through the same training and federation code.
 Parameter exchange is by plain ``{name: tensor}`` dicts (never pickle). ``ParameterRoles`` names
 the parameters by role. For aggregation, ``theta`` is every network weight except the shared
 embeddings, and the moments of the Gaussian prior under the imputer (fitted by EM, not by an
-optimizer; ``condi_models.nn.prior``) and the factors of its band calibration (fitted on held-out
-entries; ``condi_models.nn.band``); ``w_mod`` and ``w_cond`` are those embeddings.
+optimizer; ``condi_models.nn.prior``), the network gate and the factors of its band calibration
+(fitted on held-out entries; ``condi_models.training.fit_gate``, ``condi_models.nn.band``);
+``w_mod`` and ``w_cond`` are those embeddings.
 Modality-specific parts are tagged so a federation can average them only over the silos that
 hold the modality:
 
