@@ -221,6 +221,8 @@ def train(
         "phase_a_loss": res.phase_a_loss,
         "seconds_a": round(res.seconds_a, 2),
         "seconds_per_batch_a": round(res.seconds_a / max(1, args.epochs_a * batches), 3),
+        # The share of the network's correction fit_gate kept (None without a prior).
+        "network_gate": None if model.network_gate is None else float(model.network_gate),
     }
     if epochs_b:
         out.update(
@@ -629,9 +631,10 @@ def report(results: dict[str, Any]) -> str:
         parts.append(markdown_table(["pattern", "pw", "method", "MAE", "RMSE", crps_header, "50 % band coverage",
                                      "90 % band coverage", "windows"], rows))
         train_rows = [[k, str(v["samples"]), str(v["epochs_a"]), fmt(v["phase_a_loss"], 4), fmt(v["seconds_a"], 0),
-                       fmt(v["seconds_per_batch_a"], 2)] for k, v in section["training"].items()]
+                       fmt(v["seconds_per_batch_a"], 2), fmt(v.get("network_gate"), 1)]
+                      for k, v in section["training"].items()]
         parts.append(markdown_table(["model/pattern", "train records", "Phase A epochs", "last loss", "seconds",
-                                     "s per batch"], train_rows))
+                                     "s per batch", "network gate"], train_rows))
     if "samplers" in results:
         sm = results["samplers"]
         # Older results name the draws only in the imputation table's section.

@@ -154,6 +154,9 @@ def summary(name: str, splits: dict[str, dict[str, Any]], patterns: list[str]) -
             "condi_over_best_simple": ratios,
             "best_simple": [min((t[b]["mae"], b) for b in bench.SIMPLE_BASELINES if b in t)[1] for t in tables],
             "condi_over_saits": saits,
+            # fit_gate's choice per split (None: a split stored before the gate was recorded).
+            "network_gate": [s.get("training", {}).get(f"{condi}/{pattern}", {}).get("network_gate")
+                             for s in splits.values() if by_method(s, pattern)],
         }
     return out
 
@@ -199,10 +202,11 @@ def report(results: dict[str, Any]) -> str:
         parts.append(markdown_table(["pattern", "method", "MAE", "RMSE", "CRPS", "50 % band cov.", "90 % band cov."],
                                     rows))
         ratio_rows = [[pattern, ", ".join(fmt(r, 2) for r in p["condi_over_best_simple"]),
-                       ", ".join(p["best_simple"]), ", ".join(fmt(r, 2) for r in p["condi_over_saits"])]
+                       ", ".join(p["best_simple"]), ", ".join(fmt(r, 2) for r in p["condi_over_saits"]),
+                       ", ".join(fmt(g, 1) for g in p.get("network_gate", []))]
                       for pattern, p in s.items()]
         parts.append(markdown_table(["pattern", "CondI / best simple, per split", "best simple",
-                                     "CondI / SAITS, per split"], ratio_rows))
+                                     "CondI / SAITS, per split", "network gate, per split"], ratio_rows))
     t = targets(results)
     if t:
         parts.append(targets_table(t))

@@ -21,6 +21,7 @@ from condi_models.evaluation import EvalOptions, evaluate
 from condi_models.nn.classifier import ClassifierConfig
 from condi_models.nn.config import ModelConfig, Variant
 from condi_models.nn.model import CondIModel
+from condi_models.nn.sampling import SamplingOptions
 from condi_models.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from condi_models.training import (
     ABSENT_CLASS_SHIFT,
@@ -234,3 +235,31 @@ def test_the_network_gate_keeps_the_prior_when_the_network_only_adds_error():
         head.bias.zero_()  # a fresh head corrects nothing: every gate imputes alike, the tie keeps the network
     fit_gate(model, held_out, cfg, seed=0)
     assert float(model.network_gate) == 1.0
+
+
+def test_a_closed_gate_imputes_the_priors_posterior_without_running_the_network(monkeypatch):
+    """Gate 0 draws what a zero correction draws, whatever the network's weights, and never runs it."""
+    ds = toy_dataset(n=8, length=20)
+    split = prepare_split(ds, ChannelNormalizer.fit(ds.x, ds.observed), MissingnessSpec(ps=1.0, pw=0.5, seed=0))
+    model = small_model(Variant.CONDI)
+    x, observed = torch.from_numpy(split.x[:, :, :20]), torch.from_numpy(split.observed[:, :, :20])
+    assert (~observed).any()
+    opts = SamplingOptions(n_samples=3, steps=3, antithetic=False)
+
+    def draws() -> torch.Tensor:
+        return model.impute(x, observed, opts, generator=torch.Generator().manual_seed(0), return_samples=True).samples
+
+    with torch.no_grad():
+        model.denoiser.head.weight.zero_()
+        model.denoiser.head.bias.zero_()  # the network's correction is exactly zero
+    zero_correction = draws()
+    with torch.no_grad():
+        model.denoiser.head.bias.fill_(3.0)
+    assert not torch.allclose(draws(), zero_correction, atol=1e-3)  # open, the network moves the draws
+    with torch.no_grad():
+        model.network_gate.fill_(0.0)
+    calls = []
+    for name in ("denoise", "condition"):
+        real = getattr(model.denoiser, name)
+        monkeypatch.setattr(model.denoiser, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    assert torch.allclose(draws(), zero_correction, atol=1e-6) and not calls

@@ -30,7 +30,9 @@ TINY = {
         "context": {"stem_dim": 8, "expert_hidden": 16, "out_dim": 8},
         "classifier": {"hidden": 16, "n_blocks": 1, "n_heads": 2, "head_hidden": 32},
     },
-    "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100, "min_local_steps": 0},
+    # The prior's refit and the gate and band fits run every round, on a small budget.
+    "training": {"epochs_a": 1, "epochs_b": 1, "batch_size": 16, "window": 100, "min_local_steps": 0,
+                 "prior_em_iterations": 3, "band_windows": 4, "impute_steps": 3},
     "evaluation": {"n_samples": 2, "steps": 3},
 }
 

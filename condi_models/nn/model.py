@@ -345,15 +345,21 @@ class CondIModel(nn.Module):
             act_values, act_observed = values[active], observed[active]
             prior = None
             if n_active:
-                context = self.diffusion_context(act_values, act_observed)
                 act_template = None if template is None else (template[0][active], template[1][active])
                 prior = self.prior_estimate(act_values, act_observed, act_template)
-                condition = denoiser.condition(act_values, act_observed, context, prior)
+                gate = 1.0 if self.network_gate is None else float(self.network_gate.clamp(0.0, 1.0))
+                if gate > 0.0:
+                    context = self.diffusion_context(act_values, act_observed)
+                    condition = denoiser.condition(act_values, act_observed, context, prior)
 
-                gate = 1.0 if self.network_gate is None else self.network_gate.clamp(0.0, 1.0)
+                    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                        return self._add_prior_eps(gate * denoise_in_parts(denoiser, z, t, condition), z, t, prior)
 
-                def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                    return self._add_prior_eps(gate * denoise_in_parts(denoiser, z, t, condition), z, t, prior)
+                else:
+                    # Gate 0 keeps none of the network's correction: the draws are the prior's
+                    # posterior, and the denoiser is not run at all (a scoring pass costs the prior's solve).
+                    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                        return self._add_prior_eps(torch.zeros_like(z), z, t, prior)
 
             else:
                 # Nothing to sample; the sampler still runs, on no rows, so the generator is drawn from as usual.
