@@ -287,6 +287,11 @@ def crps_draws(
     return res.samples, time.perf_counter() - t0
 
 
+def band_factors(model: CondIModel, draws: np.ndarray | None) -> tuple[float, ...] | None:
+    """The model's band factors for as many draws as ``draws`` (S, ...) holds; None without draws."""
+    return None if draws is None else model.band.factors_for(draws.shape[0])
+
+
 def score(
     win: PreparedSplit, estimate: np.ndarray, draws: np.ndarray | None, band_factors: tuple[float, ...] | None = None
 ) -> dict[str, Any]:
@@ -380,7 +385,8 @@ def imputation_table(
             for method, model in models.items():
                 est, draws, seconds, crps_seconds = model_imputation(model, win, sampling(args), args, device)
                 rows.append({**base, "method": method, "seconds": round(seconds, 2),
-                             "crps_seconds": round(crps_seconds, 2), **score(win, est, draws, model.band.values())})
+                             "crps_seconds": round(crps_seconds, 2),
+                             **score(win, est, draws, band_factors(model, draws))})
             for label, fitted in pypots.items():
                 t0 = time.perf_counter()
                 est = fitted.impute(win.x, win.observed)
@@ -423,7 +429,7 @@ def sampler_comparison(
         draws = res.samples if opts == want else crps_draws(model, win, want, args, device)[0]
         # CPU time is less disturbed than wall time by other work on a shared machine.
         rows.append({"method": method, "steps": steps if method == "ddim" else 50, "seconds_per_batch": seconds,
-                     "cpu_seconds_per_batch": cpu_seconds, **score(win, res.x_hat, draws, model.band.values())})
+                     "cpu_seconds_per_batch": cpu_seconds, **score(win, res.x_hat, draws, band_factors(model, draws))})
         log(f"sampler {method}-{rows[-1]['steps']}: {seconds:.1f} s per batch, MAE {rows[-1]['mae']:.3f}")
     return {"windows_per_batch": len(win), "n_samples": args.samples, "antithetic": not args.independent_draws,
             "crps": crps_settings(args), "pattern": "points", "ps": TRAIN_PS, "pw": TRAIN_PW, "rows": rows}

@@ -203,7 +203,7 @@ def evaluate(
                 np.concatenate(estimates),
                 mask,
                 np.concatenate(draws, axis=1) if draws else None,
-                model.band.values(),
+                model.band.factors_for(sampling.n_samples),
             )
     return EvalResult(
         n_samples=len(y),

@@ -331,7 +331,7 @@ def fit_band(model: CondIModel, held_out: Sequence[HeldOut], cfg: LocalTrainingC
     if t.size == 0:
         return 0
     s = np.concatenate(draws, axis=1)
-    model.band.set_factors([band_factor(t, s, level) for level in BAND_LEVELS])
+    model.band.set_factors([band_factor(t, s, level) for level in BAND_LEVELS], cfg.band_samples)
     return int(t.size)
 
 

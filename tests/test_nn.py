@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from condi_models.data.dataset import DatasetInfo, Modality
 from condi_models.imputers import gaussian_em
+from condi_models.metrics import BAND_LEVELS, band_coverage, band_factor
 from condi_models.nn import (
     ClassifierConfig,
     CondIModel,
@@ -28,6 +29,7 @@ from condi_models.nn import (
     make_training_mask,
     resolve_device,
 )
+from condi_models.nn.band import BandCalibration
 from condi_models.nn.diffusion import (
     DiffusionConfig,
     NoiseSchedule,
@@ -327,20 +329,44 @@ def test_band_factors_widen_the_quantiles_and_are_optional_in_a_loaded_state():
     plain = impute()
     raw = sample_quantiles(plain.samples, opts.quantiles)
     assert torch.allclose(plain.quantiles, raw)  # a fresh model's factors are 1
-    state = {n: t for n, t in model.state_to_named_tensors().items() if n != "band.factors"}
-    model.band.set_factors([2.0, 3.0])  # 50 % band, 90 % band
+    state = {n: t for n, t in model.state_to_named_tensors().items() if not n.startswith("band.")}
+    model.band.set_factors([2.0, 3.0], draws=5)  # 50 % band, 90 % band, for the 5 draws drawn here
     widened = impute()
     expect = torch.tensor([3.0, 2.0, 2.0, 3.0]).view(-1, 1, 1, 1)
     assert torch.allclose(widened.quantiles, plain.median + expect * (raw - plain.median), atol=1e-6)
     assert torch.equal(widened.median, plain.median)
-    assert model.band.factor(0.15) == pytest.approx(2.5)  # a 70 % band: halfway between
+    assert model.band.factor(0.15, 5) == pytest.approx(2.5)  # a 70 % band: halfway between
     # A state from before the calibration loads, and leaves the factors as they are.
     model.load_named_tensors(state)
     assert model.band.values() == (2.0, 3.0)
     with pytest.raises(ValueError, match="missing"):
         model.load_named_tensors({n: t for n, t in state.items() if n != "prior.mean"})
     with pytest.raises(ValueError, match="finite positive"):
-        model.band.set_factors([1.0, 0.0])
+        model.band.set_factors([1.0, 0.0], draws=5)
+
+
+def test_band_factors_fitted_on_five_draws_carry_over_to_twenty():
+    """An imputer half as spread as the truth: fitted on 5 draws, its band still covers as asked from 20."""
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal(40_000)
+
+    def draws(n: int) -> np.ndarray:
+        return 0.5 * rng.standard_normal((n, truth.size))
+
+    band = BandCalibration()
+    band.set_factors([band_factor(truth, draws(5), level) for level in BAND_LEVELS], draws=5)
+    many = draws(20)
+    as_fitted = band.values()
+    carried = band.factors_for(20)
+    for level, fitted, factor in zip(BAND_LEVELS, as_fitted, carried, strict=True):
+        assert band_coverage(truth, many, level, factor)[0] == pytest.approx(level, abs=0.015)
+        # The five-draw factor itself is mostly their small-sample shortfall: from 20 it over-covers.
+        assert band_coverage(truth, many, level, fitted)[0] > level + 0.07
+    assert band.factors_for(5) == as_fitted and band.factors_for(1) == as_fitted
+    # Hostile or stale counts are read clamped: a NaN is "unknown", the factors apply as they are.
+    with torch.no_grad():
+        band.draws.fill_(float("nan"))
+    assert band.fitted_draws() == 0 and band.factors_for(20) == as_fitted
 
 
 def test_impute_in_chunks_gives_the_requested_number_of_samples():
@@ -411,10 +437,10 @@ def test_every_variant_trains_and_predicts(variant):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(groups.phase_a) | set(groups.phase_b) == trainable
     # What no optimizer trains is the Gaussian prior, fitted by EM, and the imputer's network gate
-    # and band factors, fitted on held-out entries; all are averaged like theta.
+    # and band factors (with their draw count), fitted on held-out entries; all are averaged like theta.
     has_prior = spec.diffusion and spec.diffusion_prior
     frozen = {"prior.mean", "prior.second_moment", "network_gate"} if has_prior else set()
-    frozen |= {"band.factors"} if spec.diffusion else set()
+    frozen |= {"band.factors", "band.draws"} if spec.diffusion else set()
     assert names - trainable == frozen
 
 

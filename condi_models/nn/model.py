@@ -67,8 +67,9 @@ from condi_models.nn.sampling import Imputation, Prediction, RowGenerators, Samp
 logger = logging.getLogger(__name__)
 
 # Tensors added after checkpoints had been written: absent from a state being loaded, they keep
-# their fresh value (band factors of 1: the plain sample quantiles, as before the calibration).
-OPTIONAL_TENSORS = ("band.factors", "network_gate")
+# their fresh value (band factors of 1: the plain sample quantiles, as before the calibration; a
+# draw count of 0: the factors apply as they are, whatever the draws).
+OPTIONAL_TENSORS = ("band.factors", "band.draws", "network_gate")
 
 
 @dataclass
@@ -389,7 +390,7 @@ class CondIModel(nn.Module):
             samples = torch.cat(draws, dim=0)
             levels = (0.5, *opts.quantiles)
             qs = sample_quantiles(samples, levels)
-            qs = torch.cat([qs[:1], self.band.widen(qs[0], qs[1:], opts.quantiles)])
+            qs = torch.cat([qs[:1], self.band.widen(qs[0], qs[1:], opts.quantiles, opts.n_samples)])
             keep = observed[None]
             qs = torch.where(keep, x[None], qs)
             return Imputation(

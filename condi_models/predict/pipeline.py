@@ -226,7 +226,7 @@ def _finish(
     draws = None
     if out.draws is not None:
         draws = checkpoint.normalizer.invert(out.draws)
-    band_factors = None if model.band is None else model.band.values()
+    band_factors = None if model.band is None else model.band.factors_for(opts.n_samples)
     if opts.hide is not None:
         arrays.hidden = prepared.original & ~observed
         arrays.truth = values
