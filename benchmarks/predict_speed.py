@@ -76,7 +76,15 @@ def records(args: argparse.Namespace) -> tuple[Any, np.ndarray, np.ndarray]:
     )
     torch.manual_seed(args.seed)
     model = CondIModel(ModelSpec(variant=Variant.CONDI).build(ds.info, args.window)).eval()
+    set_gate(model, args)
     return model, split.x, split.observed
+
+
+def set_gate(model: Any, args: argparse.Namespace) -> None:
+    """``--network-gate``, where given and the model has a gate."""
+    if args.network_gate is not None and getattr(model, "network_gate", None) is not None:
+        with torch.no_grad():
+            model.network_gate.fill_(args.network_gate)
 
 
 def windows(a: np.ndarray, rows: range, window: int) -> torch.Tensor:
@@ -160,6 +168,7 @@ def end_to_end(args: argparse.Namespace) -> list[dict[str, Any]]:
         sample = load_ptbxl(args.ptbxl_root, max_records=20)
         torch.manual_seed(args.seed)
         model = CondIModel(ModelSpec(variant=Variant.CONDI).build(ptbxl_info(), args.window))
+        set_gate(model, args)
         ckpt = Path(tmp) / "default.npz"
         save_checkpoint(ckpt, model, ChannelNormalizer.fit(sample.x, sample.observed), ptbxl_info())
         for draws in (int(d) for d in args.draws.split(",")):
@@ -219,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ptbxl-root", type=Path, default=Path("../shared/data/ptbxl"),
                         help="PTB-XL root whose first records give --end-to-end's normalizer")
     parser.add_argument("--hide", default="points:0.3", help="--end-to-end's missingness, as condi predict --hide")
+    parser.add_argument("--network-gate", type=float,
+                        help="set the model's network gate (a trained model's fit_gate may close it: 0 skips the "
+                             "denoiser); default: a fresh model's 1")
     parser.add_argument("--out", type=Path, default=RESULTS / "predict_speed.json")
     args = parser.parse_args(argv)
     unknown = set(args.ways.split(",")) - {"per-record", "batched", "workers"}
