@@ -24,12 +24,10 @@ from typing import Any
 import imputation as bench
 import numpy as np
 import torch
-from _common import RESULTS, fmt, machine, markdown_table, write_json
-from cv_grid import CV_SPLITS
-from imputation_cv import load
+from _common import fmt, machine, markdown_table, write_json
+from imputation_cv import design_parser, validation_split
 
 from condi_models.batches import prepare_split
-from condi_models.data.normalize import ChannelNormalizer
 from condi_models.nn.config import Variant
 from condi_models.nn.model import resolve_device
 from condi_models.nn.sampling import SamplingOptions
@@ -40,35 +38,20 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ptbxl", required=True, help="PTB-XL folder (ptbxl_database.csv, records100/)")
+    p = design_parser(__doc__.split("\n")[0], "band_draws.json")
     p.add_argument("--draws", default="5,10,20", help="numbers of independent draws to score")
     p.add_argument("--pattern", choices=bench.ALL_PATTERNS, default="blocks")
     p.add_argument("--epochs-a", type=int, default=25)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--window", type=int, default=250)
     p.add_argument("--steps", type=int, default=10, help="DDIM steps")
     p.add_argument("--eval-batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS / "band_draws.json"))
-    args = p.parse_args(argv)
-    # What benchmarks/imputation.py's model builder reads.
-    args.model_size, args.no_prior, args.prior_lags = "default", False, 0
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    ds, folds = load("ptbxl", args.ptbxl)
-    test, val = CV_SPLITS[0]
-    train_ds = ds.subset(np.flatnonzero(~np.isin(folds, (*test, *val))))
-    val_ds = ds.subset(np.flatnonzero(np.isin(folds, val)))
-    norm = ChannelNormalizer.fit(train_ds.x, train_ds.observed)
+    train_ds, val_ds, norm, train_folds, val_folds = validation_split(args.ptbxl)
     miss = bench.missingness(args.pattern, bench.TRAIN_PS, bench.TRAIN_PW, args.seed)
     model = bench.build_model(Variant.CONDI, train_ds, args).to(device)
     training = bench.train(model, prepare_split(train_ds, norm, miss), args, device, f"band {args.pattern}")
@@ -90,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["benchmarks/band_draws.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device),
         "pattern": args.pattern,
-        "train_folds": sorted(set(range(1, 9)) - {*test, *val}),
-        "validation_folds": list(val),
+        "train_folds": train_folds,
+        "validation_folds": val_folds,
         "windows": len(win),
         "training": training,
         "fitted_draws": model.band.fitted_draws(),

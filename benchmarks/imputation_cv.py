@@ -46,6 +46,7 @@ from _common import RESULTS, Target, fmt, machine, markdown_table, read_json, ta
 from cv_grid import CV_SPLITS
 
 from condi_models.data.dataset import ClinicalDataset
+from condi_models.data.normalize import ChannelNormalizer
 from condi_models.data.partition import patient_folds
 from condi_models.nn.config import Variant
 from condi_models.nn.model import resolve_device
@@ -79,6 +80,32 @@ def split_sets(folds: np.ndarray, split: int) -> tuple[np.ndarray, np.ndarray]:
     test, val = CV_SPLITS[split]
     train = [f for f in range(1, 9) if f not in (*test, *val)]
     return np.flatnonzero(np.isin(folds, train)), np.flatnonzero(np.isin(folds, test))
+
+
+def design_parser(description: str, out_name: str) -> argparse.ArgumentParser:
+    """The options of a check on split 0's validation folds of PTB-XL (``benchmarks/band_draws.py``, ...)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--ptbxl", required=True, help="PTB-XL folder (ptbxl_database.csv, records100/)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--window", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS / out_name))
+    # What benchmarks/imputation.py's model builder reads: the default model and prior.
+    p.set_defaults(model_size="default", no_prior=False, prior_lags=0)
+    return p
+
+
+def validation_split(path: str) -> tuple[ClinicalDataset, ClinicalDataset, ChannelNormalizer, list[int], list[int]]:
+    """PTB-XL's training and validation records of split 0, the normalizer fitted on the training ones, the folds."""
+    ds, folds = load("ptbxl", path)
+    test, val = CV_SPLITS[0]
+    train_folds = sorted(set(range(1, 9)) - {*test, *val})
+    train_ds = ds.subset(np.flatnonzero(np.isin(folds, train_folds)))
+    val_ds = ds.subset(np.flatnonzero(np.isin(folds, val)))
+    return train_ds, val_ds, ChannelNormalizer.fit(train_ds.x, train_ds.observed), train_folds, list(val)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

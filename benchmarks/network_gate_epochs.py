@@ -26,12 +26,10 @@ from typing import Any
 import imputation as bench
 import numpy as np
 import torch
-from _common import RESULTS, fmt, machine, markdown_table, write_json
-from cv_grid import CV_SPLITS
-from imputation_cv import load
+from _common import fmt, machine, markdown_table, write_json
+from imputation_cv import design_parser, validation_split
 
 from condi_models.batches import prepare_split
-from condi_models.data.normalize import ChannelNormalizer
 from condi_models.evaluation import impute_split
 from condi_models.nn.config import Variant
 from condi_models.nn.model import resolve_device
@@ -51,38 +49,23 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ptbxl", required=True, help="PTB-XL folder (ptbxl_database.csv, records100/)")
-    p.add_argument("--epochs", default="25,100", help="Phase A epochs of each model")
+    p = design_parser(__doc__.split("\n")[0], "network_gate_epochs.json")
+    p.add_argument("--epochs", default="25,100", help="Phase A epochs at which to score the model")
     p.add_argument("--patterns", default="blocks", help=f"of {', '.join(bench.ALL_PATTERNS)}")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--window", type=int, default=250)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS / "network_gate_epochs.json"))
-    args = p.parse_args(argv)
-    # What benchmarks/imputation.py's model builder reads.
-    args.model_size, args.no_prior, args.prior_lags = "default", False, 0
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    ds, folds = load("ptbxl", args.ptbxl)
-    test, val = CV_SPLITS[0]
-    train_ds = ds.subset(np.flatnonzero(~np.isin(folds, (*test, *val))))
-    val_ds = ds.subset(np.flatnonzero(np.isin(folds, val)))
-    norm = ChannelNormalizer.fit(train_ds.x, train_ds.observed)
+    train_ds, val_ds, norm, train_folds, val_folds = validation_split(args.ptbxl)
     wanted = sorted(int(e) for e in args.epochs.split(","))
     results: dict[str, Any] = {
         "command": " ".join(["benchmarks/network_gate_epochs.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device),
-        "train_folds": sorted(set(range(1, 9)) - {*test, *val}),
-        "validation_folds": list(val),
+        "train_folds": train_folds,
+        "validation_folds": val_folds,
         "cells": [],
     }
     opts = SamplingOptions(n_samples=5, steps=10, antithetic=True)

@@ -13,7 +13,7 @@ from condi_models.data.synthetic_ecg import generate_ecg
 from condi_models.imputers import gaussian_em
 from condi_models.nn.config import ModelConfig, Variant
 from condi_models.nn.model import CondIModel
-from condi_models.nn.prior import SCALE_FLOOR, GaussianPrior, interpolate_within
+from condi_models.nn.prior import DEFAULT_INTERPOLATION_SPAN, SCALE_FLOOR, GaussianPrior, interpolate_within
 from condi_models.simulation import ModelSpec
 from tests.test_nn import tiny_config
 
@@ -195,6 +195,28 @@ def test_prior_lags_reach_the_model_from_an_experiment_config_and_survive_a_roun
     # The five instants, the beat template and the interpolation.
     assert model.prior.mean.shape == (12 * (5 + 2),) and model.prior.lags == 2
     assert ModelSpec().build(info, 100).prior_lags == 0  # opt-in: the window costs D^3
+
+
+def test_the_interpolation_span_is_whole_window_for_hourly_series_and_ten_steps_for_ecg():
+    ecg = generate_ecg(2, seed=0).info
+    hourly = dataclasses.replace(ecg, sampling_rate_hz=1.0 / 3600.0)
+    assert ModelSpec().build(ecg, 100).prior_interpolation_span == DEFAULT_INTERPOLATION_SPAN == 10
+    assert ModelSpec().build(hourly, 48).prior_interpolation_span == 48
+    assert ModelSpec(prior_interpolation_span=3).build(hourly, 48).prior_interpolation_span == 3
+    cfg = ModelSpec().build(hourly, 48)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    older = {k: v for k, v in cfg.to_dict().items() if k != "prior_interpolation_span"}
+    assert ModelConfig.from_dict(older).prior_interpolation_span == 10  # written before the span was a setting
+    # The prior bridges a gap of 20 steps only where its span allows it.
+    values = torch.zeros(1, 12, 48)
+    mask = torch.ones(1, 12, 48, dtype=torch.bool)
+    mask[..., 10:30] = False
+    for span, bridged in ((48, True), (10, False)):
+        prior = CondIModel(dataclasses.replace(cfg, prior_interpolation_span=span)).prior
+        _, available = prior.stack(values, mask)
+        assert bool(available[0, -12:, 20].all()) == bridged  # the interpolation block, mid-gap
+    with pytest.raises(ValueError, match="prior_interpolation_span"):
+        dataclasses.replace(cfg, prior_interpolation_span=0)
 
 
 def test_interpolation_uses_the_nearest_observed_neighbours_never_the_entry_itself():

@@ -23,6 +23,7 @@ from condi_models.nn.classifier import ClassifierConfig
 from condi_models.nn.context import ContextConfig
 from condi_models.nn.denoiser import DenoiserConfig
 from condi_models.nn.diffusion import DiffusionConfig
+from condi_models.nn.prior import DEFAULT_INTERPOLATION_SPAN
 
 
 class Variant(enum.StrEnum):
@@ -102,6 +103,7 @@ class ModelConfig:
     prior_lags: int = 0
     prior_template: bool = False
     prior_interpolation: bool = False
+    prior_interpolation_span: int = DEFAULT_INTERPOLATION_SPAN
 
     def __post_init__(self) -> None:
         try:
@@ -130,6 +132,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prior_lags < 0:
             raise ValueError(f"prior_lags must be >= 0, got {self.prior_lags}")
+        if self.prior_interpolation_span < 1:
+            raise ValueError(f"prior_interpolation_span must be >= 1, got {self.prior_interpolation_span}")
 
     @property
     def n_features(self) -> int:

@@ -147,7 +147,10 @@ class CondIModel(nn.Module):
             cfg.cond_dim if self.cond_proj is not None else 0
         )
         self.prior = (
-            GaussianPrior(cfg.n_features, cfg.prior_lags, cfg.prior_template, cfg.prior_interpolation)
+            GaussianPrior(
+                cfg.n_features, cfg.prior_lags, cfg.prior_template, cfg.prior_interpolation,
+                interpolation_span=cfg.prior_interpolation_span,
+            )
             if spec.diffusion and spec.diffusion_prior and cfg.gaussian_prior
             else None
         )

@@ -54,8 +54,10 @@ SCALE_FLOOR = 0.1
 
 # A window's beat template as tensors: values (B, F, L) and where they are available (bool).
 TemplateTensors = tuple[torch.Tensor, torch.Tensor]
-# Longest span (steps between the observed neighbours) the interpolation variable is given over.
-MAX_INTERPOLATION_SPAN = 10
+# Longest span (steps between the observed neighbours) the interpolation variable is given over,
+# unless the model says otherwise (``ModelConfig.prior_interpolation_span``): chosen on PTB-XL's
+# validation folds among 5, 10 and 20 steps at 100 Hz.
+DEFAULT_INTERPOLATION_SPAN = 10
 
 
 def interpolate_within(values: torch.Tensor, mask: torch.Tensor, max_span: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,17 +109,26 @@ class GaussianPrior(nn.Module):
     """
 
     def __init__(
-        self, n_features: int, lags: int = 0, template: bool = False, interpolation: bool = False, ridge: float = 1e-3
+        self,
+        n_features: int,
+        lags: int = 0,
+        template: bool = False,
+        interpolation: bool = False,
+        ridge: float = 1e-3,
+        interpolation_span: int = DEFAULT_INTERPOLATION_SPAN,
     ) -> None:
         super().__init__()
         if not ridge > 0:
             raise ValueError(f"prior ridge must be positive, got {ridge}")
         if lags < 0:
             raise ValueError(f"prior lags must be >= 0, got {lags}")
+        if interpolation_span < 1:
+            raise ValueError(f"prior interpolation span must be >= 1, got {interpolation_span}")
         self.ridge = ridge
         self.lags = lags
         self.template = template
         self.interpolation = interpolation
+        self.interpolation_span = interpolation_span
         dim = n_features * (2 * lags + 1 + int(template) + int(interpolation))
         self.mean = nn.Parameter(torch.zeros(dim), requires_grad=False)
         self.second_moment = nn.Parameter(torch.eye(dim), requires_grad=False)
@@ -130,7 +141,7 @@ class GaussianPrior(nn.Module):
         Instants before the start or after the end of the record are missing. With a template
         prior the next block holds the beat template at t (all missing when ``template`` is None),
         and with interpolation the last one each channel's value at t interpolated from its nearest
-        observed entries around t (``interpolate_within``).
+        observed entries around t, at most ``interpolation_span`` steps apart (``interpolate_within``).
         """
         k = self.lags
         if k == 0 and not self.template and not self.interpolation:
@@ -150,7 +161,7 @@ class GaussianPrior(nn.Module):
             vs.append(template[0].to(values.dtype))
             ms.append(template[1])
         if self.interpolation:
-            iv, im = interpolate_within(torch.where(mask, values, 0.0), mask, MAX_INTERPOLATION_SPAN)
+            iv, im = interpolate_within(torch.where(mask, values, 0.0), mask, self.interpolation_span)
             vs.append(iv)
             ms.append(im)
         return torch.cat(vs, dim=1), torch.cat(ms, dim=1)
