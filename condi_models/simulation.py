@@ -100,8 +100,9 @@ class FederationSpec(StrictModel):
 
 
 # Series sampled less often than this (ICU vitals and labs, hourly) hold a value for hours: on the
-# MIMIC-IV demo's validation folds, bridging a stay's every gap beat bridging 10 steps (imputation
-# MAE 0.543 against 0.601 on points, 0.575 against 0.664 on blocks; BENCHMARKS.md, issue 15).
+# MIMIC-IV demo's validation folds, bridging a stay's every gap beat bridging 10 steps on points
+# and blocks (imputation MAE 0.543 against 0.601, 0.575 against 0.664) and lost on whole-channel
+# drops (0.729 against 0.679): better on the mean of the three (BENCHMARKS.md, issue 15).
 SLOW_SERIES_HZ = 1.0 / 60.0
 
 
