@@ -23,13 +23,11 @@ from typing import Any
 
 import imputation as bench
 import numpy as np
-import torch
 from _common import fmt, machine, markdown_table, write_json
-from imputation_cv import design_parser, validation_split
+from imputation_cv import design_parser, validation_setup
 
 from condi_models.batches import prepare_split
 from condi_models.nn.config import Variant
-from condi_models.nn.model import resolve_device
 from condi_models.nn.sampling import SamplingOptions
 
 
@@ -49,9 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    train_ds, val_ds, norm, train_folds, val_folds = validation_split(args.ptbxl)
+    device, data = validation_setup(args)
+    train_ds, val_ds, norm = data.train, data.val, data.norm
     miss = bench.missingness(args.pattern, bench.TRAIN_PS, bench.TRAIN_PW, args.seed)
     model = bench.build_model(Variant.CONDI, train_ds, args).to(device)
     training = bench.train(model, prepare_split(train_ds, norm, miss), args, device, f"band {args.pattern}")
@@ -73,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["benchmarks/band_draws.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device),
         "pattern": args.pattern,
-        "train_folds": train_folds,
-        "validation_folds": val_folds,
+        "train_folds": data.train_folds,
+        "validation_folds": data.val_folds,
         "windows": len(win),
         "training": training,
         "fitted_draws": model.band.fitted_draws(),

@@ -36,6 +36,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +99,27 @@ def design_parser(description: str, out_name: str) -> argparse.ArgumentParser:
     return p
 
 
-def validation_split(path: str) -> tuple[ClinicalDataset, ClinicalDataset, ChannelNormalizer, list[int], list[int]]:
-    """PTB-XL's training and validation records of split 0, the normalizer fitted on the training ones, the folds."""
-    ds, folds = load("ptbxl", path)
+@dataclass(frozen=True)
+class ValidationSplit:
+    """PTB-XL's training and validation records of split 0, and the normalizer fitted on the training ones."""
+
+    train: ClinicalDataset
+    val: ClinicalDataset
+    norm: ChannelNormalizer
+    train_folds: list[int]
+    val_folds: list[int]
+
+
+def validation_setup(args: argparse.Namespace) -> tuple[torch.device, ValidationSplit]:
+    """The device and torch threads of a ``design_parser`` check, and its data."""
+    torch.set_num_threads(args.threads)
+    ds, folds = load("ptbxl", args.ptbxl)
     test, val = CV_SPLITS[0]
     train_folds = sorted(set(range(1, 9)) - {*test, *val})
-    train_ds = ds.subset(np.flatnonzero(np.isin(folds, train_folds)))
-    val_ds = ds.subset(np.flatnonzero(np.isin(folds, val)))
-    return train_ds, val_ds, ChannelNormalizer.fit(train_ds.x, train_ds.observed), train_folds, list(val)
+    train = ds.subset(np.flatnonzero(np.isin(folds, train_folds)))
+    split = ValidationSplit(train, ds.subset(np.flatnonzero(np.isin(folds, val))),
+                            ChannelNormalizer.fit(train.x, train.observed), train_folds, list(val))
+    return resolve_device(args.device), split
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -27,12 +27,11 @@ import imputation as bench
 import numpy as np
 import torch
 from _common import fmt, machine, markdown_table, write_json
-from imputation_cv import design_parser, validation_split
+from imputation_cv import design_parser, validation_setup
 
 from condi_models.batches import prepare_split
 from condi_models.evaluation import impute_split
 from condi_models.nn.config import Variant
-from condi_models.nn.model import resolve_device
 from condi_models.nn.sampling import SamplingOptions
 from condi_models.training import (
     GATE_CANDIDATES,
@@ -57,15 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    train_ds, val_ds, norm, train_folds, val_folds = validation_split(args.ptbxl)
+    device, data = validation_setup(args)
+    train_ds, val_ds, norm = data.train, data.val, data.norm
     wanted = sorted(int(e) for e in args.epochs.split(","))
     results: dict[str, Any] = {
         "command": " ".join(["benchmarks/network_gate_epochs.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device),
-        "train_folds": train_folds,
-        "validation_folds": val_folds,
+        "train_folds": data.train_folds,
+        "validation_folds": data.val_folds,
         "cells": [],
     }
     opts = SamplingOptions(n_samples=5, steps=10, antithetic=True)
