@@ -31,10 +31,6 @@ from condi_models.nn.config import Variant
 from condi_models.nn.sampling import SamplingOptions
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = design_parser(__doc__.split("\n")[0], "band_draws.json")
     p.add_argument("--draws", default="5,10,20", help="numbers of independent draws to score")
@@ -53,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     model = bench.build_model(Variant.CONDI, train_ds, args).to(device)
     training = bench.train(model, prepare_split(train_ds, norm, miss), args, device, f"band {args.pattern}")
     win = bench.centre_windows(prepare_split(val_ds, norm, miss), args.window, None)
-    log(f"factors {model.band.values()} fitted for {model.band.fitted_draws()} draws; {len(win)} validation windows")
+    bench.log(f"factors {model.band.values()} fitted for {model.band.fitted_draws()} draws; "
+              f"{len(win)} validation windows")
     rows = []
     opts = SamplingOptions(n_samples=1, steps=args.steps, antithetic=False)
     for n in (int(d) for d in args.draws.split(",")):
@@ -64,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             s = bench.score(win, estimate, draws, factors)
             rows.append({"draws": n, "factors": label, "band_factors": list(factors),
                          **{k: s[k] for k in ("coverage_50", "coverage_90", "width_50", "width_90")}})
-            log(f"{n} draws, factors {label}: 50 % {s['coverage_50']:.3f}, 90 % {s['coverage_90']:.3f}")
+            bench.log(f"{n} draws, factors {label}: 50 % {s['coverage_50']:.3f}, 90 % {s['coverage_90']:.3f}")
         rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
     results = {
         "command": " ".join(["benchmarks/band_draws.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -114,11 +114,12 @@ def validation_setup(args: argparse.Namespace) -> tuple[torch.device, Validation
     """The device and torch threads of a ``design_parser`` check, and its data."""
     torch.set_num_threads(args.threads)
     ds, folds = load("ptbxl", args.ptbxl)
-    test, val = CV_SPLITS[0]
-    train_folds = sorted(set(range(1, 9)) - {*test, *val})
-    train = ds.subset(np.flatnonzero(np.isin(folds, train_folds)))
+    train_rows, _ = split_sets(folds, 0)
+    val = list(CV_SPLITS[0][1])
+    train = ds.subset(train_rows)
+    train_folds = sorted(set(folds[train_rows].tolist()))
     split = ValidationSplit(train, ds.subset(np.flatnonzero(np.isin(folds, val))),
-                            ChannelNormalizer.fit(train.x, train.observed), train_folds, list(val))
+                            ChannelNormalizer.fit(train.x, train.observed), train_folds, val)
     return resolve_device(args.device), split
 
 

@@ -43,10 +43,6 @@ from condi_models.training import (
 )
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = design_parser(__doc__.split("\n")[0], "network_gate_epochs.json")
     p.add_argument("--epochs", default="25,100", help="Phase A epochs at which to score the model")
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 model.network_gate.fill_(1.0)  # as during training: the gate is fitted after Phase A
             cell["seconds"] = round(time.perf_counter() - t0, 1)
-            log(f"{pattern} after {p.epoch} epochs: gate chosen {cell['chosen_gate']}, "
+            bench.log(f"{pattern} after {p.epoch} epochs: gate chosen {cell['chosen_gate']}, "
                 f"validation MAE by gate {cell['mae']}")
             results["cells"].append(cell)
             write_json(Path(args.out), results)

@@ -108,9 +108,15 @@ class BandCalibration(nn.Module):
 
     def factor(self, quantile: float, draws: int) -> float:
         """The factor for the ``quantile`` level from ``draws`` draws: that of the central band with it at one end."""
-        return float(np.interp(abs(1.0 - 2.0 * quantile), BAND_LEVELS, self.factors_for(draws)))
+        return float(_interpolate(quantile, self.factors_for(draws)))
 
     def widen(self, median: torch.Tensor, quantiles: torch.Tensor, levels: Sequence[float], draws: int) -> torch.Tensor:
         """``quantiles`` (Q, ...) at ``levels`` of ``draws`` draws, moved from ``median`` by each :meth:`factor`."""
-        scale = torch.tensor([self.factor(q, draws) for q in levels], dtype=quantiles.dtype, device=quantiles.device)
+        factors = self.factors_for(draws)
+        scale = torch.tensor([_interpolate(q, factors) for q in levels], dtype=quantiles.dtype, device=quantiles.device)
         return median + scale.view(-1, *([1] * median.dim())) * (quantiles - median)
+
+
+def _interpolate(quantile: float, factors: Sequence[float]) -> float:
+    """The factor of ``BAND_LEVELS``'s ``factors`` for the central band with ``quantile`` at one end."""
+    return float(np.interp(abs(1.0 - 2.0 * quantile), BAND_LEVELS, factors))
