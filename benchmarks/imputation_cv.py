@@ -84,9 +84,11 @@ def split_sets(folds: np.ndarray, split: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def design_parser(description: str, out_name: str) -> argparse.ArgumentParser:
-    """The options of a check on split 0's validation folds of PTB-XL (``benchmarks/band_draws.py``, ...)."""
+    """The options of a check on split 0's validation folds of PTB-XL or the MIMIC-IV demo (``band_draws.py``, ...)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--ptbxl", required=True, help="PTB-XL folder (ptbxl_database.csv, records100/)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--ptbxl", help="PTB-XL folder (ptbxl_database.csv, records100/)")
+    data.add_argument("--mimic", help="MIMIC-IV demo folder (hosp/, icu/)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--window", type=int, default=250)
@@ -101,7 +103,7 @@ def design_parser(description: str, out_name: str) -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class ValidationSplit:
-    """PTB-XL's training and validation records of split 0, and the normalizer fitted on the training ones."""
+    """A dataset's training and validation records of split 0, and the normalizer fitted on the training ones."""
 
     train: ClinicalDataset
     val: ClinicalDataset
@@ -113,7 +115,7 @@ class ValidationSplit:
 def validation_setup(args: argparse.Namespace) -> tuple[torch.device, ValidationSplit]:
     """The device and torch threads of a ``design_parser`` check, and its data."""
     torch.set_num_threads(args.threads)
-    ds, folds = load("ptbxl", args.ptbxl)
+    ds, folds = load("ptbxl", args.ptbxl) if args.ptbxl else load("mimic", args.mimic)
     train_rows, _ = split_sets(folds, 0)
     val = list(CV_SPLITS[0][1])
     train = ds.subset(train_rows)

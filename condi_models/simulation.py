@@ -41,7 +41,7 @@ from condi_models.data.sources import DataSource, load_source
 from condi_models.evaluation import EvalOptions, EvalResult, evaluate
 from condi_models.nn.config import ModelConfig, Variant
 from condi_models.nn.model import CondIModel, resolve_device
-from condi_models.nn.prior import DEFAULT_INTERPOLATION_SPAN
+from condi_models.nn.prior import DEFAULT_INTERPOLATION_SPAN, DEFAULT_PRIOR_RIDGE
 from condi_models.privacy import BudgetExhausted, PrivacySpec, SiloPrivacy
 from condi_models.reports import write_round_curves
 from condi_models.server_optimizer import ServerOptimizer, ServerOptimizerConfig
@@ -99,16 +99,17 @@ class FederationSpec(StrictModel):
         return self
 
 
-# Series sampled less often than this (ICU vitals and labs, hourly) hold a value for hours: on the
-# MIMIC-IV demo's validation folds, bridging a stay's every gap beat bridging 10 steps on points
-# and blocks (imputation MAE 0.543 against 0.601, 0.575 against 0.664) and lost on whole-channel
-# drops (0.729 against 0.679): better on the mean of the three (BENCHMARKS.md, issue 15).
+# Series sampled less often than this (ICU vitals and labs, hourly) hold a value for hours, and a
+# silo holds few of them. Their prior bridges a stay's every gap, holds the nearest value at a
+# channel's edges and solves with a stronger ridge: chosen on the MIMIC-IV demo's validation folds
+# (BENCHMARKS.md, "Imputation on long gaps", issue 15).
 SLOW_SERIES_HZ = 1.0 / 60.0
+SLOW_SERIES_PRIOR_RIDGE = 0.1
 
 
-def default_interpolation_span(info: DatasetInfo, length: int) -> int:
-    """The prior's interpolation span where the spec leaves it: the whole window for slow series, else 10 steps."""
-    return length if info.sampling_rate_hz < SLOW_SERIES_HZ else DEFAULT_INTERPOLATION_SPAN
+def is_slow_series(info: DatasetInfo) -> bool:
+    """Whether the data is sampled less often than once a minute (the prior's defaults differ)."""
+    return info.sampling_rate_hz < SLOW_SERIES_HZ
 
 
 class ModelSpec(StrictModel):
@@ -143,16 +144,33 @@ class ModelSpec(StrictModel):
         description="the longest gap (in steps) the prior's interpolation bridges; default: 10, or the whole window "
         "for series sampled less often than once a minute (hourly ICU data)",
     )
+    prior_interpolation_edges: bool | None = Field(
+        default=None,
+        description="the prior's interpolation holds the nearest observed value before a channel's first and after "
+        "its last observation (within the span); default: on for series sampled less often than once a minute",
+    )
+    prior_ridge: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="added to the observed block's diagonal when the prior solves (standardized units); default: "
+        f"{DEFAULT_PRIOR_RIDGE:g}, or {SLOW_SERIES_PRIOR_RIDGE:g} for series sampled less often than once a minute",
+    )
 
     def build(self, info: DatasetInfo, length: int) -> ModelConfig:
         """The full model config for data laid out as ``info``, at input length ``length`` (the window)."""
         base = ModelConfig.for_dataset(replace(info, length=length), self.variant, self.tokens_per_channel).to_dict()
+        slow = is_slow_series(info)
         base.update(
             embed_dim=self.embed_dim, cond_dim=self.cond_dim,
             gaussian_prior=self.gaussian_prior, prior_lags=self.prior_lags,
             prior_template=is_ecg(info.channel_names) if self.prior_template is None else self.prior_template,
             prior_interpolation=self.prior_interpolation,
-            prior_interpolation_span=self.prior_interpolation_span or default_interpolation_span(info, length),
+            prior_interpolation_span=self.prior_interpolation_span or (length if slow else DEFAULT_INTERPOLATION_SPAN),
+            prior_interpolation_edges=(
+                slow if self.prior_interpolation_edges is None else self.prior_interpolation_edges
+            ),
+            prior_ridge=self.prior_ridge or (SLOW_SERIES_PRIOR_RIDGE if slow else DEFAULT_PRIOR_RIDGE),
         )
         for part in ("denoiser", "context", "classifier", "diffusion"):
             base[part] = {**base[part], **getattr(self, part)}

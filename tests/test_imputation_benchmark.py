@@ -117,3 +117,17 @@ def test_cross_validation_runs_made_apart_merge_only_with_the_same_settings() ->
     assert sorted(mine["splits"]["ptbxl"]) == ["0", "2"] and mine["summary"]["ptbxl"]["points"]["splits"] == 2
     with pytest.raises(SystemExit, match="settings differ"):
         cv.merge(mine, [{"settings": {"patterns": ["blocks"]}}], ["bad.json"])
+
+
+def test_the_prior_check_sorts_hidden_entries_by_where_they_lie_and_takes_either_dataset() -> None:
+    import prior_variants
+
+    observed = np.array([[[False, True, False, False, True, False], [False] * 6]])
+    hidden = np.array([[[True, False, True, True, False, True], [True, False, False, False, False, True]]])
+    kinds = prior_variants.entry_kinds(observed, hidden)
+    assert kinds["between"][0, 0].tolist() == [False, False, True, True, False, False]
+    assert kinds["edge"][0, 0].tolist() == [True, False, False, False, False, True]
+    assert kinds["none"][0, 1].tolist() == hidden[0, 1].tolist() and not kinds["none"][0, 0].any()
+    assert prior_variants.parse_args(["--mimic", "m"]).mimic == "m"
+    with pytest.raises(SystemExit):
+        prior_variants.parse_args(["--mimic", "m", "--ptbxl", "p"])

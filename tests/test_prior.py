@@ -13,8 +13,14 @@ from condi_models.data.synthetic_ecg import generate_ecg
 from condi_models.imputers import gaussian_em
 from condi_models.nn.config import ModelConfig, Variant
 from condi_models.nn.model import CondIModel
-from condi_models.nn.prior import DEFAULT_INTERPOLATION_SPAN, SCALE_FLOOR, GaussianPrior, interpolate_within
-from condi_models.simulation import ModelSpec
+from condi_models.nn.prior import (
+    DEFAULT_INTERPOLATION_SPAN,
+    DEFAULT_PRIOR_RIDGE,
+    SCALE_FLOOR,
+    GaussianPrior,
+    interpolate_within,
+)
+from condi_models.simulation import SLOW_SERIES_PRIOR_RIDGE, ModelSpec
 from tests.test_nn import tiny_config
 
 
@@ -197,16 +203,32 @@ def test_prior_lags_reach_the_model_from_an_experiment_config_and_survive_a_roun
     assert ModelSpec().build(info, 100).prior_lags == 0  # opt-in: the window costs D^3
 
 
-def test_the_interpolation_span_is_whole_window_for_hourly_series_and_ten_steps_for_ecg():
+def test_hourly_series_get_a_whole_window_span_held_edges_and_a_stronger_ridge_and_ecg_keeps_its_own():
     ecg = generate_ecg(2, seed=0).info
     hourly = dataclasses.replace(ecg, sampling_rate_hz=1.0 / 3600.0)
-    assert ModelSpec().build(ecg, 100).prior_interpolation_span == DEFAULT_INTERPOLATION_SPAN == 10
-    assert ModelSpec().build(hourly, 48).prior_interpolation_span == 48
-    assert ModelSpec(prior_interpolation_span=3).build(hourly, 48).prior_interpolation_span == 3
-    cfg = ModelSpec().build(hourly, 48)
+    ecg_cfg, cfg = ModelSpec().build(ecg, 100), ModelSpec().build(hourly, 48)
+    assert (ecg_cfg.prior_interpolation_span, ecg_cfg.prior_interpolation_edges, ecg_cfg.prior_ridge) == (
+        DEFAULT_INTERPOLATION_SPAN, False, DEFAULT_PRIOR_RIDGE
+    )
+    assert (cfg.prior_interpolation_span, cfg.prior_interpolation_edges, cfg.prior_ridge) == (
+        48, True, SLOW_SERIES_PRIOR_RIDGE
+    )
+    spelled = ModelSpec(prior_interpolation_span=3, prior_interpolation_edges=False, prior_ridge=0.5).build(hourly, 48)
+    assert (spelled.prior_interpolation_span, spelled.prior_interpolation_edges, spelled.prior_ridge) == (3, False, 0.5)
+    prior = CondIModel(cfg).prior
+    assert (prior.interpolation_span, prior.hold_edges, prior.ridge) == (48, True, SLOW_SERIES_PRIOR_RIDGE)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    older = {k: v for k, v in cfg.to_dict().items() if k != "prior_interpolation_span"}
-    assert ModelConfig.from_dict(older).prior_interpolation_span == 10  # written before the span was a setting
+    # A config written before these were settings gets what the prior did then.
+    older = ModelConfig.from_dict({
+        k: v for k, v in cfg.to_dict().items()
+        if k not in ("prior_interpolation_span", "prior_interpolation_edges", "prior_ridge")
+    })
+    assert (older.prior_interpolation_span, older.prior_interpolation_edges, older.prior_ridge) == (10, False, 1e-3)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="prior_ridge"):
+            dataclasses.replace(cfg, prior_ridge=bad)
+        with pytest.raises(ValueError, match="prior_ridge"):
+            ModelSpec(prior_ridge=bad)
     # The prior bridges a gap of 20 steps only where its span allows it.
     values = torch.zeros(1, 12, 48)
     mask = torch.ones(1, 12, 48, dtype=torch.bool)
@@ -230,6 +252,15 @@ def test_interpolation_uses_the_nearest_observed_neighbours_never_the_entry_itse
     assert short[0, 0].tolist() == [False, False, False, False, False, True, False]
     poisoned = torch.where(mask, values, torch.tensor(1e6))
     assert torch.equal(interpolate_within(poisoned, mask, 10)[0], got)  # unobserved entries are never read
+    # Holding the edges: the ends (left out, as every entry is) take their one neighbour's value, within the span.
+    held, edge_available = interpolate_within(values, mask, max_span=10, hold_edges=True)
+    np.testing.assert_allclose(held[0, 0].numpy(), [4.0, 2.0, 3.0, 4.0, 4.0 + 5.0 / 3.0, 7.0, 5.0], atol=1e-6)
+    assert edge_available[0, 0].tolist() == [True] * 7
+    late = torch.tensor([[[False, False, False, False, True, False, False]]])
+    got, available = interpolate_within(values, late, max_span=2, hold_edges=True)
+    assert available[0, 0].tolist() == [False, False, True, True, False, True, True]
+    np.testing.assert_allclose(got[0, 0].numpy(), [0.0, 0.0, 5.0, 5.0, 0.0, 5.0, 5.0])
+    assert torch.equal(interpolate_within(poisoned, mask, 10, hold_edges=True)[0], held)
 
 
 def test_the_interpolation_prior_beats_the_other_channels_alone_on_scattered_points():

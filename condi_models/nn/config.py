@@ -23,7 +23,7 @@ from condi_models.nn.classifier import ClassifierConfig
 from condi_models.nn.context import ContextConfig
 from condi_models.nn.denoiser import DenoiserConfig
 from condi_models.nn.diffusion import DiffusionConfig
-from condi_models.nn.prior import DEFAULT_INTERPOLATION_SPAN
+from condi_models.nn.prior import DEFAULT_INTERPOLATION_SPAN, DEFAULT_PRIOR_RIDGE
 
 
 class Variant(enum.StrEnum):
@@ -104,6 +104,8 @@ class ModelConfig:
     prior_template: bool = False
     prior_interpolation: bool = False
     prior_interpolation_span: int = DEFAULT_INTERPOLATION_SPAN
+    prior_interpolation_edges: bool = False
+    prior_ridge: float = DEFAULT_PRIOR_RIDGE
 
     def __post_init__(self) -> None:
         try:
@@ -134,6 +136,8 @@ class ModelConfig:
             raise ValueError(f"prior_lags must be >= 0, got {self.prior_lags}")
         if self.prior_interpolation_span < 1:
             raise ValueError(f"prior_interpolation_span must be >= 1, got {self.prior_interpolation_span}")
+        if not (math.isfinite(self.prior_ridge) and self.prior_ridge > 0):
+            raise ValueError(f"prior_ridge must be a positive number, got {self.prior_ridge}")
 
     @property
     def n_features(self) -> int:

@@ -149,7 +149,9 @@ class CondIModel(nn.Module):
         self.prior = (
             GaussianPrior(
                 cfg.n_features, cfg.prior_lags, cfg.prior_template, cfg.prior_interpolation,
+                ridge=cfg.prior_ridge,
                 interpolation_span=cfg.prior_interpolation_span,
+                hold_edges=cfg.prior_interpolation_edges,
             )
             if spec.diffusion and spec.diffusion_prior and cfg.gaussian_prior
             else None

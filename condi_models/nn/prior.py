@@ -58,14 +58,21 @@ TemplateTensors = tuple[torch.Tensor, torch.Tensor]
 # unless the model says otherwise (``ModelConfig.prior_interpolation_span``): chosen on PTB-XL's
 # validation folds among 5, 10 and 20 steps at 100 Hz.
 DEFAULT_INTERPOLATION_SPAN = 10
+# What the prior adds to the diagonal of the observed block before it solves, unless the model
+# says otherwise (``ModelConfig.prior_ridge``): in standardized units, so against unit variances.
+DEFAULT_PRIOR_RIDGE = 1e-3
 
 
-def interpolate_within(values: torch.Tensor, mask: torch.Tensor, max_span: int) -> tuple[torch.Tensor, torch.Tensor]:
+def interpolate_within(
+    values: torch.Tensor, mask: torch.Tensor, max_span: int, hold_edges: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each entry linearly interpolated from its channel's nearest observed entries before and after it.
 
     The entry itself is never used, observed or not, so on observed entries this is the
     leave-one-out interpolation EM learns its weight from. Available where both neighbours exist
-    at most ``max_span`` steps apart. Returns (values, available), each (B, F, L).
+    at most ``max_span`` steps apart; with ``hold_edges`` also before a channel's first and after
+    its last observed entry, at most ``max_span`` steps from it, where that entry's value is held.
+    Returns (values, available), each (B, F, L).
     """
     length = values.shape[-1]
     steps = torch.arange(length, device=values.device)
@@ -73,11 +80,18 @@ def interpolate_within(values: torch.Tensor, mask: torch.Tensor, max_span: int) 
     before = nn.functional.pad(seen.cummax(dim=-1).values[..., :-1], (1, 0), value=-1)
     seen_rev = torch.where(mask, steps, length).flip(-1)
     after = nn.functional.pad((-(-seen_rev).cummax(dim=-1).values).flip(-1)[..., 1:], (0, 1), value=length)
-    available = (before >= 0) & (after < length) & (after - before <= max_span)
+    has_before, has_after = before >= 0, after < length
+    available = has_before & has_after & (after - before <= max_span)
     lo, hi = before.clamp(0, length - 1), after.clamp(0, length - 1)
     v_lo, v_hi = values.gather(-1, lo), values.gather(-1, hi)
     frac = (steps - lo).to(values.dtype) / (hi - lo).clamp_min(1).to(values.dtype)
-    return torch.where(available, v_lo + frac * (v_hi - v_lo), 0.0), available
+    out = torch.where(available, v_lo + frac * (v_hi - v_lo), 0.0)
+    if not hold_edges:
+        return out, available
+    held_before = has_before & ~has_after & (steps - before <= max_span)
+    held_after = has_after & ~has_before & (after - steps <= max_span)
+    out = torch.where(held_before, v_lo, torch.where(held_after, v_hi, out))
+    return out, available | held_before | held_after
 
 
 @dataclass(frozen=True)
@@ -114,8 +128,9 @@ class GaussianPrior(nn.Module):
         lags: int = 0,
         template: bool = False,
         interpolation: bool = False,
-        ridge: float = 1e-3,
+        ridge: float = DEFAULT_PRIOR_RIDGE,
         interpolation_span: int = DEFAULT_INTERPOLATION_SPAN,
+        hold_edges: bool = False,
     ) -> None:
         super().__init__()
         if not ridge > 0:
@@ -129,6 +144,7 @@ class GaussianPrior(nn.Module):
         self.template = template
         self.interpolation = interpolation
         self.interpolation_span = interpolation_span
+        self.hold_edges = hold_edges
         dim = n_features * (2 * lags + 1 + int(template) + int(interpolation))
         self.mean = nn.Parameter(torch.zeros(dim), requires_grad=False)
         self.second_moment = nn.Parameter(torch.eye(dim), requires_grad=False)
@@ -141,7 +157,8 @@ class GaussianPrior(nn.Module):
         Instants before the start or after the end of the record are missing. With a template
         prior the next block holds the beat template at t (all missing when ``template`` is None),
         and with interpolation the last one each channel's value at t interpolated from its nearest
-        observed entries around t, at most ``interpolation_span`` steps apart (``interpolate_within``).
+        observed entries around t, at most ``interpolation_span`` steps apart, or with ``hold_edges``
+        the nearest one held at a channel's edges (``interpolate_within``).
         """
         k = self.lags
         if k == 0 and not self.template and not self.interpolation:
@@ -161,7 +178,9 @@ class GaussianPrior(nn.Module):
             vs.append(template[0].to(values.dtype))
             ms.append(template[1])
         if self.interpolation:
-            iv, im = interpolate_within(torch.where(mask, values, 0.0), mask, self.interpolation_span)
+            iv, im = interpolate_within(
+                torch.where(mask, values, 0.0), mask, self.interpolation_span, self.hold_edges
+            )
             vs.append(iv)
             ms.append(im)
         return torch.cat(vs, dim=1), torch.cat(ms, dim=1)
