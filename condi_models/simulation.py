@@ -101,8 +101,9 @@ class FederationSpec(StrictModel):
 
 # Series sampled less often than this (ICU vitals and labs, hourly) hold a value for hours, and a
 # silo holds few of them. Their prior bridges a stay's every gap, holds the nearest value at a
-# channel's edges and solves with a stronger ridge: chosen on the MIMIC-IV demo's validation folds
-# (BENCHMARKS.md, "Imputation on long gaps", issue 15).
+# channel's edges and solves with a stronger ridge: chosen on the MIMIC-IV demo's validation folds,
+# where both helped, while on PTB-XL's both hurt (benchmarks/prior_variants.py; BENCHMARKS.md,
+# "Imputation on long gaps", issue 15).
 SLOW_SERIES_HZ = 1.0 / 60.0
 SLOW_SERIES_PRIOR_RIDGE = 0.1
 
