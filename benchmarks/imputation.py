@@ -185,7 +185,11 @@ def build_model(variant: Variant, dataset: ClinicalDataset, args: argparse.Names
     """A freshly initialised model of ``variant``; the same seed gives every variant the same start."""
     torch.manual_seed(args.seed)
     spec = ModelSpec(
-        variant=variant, gaussian_prior=not args.no_prior, prior_lags=args.prior_lags, **MODEL_SIZES[args.model_size]
+        variant=variant,
+        gaussian_prior=not args.no_prior,
+        prior_lags=args.prior_lags,
+        tokens_per_channel=args.tokens_per_channel,
+        **MODEL_SIZES[args.model_size],
     )
     return CondIModel(spec.build(dataset.info, args.window))
 
@@ -705,6 +709,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="Phase A learning rate")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="default")
+    parser.add_argument("--tokens-per-channel", type=int, default=ModelSpec().tokens_per_channel,
+                        help="time patches per channel of the window (the patch is window / this, rounded up)")
     parser.add_argument("--no-prior", action="store_true",
                         help="CondI without its Gaussian prior: diffuse x itself, not the residual around m(x_O)")
     parser.add_argument("--prior-lags", type=int, default=ModelSpec().prior_lags,

@@ -51,6 +51,7 @@ from condi_models.data.normalize import ChannelNormalizer
 from condi_models.data.partition import patient_folds
 from condi_models.nn.config import Variant
 from condi_models.nn.model import resolve_device
+from condi_models.simulation import ModelSpec
 
 # The bounds on CondI's MAE over the best simple baseline's, per pattern (PTB-XL).
 BOUNDS = {"points": 0.7, "blocks": 0.8}
@@ -96,7 +97,9 @@ def design_parser(description: str, out_name: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / out_name))
-    # What benchmarks/imputation.py's model builder reads: the default model and prior.
+    p.add_argument("--tokens-per-channel", type=int, default=ModelSpec().tokens_per_channel,
+                   help="time patches per channel of the window (the patch is window / this, rounded up)")
+    # What else benchmarks/imputation.py's model builder reads: the default model and prior.
     p.set_defaults(model_size="default", no_prior=False, prior_lags=0)
     return p
 
@@ -134,6 +137,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "with_csdi": args.with_csdi,
         "epochs_a": args.epochs_a,
         "model_size": args.model_size,
+        # Added to the settings only where it differs, so runs stored before it was an option still resume.
+        **({"tokens_per_channel": args.tokens_per_channel}
+           if args.tokens_per_channel != ModelSpec().tokens_per_channel else {}),
         "samples": args.samples,
         "crps_samples": args.crps_samples,
         "steps": args.steps,

@@ -2,7 +2,10 @@
 
 Run from the repository root:
     .venv/bin/python benchmarks/network_gate_epochs.py --ptbxl ../shared/data/ptbxl [--epochs 25,100,300]
-        [--patterns blocks] [--threads 1] [--out FILE]
+        [--patterns blocks] [--window 250] [--tokens-per-channel 25] [--threads 1] [--out FILE]
+
+``--window 1000 --tokens-per-channel 100`` trains and scores on whole 10 s PTB-XL records with the
+default patch of 10 steps, so the denoiser's time attention reaches every beat of the record.
 
 Per pattern, CondI (the default PTB-XL model) is trained once by Phase A on the training folds of
 cross-validation split 0 (``benchmarks/cv_grid.py``: folds 5-8) at ps = pw = 0.8, for the largest
