@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> None:
         win = bench.centre_windows(prepare_split(data.val, data.norm, miss), window, None)
         kinds = entry_kinds(win.observed, win.hidden)
         interp = make_imputer("interpolation").fit(train.x, train.observed).impute(win.x, win.observed)
-        rows.append({"pattern": pattern, "prior": "linear interpolation", "entries": {k: int(m.sum()) for k, m in
-                     kinds.items()}, "mae": {k: _mae(interp, win.truth, m) for k, m in kinds.items()}})
+        rows.append({
+            "pattern": pattern,
+            "prior": "linear interpolation",
+            "entries": {k: int(m.sum()) for k, m in kinds.items()},
+            "mae": {k: _mae(interp, win.truth, m) for k, m in kinds.items()},
+        })
         for edges in (False, True):
             for ridge in (float(r) for r in args.ridges.split(",")):
                 t0 = time.perf_counter()
