@@ -33,7 +33,7 @@ from imputation_cv import design_parser, validation_setup
 
 from condi_models.batches import PreparedSplit, prepare_split
 from condi_models.evaluation import impute_split
-from condi_models.imputers import make_imputer
+from condi_models.imputers import make_imputer, observed_neighbours
 from condi_models.nn.config import Variant
 from condi_models.nn.model import CondIModel
 from condi_models.nn.sampling import SamplingOptions
@@ -53,9 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def entry_kinds(observed: np.ndarray, hidden: np.ndarray) -> dict[str, np.ndarray]:
     """``hidden`` split by where each entry lies in its channel's row of ``observed`` (KINDS)."""
-    steps = np.arange(observed.shape[-1])
-    before = np.maximum.accumulate(np.where(observed, steps, -1), axis=-1)
-    after = np.flip(np.minimum.accumulate(np.flip(np.where(observed, steps, observed.shape[-1]), -1), -1), -1)
+    before, after = observed_neighbours(observed)
     has_before, has_after = before >= 0, after < observed.shape[-1]
     return {
         "all": hidden,

@@ -87,12 +87,23 @@ class MeanImputer:
         return np.where(observed, x, fill)
 
 
+def observed_neighbours(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per entry of ``observed`` (..., L), the nearest observed step at or before it and at or after it.
+
+    Returns (previous, next) index arrays shaped like ``observed``: -1 where nothing before is
+    observed, L where nothing after is.
+    """
+    length = observed.shape[-1]
+    t = np.arange(length, dtype=np.int32)
+    previous = np.maximum.accumulate(np.where(observed, t, -1), axis=-1)
+    following = np.flip(np.minimum.accumulate(np.flip(np.where(observed, t, length), axis=-1), axis=-1), axis=-1)
+    return previous, following
+
+
 def _interpolate(x: np.ndarray, observed: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """Linear interpolation in time of every (sample, channel) row; see LinearInterpolationImputer."""
     length = x.shape[2]
-    t = np.arange(length, dtype=np.int32)
-    prev_idx = np.maximum.accumulate(np.where(observed, t, -1), axis=2)
-    next_idx = np.flip(np.minimum.accumulate(np.flip(np.where(observed, t, length), axis=2), axis=2), axis=2)
+    prev_idx, next_idx = observed_neighbours(observed)
     # Only the missing entries need a value; gathering at them alone saves most of the work.
     missing = np.flatnonzero(~observed)
     row_start = missing - missing % length
